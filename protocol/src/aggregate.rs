@@ -1,0 +1,187 @@
+//! Aggregation: how accepted client updates become the next global model.
+//!
+//! The [`Aggregator`] trait is streaming: the coordinator calls
+//! [`Aggregator::absorb`] once per accepted update (after signature, round and
+//! duplicate checks) and [`Aggregator::finish`] when the round closes. An
+//! implementation decides what it keeps: FedAvg buffers the round's updates so
+//! it can sum them in ascending client order (float addition is not
+//! associative; arrival order must not change the model), while a vote tally
+//! can fold each update into integer counters as it arrives.
+//!
+//! `absorb` validates the payload (kind, dimension, finiteness) and must leave
+//! the aggregator unchanged when it returns an error.
+
+use crate::error::Misbehaviour;
+use crate::wire::{ClientUpdate, UpdateKind, UpdatePayload, MAX_SAMPLES_PER_UPDATE};
+
+/// Stable identity of a client: its index in the enrolment list.
+pub type ClientIndex = u32;
+
+/// What a round's aggregation produced, for metrics.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct AggregateStats {
+    /// Updates combined.
+    pub updates: usize,
+    /// Sum of their sample counts.
+    pub samples: u64,
+    /// Sample-weighted mean of the clients' training losses.
+    pub train_loss: f64,
+}
+
+/// Why a round could not be aggregated (a local condition, not a peer's fault).
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum AggregateError {
+    /// `finish` without any absorbed update.
+    #[error("no updates to aggregate")]
+    Empty,
+}
+
+/// Combines a round's updates into the next global model.
+pub trait Aggregator: Send + std::fmt::Debug {
+    /// Name for logs and metrics.
+    fn name(&self) -> &'static str;
+    /// The update kind clients must send.
+    fn update_kind(&self) -> UpdateKind;
+    /// Starts a round over the current global parameters.
+    fn begin_round(&mut self, round: u32, global: &[f32]);
+    /// Validates and takes one update. On error nothing is kept.
+    fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour>;
+    /// Closes the round, writing the new model into `global`.
+    fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError>;
+}
+
+/// Checks a dense vector: length and finiteness.
+pub fn check_dense(values: &[f32], expected: usize) -> Result<(), Misbehaviour> {
+    if values.len() != expected {
+        return Err(Misbehaviour::WrongDimension { expected, got: values.len() });
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Misbehaviour::NonFinite(i));
+    }
+    Ok(())
+}
+
+/// Checks the fields every update has, whatever its kind.
+pub fn check_common(update: &ClientUpdate) -> Result<(), Misbehaviour> {
+    if update.num_samples == 0 || update.num_samples > MAX_SAMPLES_PER_UPDATE {
+        return Err(Misbehaviour::BadSampleCount(update.num_samples));
+    }
+    if !update.train_loss.is_finite() {
+        return Err(Misbehaviour::NonFinite(0));
+    }
+    Ok(())
+}
+
+/// Federated averaging (McMahan et al., 2017): the new model is
+/// `global + Σ nᵢ·δᵢ / Σ nᵢ` over the round's accepted deltas `δᵢ`, weighted by
+/// the sample counts `nᵢ`. Sums are taken in f64 in ascending client order and
+/// rounded to f32 once, so the result does not depend on arrival order.
+#[derive(Debug, Default)]
+pub struct FedAvg {
+    dim: usize,
+    pending: Vec<(ClientIndex, u64, f32, Vec<f32>)>,
+}
+
+impl FedAvg {
+    /// A FedAvg aggregator.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Aggregator for FedAvg {
+    fn name(&self) -> &'static str {
+        "fedavg"
+    }
+
+    fn update_kind(&self) -> UpdateKind {
+        UpdateKind::DenseDelta
+    }
+
+    fn begin_round(&mut self, _round: u32, global: &[f32]) {
+        self.dim = global.len();
+        self.pending.clear();
+    }
+
+    fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour> {
+        check_common(update)?;
+        let UpdatePayload::DenseDelta(delta) = &update.payload;
+        check_dense(delta, self.dim)?;
+        self.pending.push((client, update.num_samples, update.train_loss, delta.clone()));
+        Ok(())
+    }
+
+    fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError> {
+        if self.pending.is_empty() {
+            return Err(AggregateError::Empty);
+        }
+        self.pending.sort_by_key(|(c, ..)| *c);
+        let total: u64 = self.pending.iter().map(|(_, n, ..)| *n).sum();
+        let mut acc = vec![0f64; global.len()];
+        let mut loss = 0f64;
+        for (_, n, l, delta) in &self.pending {
+            let w = *n as f64;
+            loss += w * *l as f64;
+            for (a, d) in acc.iter_mut().zip(delta) {
+                *a += w * *d as f64;
+            }
+        }
+        let total_f = total as f64;
+        for (g, a) in global.iter_mut().zip(&acc) {
+            *g = (*g as f64 + a / total_f) as f32;
+        }
+        let stats = AggregateStats { updates: self.pending.len(), samples: total, train_loss: loss / total_f };
+        self.pending.clear();
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upd(n: u64, d: Vec<f32>) -> ClientUpdate {
+        ClientUpdate { num_samples: n, train_loss: 1.0, payload: UpdatePayload::DenseDelta(d) }
+    }
+
+    #[test]
+    fn weighted_mean() {
+        let mut agg = FedAvg::new();
+        let mut g = vec![1.0, 1.0];
+        agg.begin_round(1, &g);
+        agg.absorb(0, &upd(1, vec![1.0, 0.0])).unwrap();
+        agg.absorb(1, &upd(3, vec![-1.0, 4.0])).unwrap();
+        let s = agg.finish(&mut g).unwrap();
+        assert_eq!(g, vec![1.0 + (1.0 - 3.0) / 4.0, 1.0 + 12.0 / 4.0]);
+        assert_eq!(s.samples, 4);
+    }
+
+    #[test]
+    fn order_independent() {
+        let a = upd(3, vec![0.1, 1e-8, 3.3]);
+        let b = upd(5, vec![1e7, -0.7, 2.2]);
+        let c = upd(7, vec![-1e7, 0.3, 1e-3]);
+        let run = |order: &[(u32, &ClientUpdate)]| {
+            let mut agg = FedAvg::new();
+            let mut g = vec![0.5, 0.25, 0.125];
+            agg.begin_round(1, &g);
+            for (i, u) in order {
+                agg.absorb(*i, u).unwrap();
+            }
+            agg.finish(&mut g).unwrap();
+            g.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(run(&[(0, &a), (1, &b), (2, &c)]), run(&[(2, &c), (0, &a), (1, &b)]));
+    }
+
+    #[test]
+    fn rejects_bad_updates_without_state_change() {
+        let mut agg = FedAvg::new();
+        let mut g = vec![0.0; 3];
+        agg.begin_round(1, &g);
+        assert_eq!(agg.absorb(0, &upd(1, vec![0.0; 2])), Err(Misbehaviour::WrongDimension { expected: 3, got: 2 }));
+        assert_eq!(agg.absorb(0, &upd(1, vec![0.0, f32::NAN, 0.0])), Err(Misbehaviour::NonFinite(1)));
+        assert_eq!(agg.absorb(0, &upd(0, vec![0.0; 3])), Err(Misbehaviour::BadSampleCount(0)));
+        assert_eq!(agg.finish(&mut g), Err(AggregateError::Empty));
+    }
+}

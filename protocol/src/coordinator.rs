@@ -1,0 +1,699 @@
+//! The server's state machine.
+//!
+//! [`Coordinator`] never touches a socket or a clock. The host feeds it
+//! connection events and received bytes together with `now`, and drains
+//! [`Coordinator::poll_transmit`], [`Coordinator::poll_event`] and
+//! [`Coordinator::poll_timeout`]. Decoding and signature checks happen inside
+//! [`Coordinator::handle_message`], so the QUIC server and the simulator run
+//! exactly the code an attacker's bytes reach.
+//!
+//! A run: wait until [`CoordinatorConfig::min_clients`] enrolled clients have
+//! joined ([`Phase::AwaitingJoins`]), then for each round sample clients, send
+//! them the global model and wait for their signed reports
+//! ([`Phase::AwaitingReports`]). A round closes when every sampled client has
+//! answered or left and at least [`CoordinatorConfig::quorum`] updates were
+//! accepted, or at the deadline if the quorum is met; a round short of its
+//! quorum at the deadline is extended and topped up with fresh clients. After
+//! the last round an optional evaluation-only round collects the clients'
+//! verdict on the final model. Then [`Phase::Finished`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::aggregate::{AggregateStats, Aggregator, ClientIndex};
+use crate::codec;
+use crate::error::{Error, Malformed, Misbehaviour, Misuse};
+use crate::identity::{join_transcript, params_hash, report_transcript, verify};
+use crate::model::ModelArch;
+use crate::rng::LocalRng;
+use crate::wire::{
+    self, Ack, EvalReport, Finished, Hello, Join, Message, PublicKeyBytes, RejectCode, Rejected, RoundStart,
+    RunConfig, RunId, SignedReport, Task, TrainSpec, Welcome,
+};
+
+/// Most clients a run may enrol. Bounds the coordinator's per-client tables;
+/// far above the 10,000-client load goal.
+pub const MAX_ENROLLED: usize = 1 << 20;
+
+/// A connection, as numbered by the host (one per QUIC connection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionHandle(pub u64);
+
+/// Bytes to send on a new stream of connection `to`.
+#[derive(Clone, Debug)]
+pub struct Transmit {
+    /// Destination.
+    pub to: ConnectionHandle,
+    /// One encoded message. Shared: a round's model broadcast is encoded once.
+    pub bytes: Arc<[u8]>,
+}
+
+/// Configuration of a run.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// Identifies the run in every signature.
+    pub run_id: RunId,
+    /// Model shapes.
+    pub arch: ModelArch,
+    /// Training rounds.
+    pub rounds: u32,
+    /// Public keys admitted, in enrolment order (index = client id).
+    pub enrolled: Vec<PublicKeyBytes>,
+    /// Clients that must have joined before round 1 opens.
+    pub min_clients: usize,
+    /// Clients sampled per round.
+    pub clients_per_round: usize,
+    /// Accepted updates needed to close a training round.
+    pub quorum: usize,
+    /// Time a round waits for reports before closing or extending.
+    pub round_timeout: Duration,
+    /// Local training hyper-parameters.
+    pub train: TrainSpec,
+    /// Protocol violations tolerated per client before its connection is closed.
+    pub max_violations: u32,
+    /// Optional fixed schedule: the client ids of each round (round `r` uses
+    /// entry `r-1`; rounds beyond the list sample at random).
+    pub schedule: Option<Vec<Vec<ClientIndex>>>,
+    /// Run an evaluation-only round on the final model.
+    pub final_evaluation: bool,
+}
+
+impl CoordinatorConfig {
+    /// Checks the configuration is usable.
+    pub fn validate(&self) -> Result<(), Misuse> {
+        let bad = |s: &str| Err(Misuse::Config(s.to_string()));
+        self.arch.validate().map_err(|e| Misuse::Config(e.to_string()))?;
+        if self.enrolled.is_empty() {
+            return bad("no enrolled clients");
+        }
+        if self.enrolled.len() > MAX_ENROLLED {
+            return bad("too many enrolled clients");
+        }
+        if self.min_clients == 0 || self.clients_per_round == 0 || self.quorum == 0 {
+            return bad("min_clients, clients_per_round and quorum must be at least 1");
+        }
+        if self.quorum > self.clients_per_round {
+            return bad("quorum exceeds clients_per_round");
+        }
+        if self.min_clients > self.enrolled.len() {
+            return bad("min_clients exceeds the number of enrolled clients");
+        }
+        if self.round_timeout.is_zero() {
+            return bad("round_timeout must be positive");
+        }
+        if !(self.train.lr.is_finite() && self.train.lr > 0.0) || self.train.batch_size == 0 || self.train.epochs == 0 {
+            return bad("train: lr must be positive, batch_size and epochs at least 1");
+        }
+        let unique: BTreeSet<_> = self.enrolled.iter().collect();
+        if unique.len() != self.enrolled.len() {
+            return bad("a public key is enrolled twice");
+        }
+        if let Some(s) = &self.schedule
+            && s.iter().flatten().any(|&c| c as usize >= self.enrolled.len()) {
+                return bad("schedule names a client id that is not enrolled");
+            }
+        Ok(())
+    }
+}
+
+/// What the coordinator is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Fewer than `min_clients` have joined.
+    AwaitingJoins,
+    /// A round is open.
+    AwaitingReports {
+        /// The open round.
+        round: u32,
+        /// Its task.
+        task: Task,
+    },
+    /// The run is over.
+    Finished,
+}
+
+/// Summary of a closed round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundSummary {
+    /// The round.
+    pub round: u32,
+    /// Its task.
+    pub task: Task,
+    /// Clients asked (including top-ups after extensions).
+    pub sampled: usize,
+    /// Reports accepted.
+    pub accepted: usize,
+    /// Messages refused during the round.
+    pub rejected: u32,
+    /// Aggregation result (training rounds).
+    pub stats: Option<AggregateStats>,
+    /// Sum of the clients' evaluations of the model they received, i.e. the
+    /// model *entering* this round (the result of round `round - 1`).
+    pub eval_of_incoming: Option<EvalReport>,
+    /// Hash of the global model after the round.
+    pub model_hash: [u8; 32],
+    /// Bytes of reports accepted this round (signed frames).
+    pub bytes_received: u64,
+}
+
+/// Something the host may want to act on or log.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A client proved its key.
+    ClientJoined {
+        /// Its connection.
+        conn: ConnectionHandle,
+        /// Its id.
+        client: ClientIndex,
+    },
+    /// A round opened.
+    RoundOpened {
+        /// The round.
+        round: u32,
+        /// Its task.
+        task: Task,
+        /// Sampled clients.
+        sampled: Vec<ClientIndex>,
+    },
+    /// A report was accepted.
+    ReportAccepted {
+        /// The round.
+        round: u32,
+        /// The client.
+        client: ClientIndex,
+    },
+    /// A message was refused.
+    Rejected {
+        /// Connection it came on.
+        conn: ConnectionHandle,
+        /// The client, if it had joined.
+        client: Option<ClientIndex>,
+        /// Why.
+        error: Error,
+    },
+    /// A round missed its quorum at the deadline and was extended.
+    RoundExtended {
+        /// The round.
+        round: u32,
+        /// Accepted so far.
+        accepted: usize,
+        /// Clients added.
+        added: Vec<ClientIndex>,
+    },
+    /// A round closed.
+    RoundCompleted(RoundSummary),
+    /// The host should close this connection (after sending queued messages).
+    CloseConnection {
+        /// Which.
+        conn: ConnectionHandle,
+        /// Why.
+        reason: RejectCode,
+    },
+    /// The run is over.
+    Finished {
+        /// Training rounds completed.
+        rounds: u32,
+        /// Hash of the final model.
+        model_hash: [u8; 32],
+    },
+}
+
+#[derive(Debug)]
+struct Conn {
+    client: Option<ClientIndex>,
+    challenge: [u8; 32],
+    /// Violations before joining (after, they count against the identity).
+    violations: u32,
+}
+
+#[derive(Debug)]
+struct OpenRound {
+    round: u32,
+    task: Task,
+    deadline: Instant,
+    sampled: BTreeSet<ClientIndex>,
+    reported: BTreeSet<ClientIndex>,
+    eval: Option<EvalReport>,
+    accepted: usize,
+    rejected: u32,
+    bytes_received: u64,
+    start_msg: Arc<[u8]>,
+}
+
+/// The server's sans-IO state machine. See the module docs.
+#[derive(Debug)]
+pub struct Coordinator {
+    config: CoordinatorConfig,
+    aggregator: Box<dyn Aggregator>,
+    rng: LocalRng,
+    model: Vec<f32>,
+    phase: Phase,
+    open: Option<OpenRound>,
+    conns: BTreeMap<ConnectionHandle, Conn>,
+    by_client: BTreeMap<ClientIndex, ConnectionHandle>,
+    key_index: HashMap<PublicKeyBytes, ClientIndex>,
+    violations: BTreeMap<ClientIndex, u32>,
+    completed_rounds: u32,
+    max_message: usize,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+}
+
+impl Coordinator {
+    /// A coordinator for `config` starting from `initial` parameters, with
+    /// all its local randomness (sampling, challenges) drawn from `rng_seed`.
+    pub fn new(
+        config: CoordinatorConfig,
+        aggregator: Box<dyn Aggregator>,
+        initial: Vec<f32>,
+        rng_seed: u64,
+    ) -> Result<Self, Misuse> {
+        config.validate()?;
+        config.arch.check_params(&initial).map_err(|e| Misuse::Config(format!("initial model: {e}")))?;
+        let key_index = config.enrolled.iter().enumerate().map(|(i, k)| (*k, i as ClientIndex)).collect();
+        let max_message = wire::max_message_bytes_for(&config.arch);
+        Ok(Coordinator {
+            config,
+            aggregator,
+            rng: LocalRng::new(rng_seed),
+            model: initial,
+            phase: Phase::AwaitingJoins,
+            open: None,
+            conns: BTreeMap::new(),
+            by_client: BTreeMap::new(),
+            key_index,
+            violations: BTreeMap::new(),
+            completed_rounds: 0,
+            max_message,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        })
+    }
+
+    /// The run configuration clients receive.
+    pub fn run_config(&self) -> RunConfig {
+        RunConfig {
+            run_id: self.config.run_id,
+            arch: self.config.arch.clone(),
+            rounds: self.config.rounds,
+            train: self.config.train.clone(),
+            update_kind: self.aggregator.update_kind(),
+        }
+    }
+
+    /// The largest message a client may send in this run: drivers read
+    /// streams with this limit and report longer ones to
+    /// [`Coordinator::handle_oversize`].
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message
+    }
+
+    /// The current global parameters.
+    pub fn model(&self) -> &[f32] {
+        &self.model
+    }
+
+    /// What the coordinator waits for.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Training rounds completed.
+    pub fn completed_rounds(&self) -> u32 {
+        self.completed_rounds
+    }
+
+    /// Protocol violations per client id so far.
+    pub fn violations(&self) -> &BTreeMap<ClientIndex, u32> {
+        &self.violations
+    }
+
+    /// Clients joined right now.
+    pub fn joined_clients(&self) -> usize {
+        self.by_client.len()
+    }
+
+    /// Next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Coordinator::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.open.as_ref().map(|o| o.deadline)
+    }
+
+    /// A new connection: the coordinator greets it with a challenge.
+    pub fn handle_connect(&mut self, _now: Instant, conn: ConnectionHandle) {
+        let mut challenge = [0u8; 32];
+        self.rng.fill_bytes(&mut challenge);
+        self.conns.insert(conn, Conn { client: None, challenge, violations: 0 });
+        self.send(conn, &Message::Hello(Hello { run_id: self.config.run_id, challenge }));
+    }
+
+    /// A connection is gone.
+    pub fn handle_disconnect(&mut self, now: Instant, conn: ConnectionHandle) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        if let Some(client) = c.client
+            && self.by_client.get(&client) == Some(&conn) {
+                self.by_client.remove(&client);
+            }
+        self.maybe_close_round(now);
+    }
+
+    /// The host's read of a stream on `conn` stopped at the limit: count it as
+    /// a malformed message.
+    pub fn handle_oversize(&mut self, now: Instant, conn: ConnectionHandle, len_at_least: usize) -> Error {
+        let err = Error::Malformed(Malformed::Oversize { len: len_at_least, limit: self.max_message });
+        self.reject(now, conn, None, err.clone());
+        err
+    }
+
+    /// One complete message received on `conn`.
+    ///
+    /// Every refusal is also reported to the peer (a `Rejected` message), as
+    /// an [`Event::Rejected`], and counted against the client; the returned
+    /// error is for the host's logs.
+    pub fn handle_message(&mut self, now: Instant, conn: ConnectionHandle, bytes: &[u8]) -> Result<(), Error> {
+        if !self.conns.contains_key(&conn) {
+            return Err(Misuse::UnknownConnection.into());
+        }
+        let result = match codec::decode(bytes, self.max_message) {
+            Err(e) => Err((Error::from(e), None)),
+            Ok(Message::Join(join)) => self.on_join(now, conn, join),
+            Ok(Message::Report(report)) => self.on_report(now, conn, report, bytes.len()),
+            Ok(other) => Err((Misbehaviour::Unexpected(other.name()).into(), None)),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err((err, round)) => {
+                self.reject(now, conn, round, err.clone());
+                // The rejection may have closed a sampled client's connection.
+                self.maybe_close_round(now);
+                Err(err)
+            }
+        }
+    }
+
+    /// Time passed: close or extend an overdue round.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(open) = &self.open else { return };
+        if now < open.deadline {
+            return;
+        }
+        let enough = match open.task {
+            Task::Train => open.accepted >= self.config.quorum,
+            // An evaluation round never blocks the end of the run.
+            Task::Evaluate => true,
+        };
+        if enough {
+            self.close_round(now);
+        } else {
+            self.extend_round(now);
+        }
+    }
+
+    fn on_join(&mut self, now: Instant, conn: ConnectionHandle, join: Join) -> Result<(), (Error, Option<u32>)> {
+        let c = self.conns.get(&conn).ok_or((Misuse::UnknownConnection.into(), None))?;
+        if c.client.is_some() {
+            return Err((Misbehaviour::Unexpected("second Join").into(), None));
+        }
+        let Some(&client) = self.key_index.get(&join.public_key) else {
+            return Err((Misbehaviour::NotEnrolled(join.public_key.to_string()).into(), None));
+        };
+        let transcript = join_transcript(&self.config.run_id, &c.challenge, &join.public_key);
+        verify(&join.public_key, &transcript, &join.signature).map_err(|e| (e.into(), None))?;
+
+        // One live connection per identity: the newest wins (a client that
+        // reconnects from a new address must not be locked out by its ghost).
+        if let Some(old) = self.by_client.insert(client, conn)
+            && old != conn {
+                if let Some(oc) = self.conns.get_mut(&old) {
+                    oc.client = None;
+                }
+                self.send(old, &rejected(RejectCode::Superseded, None, "another connection joined with this key"));
+                self.events.push_back(Event::CloseConnection { conn: old, reason: RejectCode::Superseded });
+            }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.client = Some(client);
+        }
+        self.send(conn, &Message::Welcome(Welcome { client_id: client, config: self.run_config() }));
+        self.events.push_back(Event::ClientJoined { conn, client });
+
+        match self.phase {
+            Phase::AwaitingJoins => {
+                if self.by_client.len() >= self.config.min_clients {
+                    self.open_round(now, 1, Task::Train);
+                }
+            }
+            Phase::AwaitingReports { .. } => {
+                // A sampled client that reconnects gets its task again.
+                if let Some(open) = &self.open
+                    && open.sampled.contains(&client) && !open.reported.contains(&client) {
+                        let msg = open.start_msg.clone();
+                        self.transmits.push_back(Transmit { to: conn, bytes: msg });
+                    }
+            }
+            Phase::Finished => {
+                self.send(conn, &self.finished_message());
+            }
+        }
+        Ok(())
+    }
+
+    fn on_report(
+        &mut self,
+        now: Instant,
+        conn: ConnectionHandle,
+        signed: SignedReport,
+        frame_len: usize,
+    ) -> Result<(), (Error, Option<u32>)> {
+        let client = self
+            .conns
+            .get(&conn)
+            .and_then(|c| c.client)
+            .ok_or((Misbehaviour::NotJoined("Report").into(), None))?;
+        let key = self.config.enrolled[client as usize];
+        verify(&key, &report_transcript(&signed.body), &signed.signature).map_err(|e| (e.into(), None))?;
+        let report = codec::decode_report(&signed.body).map_err(|e| (e.into(), None))?;
+        let round = Some(report.round);
+        if report.run_id != self.config.run_id {
+            return Err((Misbehaviour::WrongRun.into(), round));
+        }
+        let open_round = self.open.as_ref().map(|o| o.round);
+        let Some(open) = self.open.as_mut().filter(|o| o.round == report.round) else {
+            return Err((Misbehaviour::WrongRound { open: open_round, got: report.round }.into(), round));
+        };
+        if !open.sampled.contains(&client) {
+            return Err((Misbehaviour::NotSampled(report.round).into(), round));
+        }
+        if open.reported.contains(&client) {
+            return Err((Misbehaviour::Duplicate(report.round).into(), round));
+        }
+        if let Some(e) = &report.eval
+            && (e.correct > e.total || !e.loss_sum.is_finite() || e.loss_sum < 0.0) {
+                return Err((Misbehaviour::Unexpected("inconsistent evaluation report").into(), round));
+            }
+        match (open.task, &report.update) {
+            (Task::Train, Some(update)) => {
+                self.aggregator.absorb(client, update).map_err(|e| (e.into(), round))?;
+            }
+            (Task::Train, None) => return Err((Misbehaviour::WrongKind("training round needs an update").into(), round)),
+            (Task::Evaluate, Some(_)) => {
+                return Err((Misbehaviour::WrongKind("evaluation round takes no update").into(), round));
+            }
+            (Task::Evaluate, None) => {}
+        }
+        open.reported.insert(client);
+        open.accepted += 1;
+        open.bytes_received += frame_len as u64;
+        if let Some(e) = report.eval {
+            open.eval = Some(open.eval.map_or(e, |acc| acc.merge(&e)));
+        }
+        let r = open.round;
+        self.send(conn, &Message::Ack(Ack { round: r }));
+        self.events.push_back(Event::ReportAccepted { round: r, client });
+        self.maybe_close_round(now);
+        Ok(())
+    }
+
+    fn reject(&mut self, _now: Instant, conn: ConnectionHandle, round: Option<u32>, err: Error) {
+        let client = self.conns.get(&conn).and_then(|c| c.client);
+        if let Some(open) = self.open.as_mut() {
+            open.rejected += 1;
+        }
+        self.events.push_back(Event::Rejected { conn, client, error: err.clone() });
+        let Some(code) = err.reject_code() else { return };
+        self.send(conn, &rejected(code, round, &err.to_string()));
+        let count = match client {
+            Some(id) => {
+                let v = self.violations.entry(id).or_insert(0);
+                *v += 1;
+                *v
+            }
+            None => match self.conns.get_mut(&conn) {
+                Some(c) => {
+                    c.violations += 1;
+                    c.violations
+                }
+                None => return,
+            },
+        };
+        // An unauthenticated connection that fails to join has nothing more to
+        // say; a joined client is closed only after repeated violations.
+        let fatal_join = client.is_none()
+            && matches!(
+                err,
+                Error::Misbehaving(Misbehaviour::NotEnrolled(_) | Misbehaviour::BadSignature) | Error::Incompatible(_)
+            );
+        if fatal_join || count >= self.config.max_violations {
+            let reason = if fatal_join { code } else { RejectCode::TooManyViolations };
+            if !fatal_join {
+                self.send(conn, &rejected(reason, None, "too many protocol violations"));
+            }
+            self.events.push_back(Event::CloseConnection { conn, reason });
+            if let Some(id) = client {
+                self.by_client.remove(&id);
+            }
+            self.conns.remove(&conn);
+        }
+    }
+
+    fn sample(&mut self, round: u32, task: Task) -> BTreeSet<ClientIndex> {
+        let joined: Vec<ClientIndex> = self.by_client.keys().copied().collect();
+        if task == Task::Evaluate {
+            return joined.into_iter().collect();
+        }
+        if let Some(list) = self.config.schedule.as_ref().and_then(|s| s.get(round as usize - 1)) {
+            let want: BTreeSet<ClientIndex> = list.iter().copied().collect();
+            return joined.into_iter().filter(|c| want.contains(c)).collect();
+        }
+        self.rng.sample(&joined, self.config.clients_per_round).into_iter().collect()
+    }
+
+    fn open_round(&mut self, now: Instant, round: u32, task: Task) {
+        let sampled = self.sample(round, task);
+        if task == Task::Train {
+            self.aggregator.begin_round(round, &self.model);
+        }
+        let seed = self.rng.next_u64();
+        let start = Message::RoundStart(RoundStart { round, task, seed, model: self.model.clone() });
+        let start_msg: Arc<[u8]> = codec::encode(&start).into();
+        for c in &sampled {
+            if let Some(&conn) = self.by_client.get(c) {
+                self.transmits.push_back(Transmit { to: conn, bytes: start_msg.clone() });
+            }
+        }
+        self.events.push_back(Event::RoundOpened { round, task, sampled: sampled.iter().copied().collect() });
+        self.phase = Phase::AwaitingReports { round, task };
+        self.open = Some(OpenRound {
+            round,
+            task,
+            deadline: now + self.config.round_timeout,
+            sampled,
+            reported: BTreeSet::new(),
+            eval: None,
+            accepted: 0,
+            rejected: 0,
+            bytes_received: 0,
+            start_msg,
+        });
+        // A round with nobody to ask (everyone left) waits for its deadline.
+        self.maybe_close_round(now);
+    }
+
+    fn extend_round(&mut self, now: Instant) {
+        let joined: Vec<ClientIndex> = self.by_client.keys().copied().collect();
+        let Some(open) = self.open.as_mut() else { return };
+        open.deadline = now + self.config.round_timeout;
+        let waiting = open
+            .sampled
+            .iter()
+            .filter(|c| !open.reported.contains(c) && self.by_client.contains_key(c))
+            .count();
+        let want = self.config.clients_per_round.saturating_sub(open.accepted + waiting);
+        let fresh: Vec<ClientIndex> = joined.into_iter().filter(|c| !open.sampled.contains(c)).collect();
+        let added = self.rng.sample(&fresh, want);
+        for c in &added {
+            open.sampled.insert(*c);
+            if let Some(&conn) = self.by_client.get(c) {
+                self.transmits.push_back(Transmit { to: conn, bytes: open.start_msg.clone() });
+            }
+        }
+        self.events.push_back(Event::RoundExtended { round: open.round, accepted: open.accepted, added });
+    }
+
+    fn maybe_close_round(&mut self, now: Instant) {
+        let Some(open) = &self.open else { return };
+        let waiting = open.sampled.iter().any(|c| !open.reported.contains(c) && self.by_client.contains_key(c));
+        if waiting {
+            return;
+        }
+        let ready = match open.task {
+            Task::Train => open.accepted >= self.config.quorum,
+            Task::Evaluate => open.accepted > 0,
+        };
+        if ready {
+            self.close_round(now);
+        }
+    }
+
+    fn close_round(&mut self, now: Instant) {
+        let Some(open) = self.open.take() else { return };
+        let stats = match open.task {
+            Task::Train => match self.aggregator.finish(&mut self.model) {
+                Ok(s) => Some(s),
+                // Only reachable if a training round closes with no update,
+                // which the quorum (≥ 1) forbids; keep the model unchanged.
+                Err(_) => None,
+            },
+            Task::Evaluate => None,
+        };
+        if open.task == Task::Train {
+            self.completed_rounds = open.round;
+        }
+        self.events.push_back(Event::RoundCompleted(RoundSummary {
+            round: open.round,
+            task: open.task,
+            sampled: open.sampled.len(),
+            accepted: open.accepted,
+            rejected: open.rejected,
+            stats,
+            eval_of_incoming: open.eval,
+            model_hash: params_hash(&self.model),
+            bytes_received: open.bytes_received,
+        }));
+        match open.task {
+            Task::Train if open.round < self.config.rounds => self.open_round(now, open.round + 1, Task::Train),
+            Task::Train if self.config.final_evaluation => self.open_round(now, open.round + 1, Task::Evaluate),
+            _ => self.finish(),
+        }
+    }
+
+    fn finish(&mut self) {
+        self.phase = Phase::Finished;
+        let msg: Arc<[u8]> = codec::encode(&self.finished_message()).into();
+        for &conn in self.by_client.values() {
+            self.transmits.push_back(Transmit { to: conn, bytes: msg.clone() });
+        }
+        self.events.push_back(Event::Finished { rounds: self.completed_rounds, model_hash: params_hash(&self.model) });
+    }
+
+    fn finished_message(&self) -> Message {
+        Message::Finished(Finished { rounds: self.completed_rounds, model_hash: params_hash(&self.model) })
+    }
+
+    fn send(&mut self, to: ConnectionHandle, msg: &Message) {
+        self.transmits.push_back(Transmit { to, bytes: codec::encode(msg).into() });
+    }
+}
+
+fn rejected(code: RejectCode, round: Option<u32>, detail: &str) -> Message {
+    Message::Rejected(Rejected { code, round, detail: codec::truncate_detail(detail.to_string()) })
+}

@@ -1,0 +1,177 @@
+//! Error taxonomy (after rustls): what went wrong, and whose fault it is.
+//!
+//! - [`Malformed`]: the bytes are not a message.
+//! - [`Misbehaviour`]: a well-formed message a correct peer would not send
+//!   (bad signature, wrong round, duplicate, wrong dimension, non-finite
+//!   value). Counted per client.
+//! - [`Incompatibility`]: a correct peer of another version.
+//! - [`Misuse`]: the local host called the state machine wrongly.
+//!
+//! Every peer-caused error maps to a [`RejectCode`] sent back to the peer.
+
+use crate::wire::RejectCode;
+
+/// The bytes are not a valid message.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum Malformed {
+    /// The message ended early.
+    #[error("truncated message")]
+    Truncated,
+    /// Larger than the limit the receiver reads.
+    #[error("message of {len} bytes exceeds the limit of {limit}")]
+    Oversize {
+        /// Size seen (a lower bound when the reader stopped at the limit).
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Does not start with the Tally magic.
+    #[error("not a Tally frame (bad magic)")]
+    BadMagic,
+    /// bincode refused the body.
+    #[error("undecodable body: {0}")]
+    Decode(String),
+    /// Bytes after the end of the message.
+    #[error("{extra} trailing bytes after the message")]
+    TrailingBytes {
+        /// How many.
+        extra: usize,
+    },
+}
+
+/// A peer of another protocol version.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum Incompatibility {
+    /// Different wire version.
+    #[error("protocol version {theirs} is not ours ({ours})")]
+    Version {
+        /// Ours.
+        ours: u8,
+        /// Theirs.
+        theirs: u8,
+    },
+}
+
+/// A well-formed message that a correct peer would not send.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum Misbehaviour {
+    /// The key in `Join` is not enrolled.
+    #[error("public key {0} is not enrolled")]
+    NotEnrolled(String),
+    /// A message other than `Join` before joining.
+    #[error("{0} before a successful Join")]
+    NotJoined(&'static str),
+    /// The signature does not verify under the client's key.
+    #[error("bad signature")]
+    BadSignature,
+    /// Signed for another run.
+    #[error("report for another run")]
+    WrongRun,
+    /// Not the open round (a replay, a stale or a premature report).
+    #[error("report for round {got}, open round is {open:?}")]
+    WrongRound {
+        /// The round open now, if any.
+        open: Option<u32>,
+        /// The round in the report.
+        got: u32,
+    },
+    /// A second report for the round.
+    #[error("duplicate report for round {0}")]
+    Duplicate(u32),
+    /// The client was not asked this round.
+    #[error("client was not sampled for round {0}")]
+    NotSampled(u32),
+    /// Update vector of the wrong length.
+    #[error("update has {got} values, the model has {expected}")]
+    WrongDimension {
+        /// Model size.
+        expected: usize,
+        /// Update size.
+        got: usize,
+    },
+    /// Update kind the run's aggregator doesn't take, or missing/extra update.
+    #[error("wrong update kind: {0}")]
+    WrongKind(&'static str),
+    /// NaN or infinity.
+    #[error("non-finite value at index {0}")]
+    NonFinite(usize),
+    /// Sample count of zero or above the limit.
+    #[error("sample count {0} out of range")]
+    BadSampleCount(u64),
+    /// A message kind that is not valid in the receiver's state.
+    #[error("unexpected {0}")]
+    Unexpected(&'static str),
+}
+
+/// The host called the state machine in a way the protocol forbids.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum Misuse {
+    /// No such connection.
+    #[error("unknown connection")]
+    UnknownConnection,
+    /// `submit_*` while no task is pending.
+    #[error("no task is pending")]
+    NoPendingTask,
+    /// The submission does not fit the pending task.
+    #[error("submission does not match the task: {0}")]
+    WrongSubmission(&'static str),
+    /// Invalid configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Any error of the protocol core.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// See [`Malformed`].
+    #[error("malformed: {0}")]
+    Malformed(#[from] Malformed),
+    /// See [`Misbehaviour`].
+    #[error("misbehaving peer: {0}")]
+    Misbehaving(#[from] Misbehaviour),
+    /// See [`Incompatibility`].
+    #[error("incompatible peer: {0}")]
+    Incompatible(#[from] Incompatibility),
+    /// See [`Misuse`].
+    #[error("misuse: {0}")]
+    Misuse(#[from] Misuse),
+}
+
+impl From<crate::codec::DecodeError> for Error {
+    fn from(e: crate::codec::DecodeError) -> Self {
+        match e {
+            crate::codec::DecodeError::Malformed(m) => Error::Malformed(m),
+            crate::codec::DecodeError::Incompatible(i) => Error::Incompatible(i),
+        }
+    }
+}
+
+impl Error {
+    /// The code a peer is told; `None` for local misuse.
+    pub fn reject_code(&self) -> Option<RejectCode> {
+        Some(match self {
+            Error::Malformed(Malformed::Oversize { .. }) => RejectCode::Oversize,
+            Error::Malformed(_) => RejectCode::Malformed,
+            Error::Incompatible(_) => RejectCode::IncompatibleVersion,
+            Error::Misbehaving(m) => match m {
+                Misbehaviour::NotEnrolled(_) => RejectCode::UnknownClient,
+                Misbehaviour::NotJoined(_) | Misbehaviour::Unexpected(_) => RejectCode::Unexpected,
+                Misbehaviour::BadSignature => RejectCode::BadSignature,
+                Misbehaviour::WrongRun => RejectCode::WrongRun,
+                Misbehaviour::WrongRound { .. } => RejectCode::WrongRound,
+                Misbehaviour::Duplicate(_) => RejectCode::Duplicate,
+                Misbehaviour::NotSampled(_) => RejectCode::NotSampled,
+                Misbehaviour::WrongDimension { .. }
+                | Misbehaviour::WrongKind(_)
+                | Misbehaviour::BadSampleCount(_) => RejectCode::WrongShape,
+                Misbehaviour::NonFinite(_) => RejectCode::NonFinite,
+            },
+            Error::Misuse(_) => return None,
+        })
+    }
+
+    /// Whether the peer, not the local host, is at fault.
+    pub fn is_peer_fault(&self) -> bool {
+        !matches!(self, Error::Misuse(_))
+    }
+}

@@ -1,0 +1,30 @@
+//! Tally's deterministic, sans-IO protocol core.
+//!
+//! What it does: the wire types and their codec ([`wire`], [`codec`]), client
+//! identities and signatures ([`identity`]), the server's [`Coordinator`] and
+//! the client's [`Participant`] state machines, aggregation ([`aggregate`]),
+//! and model shapes shared by every party ([`model`]).
+//!
+//! What it never does: open sockets, read the clock (every input carries the
+//! host's `now`), draw OS randomness (every generator is seeded by the host),
+//! or link an ML framework. Given the same inputs it produces the same
+//! outputs, which is what lets the simulator replay a run byte for byte.
+
+pub mod aggregate;
+pub mod codec;
+pub mod coordinator;
+pub mod error;
+pub mod identity;
+pub mod model;
+pub mod participant;
+pub mod rng;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use aggregate::{Aggregator, ClientIndex, FedAvg};
+pub use coordinator::{ConnectionHandle, Coordinator, CoordinatorConfig, Event, Phase, RoundSummary, Transmit};
+pub use error::Error;
+pub use identity::Identity;
+pub use participant::{Participant, ParticipantEvent};

@@ -1,0 +1,335 @@
+//! Model architectures as pure shape metadata, the canonical flat parameter
+//! order, deterministic initialisation, and safetensors (de)serialisation.
+//!
+//! The server never links burn, yet it must validate update dimensions, build
+//! the initial model and write the final one. So the *shape* of every model
+//! lives here and `tally-kernels` builds burn modules that match it.
+//!
+//! # Flat parameter order (the one every party uses)
+//!
+//! Parameters travel and aggregate as one `Vec<f32>`: the tensors of
+//! [`ModelArch::tensors`] concatenated in that order, each in row-major order
+//! with PyTorch's layouts (`Linear.weight` is `[out, in]`, `Conv2d.weight` is
+//! `[out, in, kh, kw]`). A PyTorch `state_dict` of the same architecture,
+//! flattened tensor by tensor in declaration order, is byte-compatible.
+
+use bincode::{Decode, Encode};
+use serde::{Deserialize, Serialize};
+
+/// Largest model the wire format carries, in parameters.
+///
+/// 16 Mi f32 = 64 MiB dense: far above the MNIST-scale models of this project
+/// (LeNet-5 has 61,706), and small enough that a hostile peer can't make a
+/// replica allocate more than a few hundred MiB by naming a large model.
+pub const MAX_PARAMETERS: usize = 16 * 1024 * 1024;
+
+/// Most hidden layers an MLP may declare (a sanity bound on decoded configs).
+pub const MAX_MLP_LAYERS: usize = 16;
+
+/// A model architecture. Encoded in the round configuration so that every
+/// party agrees on shapes before any parameter is exchanged.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ModelArch {
+    /// Fully connected ReLU network: `input -> hidden[0] -> ... -> classes`.
+    Mlp {
+        /// Input features (784 for 28×28 images).
+        input: u32,
+        /// Widths of the hidden layers.
+        hidden: Vec<u32>,
+        /// Output classes.
+        classes: u32,
+    },
+    /// LeNet-5 for 1×28×28 inputs: conv(1→6, 5×5, pad 2) → ReLU → maxpool 2 →
+    /// conv(6→16, 5×5) → ReLU → maxpool 2 → fc 400→120 → ReLU → fc 120→84 →
+    /// ReLU → fc 84→classes.
+    LeNet5 {
+        /// Output classes.
+        classes: u32,
+    },
+}
+
+/// One named tensor of a model, in the flat order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// PyTorch-style name, e.g. `layers.0.weight`.
+    pub name: String,
+    /// Shape in PyTorch layout.
+    pub shape: Vec<usize>,
+    /// Fan-in used by the default initialisation.
+    pub fan_in: usize,
+}
+
+impl TensorSpec {
+    /// Number of scalars in this tensor.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Why an architecture or a parameter file was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModelError {
+    /// The architecture declares a zero-sized or absurd layer.
+    #[error("invalid architecture: {0}")]
+    InvalidArch(&'static str),
+    /// More parameters than [`MAX_PARAMETERS`].
+    #[error("model has {0} parameters, more than the limit {MAX_PARAMETERS}")]
+    TooLarge(usize),
+    /// A parameter vector of the wrong length.
+    #[error("expected {expected} parameters, got {actual}")]
+    WrongLength {
+        /// What the architecture needs.
+        expected: usize,
+        /// What was supplied.
+        actual: usize,
+    },
+    /// A safetensors file that can't be parsed or doesn't match the model.
+    #[error("safetensors: {0}")]
+    Safetensors(String),
+    /// A NaN or infinity among the parameters.
+    #[error("parameter {index} is not finite")]
+    NonFinite {
+        /// Flat index of the first bad value.
+        index: usize,
+    },
+}
+
+impl ModelArch {
+    /// The MLP of the foundation benchmark: 784-200-200-10.
+    pub fn mnist_mlp() -> Self {
+        ModelArch::Mlp { input: 784, hidden: vec![200, 200], classes: 10 }
+    }
+
+    /// Checks the architecture is well formed and within [`MAX_PARAMETERS`].
+    pub fn validate(&self) -> Result<(), ModelError> {
+        match self {
+            ModelArch::Mlp { input, hidden, classes } => {
+                if *input == 0 || *classes == 0 || hidden.contains(&0) {
+                    return Err(ModelError::InvalidArch("zero-width layer"));
+                }
+                if hidden.len() > MAX_MLP_LAYERS {
+                    return Err(ModelError::InvalidArch("too many hidden layers"));
+                }
+            }
+            ModelArch::LeNet5 { classes } => {
+                if *classes == 0 {
+                    return Err(ModelError::InvalidArch("zero classes"));
+                }
+            }
+        }
+        // Count in u128 so that hostile widths can't overflow before the check.
+        // Every layer (linear or conv) has fan_in * out weights and out biases.
+        let total: u128 =
+            self.layer_dims().iter().map(|&(fan_in, out)| fan_in as u128 * out as u128 + out as u128).sum();
+        let total = usize::try_from(total).unwrap_or(usize::MAX);
+        if total > MAX_PARAMETERS {
+            return Err(ModelError::TooLarge(total));
+        }
+        Ok(())
+    }
+
+    /// `(fan_in, out)` per layer; only used for the overflow-safe size check.
+    fn layer_dims(&self) -> Vec<(u64, u64)> {
+        match self {
+            ModelArch::Mlp { input, hidden, classes } => {
+                let mut dims = Vec::new();
+                let mut prev = *input as u64;
+                for &h in hidden.iter().chain(std::iter::once(classes)) {
+                    dims.push((prev, h as u64));
+                    prev = h as u64;
+                }
+                dims
+            }
+            ModelArch::LeNet5 { classes } => vec![
+                (25, 6),
+                (150, 16),
+                (400, 120),
+                (120, 84),
+                (84, *classes as u64),
+            ],
+        }
+    }
+
+    /// The tensors of the model in the canonical flat order.
+    ///
+    /// Call [`ModelArch::validate`] first on untrusted architectures.
+    pub fn tensors(&self) -> Vec<TensorSpec> {
+        let t = |name: String, shape: Vec<usize>, fan_in: usize| TensorSpec { name, shape, fan_in };
+        match self {
+            ModelArch::Mlp { input, hidden, classes } => {
+                let mut out = Vec::new();
+                let mut prev = *input as usize;
+                for (i, &h) in hidden.iter().chain(std::iter::once(classes)).enumerate() {
+                    let h = h as usize;
+                    out.push(t(format!("layers.{i}.weight"), vec![h, prev], prev));
+                    out.push(t(format!("layers.{i}.bias"), vec![h], prev));
+                    prev = h;
+                }
+                out
+            }
+            ModelArch::LeNet5 { classes } => {
+                let c = *classes as usize;
+                vec![
+                    t("conv1.weight".into(), vec![6, 1, 5, 5], 25),
+                    t("conv1.bias".into(), vec![6], 25),
+                    t("conv2.weight".into(), vec![16, 6, 5, 5], 150),
+                    t("conv2.bias".into(), vec![16], 150),
+                    t("fc1.weight".into(), vec![120, 400], 400),
+                    t("fc1.bias".into(), vec![120], 400),
+                    t("fc2.weight".into(), vec![84, 120], 120),
+                    t("fc2.bias".into(), vec![84], 120),
+                    t("fc3.weight".into(), vec![c, 84], 84),
+                    t("fc3.bias".into(), vec![c], 84),
+                ]
+            }
+        }
+    }
+
+    /// Total number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.tensors().iter().map(TensorSpec::numel).sum()
+    }
+
+    /// Number of output classes.
+    pub fn classes(&self) -> usize {
+        match self {
+            ModelArch::Mlp { classes, .. } | ModelArch::LeNet5 { classes } => *classes as usize,
+        }
+    }
+
+    /// Deterministic initial parameters, PyTorch's default scheme: every
+    /// weight and bias uniform in `[-1/sqrt(fan_in), 1/sqrt(fan_in))`.
+    ///
+    /// Uniforms come from [`crate::rng::InitRng`] (ChaCha20 keyed by `seed`), so
+    /// the server and the simulator build the same initial model without burn.
+    pub fn init_params(&self, seed: u64) -> Vec<f32> {
+        let mut rng = crate::rng::InitRng::new(seed);
+        let mut out = Vec::with_capacity(self.num_params());
+        for spec in self.tensors() {
+            let bound = 1.0 / (spec.fan_in as f32).sqrt();
+            for _ in 0..spec.numel() {
+                out.push((rng.unit_f32() * 2.0 - 1.0) * bound);
+            }
+        }
+        out
+    }
+
+    /// Checks a parameter vector's length and finiteness against this model.
+    pub fn check_params(&self, params: &[f32]) -> Result<(), ModelError> {
+        let expected = self.num_params();
+        if params.len() != expected {
+            return Err(ModelError::WrongLength { expected, actual: params.len() });
+        }
+        if let Some(index) = params.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::NonFinite { index });
+        }
+        Ok(())
+    }
+
+    /// Serialises parameters as safetensors (F32, little endian, PyTorch names).
+    pub fn to_safetensors(&self, params: &[f32]) -> Result<Vec<u8>, ModelError> {
+        self.check_params(params)?;
+        let specs = self.tensors();
+        let mut views = Vec::with_capacity(specs.len());
+        let mut offset = 0;
+        let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for spec in &specs {
+            let n = spec.numel();
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                spec.shape.clone(),
+                &bytes[offset * 4..(offset + n) * 4],
+            )
+            .map_err(|e| ModelError::Safetensors(e.to_string()))?;
+            views.push((spec.name.clone(), view));
+            offset += n;
+        }
+        safetensors::tensor::serialize(views, None).map_err(|e| ModelError::Safetensors(e.to_string()))
+    }
+
+    /// Reads parameters from safetensors bytes: every tensor of the model must
+    /// be present with the exact shape and dtype F32; extra tensors are refused.
+    pub fn from_safetensors(&self, bytes: &[u8]) -> Result<Vec<f32>, ModelError> {
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| ModelError::Safetensors(e.to_string()))?;
+        let specs = self.tensors();
+        if st.len() != specs.len() {
+            return Err(ModelError::Safetensors(format!(
+                "file has {} tensors, the model has {}",
+                st.len(),
+                specs.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(self.num_params());
+        for spec in &specs {
+            let view = st
+                .tensor(&spec.name)
+                .map_err(|e| ModelError::Safetensors(format!("{}: {e}", spec.name)))?;
+            if view.dtype() != safetensors::Dtype::F32 || view.shape() != spec.shape.as_slice() {
+                return Err(ModelError::Safetensors(format!(
+                    "{}: expected F32 {:?}, found {:?} {:?}",
+                    spec.name,
+                    spec.shape,
+                    view.dtype(),
+                    view.shape()
+                )));
+            }
+            out.extend(
+                view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+        }
+        self.check_params(&out)?;
+        Ok(out)
+    }
+
+    /// Reads raw little-endian f32 in the canonical flat order (no header).
+    pub fn from_raw_f32(&self, bytes: &[u8]) -> Result<Vec<f32>, ModelError> {
+        if !bytes.len().is_multiple_of(4) {
+            return Err(ModelError::WrongLength { expected: self.num_params() * 4, actual: bytes.len() });
+        }
+        let out: Vec<f32> =
+            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        self.check_params(&out)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn param_counts() {
+        assert_eq!(ModelArch::mnist_mlp().num_params(), 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10);
+        assert_eq!(ModelArch::LeNet5 { classes: 10 }.num_params(), 61_706);
+    }
+
+    #[test]
+    fn oversized_arch_rejected() {
+        let a = ModelArch::Mlp { input: u32::MAX, hidden: vec![u32::MAX], classes: 10 };
+        assert!(matches!(a.validate(), Err(ModelError::TooLarge(_))));
+    }
+
+    #[test]
+    fn safetensors_round_trip_and_rejects() {
+        let arch = ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 };
+        let p = arch.init_params(7);
+        let bytes = arch.to_safetensors(&p).unwrap();
+        assert_eq!(arch.from_safetensors(&bytes).unwrap(), p);
+        let other = ModelArch::Mlp { input: 4, hidden: vec![5], classes: 2 };
+        assert!(other.from_safetensors(&bytes).is_err());
+        assert!(arch.from_safetensors(&bytes[..bytes.len() - 1]).is_err());
+        assert!(arch.from_safetensors(b"garbage").is_err());
+    }
+
+    #[test]
+    fn init_is_deterministic_and_bounded() {
+        let arch = ModelArch::mnist_mlp();
+        let a = arch.init_params(1);
+        assert_eq!(a, arch.init_params(1));
+        assert_ne!(a, arch.init_params(2));
+        let bound = 1.0 / 784f32.sqrt();
+        assert!(a[..784 * 200].iter().all(|v| v.abs() <= bound));
+    }
+}

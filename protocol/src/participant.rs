@@ -1,0 +1,213 @@
+//! The client's state machine.
+//!
+//! [`Participant`] speaks the protocol for one connection: it answers the
+//! server's challenge, checks what the server sends, and turns a round's task
+//! into [`ParticipantEvent::TaskRequested`]. Training happens outside: the host
+//! runs it (with `tally-kernels`) and calls [`Participant::submit`], which
+//! signs the report. A host that reconnects builds a new `Participant` with
+//! the same identity; the server re-sends an unfinished task.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use crate::codec;
+use crate::error::{Error, Misbehaviour, Misuse};
+use crate::identity::{join_transcript, report_transcript, Identity};
+use crate::wire::{
+    self, ClientUpdate, EvalReport, Join, Message, RejectCode, Report, RunConfig, RunId, SignedReport, Task,
+    MAX_MESSAGE_BYTES,
+};
+
+/// Something the host must act on.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ParticipantEvent {
+    /// The server admitted us.
+    Joined {
+        /// Our id at the server.
+        client_id: u32,
+        /// The run.
+        config: RunConfig,
+    },
+    /// Do `task` on `model` and call [`Participant::submit`].
+    TaskRequested {
+        /// The round.
+        round: u32,
+        /// Evaluate only, or evaluate and train.
+        task: Task,
+        /// Seed for local randomness: mix with the client id.
+        seed: u64,
+        /// Global parameters.
+        model: Vec<f32>,
+    },
+    /// The server counted our report.
+    Accepted {
+        /// The round.
+        round: u32,
+    },
+    /// The server refused a message of ours.
+    Rejected {
+        /// Why.
+        code: RejectCode,
+        /// The round concerned.
+        round: Option<u32>,
+        /// Server's explanation.
+        detail: String,
+    },
+    /// The run is over.
+    Finished {
+        /// Rounds completed.
+        rounds: u32,
+        /// Hash of the final model.
+        model_hash: [u8; 32],
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitingHello,
+    AwaitingWelcome,
+    Ready,
+    Working { round: u32, task: Task },
+    Finished,
+}
+
+/// The client's sans-IO state machine. See the module docs.
+#[derive(Debug)]
+pub struct Participant {
+    identity: Identity,
+    expected_run: Option<RunId>,
+    state: State,
+    run: Option<RunConfig>,
+    client_id: Option<u32>,
+    max_message: usize,
+    transmits: VecDeque<Vec<u8>>,
+    events: VecDeque<ParticipantEvent>,
+}
+
+impl Participant {
+    /// A participant for `identity`. With `expected_run`, a server announcing
+    /// another run is refused.
+    pub fn new(identity: Identity, expected_run: Option<RunId>) -> Self {
+        Participant {
+            identity,
+            expected_run,
+            state: State::AwaitingHello,
+            run: None,
+            client_id: None,
+            max_message: MAX_MESSAGE_BYTES,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Largest message to accept from the server (tight once the run's model
+    /// is known).
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message
+    }
+
+    /// The run, once joined.
+    pub fn run_config(&self) -> Option<&RunConfig> {
+        self.run.as_ref()
+    }
+
+    /// Our id at the server, once joined.
+    pub fn client_id(&self) -> Option<u32> {
+        self.client_id
+    }
+
+    /// Whether the server said the run is over.
+    pub fn is_finished(&self) -> bool {
+        self.state == State::Finished
+    }
+
+    /// Next message to send (each on its own stream).
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.transmits.pop_front()
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<ParticipantEvent> {
+        self.events.pop_front()
+    }
+
+    /// One complete message from the server.
+    pub fn handle_message(&mut self, _now: Instant, bytes: &[u8]) -> Result<(), Error> {
+        let msg = codec::decode(bytes, self.max_message)?;
+        match (self.state, msg) {
+            (State::AwaitingHello, Message::Hello(hello)) => {
+                if self.expected_run.is_some_and(|r| r != hello.run_id) {
+                    return Err(Misbehaviour::WrongRun.into());
+                }
+                let public_key = self.identity.public_key();
+                let signature = self.identity.sign(&join_transcript(&hello.run_id, &hello.challenge, &public_key));
+                self.transmits.push_back(codec::encode(&Message::Join(Join { public_key, signature })));
+                self.state = State::AwaitingWelcome;
+                Ok(())
+            }
+            (State::AwaitingWelcome, Message::Welcome(w)) => {
+                w.config.arch.validate().map_err(|_| Misbehaviour::Unexpected("Welcome with an invalid model"))?;
+                self.max_message = wire::max_message_bytes_for(&w.config.arch);
+                self.client_id = Some(w.client_id);
+                self.run = Some(w.config.clone());
+                self.state = State::Ready;
+                self.events.push_back(ParticipantEvent::Joined { client_id: w.client_id, config: w.config });
+                Ok(())
+            }
+            (State::Ready | State::Working { .. }, Message::RoundStart(start)) => {
+                let arch = &self.run.as_ref().ok_or(Misbehaviour::Unexpected("RoundStart before Welcome"))?.arch;
+                crate::aggregate::check_dense(&start.model, arch.num_params())?;
+                // A new task replaces an unfinished one (the server moved on).
+                self.state = State::Working { round: start.round, task: start.task };
+                self.events.push_back(ParticipantEvent::TaskRequested {
+                    round: start.round,
+                    task: start.task,
+                    seed: start.seed,
+                    model: start.model,
+                });
+                Ok(())
+            }
+            (State::Ready | State::Working { .. }, Message::Ack(ack)) => {
+                self.events.push_back(ParticipantEvent::Accepted { round: ack.round });
+                Ok(())
+            }
+            (_, Message::Rejected(r)) => {
+                self.events.push_back(ParticipantEvent::Rejected { code: r.code, round: r.round, detail: r.detail });
+                Ok(())
+            }
+            (State::Ready | State::Working { .. }, Message::Finished(f)) => {
+                self.state = State::Finished;
+                self.events.push_back(ParticipantEvent::Finished { rounds: f.rounds, model_hash: f.model_hash });
+                Ok(())
+            }
+            (_, other) => Err(Misbehaviour::Unexpected(other.name()).into()),
+        }
+    }
+
+    /// Submits the result of the pending task: signs and queues the report.
+    pub fn submit(&mut self, _now: Instant, eval: Option<EvalReport>, update: Option<ClientUpdate>) -> Result<(), Error> {
+        let State::Working { round, task } = self.state else {
+            return Err(Misuse::NoPendingTask.into());
+        };
+        match (task, &update) {
+            (Task::Train, None) => return Err(Misuse::WrongSubmission("training task needs an update").into()),
+            (Task::Evaluate, Some(_)) => return Err(Misuse::WrongSubmission("evaluation task takes no update").into()),
+            _ => {}
+        }
+        let run_id = self.run.as_ref().map(|r| r.run_id).ok_or(Misuse::NoPendingTask)?;
+        let report = Report { run_id, round, eval, update };
+        let body = codec::encode_report(&report);
+        let signature = self.identity.sign(&report_transcript(&body));
+        self.transmits.push_back(codec::encode(&Message::Report(SignedReport { body, signature })));
+        self.state = State::Ready;
+        Ok(())
+    }
+
+    /// Builds a signed report frame without touching the state machine: for
+    /// tests and attack simulations that need to craft (mis)behaviour.
+    pub fn sign_report(&self, report: &Report) -> Vec<u8> {
+        let body = codec::encode_report(report);
+        let signature = self.identity.sign(&report_transcript(&body));
+        codec::encode(&Message::Report(SignedReport { body, signature }))
+    }
+}

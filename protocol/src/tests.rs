@@ -1,0 +1,350 @@
+//! State-machine scenarios: a coordinator and participants wired together in
+//! memory (quinn-proto's `Pair` harness, scaled to N clients). No tokio, no
+//! clock: time is an `Instant` the test advances.
+
+use std::time::{Duration, Instant};
+
+use crate::aggregate::FedAvg;
+use crate::codec;
+use crate::coordinator::{ConnectionHandle, Coordinator, CoordinatorConfig, Event, Phase};
+use crate::error::{Error, Malformed, Misbehaviour};
+use crate::identity::Identity;
+use crate::model::ModelArch;
+use crate::participant::{Participant, ParticipantEvent};
+use crate::wire::{
+    ClientUpdate, EvalReport, Message, RejectCode, Report, RunId, Task, TrainSpec, UpdatePayload,
+};
+
+const RUN: RunId = RunId([9; 16]);
+
+fn arch() -> ModelArch {
+    ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 }
+}
+
+fn ident(i: u8) -> Identity {
+    Identity::from_secret([i + 1; 32])
+}
+
+struct Net {
+    now: Instant,
+    coord: Coordinator,
+    clients: Vec<(ConnectionHandle, Participant)>,
+    /// Events the participants emitted, by client slot.
+    seen: Vec<Vec<ParticipantEvent>>,
+    coord_events: Vec<Event>,
+    closed: Vec<ConnectionHandle>,
+}
+
+fn config(n: usize, rounds: u32) -> CoordinatorConfig {
+    CoordinatorConfig {
+        run_id: RUN,
+        arch: arch(),
+        rounds,
+        enrolled: (0..n as u8).map(|i| ident(i).public_key()).collect(),
+        min_clients: n,
+        clients_per_round: n,
+        quorum: n,
+        round_timeout: Duration::from_secs(10),
+        train: TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 },
+        max_violations: 5,
+        schedule: None,
+        final_evaluation: true,
+    }
+}
+
+impl Net {
+    fn new(cfg: CoordinatorConfig, identities: Vec<Identity>) -> Net {
+        let init = cfg.arch.init_params(1);
+        let coord = Coordinator::new(cfg, Box::new(FedAvg::new()), init, 42).unwrap();
+        let n = identities.len();
+        let mut net = Net {
+            now: Instant::now(),
+            coord,
+            clients: Vec::new(),
+            seen: vec![Vec::new(); n],
+            coord_events: Vec::new(),
+            closed: Vec::new(),
+        };
+        for (i, id) in identities.into_iter().enumerate() {
+            let conn = ConnectionHandle(i as u64);
+            net.clients.push((conn, Participant::new(id, Some(RUN))));
+            net.coord.handle_connect(net.now, conn);
+        }
+        net
+    }
+
+    /// Delivers messages both ways until quiet.
+    fn pump(&mut self) {
+        loop {
+            let mut moved = false;
+            while let Some(t) = self.coord.poll_transmit() {
+                moved = true;
+                if self.closed.contains(&t.to) {
+                    continue;
+                }
+                if let Some(slot) = self.clients.iter().position(|(c, _)| *c == t.to) {
+                    self.clients[slot].1.handle_message(self.now, &t.bytes).unwrap();
+                }
+            }
+            while let Some(e) = self.coord.poll_event() {
+                if let Event::CloseConnection { conn, .. } = &e {
+                    self.closed.push(*conn);
+                }
+                self.coord_events.push(e);
+            }
+            for slot in 0..self.clients.len() {
+                let (conn, p) = &mut self.clients[slot];
+                let conn = *conn;
+                while let Some(e) = p.poll_event() {
+                    self.seen[slot].push(e);
+                }
+                while let Some(bytes) = p.poll_transmit() {
+                    moved = true;
+                    if !self.closed.contains(&conn) {
+                        let _ = self.coord.handle_message(self.now, conn, &bytes);
+                    }
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    /// Every participant with a pending task answers it with `delta` = 1.0.
+    fn answer_all(&mut self, skip: &[usize]) {
+        for slot in 0..self.clients.len() {
+            if skip.contains(&slot) {
+                continue;
+            }
+            let task = self.seen[slot].iter().rev().find_map(|e| match e {
+                ParticipantEvent::TaskRequested { round, task, model, .. } => Some((*round, *task, model.len())),
+                _ => None,
+            });
+            let Some((round, task, dim)) = task else { continue };
+            let answered = self.seen[slot].iter().any(|e| matches!(e, ParticipantEvent::Accepted { round: r } if *r == round));
+            if answered {
+                continue;
+            }
+            let eval = Some(EvalReport { loss_sum: 1.0, correct: 1, total: 2 });
+            let update = (task == Task::Train).then(|| ClientUpdate {
+                num_samples: 10,
+                train_loss: 0.5,
+                payload: UpdatePayload::DenseDelta(vec![1.0; dim]),
+            });
+            let _ = self.clients[slot].1.submit(self.now, eval, update);
+        }
+        self.pump();
+    }
+
+    fn rejections(&self) -> Vec<(ConnectionHandle, Error)> {
+        self.coord_events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Rejected { conn, error, .. } => Some((*conn, error.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn happy_path_runs_all_rounds_and_final_evaluation() {
+    let mut net = Net::new(config(3, 2), (0..3).map(ident).collect());
+    net.pump();
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 1, task: Task::Train });
+    let init = net.coord.model().to_vec();
+    net.answer_all(&[]);
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Train });
+    net.answer_all(&[]);
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 3, task: Task::Evaluate });
+    net.answer_all(&[]);
+    assert_eq!(net.coord.phase(), Phase::Finished);
+    // Two rounds of delta 1.0 averaged: +2.0 everywhere.
+    for (a, b) in net.coord.model().iter().zip(&init) {
+        assert_eq!(*a, ((*b as f64 + 1.0) as f32 as f64 + 1.0) as f32);
+    }
+    let completed: Vec<_> = net
+        .coord_events
+        .iter()
+        .filter_map(|e| if let Event::RoundCompleted(s) = e { Some(s.clone()) } else { None })
+        .collect();
+    assert_eq!(completed.len(), 3);
+    assert_eq!(completed[0].eval_of_incoming.unwrap().total, 6);
+    assert!(net.seen.iter().all(|s| s.iter().any(|e| matches!(e, ParticipantEvent::Finished { rounds: 2, .. }))));
+    assert!(net.rejections().is_empty());
+}
+
+#[test]
+fn unenrolled_key_is_refused_and_closed_while_round_proceeds() {
+    let mut ids: Vec<Identity> = (0..3).map(ident).collect();
+    ids.push(Identity::from_secret([200; 32])); // not enrolled
+    let mut net = Net::new(config(3, 1), ids);
+    net.pump();
+    let rej = net.rejections();
+    assert_eq!(rej.len(), 1);
+    assert_eq!(rej[0].0, ConnectionHandle(3));
+    assert!(matches!(rej[0].1, Error::Misbehaving(Misbehaviour::NotEnrolled(_))));
+    assert!(net.closed.contains(&ConnectionHandle(3)));
+    assert!(net.seen[3].iter().any(|e| matches!(e, ParticipantEvent::Rejected { code: RejectCode::UnknownClient, .. })));
+    net.answer_all(&[3]);
+    net.answer_all(&[3]);
+    assert_eq!(net.coord.phase(), Phase::Finished);
+}
+
+#[test]
+fn tampered_replayed_duplicate_oversize_and_bad_updates_are_refused() {
+    let mut cfg = config(3, 2);
+    cfg.max_violations = 9;
+    let mut net = Net::new(cfg, (0..3).map(ident).collect());
+    net.pump();
+    let conn = ConnectionHandle(0);
+    let me = ident(0);
+    let dim = arch().num_params();
+    let good = |round: u32, payload: Vec<f32>| Report {
+        run_id: RUN,
+        round,
+        eval: None,
+        update: Some(ClientUpdate { num_samples: 5, train_loss: 0.1, payload: UpdatePayload::DenseDelta(payload) }),
+    };
+    let signer = Participant::new(me.clone(), None);
+
+    // Tampered: flip a byte of the signed body after signing.
+    let mut frame = signer.sign_report(&good(1, vec![0.5; dim]));
+    let i = frame.len() - 80; // inside the body, before the signature
+    frame[i] ^= 0x01;
+    let err = net.coord.handle_message(net.now, conn, &frame).unwrap_err();
+    assert_eq!(err, Error::Misbehaving(Misbehaviour::BadSignature));
+
+    // Wrong dimension, non-finite, wrong run, not the open round.
+    let err = net.coord.handle_message(net.now, conn, &signer.sign_report(&good(1, vec![0.5; dim - 1]))).unwrap_err();
+    assert_eq!(err, Error::Misbehaving(Misbehaviour::WrongDimension { expected: dim, got: dim - 1 }));
+    let mut nan = vec![0.5; dim];
+    nan[3] = f32::NAN;
+    let err = net.coord.handle_message(net.now, conn, &signer.sign_report(&good(1, nan))).unwrap_err();
+    assert_eq!(err, Error::Misbehaving(Misbehaviour::NonFinite(3)));
+    let err = net.coord.handle_message(net.now, conn, &signer.sign_report(&good(2, vec![0.5; dim]))).unwrap_err();
+    assert_eq!(err, Error::Misbehaving(Misbehaviour::WrongRound { open: Some(1), got: 2 }));
+
+    // A valid report, then the same bytes again: duplicate.
+    let round1 = signer.sign_report(&good(1, vec![0.5; dim]));
+    net.coord.handle_message(net.now, conn, &round1).unwrap();
+    let err = net.coord.handle_message(net.now, conn, &round1).unwrap_err();
+    assert_eq!(err, Error::Misbehaving(Misbehaviour::Duplicate(1)));
+
+    // Oversize as reported by the driver, and garbage bytes.
+    let err = net.coord.handle_oversize(net.now, conn, net.coord.max_message_bytes() + 1);
+    assert!(matches!(err, Error::Malformed(Malformed::Oversize { .. })));
+    assert!(matches!(net.coord.handle_message(net.now, conn, b"TLY\x01\xff\xff"), Err(Error::Malformed(_))));
+
+    // Another client's report relayed on our connection fails its signature check.
+    let other = Participant::new(ident(1), None).sign_report(&good(1, vec![0.5; dim]));
+    assert_eq!(net.coord.handle_message(net.now, conn, &other).unwrap_err(), Error::Misbehaving(Misbehaviour::BadSignature));
+
+    // Honest clients finish round 1; then the round-1 report replayed in round 2 is stale.
+    net.answer_all(&[0]);
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Train });
+    let err = net.coord.handle_message(net.now, ConnectionHandle(1), &round1).unwrap_err();
+    assert_eq!(err, Error::Misbehaving(Misbehaviour::BadSignature), "relayed on another connection");
+    let err = net.coord.handle_message(net.now, conn, &round1).unwrap_err();
+    assert_eq!(err, Error::Misbehaving(Misbehaviour::WrongRound { open: Some(2), got: 1 }));
+    // Nine violations were counted against client 0, and the ninth closed it.
+    assert_eq!(net.coord.violations()[&0], 9);
+    net.pump();
+    assert!(net.closed.contains(&conn));
+}
+
+#[test]
+fn deadline_closes_at_quorum_and_extends_below_it() {
+    let mut cfg = config(3, 1);
+    cfg.quorum = 2;
+    let mut net = Net::new(cfg, (0..3).map(ident).collect());
+    net.pump();
+    net.answer_all(&[1, 2]);
+    // One of three answered: the deadline extends the round.
+    let deadline = net.coord.poll_timeout().unwrap();
+    net.now = deadline;
+    net.coord.handle_timeout(net.now);
+    net.pump();
+    assert!(net.coord_events.iter().any(|e| matches!(e, Event::RoundExtended { round: 1, accepted: 1, .. })));
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 1, task: Task::Train });
+    net.answer_all(&[2]);
+    // Two answered, one straggler: the next deadline closes the round.
+    let deadline = net.coord.poll_timeout().unwrap();
+    net.now = deadline;
+    net.coord.handle_timeout(net.now);
+    net.pump();
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Evaluate });
+}
+
+#[test]
+fn reconnecting_client_gets_its_task_again_and_old_connection_is_superseded() {
+    let mut net = Net::new(config(2, 1), (0..2).map(ident).collect());
+    net.pump();
+    // Client 0 reconnects on a new connection before answering.
+    let new_conn = ConnectionHandle(10);
+    net.clients.push((new_conn, Participant::new(ident(0), Some(RUN))));
+    net.seen.push(Vec::new());
+    net.coord.handle_connect(net.now, new_conn);
+    net.pump();
+    assert!(net.closed.contains(&ConnectionHandle(0)));
+    assert!(net.seen[2].iter().any(|e| matches!(e, ParticipantEvent::TaskRequested { round: 1, .. })));
+    net.answer_all(&[0]);
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Evaluate });
+}
+
+#[test]
+fn disconnect_of_sampled_client_lets_round_close_at_quorum() {
+    let mut cfg = config(3, 1);
+    cfg.quorum = 2;
+    let mut net = Net::new(cfg, (0..3).map(ident).collect());
+    net.pump();
+    net.answer_all(&[2]);
+    net.coord.handle_disconnect(net.now, ConnectionHandle(2));
+    net.closed.push(ConnectionHandle(2));
+    net.pump();
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Evaluate });
+}
+
+#[test]
+fn schedule_picks_the_listed_clients() {
+    let mut cfg = config(4, 2);
+    cfg.clients_per_round = 2;
+    cfg.quorum = 1;
+    cfg.schedule = Some(vec![vec![3, 1], vec![0]]);
+    let mut net = Net::new(cfg, (0..4).map(ident).collect());
+    net.pump();
+    net.answer_all(&[]);
+    let opened: Vec<Vec<u32>> = net
+        .coord_events
+        .iter()
+        .filter_map(|e| if let Event::RoundOpened { sampled, .. } = e { Some(sampled.clone()) } else { None })
+        .collect();
+    assert_eq!(opened[0], vec![1, 3]);
+    assert_eq!(opened[1], vec![0]);
+}
+
+#[test]
+fn same_seed_same_run() {
+    let run = || {
+        let mut cfg = config(5, 3);
+        cfg.clients_per_round = 2;
+        cfg.quorum = 2;
+        let mut net = Net::new(cfg, (0..5).map(ident).collect());
+        net.pump();
+        for _ in 0..4 {
+            net.answer_all(&[]);
+        }
+        (net.coord.model().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), format!("{:?}", net.coord_events))
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn participant_rejects_wrong_run_and_garbage() {
+    let mut p = Participant::new(ident(0), Some(RUN));
+    let hello = codec::encode(&Message::Hello(crate::wire::Hello { run_id: RunId([1; 16]), challenge: [0; 32] }));
+    assert_eq!(p.handle_message(Instant::now(), &hello), Err(Error::Misbehaving(Misbehaviour::WrongRun)));
+    assert!(matches!(p.handle_message(Instant::now(), b"nonsense"), Err(Error::Malformed(_))));
+    assert!(p.submit(Instant::now(), None, None).is_err());
+}

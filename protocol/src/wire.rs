@@ -1,0 +1,333 @@
+//! Wire messages of the Tally protocol, version [`PROTOCOL_VERSION`].
+//!
+//! One QUIC stream carries exactly one message (the driver reads the stream to
+//! its end under [`MAX_MESSAGE_BYTES`]), so there is no framing inside a
+//! message. The byte layout is defined by [`crate::codec`].
+//!
+//! Handshake: the server sends [`Hello`] with a fresh challenge; the client
+//! answers [`Join`] signed over the challenge; the server answers [`Welcome`]
+//! with the run configuration. Each round the server sends [`RoundStart`] to
+//! the clients it sampled; each answers with a [`SignedReport`], which the
+//! server acknowledges with [`Ack`] or refuses with [`Rejected`].
+
+use bincode::{Decode, Encode};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ModelArch, MAX_PARAMETERS};
+
+/// Version of the wire format. A peer with another version is refused as
+/// incompatible before its message body is decoded.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Slack on top of a dense model for the envelope, signature and report
+/// fields: generous (64 KiB) because none of them is large, tight enough to
+/// keep the bound meaningful.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// Largest message either side accepts: a dense model of [`MAX_PARAMETERS`]
+/// f32 plus [`MESSAGE_OVERHEAD_BYTES`]. Drivers should read with the tighter
+/// per-run bound of [`max_message_bytes_for`].
+pub const MAX_MESSAGE_BYTES: usize = MAX_PARAMETERS * 4 + MESSAGE_OVERHEAD_BYTES;
+
+/// Longest human-readable text in a [`Rejected`] message: enough for one
+/// line of context, short enough that error paths can't carry bulk data.
+pub const MAX_DETAIL_BYTES: usize = 256;
+
+/// Largest sample count a client may claim for weighting. FedAvg weights by
+/// this number, so an absurd claim is a poisoning lever; 2^32 is far above
+/// any edge device's shard.
+pub const MAX_SAMPLES_PER_UPDATE: u64 = 1 << 32;
+
+/// Upper bound on a message for a run of `arch`: a dense model plus overhead.
+pub fn max_message_bytes_for(arch: &ModelArch) -> usize {
+    (arch.num_params().min(MAX_PARAMETERS) * 4 + MESSAGE_OVERHEAD_BYTES).min(MAX_MESSAGE_BYTES)
+}
+
+/// Identifies one run of federated training; bound into every signature so
+/// messages of one run are worthless in another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Encode, Decode)]
+pub struct RunId(pub [u8; 16]);
+
+impl std::fmt::Display for RunId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+/// An ed25519 public key, as sent on the wire (32 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Encode, Decode)]
+pub struct PublicKeyBytes(pub [u8; 32]);
+
+impl std::fmt::Display for PublicKeyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+/// An ed25519 signature (64 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct SignatureBytes(pub [u8; 64]);
+
+/// Hyper-parameters of local training, chosen by the server for the run.
+#[derive(Clone, Debug, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct TrainSpec {
+    /// SGD learning rate.
+    pub lr: f32,
+    /// Minibatch size.
+    pub batch_size: u32,
+    /// Local epochs per round.
+    pub epochs: u32,
+}
+
+/// How clients express their update; the aggregator of the run decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateKind {
+    /// A dense f32 delta `local - global` ([`UpdatePayload::DenseDelta`]).
+    DenseDelta,
+}
+
+/// Everything a client needs to know about the run, sent in [`Welcome`].
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct RunConfig {
+    /// The run.
+    pub run_id: RunId,
+    /// Model shapes.
+    pub arch: ModelArch,
+    /// Rounds the server intends to run.
+    pub rounds: u32,
+    /// Local training hyper-parameters.
+    pub train: TrainSpec,
+    /// Update kind the aggregator accepts.
+    pub update_kind: UpdateKind,
+}
+
+/// First message on a connection, server → client.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct Hello {
+    /// The run.
+    pub run_id: RunId,
+    /// Fresh random bytes the client must sign to prove its key.
+    pub challenge: [u8; 32],
+}
+
+/// Client → server answer to [`Hello`].
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct Join {
+    /// The client's identity.
+    pub public_key: PublicKeyBytes,
+    /// Signature over [`crate::identity::join_transcript`].
+    pub signature: SignatureBytes,
+}
+
+/// Server → client: the join was accepted.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct Welcome {
+    /// Index of the client in the server's enrolment list (stable id).
+    pub client_id: u32,
+    /// The run's configuration.
+    pub config: RunConfig,
+}
+
+/// What the server asks of a client this round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum Task {
+    /// Evaluate the received model, then train on it and send an update.
+    Train,
+    /// Only evaluate the received (final) model.
+    Evaluate,
+}
+
+/// Server → sampled client: round `round` is open.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct RoundStart {
+    /// Round number, from 1 (rounds after the last are evaluation only).
+    pub round: u32,
+    /// What to do.
+    pub task: Task,
+    /// Seed for the client's local randomness this round (shuffling).
+    pub seed: u64,
+    /// The current global parameters, canonical flat order.
+    pub model: Vec<f32>,
+}
+
+/// Loss and accuracy of a model on a client's evaluation data.
+#[derive(Clone, Copy, Debug, PartialEq, Encode, Decode, Serialize, Deserialize, Default)]
+pub struct EvalReport {
+    /// Sum of per-example losses.
+    pub loss_sum: f64,
+    /// Correctly classified examples.
+    pub correct: u64,
+    /// Examples evaluated.
+    pub total: u64,
+}
+
+impl EvalReport {
+    /// Fraction correct (0 when empty).
+    pub fn accuracy(&self) -> f64 {
+        if self.total == 0 { 0.0 } else { self.correct as f64 / self.total as f64 }
+    }
+    /// Mean loss (0 when empty).
+    pub fn mean_loss(&self) -> f64 {
+        if self.total == 0 { 0.0 } else { self.loss_sum / self.total as f64 }
+    }
+    /// Sum of two reports.
+    pub fn merge(&self, other: &EvalReport) -> EvalReport {
+        EvalReport {
+            loss_sum: self.loss_sum + other.loss_sum,
+            correct: self.correct.saturating_add(other.correct),
+            total: self.total.saturating_add(other.total),
+        }
+    }
+}
+
+/// The model update proper. New update kinds (SPSA bytes, FRL rankings,
+/// Ferret coefficients) are new variants; bincode encodes the variant index,
+/// so adding variants keeps old ones decodable.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub enum UpdatePayload {
+    /// Dense `local - global`, canonical flat order.
+    DenseDelta(Vec<f32>),
+}
+
+impl UpdatePayload {
+    /// The kind of this payload.
+    pub fn kind(&self) -> UpdateKind {
+        match self {
+            UpdatePayload::DenseDelta(_) => UpdateKind::DenseDelta,
+        }
+    }
+}
+
+/// A client's training result for one round.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct ClientUpdate {
+    /// Training examples used (the FedAvg weight).
+    pub num_samples: u64,
+    /// Mean training loss over the local steps.
+    pub train_loss: f32,
+    /// The update.
+    pub payload: UpdatePayload,
+}
+
+/// The signed body of a client's answer to [`RoundStart`].
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct Report {
+    /// Must equal the run's id.
+    pub run_id: RunId,
+    /// Must equal the open round.
+    pub round: u32,
+    /// Evaluation of the model received in [`RoundStart`], if the client has
+    /// evaluation data.
+    pub eval: Option<EvalReport>,
+    /// Present exactly when the task was [`Task::Train`].
+    pub update: Option<ClientUpdate>,
+}
+
+/// Client → server: an encoded [`Report`] and the client's signature over
+/// [`crate::identity::report_transcript`] of exactly those bytes.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct SignedReport {
+    /// `codec::encode_report(report)`; verified before it is decoded.
+    pub body: Vec<u8>,
+    /// Signature by the connection's enrolled key.
+    pub signature: SignatureBytes,
+}
+
+/// Server → client: the report for `round` was accepted and will be counted.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct Ack {
+    /// The round.
+    pub round: u32,
+}
+
+/// Why the server refused something; mirrors [`crate::error::Error`] so a
+/// client can tell what it did wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum RejectCode {
+    /// Undecodable bytes.
+    Malformed,
+    /// Message larger than the limit.
+    Oversize,
+    /// Other protocol version.
+    IncompatibleVersion,
+    /// Public key not enrolled.
+    UnknownClient,
+    /// Signature did not verify.
+    BadSignature,
+    /// Another run's message.
+    WrongRun,
+    /// Not the open round (stale, replayed or early).
+    WrongRound,
+    /// Second report for the same round.
+    Duplicate,
+    /// The client was not sampled this round.
+    NotSampled,
+    /// Update has the wrong dimension or kind.
+    WrongShape,
+    /// NaN or infinity in the update.
+    NonFinite,
+    /// A message that is not valid in this state.
+    Unexpected,
+    /// Another connection took over this identity.
+    Superseded,
+    /// Too many protocol violations; the connection is closed.
+    TooManyViolations,
+}
+
+/// Server → client: a message was refused.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct Rejected {
+    /// Machine-readable reason.
+    pub code: RejectCode,
+    /// Round of the refused report, if it had one.
+    pub round: Option<u32>,
+    /// At most [`MAX_DETAIL_BYTES`] bytes of explanation.
+    pub detail: String,
+}
+
+/// Server → client: the run is over.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct Finished {
+    /// Rounds completed.
+    pub rounds: u32,
+    /// SHA-256 of the final parameters ([`crate::identity::params_hash`]).
+    pub model_hash: [u8; 32],
+}
+
+/// Every message of the protocol.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub enum Message {
+    /// Server → client.
+    Hello(Hello),
+    /// Client → server.
+    Join(Join),
+    /// Server → client.
+    Welcome(Welcome),
+    /// Server → client.
+    RoundStart(RoundStart),
+    /// Client → server.
+    Report(SignedReport),
+    /// Server → client.
+    Ack(Ack),
+    /// Server → client.
+    Rejected(Rejected),
+    /// Server → client.
+    Finished(Finished),
+}
+
+impl Message {
+    /// Short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Join(_) => "Join",
+            Message::Welcome(_) => "Welcome",
+            Message::RoundStart(_) => "RoundStart",
+            Message::Report(_) => "Report",
+            Message::Ack(_) => "Ack",
+            Message::Rejected(_) => "Rejected",
+            Message::Finished(_) => "Finished",
+        }
+    }
+}
