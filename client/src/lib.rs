@@ -1,0 +1,361 @@
+//! `tally-client`: a federated-learning client for edge devices.
+//!
+//! A thin tokio/quinn driver around [`tally_protocol::Participant`]: it
+//! connects to the server over QUIC (TLS 1.3, server certificate pinned or
+//! checked against a CA file), reads one message per unidirectional stream,
+//! runs the requested local training or evaluation with `tally-kernels` on a
+//! blocking thread, and sends the signed report. When the connection drops it
+//! reconnects with exponential backoff; the server re-sends an unfinished task.
+//!
+//! It never depends on server code, and it never decides protocol questions:
+//! those live in the participant state machine.
+
+pub mod keys;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tally_kernels::{Dataset, Device, TrainConfig};
+use tally_protocol::model::ModelArch;
+use tally_protocol::wire::{ClientUpdate, EvalReport, RejectCode, Task, UpdatePayload};
+use tally_protocol::{Identity, Participant, ParticipantEvent};
+use tracing::{debug, info, warn};
+
+pub use tls::ServerTrust;
+
+/// Concurrent unidirectional streams the server may open to us; it sends one
+/// message at a time.
+pub const MAX_CONCURRENT_UNI_STREAMS: u32 = 4;
+
+/// Keep-alive interval: keeps NAT mappings and the connection alive while we
+/// train for minutes without sending.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// Evaluation batch size: only memory depends on it.
+const EVAL_BATCH: usize = 1000;
+
+/// Errors that end the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// TLS configuration.
+    #[error(transparent)]
+    Trust(#[from] tls::TrustError),
+    /// Local socket.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server refused us for good.
+    #[error("server refused us: {code:?}: {detail}")]
+    Refused {
+        /// Why.
+        code: RejectCode,
+        /// Server's explanation.
+        detail: String,
+    },
+    /// The server broke the protocol.
+    #[error("protocol error from server: {0}")]
+    Protocol(#[from] tally_protocol::Error),
+    /// Local training failed.
+    #[error("local training: {0}")]
+    Kernel(#[from] tally_kernels::KernelError),
+    /// Reconnection attempts exhausted.
+    #[error("gave up after {attempts} connection attempts; last error: {last}")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// Last failure.
+        last: String,
+    },
+}
+
+/// How to run a client.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Server address.
+    pub server: SocketAddr,
+    /// Name expected in the server certificate (CA mode).
+    pub server_name: String,
+    /// What to trust.
+    pub trust: ServerTrust,
+    /// Our identity.
+    pub identity: Identity,
+    /// Local training data.
+    pub train: Dataset,
+    /// Local evaluation data, if any.
+    pub eval: Option<Dataset>,
+    /// Compute device for training.
+    pub device: Device,
+    /// Consecutive failed connection attempts before giving up.
+    pub max_retries: u32,
+    /// First reconnection delay; doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    /// Largest reconnection delay.
+    pub max_backoff: Duration,
+    /// Where to write the final model (safetensors), if anywhere.
+    pub save_model: Option<PathBuf>,
+}
+
+/// What a finished client saw.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOutcome {
+    /// Rounds the run completed.
+    pub rounds: u32,
+    /// Hash of the final model announced by the server.
+    pub model_hash: [u8; 32],
+    /// Our evaluation of the last model we received.
+    pub last_eval: Option<EvalReport>,
+    /// Rounds we trained in.
+    pub rounds_trained: u32,
+    /// Refusals the server sent us.
+    pub rejections: Vec<(RejectCode, String)>,
+}
+
+enum SessionEnd {
+    Fatal(ClientError),
+    Retry(String),
+}
+
+/// Connects a QUIC endpoint to `server` and returns the connection.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    server: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, String> {
+    let connecting = endpoint.connect(server, server_name).map_err(|e| e.to_string())?;
+    connecting.await.map_err(|e| e.to_string())
+}
+
+/// A client endpoint on an ephemeral port of the server's address family.
+pub fn endpoint(server: SocketAddr, trust: &ServerTrust) -> Result<quinn::Endpoint, ClientError> {
+    let bind: SocketAddr = if server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+        .parse()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut ep = quinn::Endpoint::client(bind)?;
+    ep.set_default_client_config(tls::quic_client_config(trust)?);
+    Ok(ep)
+}
+
+/// Sends one message on a new unidirectional stream.
+pub async fn send_message(conn: &quinn::Connection, bytes: &[u8]) -> Result<(), String> {
+    let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
+    s.write_all(bytes).await.map_err(|e| e.to_string())?;
+    s.finish().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Reads the next message (one unidirectional stream) under `limit` bytes.
+pub async fn recv_message(conn: &quinn::Connection, limit: usize) -> Result<Vec<u8>, String> {
+    let mut r = conn.accept_uni().await.map_err(|e| e.to_string())?;
+    r.read_to_end(limit).await.map_err(|e| e.to_string())
+}
+
+/// Runs the client until the server finishes the run.
+pub async fn run(opts: ClientOptions) -> Result<ClientOutcome, ClientError> {
+    let endpoint = endpoint(opts.server, &opts.trust)?;
+    let mut failures = 0u32;
+    let mut backoff = opts.initial_backoff;
+    let mut outcome = ClientOutcome::default();
+    loop {
+        let mut joined = false;
+        match session(&endpoint, &opts, &mut outcome, &mut joined).await {
+            Ok(()) => {
+                endpoint.close(0u32.into(), b"done");
+                let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+                return Ok(outcome);
+            }
+            Err(SessionEnd::Fatal(e)) => return Err(e),
+            Err(SessionEnd::Retry(why)) => {
+                if joined {
+                    failures = 0;
+                    backoff = opts.initial_backoff;
+                }
+                failures += 1;
+                if failures > opts.max_retries {
+                    return Err(ClientError::GaveUp { attempts: failures, last: why });
+                }
+                warn!(attempt = failures, delay_ms = backoff.as_millis() as u64, reason = %why, "reconnecting");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(opts.max_backoff);
+            }
+        }
+    }
+}
+
+async fn session(
+    endpoint: &quinn::Endpoint,
+    opts: &ClientOptions,
+    outcome: &mut ClientOutcome,
+    joined: &mut bool,
+) -> Result<(), SessionEnd> {
+    let conn = connect(endpoint, opts.server, &opts.server_name).await.map_err(SessionEnd::Retry)?;
+    info!(server = %opts.server, "connected");
+    let mut p = Participant::new(opts.identity.clone(), None);
+    let mut last_model: Option<Vec<f32>> = None;
+    loop {
+        let bytes = match recv_message(&conn, p.max_message_bytes()).await {
+            Ok(b) => b,
+            Err(e) => return Err(SessionEnd::Retry(format!("connection lost: {e}"))),
+        };
+        p.handle_message(Instant::now(), &bytes).map_err(|e| SessionEnd::Fatal(e.into()))?;
+        while let Some(event) = p.poll_event() {
+            match event {
+                ParticipantEvent::Joined { client_id, config } => {
+                    *joined = true;
+                    info!(client_id, run_id = %config.run_id, rounds = config.rounds, "joined");
+                }
+                ParticipantEvent::TaskRequested { round, task, seed, model } => {
+                    let Some(config) = p.run_config().cloned() else {
+                        return Err(SessionEnd::Fatal(ClientError::Protocol(
+                            tally_protocol::error::Misuse::NoPendingTask.into(),
+                        )));
+                    };
+                    let client_id = p.client_id().unwrap_or(0);
+                    let started = Instant::now();
+                    let job = {
+                        let (train, eval, device) = (opts.train.clone(), opts.eval.clone(), opts.device.clone());
+                        let model = model.clone();
+                        let cfg = TrainConfig {
+                            lr: config.train.lr,
+                            batch_size: config.train.batch_size as usize,
+                            epochs: config.train.epochs,
+                            // Each client shuffles differently from the same round seed.
+                            seed: seed ^ (u64::from(client_id).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                        };
+                        let arch = config.arch.clone();
+                        move || do_task(&arch, task, &model, &train, eval.as_ref(), &cfg, &device)
+                    };
+                    let (eval, update) = tokio::task::spawn_blocking(job)
+                        .await
+                        .map_err(|e| SessionEnd::Fatal(ClientError::Io(std::io::Error::other(e.to_string()))))?
+                        .map_err(|e| SessionEnd::Fatal(e.into()))?;
+                    info!(
+                        round,
+                        ?task,
+                        secs = started.elapsed().as_secs_f32(),
+                        accuracy = eval.map(|e| e.accuracy()),
+                        train_loss = update.as_ref().map(|u| u.train_loss),
+                        "task done"
+                    );
+                    if task == Task::Train {
+                        outcome.rounds_trained += 1;
+                    }
+                    outcome.last_eval = eval.or(outcome.last_eval);
+                    last_model = Some(model);
+                    p.submit(Instant::now(), eval, update).map_err(|e| SessionEnd::Fatal(e.into()))?;
+                }
+                ParticipantEvent::Accepted { round } => debug!(round, "report accepted"),
+                ParticipantEvent::Rejected { code, round, detail } => {
+                    warn!(?code, ?round, %detail, "server rejected a message");
+                    outcome.rejections.push((code, detail.clone()));
+                    if matches!(
+                        code,
+                        RejectCode::UnknownClient
+                            | RejectCode::IncompatibleVersion
+                            | RejectCode::TooManyViolations
+                            | RejectCode::Superseded
+                            | RejectCode::BadSignature
+                    ) {
+                        return Err(SessionEnd::Fatal(ClientError::Refused { code, detail }));
+                    }
+                }
+                ParticipantEvent::Finished { rounds, model_hash } => {
+                    outcome.rounds = rounds;
+                    outcome.model_hash = model_hash;
+                    info!(rounds, model_hash = %hex::encode(model_hash), "run finished");
+                    save_final(opts, p.run_config().map(|c| &c.arch), last_model.as_deref(), model_hash);
+                    conn.close(0u32.into(), b"bye");
+                    return Ok(());
+                }
+            }
+        }
+        while let Some(frame) = p.poll_transmit() {
+            send_message(&conn, &frame).await.map_err(|e| SessionEnd::Retry(format!("send failed: {e}")))?;
+        }
+    }
+}
+
+fn save_final(opts: &ClientOptions, arch: Option<&ModelArch>, model: Option<&[f32]>, hash: [u8; 32]) {
+    let (Some(path), Some(arch), Some(model)) = (&opts.save_model, arch, model) else { return };
+    if tally_protocol::identity::params_hash(model) != hash {
+        warn!("the last model we received is not the final one; not saving it");
+        return;
+    }
+    match tally_kernels::params_file::save_safetensors(path, arch, model) {
+        Ok(()) => info!(path = %path.display(), "final model saved"),
+        Err(e) => warn!(error = %e, "could not save the final model"),
+    }
+}
+
+/// Evaluates `model` on `eval` (if any) and, for a training task, trains on
+/// `train` and returns the delta.
+pub fn do_task(
+    arch: &ModelArch,
+    task: Task,
+    model: &[f32],
+    train: &Dataset,
+    eval: Option<&Dataset>,
+    cfg: &TrainConfig,
+    device: &Device,
+) -> Result<(Option<EvalReport>, Option<ClientUpdate>), tally_kernels::KernelError> {
+    let eval = match eval {
+        Some(data) => {
+            let r = tally_kernels::evaluate(arch, model, data, device, EVAL_BATCH)?;
+            Some(EvalReport { loss_sum: r.loss_sum, correct: r.correct, total: r.total })
+        }
+        None => None,
+    };
+    let update = match task {
+        Task::Evaluate => None,
+        Task::Train => {
+            let (trained, report) = tally_kernels::train_local(arch, model, train, cfg, device)?;
+            let delta: Vec<f32> = trained.iter().zip(model).map(|(t, m)| t - m).collect();
+            Some(ClientUpdate {
+                num_samples: train.len() as u64,
+                train_loss: report.mean_loss,
+                payload: UpdatePayload::DenseDelta(delta),
+            })
+        }
+    };
+    Ok((eval, update))
+}
+
+/// Parses a model description: `mlp:784-200-200-10` or `lenet5` / `lenet5:10`.
+pub fn parse_arch(s: &str) -> Result<ModelArch, String> {
+    let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
+    let arch = match kind {
+        "mlp" => {
+            let dims: Vec<u32> = rest
+                .split('-')
+                .map(|d| d.parse::<u32>().map_err(|e| format!("{s}: {e}")))
+                .collect::<Result<_, _>>()?;
+            if dims.len() < 2 {
+                return Err(format!("{s}: an MLP needs at least input and output sizes"));
+            }
+            ModelArch::Mlp {
+                input: dims[0],
+                hidden: dims[1..dims.len() - 1].to_vec(),
+                classes: dims[dims.len() - 1],
+            }
+        }
+        "lenet5" => ModelArch::LeNet5 { classes: if rest.is_empty() { 10 } else { rest.parse().map_err(|e| format!("{s}: {e}"))? } },
+        _ => return Err(format!("unknown model {s:?}: use mlp:784-200-200-10 or lenet5")),
+    };
+    arch.validate().map_err(|e| e.to_string())?;
+    Ok(arch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_archs() {
+        assert_eq!(parse_arch("mlp:784-200-200-10").unwrap(), ModelArch::mnist_mlp());
+        assert_eq!(parse_arch("lenet5").unwrap(), ModelArch::LeNet5 { classes: 10 });
+        assert!(parse_arch("mlp:784").is_err());
+        assert!(parse_arch("resnet").is_err());
+        assert!(ServerTrust::fingerprint("ab").is_err());
+        assert!(ServerTrust::fingerprint(&"ab".repeat(32)).is_ok());
+    }
+}

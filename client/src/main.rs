@@ -1,0 +1,183 @@
+//! `tally-client` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tally_client::{keys, parse_arch, ClientOptions, ServerTrust};
+use tally_kernels::data::{self, Split};
+
+/// Tally federated-learning client.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new ed25519 key file and print its public key for enrolment.
+    Keygen {
+        /// Where to write the key (refuses to overwrite).
+        #[arg(long, default_value = "client.key")]
+        key: PathBuf,
+    },
+    /// Print the public key of a key file.
+    Pubkey {
+        /// The key file.
+        #[arg(long, default_value = "client.key")]
+        key: PathBuf,
+    },
+    /// Join a server and train until the run finishes.
+    Run(RunArgs),
+    /// Evaluate a model file on a test set.
+    Evaluate {
+        /// Model parameters (safetensors or raw f32).
+        #[arg(long)]
+        model: PathBuf,
+        /// Architecture: mlp:784-200-200-10 or lenet5.
+        #[arg(long, default_value = "mlp:784-200-200-10")]
+        arch: String,
+        /// `embedded` or a directory of MNIST-format IDX files.
+        #[arg(long, default_value = "embedded")]
+        data: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Server address (host:port).
+    #[arg(long)]
+    server: SocketAddr,
+    /// Pin the server certificate by SHA-256 fingerprint (printed by `tally-server --self-signed`).
+    #[arg(long, conflicts_with = "ca")]
+    fingerprint: Option<String>,
+    /// Trust server certificates issued by the CAs in this PEM file.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Server name to check against the certificate (CA mode).
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Key file; created (and its public key printed) if missing.
+    #[arg(long, default_value = "client.key")]
+    key: PathBuf,
+    /// `embedded` (a 10k/2k MNIST subset compiled in) or a directory of
+    /// MNIST-format IDX files (raw or .gz), e.g. data/mnist.
+    #[arg(long, default_value = "embedded")]
+    data: String,
+    /// This client's IID shard of the training set, as INDEX/COUNT (e.g. 0/3).
+    #[arg(long, conflicts_with = "partition")]
+    shard: Option<String>,
+    /// Seed of the IID sharding; every client of a run must use the same.
+    #[arg(long, default_value_t = 0)]
+    shard_seed: u64,
+    /// JSON file with one list of training-set indices per client.
+    #[arg(long, requires = "partition_index")]
+    partition: Option<PathBuf>,
+    /// Which list of `--partition` is ours.
+    #[arg(long)]
+    partition_index: Option<usize>,
+    /// Don't evaluate on the test set (the server then gets no accuracy from us).
+    #[arg(long)]
+    no_eval: bool,
+    /// Consecutive failed connection attempts before giving up.
+    #[arg(long, default_value_t = 8)]
+    max_retries: u32,
+    /// Write the final model here (safetensors).
+    #[arg(long)]
+    save_model: Option<PathBuf>,
+}
+
+fn load_data(spec: &str) -> anyhow::Result<Split> {
+    if spec == "embedded" {
+        return Ok(data::embedded_mnist());
+    }
+    Ok(data::load_mnist_dir(std::path::Path::new(spec))?)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,quinn=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Keygen { key } => {
+            let mut secret = [0u8; 32];
+            getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("OS randomness unavailable: {e}"))?;
+            let id = keys::create(&key, secret)?;
+            println!("{}", id.public_key());
+        }
+        Command::Pubkey { key } => println!("{}", keys::load(&key)?.public_key()),
+        Command::Evaluate { model, arch, data } => {
+            let arch = parse_arch(&arch).map_err(anyhow::Error::msg)?;
+            let params = tally_kernels::params_file::load_params(&model, &arch)?;
+            let split = load_data(&data)?;
+            let r = tally_kernels::evaluate(&arch, &params, &split.test, &tally_kernels::cpu_device(), 1000)?;
+            println!("accuracy={:.4} loss={:.4} examples={}", r.accuracy(), r.mean_loss(), r.total);
+        }
+        Command::Run(args) => run(args)?,
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let trust = match (&args.fingerprint, &args.ca) {
+        (Some(fp), None) => ServerTrust::fingerprint(fp)?,
+        (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
+        _ => bail!("give --fingerprint (pinned self-signed server) or --ca (CA-issued certificate)"),
+    };
+    let (identity, created) = keys::load_or_create(&args.key)?;
+    if created {
+        eprintln!("created {}; enrol this public key at the server:", args.key.display());
+    }
+    println!("public key {}", identity.public_key());
+    let split = load_data(&args.data).with_context(|| format!("loading data {}", args.data))?;
+    let train = match (&args.shard, &args.partition) {
+        (Some(shard), _) => {
+            let (i, n) = shard
+                .split_once('/')
+                .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
+                .filter(|(i, n)| i < n)
+                .with_context(|| format!("--shard {shard}: expected INDEX/COUNT with INDEX < COUNT"))?;
+            let parts = data::partition::iid(split.train.len(), n, args.shard_seed);
+            split.train.subset(&parts[i])?
+        }
+        (None, Some(file)) => {
+            let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            let parts = data::partition::from_json(&bytes, split.train.len())?;
+            let k = args.partition_index.unwrap_or(0);
+            let part = parts.get(k).with_context(|| format!("partition has {} clients, no index {k}", parts.len()))?;
+            split.train.subset(part)?
+        }
+        (None, None) => split.train.clone(),
+    };
+    eprintln!("training on {} examples; evaluating on {}", train.len(), if args.no_eval { 0 } else { split.test.len() });
+    let opts = ClientOptions {
+        server: args.server,
+        server_name: args.server_name,
+        trust,
+        identity,
+        train,
+        eval: (!args.no_eval).then_some(split.test),
+        device: tally_kernels::cpu_device(),
+        max_retries: args.max_retries,
+        initial_backoff: Duration::from_millis(500),
+        max_backoff: Duration::from_secs(30),
+        save_model: args.save_model,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    let outcome = runtime.block_on(tally_client::run(opts))?;
+    println!(
+        "finished rounds={} trained_in={} last_accuracy={} model_hash={}",
+        outcome.rounds,
+        outcome.rounds_trained,
+        outcome.last_eval.map_or("unknown".into(), |e| format!("{:.4}", e.accuracy())),
+        hex::encode(outcome.model_hash)
+    );
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! Server configuration: raw (TOML file + CLI overrides) → validated.
+//!
+//! Every knob documents its unit, default and why.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tally_protocol::model::ModelArch;
+use tally_protocol::wire::{PublicKeyBytes, RunId, TrainSpec};
+
+/// Errors reading or validating configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax or unknown key.
+    #[error("parsing {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// A value out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The configuration file as written (every field optional; defaults below).
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// UDP address to listen on. Default `0.0.0.0:4433`; port 0 picks a free port.
+    pub listen: Option<SocketAddr>,
+    /// Training rounds. Default 5.
+    pub rounds: Option<u32>,
+    /// Clients that must join before round 1. Default 3.
+    pub min_clients: Option<usize>,
+    /// Clients sampled per round. Default: `min_clients`.
+    pub clients_per_round: Option<usize>,
+    /// Accepted updates that close a round. Default: `clients_per_round`.
+    pub quorum: Option<usize>,
+    /// Seconds a round waits before closing at quorum or extending. Default
+    /// 600: local training on an edge CPU takes minutes.
+    pub round_timeout_secs: Option<u64>,
+    /// Violations tolerated per client before disconnecting it. Default 10.
+    pub max_violations: Option<u32>,
+    /// Collect the clients' evaluation of the final model. Default true.
+    pub final_evaluation: Option<bool>,
+    /// Seed of the initial model and client sampling. Default: random.
+    pub seed: Option<u64>,
+    /// Run id as 32 hex digits. Default: random.
+    pub run_id: Option<String>,
+    /// File of enrolled client public keys: one hex key per line, `#`
+    /// comments. Required.
+    pub enrolled_keys: Option<PathBuf>,
+    /// Directory for `metrics.jsonl` and `final_model.safetensors`. Default `runs/server`.
+    pub out_dir: Option<PathBuf>,
+    /// Initial parameters (safetensors, or raw little-endian f32 in
+    /// canonical order). Default: seeded PyTorch-style initialisation.
+    pub initial_model: Option<PathBuf>,
+    /// The model. Default: MLP 784-200-200-10.
+    pub model: Option<ModelArch>,
+    /// Local training. Default lr 0.05, batch 32, 1 epoch.
+    pub train: Option<TrainSpec>,
+    /// TLS certificate.
+    pub tls: Option<RawTls>,
+}
+
+/// TLS settings.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+    /// Generate a self-signed certificate at start and print its SHA-256
+    /// fingerprint for clients to pin. Default false.
+    pub self_signed: Option<bool>,
+}
+
+/// Where the certificate comes from.
+#[derive(Debug, Clone)]
+pub enum TlsSource {
+    /// PEM files.
+    Files {
+        /// Chain.
+        cert: PathBuf,
+        /// Key.
+        key: PathBuf,
+    },
+    /// Generated at start.
+    SelfSigned,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Rounds.
+    pub rounds: u32,
+    /// See [`RawConfig::min_clients`].
+    pub min_clients: usize,
+    /// See [`RawConfig::clients_per_round`].
+    pub clients_per_round: usize,
+    /// See [`RawConfig::quorum`].
+    pub quorum: usize,
+    /// See [`RawConfig::round_timeout_secs`].
+    pub round_timeout: Duration,
+    /// See [`RawConfig::max_violations`].
+    pub max_violations: u32,
+    /// See [`RawConfig::final_evaluation`].
+    pub final_evaluation: bool,
+    /// Seed (drawn from the OS when not configured).
+    pub seed: u64,
+    /// Run id.
+    pub run_id: RunId,
+    /// Enrolled keys in file order.
+    pub enrolled: Vec<PublicKeyBytes>,
+    /// Output directory.
+    pub out_dir: PathBuf,
+    /// Initial model file.
+    pub initial_model: Option<PathBuf>,
+    /// Model.
+    pub arch: ModelArch,
+    /// Local training.
+    pub train: TrainSpec,
+    /// Certificate source.
+    pub tls: TlsSource,
+}
+
+impl RawConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    }
+
+    /// Validates, filling defaults. `os_seed` supplies randomness for the
+    /// seed and run id when they are not configured.
+    pub fn validate(self, os_seed: [u8; 24]) -> Result<ServerConfig, ConfigError> {
+        let invalid = |s: String| ConfigError::Invalid(s);
+        let rounds = self.rounds.unwrap_or(5);
+        if rounds == 0 {
+            return Err(invalid("rounds must be at least 1".into()));
+        }
+        let min_clients = self.min_clients.unwrap_or(3);
+        let clients_per_round = self.clients_per_round.unwrap_or(min_clients);
+        let quorum = self.quorum.unwrap_or(clients_per_round);
+        let round_timeout = Duration::from_secs(self.round_timeout_secs.unwrap_or(600));
+        let seed = self.seed.unwrap_or_else(|| u64::from_le_bytes(os_seed[..8].try_into().unwrap_or([0; 8])));
+        let run_id = match &self.run_id {
+            Some(h) => {
+                let b = hex::decode(h).map_err(|e| invalid(format!("run_id: {e}")))?;
+                RunId(b.try_into().map_err(|_| invalid("run_id must be 32 hex digits".into()))?)
+            }
+            None => RunId(os_seed[8..24].try_into().unwrap_or([0; 16])),
+        };
+        let keys_path = self.enrolled_keys.ok_or_else(|| invalid("enrolled_keys is required".into()))?;
+        let enrolled = read_enrolled(&keys_path)?;
+        let arch = self.model.unwrap_or_else(ModelArch::mnist_mlp);
+        arch.validate().map_err(|e| invalid(e.to_string()))?;
+        let train = self.train.unwrap_or(TrainSpec { lr: 0.05, batch_size: 32, epochs: 1 });
+        let tls = match self.tls.unwrap_or_default() {
+            RawTls { self_signed: Some(true), cert: None, key: None } => TlsSource::SelfSigned,
+            RawTls { self_signed: Some(true), .. } => {
+                return Err(invalid("tls: self_signed excludes cert and key".into()));
+            }
+            RawTls { cert: Some(cert), key: Some(key), .. } => TlsSource::Files { cert, key },
+            _ => return Err(invalid("tls: give cert and key files, or self_signed = true (dev mode)".into())),
+        };
+        Ok(ServerConfig {
+            listen: self.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 4433))),
+            rounds,
+            min_clients,
+            clients_per_round,
+            quorum,
+            round_timeout,
+            max_violations: self.max_violations.unwrap_or(10),
+            final_evaluation: self.final_evaluation.unwrap_or(true),
+            seed,
+            run_id,
+            enrolled,
+            out_dir: self.out_dir.unwrap_or_else(|| PathBuf::from("runs/server")),
+            initial_model: self.initial_model,
+            arch,
+            train,
+            tls,
+        })
+    }
+}
+
+/// Reads an enrolment file: one hex public key per line; text after `#` and
+/// blank lines are ignored.
+pub fn read_enrolled(path: &Path) -> Result<Vec<PublicKeyBytes>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let key = tally_protocol::identity::parse_public_key(line)
+            .map_err(|e| ConfigError::Invalid(format!("{}:{}: {e}", path.display(), i + 1)))?;
+        keys.push(key);
+    }
+    if keys.is_empty() {
+        return Err(ConfigError::Invalid(format!("{}: no keys", path.display())));
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let id = tally_protocol::Identity::from_secret([3; 32]);
+        std::fs::write(&keys, format!("# clients\n{}  # alice\n\n", id.public_key())).unwrap();
+        let raw: RawConfig = toml::from_str(&format!(
+            "enrolled_keys = {:?}\nrounds = 2\n[tls]\nself_signed = true\n[model]\nkind = \"lenet5\"\nclasses = 10\n",
+            keys
+        ))
+        .unwrap();
+        let cfg = raw.validate([1; 24]).unwrap();
+        assert_eq!(cfg.enrolled, vec![id.public_key()]);
+        assert_eq!(cfg.quorum, 3);
+        assert_eq!(cfg.arch, ModelArch::LeNet5 { classes: 10 });
+        assert!(toml::from_str::<RawConfig>("bogus = 1").is_err());
+        std::fs::write(&keys, "nothex\n").unwrap();
+        let raw = RawConfig { enrolled_keys: Some(keys), ..Default::default() };
+        assert!(matches!(raw.validate([0; 24]), Err(ConfigError::Invalid(_))));
+    }
+}

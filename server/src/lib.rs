@@ -1,0 +1,399 @@
+//! `tally-server`: the QUIC aggregation server.
+//!
+//! A thin tokio/quinn driver around [`tally_protocol::Coordinator`]: it accepts
+//! QUIC connections (TLS 1.3), reads each unidirectional stream as one message
+//! under the run's size limit, feeds bytes and `now` to the coordinator, and
+//! writes what the coordinator emits, one message per stream, in order per
+//! connection. Everything that decides anything lives in the coordinator.
+//!
+//! It never links burn: the server only averages vectors, so it stays small
+//! and quick to build. Accuracy figures come from the clients' evaluations.
+
+pub mod config;
+pub mod metrics;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tally_protocol::wire::RejectCode;
+use tally_protocol::{ConnectionHandle, Coordinator, CoordinatorConfig, Event, FedAvg};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::config::ServerConfig;
+use crate::metrics::MetricsWriter;
+
+/// Concurrent unidirectional streams a client may open. The protocol sends
+/// one message at a time; a little slack lets a client pipeline an eval and an
+/// update without letting it pin server memory with many open streams.
+pub const MAX_CONCURRENT_UNI_STREAMS: u32 = 4;
+
+/// Keep-alive interval: local training can leave a connection silent for
+/// minutes, and NATs on edge networks drop idle UDP mappings after ~30 s.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// A connection with no traffic (not even keep-alives) for this long is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long to wait at the end of a run for clients to read the last messages.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Capacity of the channel from connection tasks to the driver. Readers block
+/// when it is full, which back-pressures clients through QUIC flow control.
+const INBOUND_CAPACITY: usize = 1024;
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// TLS.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The coordinator refused the configuration.
+    #[error("protocol configuration: {0}")]
+    Protocol(#[from] tally_protocol::error::Misuse),
+    /// Initial model file.
+    #[error("initial model {path}: {message}")]
+    InitialModel {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// Socket or file I/O.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
+    let context = context.into();
+    move |source| ServerError::Io { context, source }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOutcome {
+    /// Training rounds completed.
+    pub rounds_completed: u32,
+    /// The run finished (as opposed to being interrupted).
+    pub finished: bool,
+    /// Where the final model was written.
+    pub model_path: PathBuf,
+    /// Where the metrics were written.
+    pub metrics_path: PathBuf,
+    /// Accuracy of the final model as evaluated by clients, if reported.
+    pub final_accuracy: Option<f64>,
+}
+
+enum Inbound {
+    Connected(ConnectionHandle, quinn::Connection),
+    Message(ConnectionHandle, Vec<u8>),
+    Oversize(ConnectionHandle, usize),
+    Closed(ConnectionHandle),
+}
+
+enum Outbound {
+    Send(Arc<[u8]>),
+    Close(RejectCode),
+}
+
+/// A bound server, ready to [`Server::run`].
+#[derive(Debug)]
+pub struct Server {
+    config: ServerConfig,
+    endpoint: quinn::Endpoint,
+    coordinator: Coordinator,
+    fingerprint: [u8; 32],
+}
+
+impl Server {
+    /// Loads the certificate, builds the coordinator and binds the socket.
+    /// Must be called inside a tokio runtime.
+    pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        let identity = tls::load_identity(&config.tls)?;
+        let fingerprint = identity.fingerprint;
+        let mut server_config = tls::quic_server_config(identity)?;
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_uni_streams(MAX_CONCURRENT_UNI_STREAMS.into())
+            .max_concurrent_bidi_streams(0u32.into())
+            .keep_alive_interval(Some(KEEP_ALIVE))
+            .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().unwrap_or(quinn::VarInt::from_u32(30_000).into())));
+        server_config.transport_config(Arc::new(transport));
+
+        let initial = match &config.initial_model {
+            Some(path) => {
+                let bytes = std::fs::read(path).map_err(io_err(format!("reading {}", path.display())))?;
+                let is_st = path.extension().is_some_and(|e| e == "safetensors");
+                let parsed =
+                    if is_st { config.arch.from_safetensors(&bytes) } else { config.arch.from_raw_f32(&bytes) };
+                parsed.map_err(|e| ServerError::InitialModel { path: path.clone(), message: e.to_string() })?
+            }
+            None => config.arch.init_params(config.seed),
+        };
+        let coordinator = Coordinator::new(
+            CoordinatorConfig {
+                run_id: config.run_id,
+                arch: config.arch.clone(),
+                rounds: config.rounds,
+                enrolled: config.enrolled.clone(),
+                min_clients: config.min_clients,
+                clients_per_round: config.clients_per_round,
+                quorum: config.quorum,
+                round_timeout: config.round_timeout,
+                train: config.train.clone(),
+                max_violations: config.max_violations,
+                schedule: None,
+                final_evaluation: config.final_evaluation,
+            },
+            Box::new(FedAvg::new()),
+            initial,
+            config.seed,
+        )?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+            .map_err(io_err(format!("binding {}", config.listen)))?;
+        Ok(Server { config, endpoint, coordinator, fingerprint })
+    }
+
+    /// The bound address (the real port when configured with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
+        self.endpoint.local_addr().map_err(io_err("local address"))
+    }
+
+    /// SHA-256 fingerprint of the certificate, for clients to pin.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    /// Runs until the run finishes or `shutdown` resolves; writes the model
+    /// and metrics either way.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunOutcome, ServerError> {
+        let Server { config, endpoint, mut coordinator, .. } = self;
+        std::fs::create_dir_all(&config.out_dir).map_err(io_err(format!("creating {}", config.out_dir.display())))?;
+        let metrics_path = config.out_dir.join("metrics.jsonl");
+        let model_path = config.out_dir.join("final_model.safetensors");
+        let mut metrics = MetricsWriter::create(&metrics_path).map_err(io_err(format!("creating {}", metrics_path.display())))?;
+        info!(run_id = %config.run_id, rounds = config.rounds, min_clients = config.min_clients, "waiting for clients");
+
+        let (tx, mut rx) = mpsc::channel::<Inbound>(INBOUND_CAPACITY);
+        let limit = coordinator.max_message_bytes();
+        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), tx, limit));
+        let mut writers: HashMap<ConnectionHandle, mpsc::UnboundedSender<Outbound>> = HashMap::new();
+        let mut writer_tasks = tokio::task::JoinSet::new();
+        let start = Instant::now();
+        let std_start = std::time::Instant::now();
+        // The coordinator works in std Instants; map tokio's clock onto them.
+        let now = |t: Instant| std_start + (t - start);
+        let mut finished = false;
+        tokio::pin!(shutdown);
+
+        while !finished {
+            let deadline = coordinator.poll_timeout().map(|d| start + d.saturating_duration_since(std_start));
+            tokio::select! {
+                _ = &mut shutdown => {
+                    warn!("shutdown requested; writing the current model");
+                    break;
+                }
+                msg = rx.recv() => match msg {
+                    None => break,
+                    Some(Inbound::Connected(conn, connection)) => {
+                        let (otx, orx) = mpsc::unbounded_channel();
+                        writers.insert(conn, otx);
+                        writer_tasks.spawn(writer(connection, orx));
+                        coordinator.handle_connect(now(Instant::now()), conn);
+                    }
+                    Some(Inbound::Message(conn, bytes)) => {
+                        if let Err(e) = coordinator.handle_message(now(Instant::now()), conn, &bytes) {
+                            debug!(conn = conn.0, error = %e, "message refused");
+                        }
+                    }
+                    Some(Inbound::Oversize(conn, len)) => {
+                        coordinator.handle_oversize(now(Instant::now()), conn, len);
+                    }
+                    Some(Inbound::Closed(conn)) => {
+                        writers.remove(&conn);
+                        coordinator.handle_disconnect(now(Instant::now()), conn);
+                    }
+                },
+                _ = sleep_until_opt(deadline) => {
+                    coordinator.handle_timeout(now(Instant::now()));
+                }
+            }
+            while let Some(t) = coordinator.poll_transmit() {
+                if let Some(w) = writers.get(&t.to) {
+                    // A closed writer means the connection is gone; the
+                    // reader reports that separately.
+                    let _ = w.send(Outbound::Send(t.bytes));
+                }
+            }
+            while let Some(event) = coordinator.poll_event() {
+                match &event {
+                    Event::ClientJoined { conn, client } => info!(conn = conn.0, client, "client joined"),
+                    Event::RoundOpened { round, task, sampled } => {
+                        info!(round, ?task, clients = sampled.len(), "round opened")
+                    }
+                    Event::ReportAccepted { round, client } => debug!(round, client, "report accepted"),
+                    Event::Rejected { conn, client, error } => {
+                        warn!(conn = conn.0, ?client, %error, "message rejected")
+                    }
+                    Event::RoundExtended { round, accepted, added } => {
+                        warn!(round, accepted, added = added.len(), "round below quorum at deadline; extended")
+                    }
+                    Event::RoundCompleted(summary) => {
+                        info!(
+                            round = summary.round,
+                            accepted = summary.accepted,
+                            rejected = summary.rejected,
+                            train_loss = summary.stats.as_ref().map(|s| s.train_loss),
+                            incoming_accuracy = summary.eval_of_incoming.map(|e| e.accuracy()),
+                            "round completed"
+                        );
+                        metrics
+                            .record(summary, std_start.elapsed().as_secs_f64())
+                            .map_err(io_err("writing metrics"))?;
+                    }
+                    Event::CloseConnection { conn, reason } => {
+                        if let Some(w) = writers.remove(conn) {
+                            let _ = w.send(Outbound::Close(*reason));
+                        }
+                    }
+                    Event::Finished { rounds, .. } => {
+                        info!(rounds, "run finished");
+                        finished = true;
+                    }
+                }
+            }
+        }
+
+        metrics.flush_pending().map_err(io_err("writing metrics"))?;
+        let bytes = config.arch.to_safetensors(coordinator.model()).map_err(|e| ServerError::InitialModel {
+            path: model_path.clone(),
+            message: e.to_string(),
+        })?;
+        write_atomic(&model_path, &bytes).map_err(io_err(format!("writing {}", model_path.display())))?;
+
+        // Let writers deliver what is queued (the Finished message), then close.
+        drop(writers);
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while writer_tasks.join_next().await.is_some() {} }).await;
+        acceptor.abort();
+        endpoint.close(0u32.into(), b"run over");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        Ok(RunOutcome {
+            rounds_completed: coordinator.completed_rounds(),
+            finished,
+            model_path,
+            metrics_path,
+            final_accuracy: metrics.last_accuracy(),
+        })
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, limit: usize) {
+    let mut next_id = 0u64;
+    while let Some(incoming) = endpoint.accept().await {
+        let id = ConnectionHandle(next_id);
+        next_id += 1;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let connection = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(error = %e, "handshake failed");
+                    return;
+                }
+            };
+            debug!(conn = id.0, remote = %connection.remote_address(), "connected");
+            if tx.send(Inbound::Connected(id, connection.clone())).await.is_err() {
+                return;
+            }
+            reader(id, connection, tx, limit).await;
+        });
+    }
+}
+
+/// Reads one message per unidirectional stream, in stream order.
+async fn reader(id: ConnectionHandle, connection: quinn::Connection, tx: mpsc::Sender<Inbound>, limit: usize) {
+    loop {
+        let mut recv = match connection.accept_uni().await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(conn = id.0, error = %e, "connection closed");
+                let _ = tx.send(Inbound::Closed(id)).await;
+                return;
+            }
+        };
+        let inbound = match recv.read_to_end(limit).await {
+            Ok(bytes) => Inbound::Message(id, bytes),
+            Err(quinn::ReadToEndError::TooLong) => {
+                // Tell the peer to stop sending; we won't buffer the rest.
+                let _ = recv.stop(1u32.into());
+                Inbound::Oversize(id, limit + 1)
+            }
+            Err(quinn::ReadToEndError::Read(e)) => {
+                debug!(conn = id.0, error = %e, "stream aborted");
+                continue;
+            }
+        };
+        if tx.send(inbound).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes one message per stream, in queue order; closes on request or when
+/// the driver drops the queue (after the last stream is read).
+async fn writer(connection: quinn::Connection, mut rx: mpsc::UnboundedReceiver<Outbound>) {
+    let mut last: Option<quinn::SendStream> = None;
+    let mut reason = (0u32, "run over");
+    while let Some(out) = rx.recv().await {
+        match out {
+            Outbound::Send(bytes) => {
+                let Ok(mut stream) = connection.open_uni().await else { return };
+                if stream.write_all(&bytes).await.is_err() || stream.finish().is_err() {
+                    return;
+                }
+                last = Some(stream);
+            }
+            Outbound::Close(code) => {
+                reason = (code as u32 + 1, "closed by server");
+                break;
+            }
+        }
+    }
+    if let Some(stream) = last {
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, stream.stopped()).await;
+    }
+    connection.close(reason.0.into(), reason.1.as_bytes());
+}
+
+/// Writes a file atomically: temp file, fsync, rename.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}

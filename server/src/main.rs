@@ -1,0 +1,101 @@
+//! `tally-server` command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tally_server::config::{RawConfig, RawTls};
+use tally_server::Server;
+
+/// Tally federated-learning aggregation server (QUIC, TLS 1.3).
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file; flags below override its values.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// UDP listen address (port 0 picks a free port).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Training rounds.
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Clients that must join before round 1.
+    #[arg(long)]
+    min_clients: Option<usize>,
+    /// Clients sampled per round.
+    #[arg(long)]
+    clients_per_round: Option<usize>,
+    /// Accepted updates that close a round.
+    #[arg(long)]
+    quorum: Option<usize>,
+    /// Seconds a round waits for reports.
+    #[arg(long)]
+    round_timeout_secs: Option<u64>,
+    /// File of enrolled client public keys (hex, one per line).
+    #[arg(long)]
+    enrolled_keys: Option<PathBuf>,
+    /// Output directory for metrics.jsonl and final_model.safetensors.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Seed of the initial model and client sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Initial parameters (safetensors or raw f32).
+    #[arg(long)]
+    initial_model: Option<PathBuf>,
+    /// Dev mode: generate a self-signed certificate and print its fingerprint.
+    #[arg(long)]
+    self_signed: bool,
+    /// PEM certificate chain.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// PEM private key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,quinn=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let mut raw = match &cli.config {
+        Some(p) => RawConfig::from_file(p)?,
+        None => RawConfig::default(),
+    };
+    macro_rules! over {
+        ($($f:ident),*) => { $( if cli.$f.is_some() { raw.$f = cli.$f.clone(); } )* };
+    }
+    over!(listen, rounds, min_clients, clients_per_round, quorum, round_timeout_secs, enrolled_keys, out_dir, seed, initial_model);
+    if cli.self_signed || cli.cert.is_some() || cli.key.is_some() {
+        raw.tls = Some(RawTls { cert: cli.cert.clone(), key: cli.key.clone(), self_signed: cli.self_signed.then_some(true) });
+    }
+    let mut os_seed = [0u8; 24];
+    getrandom::fill(&mut os_seed).map_err(|e| anyhow::anyhow!("OS randomness unavailable: {e}"))?;
+    let config = raw.validate(os_seed)?;
+
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let server = Server::bind(config)?;
+        // Machine-readable lines on stdout (tests and scripts parse them).
+        println!("listening on {}", server.local_addr()?);
+        println!("fingerprint {}", hex::encode(server.fingerprint()));
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        let outcome = server.run(shutdown).await?;
+        println!(
+            "finished={} rounds={} final_accuracy={} model={} metrics={}",
+            outcome.finished,
+            outcome.rounds_completed,
+            outcome.final_accuracy.map_or("unknown".to_string(), |a| format!("{a:.4}")),
+            outcome.model_path.display(),
+            outcome.metrics_path.display()
+        );
+        anyhow::Ok(())
+    })
+}

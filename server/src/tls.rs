@@ -1,0 +1,84 @@
+//! TLS 1.3 server configuration for QUIC (rustls on ring).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+
+use crate::config::TlsSource;
+
+/// Errors setting up TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read.
+    #[error("reading {path}: {message}")]
+    Pem {
+        /// File.
+        path: String,
+        /// Why.
+        message: String,
+    },
+    /// Certificate generation failed.
+    #[error("generating a self-signed certificate: {0}")]
+    Generate(String),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// quinn refused the configuration.
+    #[error("QUIC crypto configuration: {0}")]
+    Quic(String),
+}
+
+/// A certificate, its key and the fingerprint clients pin.
+#[derive(Debug)]
+pub struct ServerIdentity {
+    /// Chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Private key.
+    pub key: PrivateKeyDer<'static>,
+    /// SHA-256 of the leaf certificate (DER).
+    pub fingerprint: [u8; 32],
+}
+
+/// Loads or generates the server's certificate.
+pub fn load_identity(source: &TlsSource) -> Result<ServerIdentity, TlsError> {
+    let (chain, key) = match source {
+        TlsSource::SelfSigned => {
+            let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+                .map_err(|e| TlsError::Generate(e.to_string()))?;
+            let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(|e| TlsError::Generate(e.to_string()))?;
+            (vec![ck.cert.der().clone()], key)
+        }
+        TlsSource::Files { cert, key } => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| pem_err(cert, e))?;
+            if chain.is_empty() {
+                return Err(TlsError::Pem { path: cert.display().to_string(), message: "no certificate".into() });
+            }
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e))?;
+            (chain, key)
+        }
+    };
+    let fingerprint = Sha256::digest(chain[0].as_ref()).into();
+    Ok(ServerIdentity { chain, key, fingerprint })
+}
+
+fn pem_err(path: &Path, e: rustls::pki_types::pem::Error) -> TlsError {
+    TlsError::Pem { path: path.display().to_string(), message: e.to_string() }
+}
+
+/// A quinn server config: TLS 1.3 only, ALPN `tally/1`.
+pub fn quic_server_config(id: ServerIdentity) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(id.chain, id.key)?;
+    tls.alpn_protocols = vec![tally_protocol::wire::ALPN.to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+}
