@@ -219,8 +219,7 @@ async fn session(
                             lr: config.train.lr,
                             batch_size: config.train.batch_size as usize,
                             epochs: config.train.epochs,
-                            // Each client shuffles differently from the same round seed.
-                            seed: seed ^ (u64::from(client_id).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                            seed: tally_protocol::participant::local_seed(seed, client_id),
                         };
                         let arch = config.arch.clone();
                         move || do_task(&arch, task, &model, &train, eval.as_ref(), &cfg, &device)

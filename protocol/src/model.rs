@@ -43,6 +43,7 @@ pub enum ModelArch {
     /// LeNet-5 for 1×28×28 inputs: conv(1→6, 5×5, pad 2) → ReLU → maxpool 2 →
     /// conv(6→16, 5×5) → ReLU → maxpool 2 → fc 400→120 → ReLU → fc 120→84 →
     /// ReLU → fc 84→classes.
+    #[serde(rename = "lenet5")]
     LeNet5 {
         /// Output classes.
         classes: u32,

@@ -18,6 +18,13 @@ use crate::wire::{
     MAX_MESSAGE_BYTES,
 };
 
+/// The seed of a client's local randomness (shuffling) in a round: the
+/// round's seed from [`crate::wire::RoundStart`] mixed with the client id, so
+/// clients of one round shuffle differently and reruns shuffle identically.
+pub fn local_seed(round_seed: u64, client_id: u32) -> u64 {
+    round_seed ^ u64::from(client_id).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// Something the host must act on.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ParticipantEvent {

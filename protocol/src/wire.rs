@@ -331,3 +331,7 @@ impl Message {
         }
     }
 }
+
+/// ALPN protocol id on the QUIC/TLS handshake: a peer that doesn't speak
+/// Tally v1 fails the handshake instead of sending us garbage.
+pub const ALPN: &[u8] = b"tally/1";

@@ -1,0 +1,97 @@
+//! Tally's machine-learning kernels: datasets and client partitions
+//! ([`data`]), burn models matching `tally_protocol::model::ModelArch`
+//! ([`model`]), local SGD training and evaluation ([`train`]), and parameter
+//! files ([`params_file`]).
+//!
+//! This is the only crate of the workspace that names burn types. Everything
+//! crosses its boundary as plain Rust: parameters as a flat `Vec<f32>` in the
+//! canonical order of `ModelArch::tensors()`, data as [`data::Dataset`]. The
+//! burn device is chosen by the caller and passed in as a value
+//! ([`train::cpu_device`] gives the CPU one); library code never hard-codes it.
+//!
+//! It never does networking, never reads the clock, and never seeds from the
+//! OS: training is a pure function of (architecture, parameters, data,
+//! config), bit-for-bit reproducible on a given machine (see [`train`]).
+
+pub mod data;
+pub mod model;
+pub mod params_file;
+pub mod train;
+
+pub use burn::tensor::Device;
+pub use data::{DataError, Dataset, Split};
+pub use train::{EvalReport, TrainConfig, TrainReport, cpu_device, evaluate, train_local};
+
+use std::path::PathBuf;
+use tally_protocol::model::ModelError;
+
+/// Why a kernel refused its inputs or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The architecture is invalid, or the parameters don't fit it (wrong
+    /// length, NaN/infinity, bad safetensors).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The dataset violates its own invariants.
+    #[error("dataset: {0}")]
+    Data(#[from] DataError),
+    /// Training or evaluation on no samples.
+    #[error("the dataset is empty")]
+    EmptyDataset,
+    /// The images don't have the size the model takes.
+    #[error(
+        "model expects {expected} ({arch_input}) pixels per image, dataset images are {rows}x{cols}"
+    )]
+    ImageSize {
+        /// What the model takes, e.g. `784` or `1x28x28`.
+        arch_input: String,
+        /// Pixels per image the model takes.
+        expected: usize,
+        /// Dataset image height.
+        rows: usize,
+        /// Dataset image width.
+        cols: usize,
+    },
+    /// A label is not a class of the model.
+    #[error("label {label} at index {index} is not below the model's {classes} classes")]
+    LabelOutOfRange {
+        /// Sample index.
+        index: usize,
+        /// The label.
+        label: u8,
+        /// Classes of the model.
+        classes: usize,
+    },
+    /// A training or evaluation setting is unusable.
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+    /// The loss became NaN or infinite (learning rate too high, usually).
+    #[error("training diverged: loss is {loss} at step {step}")]
+    Diverged {
+        /// Zero-based step at which the loss was not finite.
+        step: u64,
+        /// The loss value.
+        loss: f32,
+    },
+    /// The burn backend failed to execute or read back a tensor.
+    #[error("backend: {0}")]
+    Backend(String),
+    /// A parameter file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A parameter file was read but doesn't fit the model.
+    #[error("{}: {source}", path.display())]
+    ParamsFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: ModelError,
+    },
+}

@@ -1,0 +1,529 @@
+//! burn modules for each `ModelArch`, and their conversion to and from the
+//! canonical flat parameter vector.
+//!
+//! The flat order and layouts are PyTorch's (see `tally_protocol::model`).
+//! burn's `Linear` stores its weight as `[in, out]` (it computes `x W + b`),
+//! the transpose of PyTorch's `[out, in]`, so [`Model::from_flat`] and
+//! [`Model::to_flat`] transpose every linear weight; convolution weights are
+//! `[out, in, kh, kw]` in both and are copied as they are.
+//!
+//! Every model takes images flattened to `[batch, rows * cols]` with pixels
+//! scaled to `[0, 1]` (`pixel / 255`) and returns logits `[batch, classes]`;
+//! LeNet-5 reshapes to `[batch, 1, 28, 28]` itself.
+
+use burn::module::{Module, Param};
+use burn::nn::conv::Conv2d;
+use burn::nn::pool::MaxPool2d;
+use burn::nn::{Linear, PaddingConfig2d};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor, TensorData};
+use tally_protocol::model::{ModelArch, ModelError};
+
+use crate::KernelError;
+
+/// LeNet-5's input side (it is defined for 28×28 images only).
+pub const LENET_SIDE: usize = 28;
+
+/// A `Linear → ReLU → … → Linear` network (no activation after the last layer).
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// The layers, input side first.
+    pub layers: Vec<Linear>,
+}
+
+impl Mlp {
+    /// Logits for `x: [batch, input]`.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let last = self.layers.len().saturating_sub(1);
+        let mut x = x;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x);
+            if i < last {
+                x = relu(x);
+            }
+        }
+        x
+    }
+}
+
+/// LeNet-5 as described on `ModelArch::LeNet5`.
+#[derive(Module, Debug)]
+pub struct LeNet5 {
+    /// 1→6 channels, 5×5, padding 2 (keeps 28×28).
+    pub conv1: Conv2d,
+    /// 6→16 channels, 5×5, no padding (14×14 → 10×10).
+    pub conv2: Conv2d,
+    /// 2×2 max pooling, stride 2 (used after both convolutions).
+    pub pool: MaxPool2d,
+    /// 400 → 120.
+    pub fc1: Linear,
+    /// 120 → 84.
+    pub fc2: Linear,
+    /// 84 → classes.
+    pub fc3: Linear,
+}
+
+impl LeNet5 {
+    /// Logits for `x: [batch, 784]` (28×28 images, row-major).
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let [batch, _] = x.dims();
+        let x = x.reshape([batch, 1, LENET_SIDE, LENET_SIDE]);
+        let x = self.pool.forward(relu(self.conv1.forward(x)));
+        let x = self.pool.forward(relu(self.conv2.forward(x)));
+        // [batch, 16, 5, 5] → [batch, 400] in (channel, row, col) order, as
+        // PyTorch's `flatten(1)` does, so fc1's weights mean the same thing.
+        let x = x.reshape([batch, 16 * 5 * 5]);
+        let x = relu(self.fc1.forward(x));
+        let x = relu(self.fc2.forward(x));
+        self.fc3.forward(x)
+    }
+}
+
+/// A model of any supported architecture.
+#[derive(Module, Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one model per training call; boxing buys nothing"
+)]
+pub enum Model {
+    /// See [`Mlp`].
+    Mlp(Mlp),
+    /// See [`LeNet5`].
+    LeNet5(LeNet5),
+}
+
+/// Number of pixels per image `arch` takes, and a human description of it.
+pub fn input_size(arch: &ModelArch) -> (usize, String) {
+    match arch {
+        ModelArch::Mlp { input, .. } => (*input as usize, input.to_string()),
+        ModelArch::LeNet5 { .. } => (
+            LENET_SIDE * LENET_SIDE,
+            format!("1x{LENET_SIDE}x{LENET_SIDE}"),
+        ),
+    }
+}
+
+/// Checks that `rows × cols` images fit `arch`.
+pub fn check_image_size(arch: &ModelArch, rows: usize, cols: usize) -> Result<(), KernelError> {
+    let (expected, arch_input) = input_size(arch);
+    let ok = match arch {
+        ModelArch::Mlp { .. } => rows.checked_mul(cols) == Some(expected),
+        ModelArch::LeNet5 { .. } => rows == LENET_SIDE && cols == LENET_SIDE,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(KernelError::ImageSize {
+            arch_input,
+            expected,
+            rows,
+            cols,
+        })
+    }
+}
+
+fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// `[rows, cols]` row-major → `[cols, rows]` row-major.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m.len()];
+    for (r, row) in m.chunks_exact(cols.max(1)).enumerate().take(rows) {
+        for (c, &v) in row.iter().enumerate() {
+            if let Some(slot) = out.get_mut(c * rows + r) {
+                *slot = v;
+            }
+        }
+    }
+    out
+}
+
+/// Hands out consecutive slices of the flat vector, one tensor at a time.
+struct FlatReader<'a> {
+    rest: &'a [f32],
+}
+
+impl<'a> FlatReader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [f32], KernelError> {
+        if self.rest.len() < n {
+            // Unreachable after `check_params`, kept so a mismatch between
+            // `tensors()` and the modules below is an error, not a panic.
+            return Err(ModelError::InvalidArch("parameter layout shorter than the module").into());
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    /// A burn `Linear` from PyTorch's `weight [out, in]` then `bias [out]`.
+    fn linear(
+        &mut self,
+        input: usize,
+        output: usize,
+        device: &Device,
+    ) -> Result<Linear, KernelError> {
+        let w = self.take(output * input)?;
+        let b = self.take(output)?;
+        Ok(Linear {
+            weight: Param::from_tensor(tensor(
+                transpose(w, output, input),
+                [input, output],
+                device,
+            )),
+            bias: Some(Param::from_tensor(tensor(b.to_vec(), [output], device))),
+        })
+    }
+
+    /// A burn `Conv2d` (stride 1, no dilation, one group) from `weight
+    /// [out, in, k, k]` then `bias [out]`.
+    fn conv(
+        &mut self,
+        input: usize,
+        output: usize,
+        k: usize,
+        pad: usize,
+        device: &Device,
+    ) -> Result<Conv2d, KernelError> {
+        let w = self.take(output * input * k * k)?;
+        let b = self.take(output)?;
+        Ok(Conv2d {
+            weight: Param::from_tensor(tensor(w.to_vec(), [output, input, k, k], device)),
+            bias: Some(Param::from_tensor(tensor(b.to_vec(), [output], device))),
+            stride: [1, 1],
+            kernel_size: [k, k],
+            dilation: [1, 1],
+            groups: 1,
+            padding: PaddingConfig2d::Explicit(pad, pad, pad, pad),
+        })
+    }
+}
+
+pub(crate) fn read_tensor<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, KernelError> {
+    t.try_into_data()
+        .map_err(|e| KernelError::Backend(e.to_string()))?
+        .try_into_vec::<f32>()
+        .map_err(|e| KernelError::Backend(format!("{e:?}")))
+}
+
+fn write_linear(out: &mut Vec<f32>, l: &Linear) -> Result<(), KernelError> {
+    let [input, output] = l.weight.dims();
+    out.extend(transpose(&read_tensor(l.weight.val())?, input, output));
+    match &l.bias {
+        Some(b) => out.extend(read_tensor(b.val())?),
+        None => out.extend(std::iter::repeat_n(0.0, output)),
+    }
+    Ok(())
+}
+
+fn write_conv(out: &mut Vec<f32>, c: &Conv2d) -> Result<(), KernelError> {
+    out.extend(read_tensor(c.weight.val())?);
+    match &c.bias {
+        Some(b) => out.extend(read_tensor(b.val())?),
+        None => out.extend(std::iter::repeat_n(0.0, c.weight.dims()[0])),
+    }
+    Ok(())
+}
+
+impl Model {
+    /// Builds the model for `arch` on `device` from the flat parameters
+    /// (canonical order, PyTorch layouts). Refuses an invalid architecture and
+    /// parameters of the wrong length or with NaN/infinity.
+    ///
+    /// On an autodiff device every parameter is trainable.
+    pub fn from_flat(
+        arch: &ModelArch,
+        params: &[f32],
+        device: &Device,
+    ) -> Result<Model, KernelError> {
+        arch.validate()?;
+        arch.check_params(params)?;
+        let mut r = FlatReader { rest: params };
+        let model = match arch {
+            ModelArch::Mlp {
+                input,
+                hidden,
+                classes,
+            } => {
+                let mut layers = Vec::with_capacity(hidden.len() + 1);
+                let mut prev = *input as usize;
+                for &h in hidden.iter().chain(std::iter::once(classes)) {
+                    layers.push(r.linear(prev, h as usize, device)?);
+                    prev = h as usize;
+                }
+                Model::Mlp(Mlp { layers })
+            }
+            ModelArch::LeNet5 { classes } => Model::LeNet5(LeNet5 {
+                conv1: r.conv(1, 6, 5, 2, device)?,
+                conv2: r.conv(6, 16, 5, 0, device)?,
+                pool: MaxPool2d {
+                    stride: [2, 2],
+                    kernel_size: [2, 2],
+                    padding: PaddingConfig2d::Valid,
+                    dilation: [1, 1],
+                    ceil_mode: false,
+                },
+                fc1: r.linear(400, 120, device)?,
+                fc2: r.linear(120, 84, device)?,
+                fc3: r.linear(84, *classes as usize, device)?,
+            }),
+        };
+        if !r.rest.is_empty() {
+            return Err(ModelError::InvalidArch("parameter layout longer than the module").into());
+        }
+        Ok(model)
+    }
+
+    /// The parameters as a flat vector in the canonical order.
+    pub fn to_flat(&self) -> Result<Vec<f32>, KernelError> {
+        let mut out = Vec::with_capacity(self.num_params());
+        match self {
+            Model::Mlp(m) => {
+                for l in &m.layers {
+                    write_linear(&mut out, l)?;
+                }
+            }
+            Model::LeNet5(m) => {
+                write_conv(&mut out, &m.conv1)?;
+                write_conv(&mut out, &m.conv2)?;
+                for l in [&m.fc1, &m.fc2, &m.fc3] {
+                    write_linear(&mut out, l)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Logits `[batch, classes]` for images `[batch, pixels]` scaled to `[0, 1]`.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        match self {
+            Model::Mlp(m) => m.forward(x),
+            Model::LeNet5(m) => m.forward(x),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::train::cpu_device;
+
+    #[test]
+    fn flat_round_trip_is_bit_exact() {
+        let device = cpu_device();
+        for arch in [
+            ModelArch::Mlp {
+                input: 784,
+                hidden: vec![100],
+                classes: 10,
+            },
+            ModelArch::Mlp {
+                input: 5,
+                hidden: vec![4, 3, 7],
+                classes: 2,
+            },
+            ModelArch::LeNet5 { classes: 10 },
+        ] {
+            let p = arch.init_params(11);
+            let m = Model::from_flat(&arch, &p, &device).unwrap();
+            let back = m.to_flat().unwrap();
+            assert_eq!(back.len(), p.len());
+            assert!(
+                back.iter().zip(&p).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{arch:?}"
+            );
+            assert_eq!(m.num_params(), arch.num_params(), "{arch:?}");
+            // Also on an autodiff device.
+            let m = Model::from_flat(&arch, &p, &device.clone().autodiff()).unwrap();
+            assert_eq!(m.to_flat().unwrap(), p);
+        }
+    }
+
+    #[test]
+    fn from_flat_rejects_bad_params() {
+        let device = cpu_device();
+        let arch = ModelArch::Mlp {
+            input: 4,
+            hidden: vec![3],
+            classes: 2,
+        };
+        let mut p = arch.init_params(1);
+        assert!(matches!(
+            Model::from_flat(&arch, &p[1..], &device),
+            Err(KernelError::Model(ModelError::WrongLength { .. }))
+        ));
+        p[3] = f32::NAN;
+        assert!(matches!(
+            Model::from_flat(&arch, &p, &device),
+            Err(KernelError::Model(ModelError::NonFinite { index: 3 }))
+        ));
+        let bad = ModelArch::Mlp {
+            input: 4,
+            hidden: vec![0],
+            classes: 2,
+        };
+        assert!(Model::from_flat(&bad, &[], &device).is_err());
+    }
+
+    /// Plain-Rust forward pass of an MLP from PyTorch-layout flat parameters:
+    /// `y = W x + b` with `W [out, in]`, ReLU between layers.
+    fn reference_mlp(arch: &ModelArch, p: &[f32], x: &[f32]) -> Vec<f32> {
+        let specs = arch.tensors();
+        let mut off = 0;
+        let mut act = x.to_vec();
+        let layers = specs.len() / 2;
+        for l in 0..layers {
+            let (out, inp) = (specs[2 * l].shape[0], specs[2 * l].shape[1]);
+            let w = &p[off..off + out * inp];
+            off += out * inp;
+            let b = &p[off..off + out];
+            off += out;
+            let mut y = vec![0f64; out];
+            for o in 0..out {
+                let mut s = b[o] as f64;
+                for i in 0..inp {
+                    s += w[o * inp + i] as f64 * act[i] as f64;
+                }
+                y[o] = if l + 1 < layers { s.max(0.0) } else { s };
+            }
+            act = y.into_iter().map(|v| v as f32).collect();
+        }
+        act
+    }
+
+    #[test]
+    fn mlp_forward_matches_hand_computation() {
+        let device = cpu_device();
+        let arch = ModelArch::Mlp {
+            input: 6,
+            hidden: vec![5, 4],
+            classes: 3,
+        };
+        // Non-symmetric weights so a missing or extra transpose shows.
+        let p: Vec<f32> = (0..arch.num_params())
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 13.0)
+            .collect();
+        let model = Model::from_flat(&arch, &p, &device).unwrap();
+        let batch = 2;
+        let x: Vec<f32> = (0..batch * 6).map(|i| (i as f32 * 0.37).sin()).collect();
+        let out = model.forward(Tensor::from_data(
+            TensorData::new(x.clone(), [batch, 6]),
+            &device,
+        ));
+        assert_eq!(out.dims(), [batch, 3]);
+        let got = read_tensor(out).unwrap();
+        for b in 0..batch {
+            let want = reference_mlp(&arch, &p, &x[b * 6..(b + 1) * 6]);
+            for (g, w) in got[b * 3..(b + 1) * 3].iter().zip(&want) {
+                assert!(
+                    (g - w).abs() < 1e-5,
+                    "sample {b}: burn {g} vs reference {w}"
+                );
+            }
+        }
+    }
+
+    /// One LeNet output computed by hand for a single image and compared with
+    /// burn: proves the conv weight layout, the padding and the flatten order.
+    #[test]
+    fn lenet_forward_matches_hand_computation() {
+        let device = cpu_device();
+        let arch = ModelArch::LeNet5 { classes: 10 };
+        let p = arch.init_params(5);
+        let model = Model::from_flat(&arch, &p, &device).unwrap();
+        let x: Vec<f32> = (0..784).map(|i| ((i * 31 % 255) as f32) / 255.0).collect();
+        let got = read_tensor(model.forward(Tensor::from_data(
+            TensorData::new(x.clone(), [1, 784]),
+            &device,
+        )))
+        .unwrap();
+
+        let mut off = 0;
+        let mut take = |n: usize| {
+            let s = &p[off..off + n];
+            off += n;
+            s
+        };
+        let (c1w, c1b) = (take(150), take(6));
+        let (c2w, c2b) = (take(2400), take(16));
+        let (f1w, f1b) = (take(48000), take(120));
+        let (f2w, f2b) = (take(10080), take(84));
+        let (f3w, f3b) = (take(840), take(10));
+        // conv(x: [cin, h, w]) with [cout, cin, k, k] weights, given padding.
+        let conv =
+            |x: &[f64], cin: usize, h: usize, w: &[f32], b: &[f32], cout: usize, pad: usize| {
+                let oh = h + 2 * pad - 4;
+                let mut y = vec![0f64; cout * oh * oh];
+                for co in 0..cout {
+                    for r in 0..oh {
+                        for c in 0..oh {
+                            let mut s = b[co] as f64;
+                            for ci in 0..cin {
+                                for kr in 0..5 {
+                                    for kc in 0..5 {
+                                        let (ir, ic) = (r + kr, c + kc);
+                                        if ir < pad || ic < pad || ir - pad >= h || ic - pad >= h {
+                                            continue;
+                                        }
+                                        s += w[((co * cin + ci) * 5 + kr) * 5 + kc] as f64
+                                            * x[(ci * h + ir - pad) * h + ic - pad];
+                                    }
+                                }
+                            }
+                            y[(co * oh + r) * oh + c] = s.max(0.0);
+                        }
+                    }
+                }
+                (y, oh)
+            };
+        let pool = |x: &[f64], ch: usize, h: usize| {
+            let oh = h / 2;
+            let mut y = vec![0f64; ch * oh * oh];
+            for c in 0..ch {
+                for r in 0..oh {
+                    for q in 0..oh {
+                        let at = |dr: usize, dq: usize| x[(c * h + 2 * r + dr) * h + 2 * q + dq];
+                        y[(c * oh + r) * oh + q] =
+                            at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1));
+                    }
+                }
+            }
+            y
+        };
+        let fc = |x: &[f64], w: &[f32], b: &[f32], relu: bool| {
+            let (out, inp) = (b.len(), x.len());
+            (0..out)
+                .map(|o| {
+                    let s =
+                        b[o] as f64 + (0..inp).map(|i| w[o * inp + i] as f64 * x[i]).sum::<f64>();
+                    if relu { s.max(0.0) } else { s }
+                })
+                .collect::<Vec<f64>>()
+        };
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let (a, h) = conv(&x64, 1, 28, c1w, c1b, 6, 2);
+        assert_eq!(h, 28);
+        let a = pool(&a, 6, 28);
+        let (a, h) = conv(&a, 6, 14, c2w, c2b, 16, 0);
+        assert_eq!(h, 10);
+        let a = pool(&a, 16, 10);
+        let a = fc(&a, f1w, f1b, true);
+        let a = fc(&a, f2w, f2b, true);
+        let want = fc(&a, f3w, f3b, false);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-4, "burn {g} vs reference {w}");
+        }
+    }
+
+    #[test]
+    fn image_size_checks() {
+        assert!(check_image_size(&ModelArch::mnist_mlp(), 28, 28).is_ok());
+        assert!(check_image_size(&ModelArch::mnist_mlp(), 28, 27).is_err());
+        assert!(check_image_size(&ModelArch::LeNet5 { classes: 10 }, 28, 28).is_ok());
+        assert!(matches!(
+            check_image_size(&ModelArch::LeNet5 { classes: 10 }, 14, 56),
+            Err(KernelError::ImageSize { .. })
+        ));
+    }
+}

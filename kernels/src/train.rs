@@ -1,0 +1,796 @@
+//! Local training (plain minibatch SGD on cross-entropy) and evaluation.
+//!
+//! # Determinism
+//!
+//! `train_local` is a pure function of its inputs: the same architecture,
+//! parameters, data, config and device kind give bit-identical parameters on
+//! the same machine. The sample order comes from ChaCha20 keyed by the seed
+//! (see [`train_rng`]); burn itself draws no random numbers here (parameters
+//! are loaded, never initialised by burn, and there is no dropout).
+//!
+//! The flex backend is deterministic as this workspace builds it: burn is used
+//! with `default-features = false`, which leaves burn-flex's `rayon` feature
+//! off, so every matmul, convolution and reduction runs on the calling thread
+//! in a fixed order. (With `rayon` on, large reductions are split across
+//! threads by work stealing, and float sums could then differ run to run.
+//! Don't enable burn's `rayon` feature without re-running the determinism
+//! test.) Bit-identity across *machines* is not promised: gemm picks SIMD
+//! kernels (AVX2, AVX-512, FMA) from the CPU at run time.
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use tally_protocol::model::ModelArch;
+
+use crate::KernelError;
+use crate::data::Dataset;
+use crate::model::{Model, check_image_size};
+
+/// The CPU device (burn's pure-Rust flex backend), without autodiff;
+/// [`train_local`] adds autodiff itself.
+pub fn cpu_device() -> Device {
+    Device::flex()
+}
+
+/// Local training settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    /// SGD step size (no momentum, no weight decay). Must be finite; negative
+    /// values are allowed (gradient ascent, for attack simulations).
+    pub lr: f32,
+    /// Samples per step; the last batch of an epoch may be smaller. Must be > 0.
+    pub batch_size: usize,
+    /// Passes over the local data. Zero returns the parameters unchanged.
+    pub epochs: u32,
+    /// Seeds the per-epoch shuffle.
+    pub seed: u64,
+}
+
+/// What a training call did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainReport {
+    /// Mean per-sample training loss over all steps (each step's mean loss
+    /// weighted by its batch size); 0 when no step ran.
+    pub mean_loss: f32,
+    /// SGD steps taken.
+    pub steps: u64,
+    /// Samples processed (`epochs * len`).
+    pub samples: u64,
+}
+
+/// Evaluation totals; sums so that reports over shards can be added.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EvalReport {
+    /// Sum of per-sample cross-entropy (natural log), computed in f64.
+    pub loss_sum: f64,
+    /// Samples whose largest logit (first one on ties) is the label.
+    pub correct: u64,
+    /// Samples evaluated.
+    pub total: u64,
+}
+
+impl EvalReport {
+    /// `correct / total`, 0 when empty.
+    pub fn accuracy(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.total as f64
+        }
+    }
+
+    /// `loss_sum / total`, 0 when empty.
+    pub fn mean_loss(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.loss_sum / self.total as f64
+        }
+    }
+
+    /// Adds another shard's totals.
+    pub fn merge(&mut self, other: &EvalReport) {
+        self.loss_sum += other.loss_sum;
+        self.correct += other.correct;
+        self.total += other.total;
+    }
+}
+
+/// The generator for the sample order: ChaCha20 with key
+/// `seed (8 bytes LE) || "tallytrain" || zeros`, stream 0.
+pub fn train_rng(seed: u64) -> ChaCha20Rng {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..18].copy_from_slice(b"tallytrain");
+    ChaCha20Rng::from_seed(key)
+}
+
+/// `pixel / 255` for every byte value, computed once (a lookup beats a divide
+/// per pixel, and the values are exactly those of `p as f32 / 255.0`).
+fn pixel_table() -> [f32; 256] {
+    std::array::from_fn(|p| p as f32 / 255.0)
+}
+
+/// Checks the dataset against the model before any tensor is built.
+fn check_data(arch: &ModelArch, data: &Dataset) -> Result<(), KernelError> {
+    if data.is_empty() {
+        return Err(KernelError::EmptyDataset);
+    }
+    check_image_size(arch, data.rows, data.cols)?;
+    data.validate()?;
+    let classes = arch.classes();
+    if let Some((index, &label)) = data
+        .labels
+        .iter()
+        .enumerate()
+        .find(|&(_, &l)| usize::from(l) >= classes)
+    {
+        return Err(KernelError::LabelOutOfRange {
+            index,
+            label,
+            classes,
+        });
+    }
+    Ok(())
+}
+
+/// Builds the `[b, pixels]` image tensor and `[b]` label tensor for the
+/// samples at `indices` (already validated to be in range).
+fn batch(
+    data: &Dataset,
+    indices: &[usize],
+    table: &[f32; 256],
+    device: &Device,
+) -> (Tensor<2>, Tensor<1, Int>) {
+    let size = data.image_size();
+    // One allocation per batch, handed to burn without a copy.
+    let mut x = Vec::with_capacity(indices.len() * size);
+    let mut y = Vec::with_capacity(indices.len());
+    for &i in indices {
+        if let (Some(img), Some(&l)) = (data.image(i), data.labels.get(i)) {
+            x.extend(img.iter().map(|&p| table[usize::from(p)]));
+            y.push(i64::from(l));
+        }
+    }
+    let b = y.len();
+    (
+        Tensor::from_data(TensorData::new(x, [b, size]), device),
+        Tensor::from_data(TensorData::new(y, [b]), device),
+    )
+}
+
+fn scalar(t: Tensor<1>) -> Result<f32, KernelError> {
+    t.try_into_scalar::<f32>()
+        .map_err(|e| KernelError::Backend(e.to_string()))
+}
+
+/// Trains `params` (flat, canonical order) on `data` with minibatch SGD and
+/// cross-entropy, reshuffling every epoch; returns the new parameters.
+///
+/// `device` is the compute device without or with autodiff (it is enabled
+/// here). Refuses mismatched parameters, an empty dataset, images of the
+/// wrong size, labels beyond the model's classes, a zero batch size or a
+/// non-finite learning rate; stops with [`KernelError::Diverged`] if the
+/// loss becomes NaN or infinite.
+pub fn train_local(
+    arch: &ModelArch,
+    params: &[f32],
+    data: &Dataset,
+    cfg: &TrainConfig,
+    device: &Device,
+) -> Result<(Vec<f32>, TrainReport), KernelError> {
+    if cfg.batch_size == 0 {
+        return Err(KernelError::InvalidConfig("batch_size must be > 0".into()));
+    }
+    if !cfg.lr.is_finite() {
+        return Err(KernelError::InvalidConfig(format!(
+            "learning rate {} is not finite",
+            cfg.lr
+        )));
+    }
+    check_data(arch, data)?;
+    let device = device.clone().autodiff();
+    let mut model = Model::from_flat(arch, params, &device)?;
+    if cfg.epochs == 0 {
+        return Ok((
+            params.to_vec(),
+            TrainReport {
+                mean_loss: 0.0,
+                steps: 0,
+                samples: 0,
+            },
+        ));
+    }
+    let mut optim = SgdConfig::new().init();
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let table = pixel_table();
+    let mut rng = train_rng(cfg.seed);
+    let mut order: Vec<usize> = Vec::with_capacity(data.len());
+    let (mut steps, mut samples, mut loss_sum) = (0u64, 0u64, 0f64);
+    for _ in 0..cfg.epochs {
+        order.clear();
+        order.extend(0..data.len());
+        crate::data::partition::shuffle(&mut rng, &mut order);
+        for idx in order.chunks(cfg.batch_size) {
+            let (x, y) = batch(data, idx, &table, &device);
+            let loss = loss_fn.forward(model.forward(x), y);
+            let value = scalar(loss.clone())?;
+            if !value.is_finite() {
+                return Err(KernelError::Diverged {
+                    step: steps,
+                    loss: value,
+                });
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(f64::from(cfg.lr), model, grads);
+            steps += 1;
+            samples += idx.len() as u64;
+            loss_sum += f64::from(value) * idx.len() as f64;
+        }
+    }
+    let out = model.to_flat()?;
+    if let Some(index) = out.iter().position(|v| !v.is_finite()) {
+        // A finite loss with non-finite weights is possible on the last step.
+        return Err(KernelError::Diverged {
+            step: steps,
+            loss: out.get(index).copied().unwrap_or(f32::NAN),
+        });
+    }
+    let mean_loss = (loss_sum / samples.max(1) as f64) as f32;
+    Ok((
+        out,
+        TrainReport {
+            mean_loss,
+            steps,
+            samples,
+        },
+    ))
+}
+
+/// Cross-entropy and accuracy of `params` on `data`, in batches of
+/// `batch_size` (only memory use depends on it). Runs without autodiff.
+pub fn evaluate(
+    arch: &ModelArch,
+    params: &[f32],
+    data: &Dataset,
+    device: &Device,
+    batch_size: usize,
+) -> Result<EvalReport, KernelError> {
+    if batch_size == 0 {
+        return Err(KernelError::InvalidConfig("batch_size must be > 0".into()));
+    }
+    check_data(arch, data)?;
+    let device = device.clone().without_autodiff();
+    let model = Model::from_flat(arch, params, &device)?;
+    let table = pixel_table();
+    let classes = arch.classes();
+    let all: Vec<usize> = (0..data.len()).collect();
+    let mut report = EvalReport::default();
+    for idx in all.chunks(batch_size) {
+        let (x, _) = batch(data, idx, &table, &device);
+        let logits = crate::model::read_tensor(model.forward(x))?;
+        for (row, &i) in logits.chunks_exact(classes).zip(idx) {
+            let label = data.labels.get(i).map_or(0, |&l| usize::from(l));
+            // log-softmax in f64 with the max subtracted, for a stable loss.
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = f64::from(max)
+                + row
+                    .iter()
+                    .map(|&v| (f64::from(v) - f64::from(max)).exp())
+                    .sum::<f64>()
+                    .ln();
+            report.loss_sum += lse - row.get(label).map_or(f64::NAN, |&v| f64::from(v));
+            let argmax = row.iter().enumerate().fold(0, |best, (j, &v)| {
+                if v > row.get(best).copied().unwrap_or(f32::NEG_INFINITY) {
+                    j
+                } else {
+                    best
+                }
+            });
+            report.correct += u64::from(argmax == label);
+            report.total += 1;
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn tiny_data(n: usize, seed: u64) -> Dataset {
+        // Two classes separable by mean brightness, 28x28.
+        let mut rng = train_rng(seed);
+        let mut pixels = Vec::with_capacity(n * 784);
+        let mut labels = Vec::with_capacity(n);
+        for i in 0..n {
+            let label = (i % 2) as u8;
+            for _ in 0..784 {
+                let noise = (rand::Rng::next_u32(&mut rng) % 100) as u8;
+                pixels.push(if label == 1 { 120 + noise } else { noise });
+            }
+            labels.push(label);
+        }
+        Dataset::new(28, 28, pixels, labels, 10).unwrap()
+    }
+
+    fn cfg(seed: u64) -> TrainConfig {
+        TrainConfig {
+            lr: 0.05,
+            batch_size: 32,
+            epochs: 1,
+            seed,
+        }
+    }
+
+    #[test]
+    fn training_is_bit_identical_across_runs() {
+        let device = cpu_device();
+        let data = tiny_data(200, 1);
+        for arch in [ModelArch::mnist_mlp(), ModelArch::LeNet5 { classes: 10 }] {
+            let p0 = arch.init_params(3);
+            let (a, ra) = train_local(&arch, &p0, &data, &cfg(9), &device).unwrap();
+            let (b, rb) = train_local(&arch, &p0, &data, &cfg(9), &device).unwrap();
+            assert_eq!(ra, rb);
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{arch:?} not bit-identical"
+            );
+            assert_ne!(a, p0, "{arch:?} didn't move");
+            // A different shuffle seed changes the result.
+            let (c, _) = train_local(&arch, &p0, &data, &cfg(10), &device).unwrap();
+            assert_ne!(a, c);
+            assert_eq!(ra.steps, 7);
+            assert_eq!(ra.samples, 200);
+        }
+    }
+
+    /// A host may train several clients on parallel threads: each call must
+    /// still give the sequential result (no shared state in the backend that
+    /// changes the arithmetic).
+    #[test]
+    fn concurrent_training_matches_sequential() {
+        let device = cpu_device();
+        let arch = ModelArch::mnist_mlp();
+        let p0 = arch.init_params(4);
+        let datasets: Vec<Dataset> = (0..3).map(|s| tiny_data(96, s)).collect();
+        let sequential: Vec<Vec<f32>> = datasets
+            .iter()
+            .map(|d| train_local(&arch, &p0, d, &cfg(1), &device).unwrap().0)
+            .collect();
+        let parallel: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let handles: Vec<_> = datasets
+                .iter()
+                .map(|d| s.spawn(|| train_local(&arch, &p0, d, &cfg(1), &device).unwrap().0))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (a, b) in sequential.iter().zip(&parallel) {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+    }
+
+    #[test]
+    fn one_sgd_step_matches_hand_gradient() {
+        // A 2-input, 2-class linear model (no hidden layer) on one sample:
+        // dL/dz = softmax(z) - onehot(y); W' = W - lr * dz x^T; b' = b - lr * dz.
+        let device = cpu_device();
+        let arch = ModelArch::Mlp {
+            input: 4,
+            hidden: vec![],
+            classes: 2,
+        };
+        let p = vec![0.1, -0.2, 0.3, 0.05, -0.1, 0.2, 0.0, 0.4, 0.01, -0.02];
+        let data = Dataset::new(2, 2, vec![255, 0, 51, 102], vec![1], 2).unwrap();
+        let c = TrainConfig {
+            lr: 0.5,
+            batch_size: 4,
+            epochs: 1,
+            seed: 0,
+        };
+        let (got, report) = train_local(&arch, &p, &data, &c, &device).unwrap();
+        let x = [1.0f64, 0.0, 0.2, 0.4];
+        let z: Vec<f64> = (0..2)
+            .map(|o| p[8 + o] as f64 + (0..4).map(|i| p[o * 4 + i] as f64 * x[i]).sum::<f64>())
+            .collect();
+        let e: Vec<f64> = z.iter().map(|v| v.exp()).collect();
+        let s = e[0] + e[1];
+        let dz = [e[0] / s, e[1] / s - 1.0];
+        let loss = -(e[1] / s).ln();
+        assert!((report.mean_loss as f64 - loss).abs() < 1e-6);
+        for o in 0..2 {
+            for i in 0..4 {
+                let want = p[o * 4 + i] as f64 - 0.5 * dz[o] * x[i];
+                assert!((got[o * 4 + i] as f64 - want).abs() < 1e-6);
+            }
+            assert!((got[8 + o] as f64 - (p[8 + o] as f64 - 0.5 * dz[o])).abs() < 1e-6);
+        }
+    }
+
+    /// Plain-Rust minibatch SGD for an MLP (f64, hand-written backprop) with
+    /// the same sample order as `train_local`.
+    #[cfg(feature = "embedded-data")]
+    fn reference_mlp_sgd(arch: &ModelArch, p: &[f32], data: &Dataset, c: &TrainConfig) -> Vec<f64> {
+        let specs = arch.tensors();
+        let dims: Vec<(usize, usize)> = specs
+            .chunks(2)
+            .map(|s| (s[0].shape[0], s[0].shape[1]))
+            .collect();
+        let mut w: Vec<f64> = p.iter().map(|&v| v as f64).collect();
+        let mut rng = train_rng(c.seed);
+        for _ in 0..c.epochs {
+            let mut order: Vec<usize> = (0..data.len()).collect();
+            crate::data::partition::shuffle(&mut rng, &mut order);
+            for idx in order.chunks(c.batch_size) {
+                let mut grad = vec![0f64; w.len()];
+                for &s in idx {
+                    // Forward, keeping every layer's input.
+                    let mut acts: Vec<Vec<f64>> = vec![
+                        data.image(s)
+                            .unwrap()
+                            .iter()
+                            .map(|&v| (v as f32 / 255.0) as f64)
+                            .collect(),
+                    ];
+                    let mut off = 0;
+                    for (l, &(out, inp)) in dims.iter().enumerate() {
+                        let x = acts.last().unwrap();
+                        let z: Vec<f64> = (0..out)
+                            .map(|o| {
+                                let s = w[off + out * inp + o]
+                                    + (0..inp).map(|i| w[off + o * inp + i] * x[i]).sum::<f64>();
+                                if l + 1 < dims.len() { s.max(0.0) } else { s }
+                            })
+                            .collect();
+                        off += out * inp + out;
+                        acts.push(z);
+                    }
+                    // dL/dz of the last layer: softmax - onehot, averaged over the batch.
+                    let z = acts.last().unwrap();
+                    let m = z.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    let y = data.labels[s] as usize;
+                    let mut dz: Vec<f64> = e
+                        .iter()
+                        .enumerate()
+                        .map(|(k, v)| (v / sum - f64::from(k == y)) / idx.len() as f64)
+                        .collect();
+                    // Backward.
+                    for (l, &(out, inp)) in dims.iter().enumerate().rev() {
+                        let off: usize = dims[..l].iter().map(|&(o, i)| o * i + o).sum();
+                        let x = &acts[l];
+                        let mut dx = vec![0f64; inp];
+                        for o in 0..out {
+                            grad[off + out * inp + o] += dz[o];
+                            for i in 0..inp {
+                                grad[off + o * inp + i] += dz[o] * x[i];
+                                dx[i] += dz[o] * w[off + o * inp + i];
+                            }
+                        }
+                        // ReLU mask of the previous layer's output (x itself).
+                        dz = dx
+                            .iter()
+                            .zip(x)
+                            .map(|(d, &a)| if a > 0.0 { *d } else { 0.0 })
+                            .collect();
+                    }
+                }
+                for (wi, gi) in w.iter_mut().zip(&grad) {
+                    *wi -= c.lr as f64 * gi;
+                }
+            }
+        }
+        w
+    }
+
+    #[cfg(feature = "embedded-data")]
+    #[test]
+    fn mlp_training_matches_reference_backprop() {
+        let device = cpu_device();
+        let arch = ModelArch::Mlp {
+            input: 784,
+            hidden: vec![24, 16],
+            classes: 10,
+        };
+        let split = crate::data::embedded_mnist();
+        let data = split.train.subset(&(0..96).collect::<Vec<_>>()).unwrap();
+        let p0 = arch.init_params(5);
+        let c = TrainConfig {
+            lr: 0.1,
+            batch_size: 16,
+            epochs: 2,
+            seed: 4,
+        };
+        let (got, r) = train_local(&arch, &p0, &data, &c, &device).unwrap();
+        assert_eq!(r.steps, 12);
+        let want = reference_mlp_sgd(&arch, &p0, &data, &c);
+        let moved = got.iter().zip(&p0).filter(|(a, b)| a != b).count();
+        assert!(moved > got.len() / 2, "only {moved} parameters changed");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() < 2e-5,
+                "param {i}: burn {g} vs reference {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_bad_inputs() {
+        let device = cpu_device();
+        let arch = ModelArch::mnist_mlp();
+        let p = arch.init_params(1);
+        let data = tiny_data(4, 1);
+        let err = |r: Result<(Vec<f32>, TrainReport), KernelError>| r.unwrap_err();
+        assert!(matches!(
+            err(train_local(&arch, &p[1..], &data, &cfg(0), &device)),
+            KernelError::Model(_)
+        ));
+        assert!(matches!(
+            err(train_local(
+                &arch,
+                &p,
+                &data.subset(&[]).unwrap(),
+                &cfg(0),
+                &device
+            )),
+            KernelError::EmptyDataset
+        ));
+        let small = Dataset::new(14, 14, vec![0; 196], vec![0], 10).unwrap();
+        assert!(matches!(
+            err(train_local(&arch, &p, &small, &cfg(0), &device)),
+            KernelError::ImageSize { .. }
+        ));
+        let mut bad = data.clone();
+        bad.labels[2] = 12;
+        assert!(matches!(
+            err(train_local(&arch, &p, &bad, &cfg(0), &device)),
+            KernelError::Data(_)
+        ));
+        let mut skew = data.clone();
+        skew.classes = 20;
+        skew.labels[1] = 15; // valid for the dataset, not for a 10-class model
+        assert!(matches!(
+            err(train_local(&arch, &p, &skew, &cfg(0), &device)),
+            KernelError::LabelOutOfRange {
+                index: 1,
+                label: 15,
+                classes: 10
+            }
+        ));
+        let mut broken = data.clone();
+        broken.pixels.pop();
+        assert!(matches!(
+            err(train_local(&arch, &p, &broken, &cfg(0), &device)),
+            KernelError::Data(_)
+        ));
+        let c = TrainConfig {
+            batch_size: 0,
+            ..cfg(0)
+        };
+        assert!(matches!(
+            err(train_local(&arch, &p, &data, &c, &device)),
+            KernelError::InvalidConfig(_)
+        ));
+        let c = TrainConfig {
+            lr: f32::NAN,
+            ..cfg(0)
+        };
+        assert!(matches!(
+            err(train_local(&arch, &p, &data, &c, &device)),
+            KernelError::InvalidConfig(_)
+        ));
+        assert!(evaluate(&arch, &p, &data, &device, 0).is_err());
+        // Zero epochs: unchanged.
+        let c = TrainConfig {
+            epochs: 0,
+            ..cfg(0)
+        };
+        let (q, r) = train_local(&arch, &p, &data, &c, &device).unwrap();
+        assert_eq!((q, r.steps), (p, 0));
+    }
+
+    #[test]
+    fn divergence_is_an_error_not_nan_params() {
+        let device = cpu_device();
+        let arch = ModelArch::Mlp {
+            input: 784,
+            hidden: vec![32],
+            classes: 10,
+        };
+        let data = tiny_data(64, 2);
+        let c = TrainConfig {
+            lr: 1e30,
+            batch_size: 8,
+            epochs: 3,
+            seed: 0,
+        };
+        assert!(matches!(
+            train_local(&arch, &arch.init_params(0), &data, &c, &device),
+            Err(KernelError::Diverged { .. })
+        ));
+    }
+
+    #[test]
+    fn evaluate_matches_hand_computation_and_batching() {
+        let device = cpu_device();
+        let arch = ModelArch::Mlp {
+            input: 4,
+            hidden: vec![],
+            classes: 3,
+        };
+        let p: Vec<f32> = (0..15).map(|i| (i as f32 - 7.0) / 5.0).collect();
+        let data = Dataset::new(
+            2,
+            2,
+            vec![255, 0, 0, 0, 0, 0, 0, 255, 10, 20, 30, 40],
+            vec![0, 2, 1],
+            3,
+        )
+        .unwrap();
+        let r = evaluate(&arch, &p, &data, &device, 2).unwrap();
+        let mut loss = 0.0;
+        let mut correct = 0;
+        for s in 0..3 {
+            let x: Vec<f64> = data
+                .image(s)
+                .unwrap()
+                .iter()
+                .map(|&v| v as f64 / 255.0)
+                .collect();
+            let z: Vec<f64> = (0..3)
+                .map(|o| p[12 + o] as f64 + (0..4).map(|i| p[o * 4 + i] as f64 * x[i]).sum::<f64>())
+                .collect();
+            let lse = z.iter().map(|v| v.exp()).sum::<f64>().ln();
+            let y = data.labels[s] as usize;
+            loss += lse - z[y];
+            let am = (0..3).fold(0, |b, j| if z[j] > z[b] { j } else { b });
+            correct += u64::from(am == y);
+        }
+        assert_eq!((r.total, r.correct), (3, correct));
+        assert!((r.loss_sum - loss).abs() < 1e-5, "{} vs {loss}", r.loss_sum);
+        let r1 = evaluate(&arch, &p, &data, &device, 1).unwrap();
+        assert_eq!(r1.correct, r.correct);
+        assert!((r1.loss_sum - r.loss_sum).abs() < 1e-9);
+    }
+
+    #[cfg(feature = "embedded-data")]
+    #[test]
+    fn mlp_learns_embedded_mnist() {
+        let device = cpu_device();
+        let split = crate::data::embedded_mnist();
+        let arch = ModelArch::Mlp {
+            input: 784,
+            hidden: vec![100],
+            classes: 10,
+        };
+        // lr 0.1, not 0.05: with [0, 1] inputs and PyTorch's default init,
+        // lr 0.05 reaches only 83-86% after this one epoch (8 seeds measured),
+        // too close to the bar; lr 0.1 gives 85-87%, and seed 0 gives 86.5%
+        // (training is bit-deterministic, so this is not flaky).
+        let p0 = arch.init_params(0);
+        let before = evaluate(&arch, &p0, &split.test, &device, 500).unwrap();
+        let c = TrainConfig {
+            lr: 0.1,
+            batch_size: 32,
+            epochs: 1,
+            seed: 0,
+        };
+        let t = std::time::Instant::now();
+        let (p, report) = train_local(&arch, &p0, &split.train, &c, &device).unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let after = evaluate(&arch, &p, &split.test, &device, 500).unwrap();
+        println!(
+            "MLP 784-100-10, 1 epoch on 10k: {} steps in {secs:.2} s ({:.0} steps/s), train loss {:.4}, \
+             test acc {:.4} (before {:.4}), test loss {:.4}",
+            report.steps,
+            report.steps as f64 / secs,
+            report.mean_loss,
+            after.accuracy(),
+            before.accuracy(),
+            after.mean_loss()
+        );
+        assert_eq!(report.steps, 313);
+        assert_eq!(after.total, 2000);
+        assert!(after.accuracy() > 0.85, "accuracy {}", after.accuracy());
+        assert!(after.mean_loss() < before.mean_loss());
+    }
+
+    #[cfg(feature = "embedded-data")]
+    #[test]
+    fn lenet_loss_decreases() {
+        let device = cpu_device();
+        let split = crate::data::embedded_mnist();
+        let arch = ModelArch::LeNet5 { classes: 10 };
+        let p0 = arch.init_params(7);
+        // LeNet from PyTorch's default init sits on a plateau (loss ~2.30) for
+        // the first ~50 steps, so a few hundred samples barely move it
+        // (2.302 -> 2.29 after 512); 2,048 samples (128 steps) get well past it.
+        let train = split.train.subset(&(0..2048).collect::<Vec<_>>()).unwrap();
+        let held = split.test.subset(&(0..500).collect::<Vec<_>>()).unwrap();
+        let before = evaluate(&arch, &p0, &held, &device, 250).unwrap();
+        let c = TrainConfig {
+            lr: 0.1,
+            batch_size: 16,
+            epochs: 1,
+            seed: 3,
+        };
+        let t = std::time::Instant::now();
+        let (p, report) = train_local(&arch, &p0, &train, &c, &device).unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let after = evaluate(&arch, &p, &held, &device, 250).unwrap();
+        println!(
+            "LeNet-5, 1 epoch on 2048: {} steps in {secs:.2} s, held-out loss {:.4} -> {:.4}, acc {:.4} -> {:.4}",
+            report.steps,
+            before.mean_loss(),
+            after.mean_loss(),
+            before.accuracy(),
+            after.accuracy()
+        );
+        assert_eq!(report.steps, 128);
+        assert!(
+            after.mean_loss() < before.mean_loss() * 0.8,
+            "{} -> {}",
+            before.mean_loss(),
+            after.mean_loss()
+        );
+        assert!(after.accuracy() > 0.4, "accuracy {}", after.accuracy());
+    }
+
+    /// Throughput of the benchmark's model (784-200-200-10, batch 32); run with
+    /// `cargo test --release -p tally-kernels -- --ignored --nocapture speed`.
+    #[cfg(feature = "embedded-data")]
+    #[test]
+    #[ignore = "timing only"]
+    fn speed_mnist_mlp() {
+        let device = cpu_device();
+        let split = crate::data::embedded_mnist();
+        let arch = ModelArch::mnist_mlp();
+        let p0 = arch.init_params(1);
+        let data = split.train.subset(&(0..6000).collect::<Vec<_>>()).unwrap();
+        let c = TrainConfig {
+            lr: 0.05,
+            batch_size: 32,
+            epochs: 1,
+            seed: 1,
+        };
+        let _ = train_local(
+            &arch,
+            &p0,
+            &data.subset(&(0..320).collect::<Vec<_>>()).unwrap(),
+            &c,
+            &device,
+        )
+        .unwrap();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let (_, r) = train_local(&arch, &p0, &data, &c, &device).unwrap();
+            let s = t.elapsed().as_secs_f64();
+            println!(
+                "784-200-200-10 b32: {} steps in {s:.3} s = {:.0} steps/s",
+                r.steps,
+                r.steps as f64 / s
+            );
+        }
+        let arch = ModelArch::LeNet5 { classes: 10 };
+        let p0 = arch.init_params(1);
+        let t = std::time::Instant::now();
+        let (_, r) = train_local(&arch, &p0, &data, &c, &device).unwrap();
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "LeNet-5 b32: {} steps in {s:.3} s = {:.0} steps/s",
+            r.steps,
+            r.steps as f64 / s
+        );
+        let t = std::time::Instant::now();
+        let e = evaluate(&arch, &p0, &split.test, &device, 500).unwrap();
+        println!(
+            "LeNet-5 evaluate 2000 images: {:.3} s",
+            t.elapsed().as_secs_f64()
+        );
+        assert_eq!(e.total, 2000);
+    }
+}
