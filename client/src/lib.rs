@@ -94,6 +94,9 @@ pub struct ClientOptions {
     pub max_backoff: Duration,
     /// Where to write the final model (safetensors), if anywhere.
     pub save_model: Option<PathBuf>,
+    /// How long one connection attempt (QUIC + TLS handshake) may take
+    /// before it counts as failed and we back off.
+    pub connect_timeout: Duration,
 }
 
 /// What a finished client saw.
@@ -188,7 +191,10 @@ async fn session(
     outcome: &mut ClientOutcome,
     joined: &mut bool,
 ) -> Result<(), SessionEnd> {
-    let conn = connect(endpoint, opts.server, &opts.server_name).await.map_err(SessionEnd::Retry)?;
+    let conn = tokio::time::timeout(opts.connect_timeout, connect(endpoint, opts.server, &opts.server_name))
+        .await
+        .map_err(|_| SessionEnd::Retry(format!("no handshake within {:?}", opts.connect_timeout)))?
+        .map_err(SessionEnd::Retry)?;
     info!(server = %opts.server, "connected");
     let mut p = Participant::new(opts.identity.clone(), None);
     let mut last_model: Option<Vec<f32>> = None;

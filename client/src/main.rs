@@ -89,6 +89,9 @@ struct RunArgs {
     /// Write the final model here (safetensors).
     #[arg(long)]
     save_model: Option<PathBuf>,
+    /// Seconds one connection attempt may take before backing off.
+    #[arg(long, default_value_t = 10)]
+    connect_timeout_secs: u64,
 }
 
 fn load_data(spec: &str) -> anyhow::Result<Split> {
@@ -169,6 +172,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         initial_backoff: Duration::from_millis(500),
         max_backoff: Duration::from_secs(30),
         save_model: args.save_model,
+        connect_timeout: Duration::from_secs(args.connect_timeout_secs.max(1)),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let outcome = runtime.block_on(tally_client::run(opts))?;

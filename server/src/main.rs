@@ -9,8 +9,34 @@ use tally_server::Server;
 
 /// Tally federated-learning aggregation server (QUIC, TLS 1.3).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Write a self-signed certificate and key (PEM) for `--cert`/`--key`,
+    /// and print the fingerprint clients pin. Unlike `--self-signed`, the
+    /// fingerprint survives server restarts.
+    GenCert {
+        /// Certificate file to write.
+        #[arg(long, default_value = "server-cert.pem")]
+        cert: PathBuf,
+        /// Private key file to write (mode 0600).
+        #[arg(long, default_value = "server-key.pem")]
+        key: PathBuf,
+        /// DNS names for the certificate.
+        #[arg(long, default_value = "localhost")]
+        name: Vec<String>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
     /// TOML configuration file; flags below override its values.
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -63,6 +89,12 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(Command::GenCert { cert, key, name }) = cli.command {
+        let fp = tally_server::tls::write_self_signed(&cert, &key, name)?;
+        println!("fingerprint {}", hex::encode(fp));
+        return Ok(());
+    }
+    let cli = cli.run;
     let mut raw = match &cli.config {
         Some(p) => RawConfig::from_file(p)?,
         None => RawConfig::default(),

@@ -82,3 +82,21 @@ pub fn quic_server_config(id: ServerIdentity) -> Result<quinn::ServerConfig, Tls
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
 }
+
+/// Writes a new self-signed certificate and its key as PEM files (the key
+/// owner-readable only); returns the certificate's SHA-256 fingerprint.
+pub fn write_self_signed(cert: &Path, key: &Path, names: Vec<String>) -> Result<[u8; 32], TlsError> {
+    let ck = rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let io = |p: &Path| {
+        let path = p.display().to_string();
+        move |e: std::io::Error| TlsError::Pem { path, message: e.to_string() }
+    };
+    std::fs::write(cert, ck.cert.pem()).map_err(io(cert))?;
+    std::fs::write(key, ck.signing_key.serialize_pem()).map_err(io(key))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600)).map_err(io(key))?;
+    }
+    Ok(Sha256::digest(ck.cert.der().as_ref()).into())
+}

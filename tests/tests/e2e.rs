@@ -1,0 +1,302 @@
+//! End-to-end: the real `tally-server` and `tally-client` binaries over
+//! loopback QUIC (TLS 1.3, pinned self-signed certificate), plus a hostile
+//! client written here against the raw wire protocol.
+//!
+//! One integration-test binary for the whole workspace (fast to link on a
+//! small machine). Run with `cargo nextest run --workspace --release`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tally_protocol::model::ModelArch;
+use tally_protocol::wire::{ClientUpdate, RejectCode, Report, Task, UpdatePayload};
+use tally_protocol::{Identity, Participant, ParticipantEvent};
+
+#[test]
+fn fedavg_three_clients_three_rounds_over_quic_improves_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<_> = (0..3).map(|i| keygen(dir.path(), &format!("c{i}"))).collect();
+    let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
+    let mut server = start_server(dir.path(), &enrolled, &["--rounds", "3", "--min-clients", "3", "--seed", "7"]);
+    let mut clients: Vec<Proc> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| {
+            let shard = format!("{i}/3");
+            let save = dir.path().join(format!("c{i}-final.safetensors"));
+            let save = save.to_str().unwrap().to_string();
+            start_client(dir.path(), &format!("client{i}"), key, &server, &["--shard", &shard, "--save-model", &save])
+        })
+        .collect();
+    for c in &mut clients {
+        let status = c.wait();
+        assert!(status.success(), "{} failed:\n{}", c.name, c.stderr());
+    }
+    let status = server.proc.wait();
+    assert!(status.success(), "server failed:\n{}", server.proc.stderr());
+
+    let m = metrics(&server.out_dir);
+    assert_eq!(m.len(), 4, "rounds 0..=3: {m:?}");
+    let acc = |r: usize| m[r]["test_accuracy"].as_f64().unwrap();
+    assert!(acc(0) < 0.2, "untrained model should be near chance: {}", acc(0));
+    assert!(acc(3) > acc(1) + 0.05, "accuracy must improve clearly from round 1 ({}) to 3 ({})", acc(1), acc(3));
+    assert!(acc(3) > 0.7, "after 3 rounds: {}", acc(3));
+    for r in 1..=3 {
+        assert_eq!(m[r]["accepted"], 3);
+        assert_eq!(m[r]["rejected"], 0);
+    }
+
+    // The final model on disk is the one every client was told about.
+    let arch = ModelArch::mnist_mlp();
+    let bytes = std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap();
+    let params = arch.from_safetensors(&bytes).unwrap();
+    let hash = hex::encode(tally_protocol::identity::params_hash(&params));
+    assert_eq!(m[3]["model_hash"], hash.as_str());
+    for (i, c) in clients.iter().enumerate() {
+        let done = c.drain_lines().into_iter().find(|l| l.starts_with("finished")).expect("client summary line");
+        assert!(done.contains(&format!("model_hash={hash}")), "client {i}: {done}");
+        let saved = std::fs::read(dir.path().join(format!("c{i}-final.safetensors"))).unwrap();
+        assert_eq!(arch.from_safetensors(&saved).unwrap(), params);
+    }
+}
+
+/// A client written against the raw protocol: it joins honestly, then sends
+/// the misbehaviour under test and records what the server answers.
+struct RawClient {
+    conn: quinn::Connection,
+    p: Participant,
+    _endpoint: quinn::Endpoint,
+}
+
+impl RawClient {
+    async fn join(server: &ServerHandle, id: Identity) -> RawClient {
+        let addr = server.addr.parse().unwrap();
+        let trust = tally_client::ServerTrust::fingerprint(&server.fingerprint).unwrap();
+        let endpoint = tally_client::endpoint(addr, &trust).unwrap();
+        let conn = tally_client::connect(&endpoint, addr, "localhost").await.unwrap();
+        let mut c = RawClient { conn, p: Participant::new(id, None), _endpoint: endpoint };
+        let ev = c.next().await;
+        assert!(matches!(ev.as_slice(), [ParticipantEvent::Joined { .. }]), "{ev:?}");
+        c
+    }
+
+    /// Flushes our queued frames, then reads messages until one produces events.
+    async fn next(&mut self) -> Vec<ParticipantEvent> {
+        while let Some(f) = self.p.poll_transmit() {
+            tally_client::send_message(&self.conn, &f).await.unwrap();
+        }
+        loop {
+            let bytes = tokio::time::timeout(STEP_TIMEOUT, tally_client::recv_message(&self.conn, 1 << 24))
+                .await
+                .expect("server answered in time")
+                .expect("server stream");
+            self.p.handle_message(Instant::now(), &bytes).unwrap();
+            while let Some(f) = self.p.poll_transmit() {
+                tally_client::send_message(&self.conn, &f).await.unwrap();
+            }
+            let evs: Vec<_> = std::iter::from_fn(|| self.p.poll_event()).collect();
+            if !evs.is_empty() {
+                return evs;
+            }
+        }
+    }
+
+    async fn send_raw(&self, bytes: &[u8]) {
+        // The server may stop an oversized stream before we finish writing.
+        let _ = tally_client::send_message(&self.conn, bytes).await;
+    }
+
+    async fn expect_reject(&mut self, code: RejectCode) {
+        let ev = self.next().await;
+        assert!(
+            matches!(ev.as_slice(), [ParticipantEvent::Rejected { code: c, .. }] if *c == code),
+            "expected {code:?}, got {ev:?}"
+        );
+    }
+
+    async fn expect_ack(&mut self, round: u32) {
+        let ev = self.next().await;
+        assert_eq!(ev, vec![ParticipantEvent::Accepted { round }]);
+    }
+
+    async fn wait_task(&mut self) -> (u32, Task, Vec<f32>) {
+        loop {
+            for e in self.next().await {
+                if let ParticipantEvent::TaskRequested { round, task, model, .. } = e {
+                    return (round, task, model);
+                }
+            }
+        }
+    }
+}
+
+fn report(run: &Participant, round: u32, delta: Vec<f32>) -> Report {
+    Report {
+        run_id: run.run_config().unwrap().run_id,
+        round,
+        eval: None,
+        update: Some(ClientUpdate { num_samples: 1, train_loss: 0.0, payload: UpdatePayload::DenseDelta(delta) }),
+    }
+}
+
+#[test]
+fn hostile_inputs_are_rejected_with_typed_errors_while_honest_clients_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let honest: Vec<_> = (0..2).map(|i| keygen(dir.path(), &format!("h{i}"))).collect();
+    let attacker = Identity::from_secret([0x5a; 32]);
+    let mut enrolled: Vec<String> = honest.iter().map(|(_, pk)| pk.clone()).collect();
+    enrolled.push(attacker.public_key().to_string());
+    let mut server =
+        start_server(dir.path(), &enrolled, &["--rounds", "2", "--min-clients", "3", "--quorum", "2", "--seed", "3"]);
+
+    // An unenrolled client is refused at join and exits with the reason.
+    let (stranger_key, _) = keygen(dir.path(), "stranger");
+    let mut stranger = start_client(dir.path(), "stranger", &stranger_key, &server, &["--max-retries", "0"]);
+    assert!(!stranger.wait().success());
+    assert!(stranger.stderr().contains("UnknownClient"), "stranger stderr:\n{}", stranger.stderr());
+
+    let mut clients: Vec<Proc> = honest
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| start_client(dir.path(), &format!("honest{i}"), key, &server, &["--shard", &format!("{i}/2")]))
+        .collect();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut bad = RawClient::join(&server, attacker.clone()).await;
+        let (round, task, model) = bad.wait_task().await;
+        assert_eq!((round, task), (1, Task::Train));
+        let dim = model.len();
+
+        // Tampered signature: flip one byte of the signed body.
+        let mut frame = bad.p.sign_report(&report(&bad.p, 1, vec![0.0; dim]));
+        let i = frame.len() - 100;
+        frame[i] ^= 1;
+        bad.send_raw(&frame).await;
+        bad.expect_reject(RejectCode::BadSignature).await;
+
+        // Oversized frame: one byte over the run's limit.
+        let limit = tally_protocol::wire::max_message_bytes_for(&ModelArch::mnist_mlp());
+        bad.send_raw(&vec![0u8; limit + 1]).await;
+        bad.expect_reject(RejectCode::Oversize).await;
+
+        // Wrong dimension and a NaN.
+        bad.send_raw(&bad.p.sign_report(&report(&bad.p, 1, vec![0.0; dim - 1]))).await;
+        bad.expect_reject(RejectCode::WrongShape).await;
+        let mut nan = vec![0.0; dim];
+        nan[17] = f32::NAN;
+        bad.send_raw(&bad.p.sign_report(&report(&bad.p, 1, nan))).await;
+        bad.expect_reject(RejectCode::NonFinite).await;
+
+        // A valid (zero) update is accepted; replaying it is a duplicate.
+        let valid = bad.p.sign_report(&report(&bad.p, 1, vec![0.0; dim]));
+        bad.send_raw(&valid).await;
+        bad.expect_ack(1).await;
+        bad.send_raw(&valid).await;
+        bad.expect_reject(RejectCode::Duplicate).await;
+
+        // Next round: the round-1 update replayed is refused as stale.
+        let (round, ..) = bad.wait_task().await;
+        assert_eq!(round, 2);
+        bad.send_raw(&valid).await;
+        bad.expect_reject(RejectCode::WrongRound).await;
+        bad.send_raw(&bad.p.sign_report(&report(&bad.p, 2, vec![0.0; dim]))).await;
+        bad.expect_ack(2).await;
+
+        // Final evaluation round, then the end of the run.
+        let (_, task, _) = bad.wait_task().await;
+        assert_eq!(task, Task::Evaluate);
+        bad.p.submit(Instant::now(), None, None).unwrap();
+        loop {
+            let ev = bad.next().await;
+            if ev.iter().any(|e| matches!(e, ParticipantEvent::Finished { rounds: 2, .. })) {
+                break;
+            }
+        }
+    });
+
+    for c in &mut clients {
+        assert!(c.wait().success(), "{} failed:\n{}", c.name, c.stderr());
+    }
+    assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
+    let m = metrics(&server.out_dir);
+    assert_eq!(m.len(), 3);
+    assert_eq!(m[1]["accepted"], 3, "honest clients and the attacker's valid update");
+    assert_eq!(m[1]["rejected"], 5);
+    assert_eq!(m[2]["rejected"], 1);
+    assert!(m[2]["test_accuracy"].as_f64().unwrap() > m[0]["test_accuracy"].as_f64().unwrap() + 0.3);
+    let log = server.proc.stderr();
+    for needle in ["bad signature", "exceeds the limit", "not enrolled", "duplicate report", "non-finite"] {
+        assert!(log.contains(needle), "server log lacks {needle:?}");
+    }
+}
+
+#[test]
+fn client_refuses_a_server_with_another_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, pk) = keygen(dir.path(), "c");
+    let mut server = start_server(dir.path(), &[pk], &["--rounds", "1", "--min-clients", "1"]);
+    let real = server.fingerprint.clone();
+    server.fingerprint = "00".repeat(32);
+    let mut c = start_client(dir.path(), "pinned", &key, &server, &["--max-retries", "0"]);
+    assert!(!c.wait().success());
+    assert!(c.stderr().contains("gave up"), "{}", c.stderr());
+    // With the right pin the same client completes the run.
+    server.fingerprint = real;
+    let mut c = start_client(dir.path(), "pinned-ok", &key, &server, &["--shard", "0/8"]);
+    assert!(c.wait().success(), "{}", c.stderr());
+    assert!(server.proc.wait().success());
+}
+
+#[test]
+fn client_retries_with_backoff_until_the_server_is_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, pk) = keygen(dir.path(), "early");
+    // A certificate made ahead of time, so the client can pin it before the
+    // server exists (as a deployment with a persistent certificate would).
+    let (cert, tls_key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let out = std::process::Command::new(bin("tally-server"))
+        .args(["gen-cert", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&tls_key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fingerprint = String::from_utf8(out.stdout).unwrap().trim().trim_start_matches("fingerprint ").to_string();
+    // Reserve a port, release it, and start the client against it first.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut client = {
+        let mut cmd = std::process::Command::new(bin("tally-client"));
+        cmd.args(["run", "--server", &addr, "--fingerprint", &fingerprint, "--key"])
+            .arg(&key)
+            .args(["--max-retries", "20", "--connect-timeout-secs", "1", "--shard", "0/8"]);
+        Proc::spawn("early", &mut cmd, dir.path())
+    };
+    // Wait (bounded) until the client has failed once and is backing off.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !client.stderr().contains("reconnecting") {
+        assert!(Instant::now() < deadline, "client never retried:\n{}", client.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let keys = dir.path().join("enrolled.txt");
+    std::fs::write(&keys, format!("{pk}\n")).unwrap();
+    let mut cmd = std::process::Command::new(bin("tally-server"));
+    cmd.args(["--listen", &addr, "--rounds", "1", "--min-clients", "1", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&tls_key)
+        .arg("--enrolled-keys")
+        .arg(&keys)
+        .arg("--out-dir")
+        .arg(dir.path().join("out"));
+    let mut server = Proc::spawn("server", &mut cmd, dir.path());
+    assert_eq!(server.expect_line("fingerprint "), fingerprint);
+    assert!(client.wait().success(), "client:\n{}", client.stderr());
+    assert!(server.wait().success(), "server:\n{}", server.stderr());
+}
