@@ -300,3 +300,25 @@ fn client_retries_with_backoff_until_the_server_is_up() {
     assert!(client.wait().success(), "client:\n{}", client.stderr());
     assert!(server.wait().success(), "server:\n{}", server.stderr());
 }
+
+#[test]
+fn simulator_writes_byte_identical_metrics_for_the_same_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, seed: &str| {
+        let out = dir.path().join(name);
+        let status = std::process::Command::new(bin("tally-sim"))
+            .args(["--quiet", "--clients", "6", "--clients-per-round", "3", "--rounds", "3", "--seed", seed, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        let summary = String::from_utf8(status.stdout).unwrap();
+        assert!(summary.contains("final test accuracy"), "{summary}");
+        std::fs::read(out).unwrap()
+    };
+    let a = run("a.jsonl", "5");
+    let b = run("b.jsonl", "5");
+    assert_eq!(a, b, "same seed, same bytes");
+    assert_eq!(a.iter().filter(|&&c| c == b'\n').count(), 4, "rounds 0..=3");
+    assert_ne!(a, run("c.jsonl", "6"), "another seed, another run");
+}
