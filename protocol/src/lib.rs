@@ -17,10 +17,12 @@ pub mod error;
 pub mod identity;
 pub mod model;
 pub mod participant;
+pub mod prng;
 pub mod rng;
 pub mod wire;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;
 
 pub use aggregate::{Aggregator, ClientIndex, FedAvg};
