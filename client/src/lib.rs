@@ -36,6 +36,11 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// Evaluation batch size: only memory depends on it.
 const EVAL_BATCH: usize = 1000;
 
+/// Refusals kept in [`ClientOutcome::rejections`]. Each is one server
+/// message; a hostile server could send them without end, so later ones are
+/// logged but not kept.
+pub const MAX_RECORDED_REJECTIONS: usize = 1024;
+
 /// Errors that end the client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -110,7 +115,7 @@ pub struct ClientOutcome {
     pub last_eval: Option<EvalReport>,
     /// Rounds we trained in.
     pub rounds_trained: u32,
-    /// Refusals the server sent us.
+    /// Refusals the server sent us (the first [`MAX_RECORDED_REJECTIONS`]).
     pub rejections: Vec<(RejectCode, String)>,
 }
 
@@ -173,16 +178,22 @@ pub async fn run(opts: ClientOptions) -> Result<ClientOutcome, ClientError> {
                     failures = 0;
                     backoff = opts.initial_backoff;
                 }
-                failures += 1;
+                failures = failures.saturating_add(1);
                 if failures > opts.max_retries {
                     return Err(ClientError::GaveUp { attempts: failures, last: why });
                 }
                 warn!(attempt = failures, delay_ms = backoff.as_millis() as u64, reason = %why, "reconnecting");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(opts.max_backoff);
+                backoff = next_backoff(backoff, opts.max_backoff);
             }
         }
     }
+}
+
+/// The delay after `current`: doubled, at most `max`. Saturating, because
+/// `Duration * 2` panics on overflow and the options may hold any duration.
+pub fn next_backoff(current: Duration, max: Duration) -> Duration {
+    current.saturating_mul(2).min(max)
 }
 
 async fn session(
@@ -243,7 +254,7 @@ async fn session(
                         "task done"
                     );
                     if task == Task::Train {
-                        outcome.rounds_trained += 1;
+                        outcome.rounds_trained = outcome.rounds_trained.saturating_add(1);
                     }
                     outcome.last_eval = eval.or(outcome.last_eval);
                     last_model = Some(model);
@@ -252,7 +263,9 @@ async fn session(
                 ParticipantEvent::Accepted { round } => debug!(round, "report accepted"),
                 ParticipantEvent::Rejected { code, round, detail } => {
                     warn!(?code, ?round, %detail, "server rejected a message");
-                    outcome.rejections.push((code, detail.clone()));
+                    if outcome.rejections.len() < MAX_RECORDED_REJECTIONS {
+                        outcome.rejections.push((code, detail.clone()));
+                    }
                     if matches!(
                         code,
                         RejectCode::UnknownClient
@@ -281,7 +294,9 @@ async fn session(
 }
 
 fn save_final(opts: &ClientOptions, arch: Option<&ModelArch>, model: Option<&[f32]>, hash: [u8; 32]) {
-    let (Some(path), Some(arch), Some(model)) = (&opts.save_model, arch, model) else { return };
+    let (Some(path), Some(arch), Some(model)) = (&opts.save_model, arch, model) else {
+        return;
+    };
     if tally_protocol::identity::params_hash(model) != hash {
         warn!("the last model we received is not the final one; not saving it");
         return;
@@ -330,20 +345,19 @@ pub fn parse_arch(s: &str) -> Result<ModelArch, String> {
     let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
     let arch = match kind {
         "mlp" => {
-            let dims: Vec<u32> = rest
-                .split('-')
-                .map(|d| d.parse::<u32>().map_err(|e| format!("{s}: {e}")))
-                .collect::<Result<_, _>>()?;
-            if dims.len() < 2 {
+            let dims: Vec<u32> =
+                rest.split('-').map(|d| d.parse::<u32>().map_err(|e| format!("{s}: {e}"))).collect::<Result<_, _>>()?;
+            let Some((&input, rest)) = dims.split_first() else {
                 return Err(format!("{s}: an MLP needs at least input and output sizes"));
-            }
-            ModelArch::Mlp {
-                input: dims[0],
-                hidden: dims[1..dims.len() - 1].to_vec(),
-                classes: dims[dims.len() - 1],
-            }
+            };
+            let Some((&classes, hidden)) = rest.split_last() else {
+                return Err(format!("{s}: an MLP needs at least input and output sizes"));
+            };
+            ModelArch::Mlp { input, hidden: hidden.to_vec(), classes }
         }
-        "lenet5" => ModelArch::LeNet5 { classes: if rest.is_empty() { 10 } else { rest.parse().map_err(|e| format!("{s}: {e}"))? } },
+        "lenet5" => ModelArch::LeNet5 {
+            classes: if rest.is_empty() { 10 } else { rest.parse().map_err(|e| format!("{s}: {e}"))? },
+        },
         _ => return Err(format!("unknown model {s:?}: use mlp:784-200-200-10 or lenet5")),
     };
     arch.validate().map_err(|e| e.to_string())?;
@@ -351,6 +365,7 @@ pub fn parse_arch(s: &str) -> Result<ModelArch, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -362,5 +377,17 @@ mod tests {
         assert!(parse_arch("resnet").is_err());
         assert!(ServerTrust::fingerprint("ab").is_err());
         assert!(ServerTrust::fingerprint(&"ab".repeat(32)).is_ok());
+        assert_eq!(parse_arch("mlp:4-3-2").unwrap(), ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 });
+        assert!(parse_arch("mlp:").is_err());
+        assert!(parse_arch("mlp:4--2").is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_without_overflow() {
+        let s = Duration::from_secs;
+        assert_eq!(next_backoff(s(1), s(30)), s(2));
+        assert_eq!(next_backoff(s(20), s(30)), s(30));
+        // `Duration * 2` panics here; a library caller may pass any duration.
+        assert_eq!(next_backoff(Duration::MAX, Duration::MAX), Duration::MAX);
     }
 }

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use tally_client::{keys, parse_arch, ClientOptions, ServerTrust};
+use tally_client::{ClientOptions, ServerTrust, keys, parse_arch};
 use tally_kernels::data::{self, Split};
 
 /// Tally federated-learning client.
@@ -159,7 +159,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         (None, None) => split.train.clone(),
     };
-    eprintln!("training on {} examples; evaluating on {}", train.len(), if args.no_eval { 0 } else { split.test.len() });
+    eprintln!(
+        "training on {} examples; evaluating on {}",
+        train.len(),
+        if args.no_eval { 0 } else { split.test.len() }
+    );
     let opts = ClientOptions {
         server: args.server,
         server_name: args.server_name,

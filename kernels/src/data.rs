@@ -150,10 +150,7 @@ pub enum DataError {
 
 impl DataError {
     fn in_file(self, path: &Path) -> DataError {
-        DataError::InFile {
-            path: path.to_path_buf(),
-            source: Box::new(self),
-        }
+        DataError::InFile { path: path.to_path_buf(), source: Box::new(self) }
     }
 }
 
@@ -178,20 +175,8 @@ pub struct Dataset {
 
 impl Dataset {
     /// A dataset after checking its invariants.
-    pub fn new(
-        rows: usize,
-        cols: usize,
-        pixels: Vec<u8>,
-        labels: Vec<u8>,
-        classes: usize,
-    ) -> Result<Self, DataError> {
-        let d = Dataset {
-            rows,
-            cols,
-            pixels,
-            labels,
-            classes,
-        };
+    pub fn new(rows: usize, cols: usize, pixels: Vec<u8>, labels: Vec<u8>, classes: usize) -> Result<Self, DataError> {
+        let d = Dataset { rows, cols, pixels, labels, classes };
         d.validate()?;
         Ok(d)
     }
@@ -206,27 +191,12 @@ impl Dataset {
             .len()
             .checked_mul(self.rows)
             .and_then(|v| v.checked_mul(self.cols))
-            .ok_or(DataError::PixelCount {
-                expected: usize::MAX,
-                actual: self.pixels.len(),
-            })?;
+            .ok_or(DataError::PixelCount { expected: usize::MAX, actual: self.pixels.len() })?;
         if self.pixels.len() != expected {
-            return Err(DataError::PixelCount {
-                expected,
-                actual: self.pixels.len(),
-            });
+            return Err(DataError::PixelCount { expected, actual: self.pixels.len() });
         }
-        if let Some((index, &label)) = self
-            .labels
-            .iter()
-            .enumerate()
-            .find(|&(_, &l)| usize::from(l) >= self.classes)
-        {
-            return Err(DataError::LabelOutOfRange {
-                index,
-                label,
-                classes: self.classes,
-            });
+        if let Some((index, &label)) = self.labels.iter().enumerate().find(|&(_, &l)| usize::from(l) >= self.classes) {
+            return Err(DataError::LabelOutOfRange { index, label, classes: self.classes });
         }
         Ok(())
     }
@@ -241,16 +211,16 @@ impl Dataset {
         self.labels.is_empty()
     }
 
-    /// Pixels per image (`rows * cols`).
+    /// Pixels per image (`rows * cols`; saturating, since the fields are
+    /// public and an unvalidated dataset may hold any values).
     pub fn image_size(&self) -> usize {
-        self.rows * self.cols
+        self.rows.saturating_mul(self.cols)
     }
 
     /// The pixels of image `i`, or `None` past the end.
     pub fn image(&self, i: usize) -> Option<&[u8]> {
         let size = self.image_size();
-        self.pixels
-            .get(i.checked_mul(size)?..i.checked_add(1)?.checked_mul(size)?)
+        self.pixels.get(i.checked_mul(size)?..i.checked_add(1)?.checked_mul(size)?)
     }
 
     /// A new dataset holding the samples at `indices`, in that order
@@ -261,21 +231,12 @@ impl Dataset {
         let mut labels = Vec::with_capacity(indices.len());
         for &index in indices {
             let (Some(img), Some(&label)) = (self.image(index), self.labels.get(index)) else {
-                return Err(DataError::IndexOutOfRange {
-                    index,
-                    len: self.len(),
-                });
+                return Err(DataError::IndexOutOfRange { index, len: self.len() });
             };
             pixels.extend_from_slice(img);
             labels.push(label);
         }
-        Ok(Dataset {
-            rows: self.rows,
-            cols: self.cols,
-            pixels,
-            labels,
-            classes: self.classes,
-        })
+        Ok(Dataset { rows: self.rows, cols: self.cols, pixels, labels, classes: self.classes })
     }
 
     /// Count of samples per class (length `classes`; labels `>= classes`, which
@@ -327,10 +288,7 @@ fn maybe_gunzip(data: &[u8], limit: usize) -> Result<std::borrow::Cow<'_, [u8]>,
     let mut out = Vec::new();
     // Read one byte past the limit to tell "exactly at the limit" from "over".
     let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    decoder
-        .take(cap)
-        .read_to_end(&mut out)
-        .map_err(DataError::Gzip)?;
+    decoder.take(cap).read_to_end(&mut out).map_err(DataError::Gzip)?;
     if out.len() > limit {
         return Err(DataError::TooLarge { limit });
     }
@@ -349,29 +307,15 @@ fn parse_idx_header(data: &[u8], magic: u32, ndims: usize) -> Result<(Vec<u32>, 
     if data.len() < header {
         // A file too short to hold even the magic can't be checked for it.
         if let Some(found) = read_be_u32(data, 0).filter(|&m| m != magic) {
-            return Err(DataError::BadMagic {
-                expected: magic,
-                found,
-            });
+            return Err(DataError::BadMagic { expected: magic, found });
         }
-        return Err(DataError::HeaderTruncated {
-            needed: header,
-            actual: data.len(),
-        });
+        return Err(DataError::HeaderTruncated { needed: header, actual: data.len() });
     }
-    let found = read_be_u32(data, 0).ok_or(DataError::HeaderTruncated {
-        needed: header,
-        actual: data.len(),
-    })?;
+    let found = read_be_u32(data, 0).ok_or(DataError::HeaderTruncated { needed: header, actual: data.len() })?;
     if found != magic {
-        return Err(DataError::BadMagic {
-            expected: magic,
-            found,
-        });
+        return Err(DataError::BadMagic { expected: magic, found });
     }
-    let dims: Vec<u32> = (0..ndims)
-        .filter_map(|i| read_be_u32(data, 4 + 4 * i))
-        .collect();
+    let dims: Vec<u32> = (0..ndims).filter_map(|i| read_be_u32(data, 4 + 4 * i)).collect();
     let body = data.get(header..).unwrap_or_default();
     Ok((dims, body))
 }
@@ -386,22 +330,12 @@ fn parse_images_capped(data: &[u8], limit: usize) -> Result<IdxImages, DataError
     if rows == 0 || cols == 0 {
         return Err(DataError::BadDims(dims));
     }
-    let expected = count
-        .checked_mul(rows)
-        .and_then(|v| v.checked_mul(cols))
-        .ok_or_else(|| DataError::BadDims(dims.clone()))?;
+    let expected =
+        count.checked_mul(rows).and_then(|v| v.checked_mul(cols)).ok_or_else(|| DataError::BadDims(dims.clone()))?;
     if body.len() != expected {
-        return Err(DataError::BodyLength {
-            expected,
-            actual: body.len(),
-        });
+        return Err(DataError::BodyLength { expected, actual: body.len() });
     }
-    Ok(IdxImages {
-        count,
-        rows,
-        cols,
-        pixels: body.to_vec(),
-    })
+    Ok(IdxImages { count, rows, cols, pixels: body.to_vec() })
 }
 
 fn parse_labels_capped(data: &[u8], limit: usize) -> Result<Vec<u8>, DataError> {
@@ -412,10 +346,7 @@ fn parse_labels_capped(data: &[u8], limit: usize) -> Result<Vec<u8>, DataError> 
     };
     let expected = count as usize;
     if body.len() != expected {
-        return Err(DataError::BodyLength {
-            expected,
-            actual: body.len(),
-        });
+        return Err(DataError::BodyLength { expected, actual: body.len() });
     }
     Ok(body.to_vec())
 }
@@ -434,16 +365,9 @@ pub fn parse_idx_labels(data: &[u8]) -> Result<Vec<u8>, DataError> {
 }
 
 /// Joins parsed images and labels into a validated [`Dataset`].
-pub fn dataset_from_idx(
-    images: IdxImages,
-    labels: Vec<u8>,
-    classes: usize,
-) -> Result<Dataset, DataError> {
+pub fn dataset_from_idx(images: IdxImages, labels: Vec<u8>, classes: usize) -> Result<Dataset, DataError> {
     if images.count != labels.len() {
-        return Err(DataError::CountMismatch {
-            images: images.count,
-            labels: labels.len(),
-        });
+        return Err(DataError::CountMismatch { images: images.count, labels: labels.len() });
     }
     Dataset::new(images.rows, images.cols, images.pixels, labels, classes)
 }
@@ -451,21 +375,13 @@ pub fn dataset_from_idx(
 /// Reads a whole file, refusing files larger than [`MAX_IDX_BYTES`] (the
 /// compressed size of a valid file is always below its decompressed size).
 fn read_capped(path: &Path) -> Result<Vec<u8>, DataError> {
-    let io = |source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| DataError::Io { path: path.to_path_buf(), source };
     let file = std::fs::File::open(path).map_err(io)?;
     let mut out = Vec::new();
-    let cap = u64::try_from(MAX_IDX_BYTES)
-        .unwrap_or(u64::MAX)
-        .saturating_add(1);
+    let cap = u64::try_from(MAX_IDX_BYTES).unwrap_or(u64::MAX).saturating_add(1);
     file.take(cap).read_to_end(&mut out).map_err(io)?;
     if out.len() > MAX_IDX_BYTES {
-        return Err(DataError::TooLarge {
-            limit: MAX_IDX_BYTES,
-        }
-        .in_file(path));
+        return Err(DataError::TooLarge { limit: MAX_IDX_BYTES }.in_file(path));
     }
     Ok(out)
 }
@@ -474,23 +390,14 @@ fn read_capped(path: &Path) -> Result<Vec<u8>, DataError> {
 /// the `-idx` dash written as a dot (Kaggle's copies).
 fn find_file(dir: &Path, stem: &'static str) -> Result<PathBuf, DataError> {
     let dotted = stem.replacen("-idx", ".idx", 1);
-    let candidates = [
-        stem.to_string(),
-        format!("{stem}.gz"),
-        dotted.clone(),
-        format!("{dotted}.gz"),
-    ];
+    let candidates = [stem.to_string(), format!("{stem}.gz"), dotted.clone(), format!("{dotted}.gz")];
     for name in &candidates {
         let p = dir.join(name);
         if p.is_file() {
             return Ok(p);
         }
     }
-    Err(DataError::MissingFile {
-        dir: dir.to_path_buf(),
-        wanted: stem,
-        tried: candidates.join(", "),
-    })
+    Err(DataError::MissingFile { dir: dir.to_path_buf(), wanted: stem, tried: candidates.join(", ") })
 }
 
 fn load_pair(dir: &Path, images: &'static str, labels: &'static str) -> Result<Dataset, DataError> {
@@ -515,14 +422,10 @@ pub fn load_mnist_dir(dir: &Path) -> Result<Split, DataError> {
 
 #[cfg(feature = "embedded-data")]
 mod embedded {
-    pub(super) const TRAIN_IMAGES: &[u8] =
-        include_bytes!("../../data/mnist-subset/train-images-idx3-ubyte.gz");
-    pub(super) const TRAIN_LABELS: &[u8] =
-        include_bytes!("../../data/mnist-subset/train-labels-idx1-ubyte.gz");
-    pub(super) const TEST_IMAGES: &[u8] =
-        include_bytes!("../../data/mnist-subset/t10k-images-idx3-ubyte.gz");
-    pub(super) const TEST_LABELS: &[u8] =
-        include_bytes!("../../data/mnist-subset/t10k-labels-idx1-ubyte.gz");
+    pub(super) const TRAIN_IMAGES: &[u8] = include_bytes!("../../data/mnist-subset/train-images-idx3-ubyte.gz");
+    pub(super) const TRAIN_LABELS: &[u8] = include_bytes!("../../data/mnist-subset/train-labels-idx1-ubyte.gz");
+    pub(super) const TEST_IMAGES: &[u8] = include_bytes!("../../data/mnist-subset/t10k-images-idx3-ubyte.gz");
+    pub(super) const TEST_LABELS: &[u8] = include_bytes!("../../data/mnist-subset/t10k-labels-idx1-ubyte.gz");
 }
 
 /// Training samples in [`embedded_mnist`].
@@ -537,16 +440,11 @@ pub const EMBEDDED_TEST_LEN: usize = 2_000;
 /// `scripts/make-embedded-subset`). Each call inflates and parses the bytes
 /// afresh (about 20 ms in release), so keep the result.
 #[cfg(feature = "embedded-data")]
-#[allow(
-    clippy::expect_used,
-    reason = "the embedded bytes are fixed at build time and checked by a test"
-)]
+#[allow(clippy::expect_used, reason = "the embedded bytes are fixed at build time and checked by a test")]
 pub fn embedded_mnist() -> Split {
     let pair = |images: &[u8], labels: &[u8]| {
-        let images = parse_idx_images(images)
-            .expect("embedded MNIST images are valid gzipped IDX3 (tested)");
-        let labels = parse_idx_labels(labels)
-            .expect("embedded MNIST labels are valid gzipped IDX1 (tested)");
+        let images = parse_idx_images(images).expect("embedded MNIST images are valid gzipped IDX3 (tested)");
+        let labels = parse_idx_labels(labels).expect("embedded MNIST labels are valid gzipped IDX1 (tested)");
         dataset_from_idx(images, labels, MNIST_CLASSES)
             .expect("embedded MNIST images and labels agree in count and labels are < 10 (tested)")
     };
@@ -604,55 +502,19 @@ mod tests {
     fn rejects_truncated_and_trailing_bodies() {
         let raw = idx_images(3, 2, 4);
         let short = &raw[..raw.len() - 1];
-        assert!(matches!(
-            parse_idx_images(short),
-            Err(DataError::BodyLength {
-                expected: 24,
-                actual: 23
-            })
-        ));
+        assert!(matches!(parse_idx_images(short), Err(DataError::BodyLength { expected: 24, actual: 23 })));
         let mut long = raw.clone();
         long.push(0);
-        assert!(matches!(
-            parse_idx_images(&long),
-            Err(DataError::BodyLength {
-                expected: 24,
-                actual: 25
-            })
-        ));
+        assert!(matches!(parse_idx_images(&long), Err(DataError::BodyLength { expected: 24, actual: 25 })));
         // Same through gzip.
-        assert!(matches!(
-            parse_idx_images(&gzip(&long)),
-            Err(DataError::BodyLength { .. })
-        ));
+        assert!(matches!(parse_idx_images(&gzip(&long)), Err(DataError::BodyLength { .. })));
         let mut l = idx_labels(&[1, 2]);
         l.push(3);
-        assert!(matches!(
-            parse_idx_labels(&l),
-            Err(DataError::BodyLength {
-                expected: 2,
-                actual: 3
-            })
-        ));
-        assert!(matches!(
-            parse_idx_labels(&l[..8]),
-            Err(DataError::BodyLength {
-                expected: 2,
-                actual: 0
-            })
-        ));
+        assert!(matches!(parse_idx_labels(&l), Err(DataError::BodyLength { expected: 2, actual: 3 })));
+        assert!(matches!(parse_idx_labels(&l[..8]), Err(DataError::BodyLength { expected: 2, actual: 0 })));
         // Header cut short.
-        assert!(matches!(
-            parse_idx_images(&raw[..10]),
-            Err(DataError::HeaderTruncated {
-                needed: 16,
-                actual: 10
-            })
-        ));
-        assert!(matches!(
-            parse_idx_labels(&[]),
-            Err(DataError::HeaderTruncated { .. })
-        ));
+        assert!(matches!(parse_idx_images(&raw[..10]), Err(DataError::HeaderTruncated { needed: 16, actual: 10 })));
+        assert!(matches!(parse_idx_labels(&[]), Err(DataError::HeaderTruncated { .. })));
         // A truncated gzip stream is a gzip error, not a panic.
         let gz = gzip(&raw);
         assert!(parse_idx_images(&gz[..gz.len() / 2]).is_err());
@@ -662,26 +524,11 @@ mod tests {
     fn rejects_bad_magic_and_dims() {
         let mut raw = idx_images(1, 2, 2);
         raw[3] = 0x01;
-        assert!(matches!(
-            parse_idx_images(&raw),
-            Err(DataError::BadMagic {
-                expected: 0x803,
-                found: 0x801
-            })
-        ));
+        assert!(matches!(parse_idx_images(&raw), Err(DataError::BadMagic { expected: 0x803, found: 0x801 })));
         // Labels file handed to the image parser and vice versa.
-        assert!(matches!(
-            parse_idx_images(&idx_labels(&[1])),
-            Err(DataError::BadMagic { .. })
-        ));
-        assert!(matches!(
-            parse_idx_labels(&idx_images(1, 1, 1)),
-            Err(DataError::BadMagic { .. })
-        ));
-        assert!(matches!(
-            parse_idx_images(&idx_images(1, 0, 2)),
-            Err(DataError::BadDims(_))
-        ));
+        assert!(matches!(parse_idx_images(&idx_labels(&[1])), Err(DataError::BadMagic { .. })));
+        assert!(matches!(parse_idx_labels(&idx_images(1, 1, 1)), Err(DataError::BadMagic { .. })));
+        assert!(matches!(parse_idx_images(&idx_images(1, 0, 2)), Err(DataError::BadDims(_))));
         // Dimensions whose product overflows or is absurd: a length error, no allocation.
         let mut huge = Vec::new();
         huge.extend_from_slice(&IDX_IMAGES_MAGIC.to_be_bytes());
@@ -696,21 +543,11 @@ mod tests {
         let imgs = parse_idx_images(&idx_images(3, 2, 2)).unwrap();
         let labels = parse_idx_labels(&idx_labels(&[0, 10, 1])).unwrap();
         match dataset_from_idx(imgs.clone(), labels, 10) {
-            Err(DataError::LabelOutOfRange {
-                index: 1,
-                label: 10,
-                classes: 10,
-            }) => {}
+            Err(DataError::LabelOutOfRange { index: 1, label: 10, classes: 10 }) => {}
             other => panic!("expected label out of range, got {other:?}"),
         }
         let labels = parse_idx_labels(&idx_labels(&[0, 1])).unwrap();
-        assert!(matches!(
-            dataset_from_idx(imgs, labels, 10),
-            Err(DataError::CountMismatch {
-                images: 3,
-                labels: 2
-            })
-        ));
+        assert!(matches!(dataset_from_idx(imgs, labels, 10), Err(DataError::CountMismatch { images: 3, labels: 2 })));
     }
 
     #[test]
@@ -718,25 +555,14 @@ mod tests {
         // 4 MiB of zeros compresses to a few KiB; with a 1 MiB cap it must be refused.
         let bomb = gzip(&vec![0u8; 4 << 20]);
         assert!(bomb.len() < 64 << 10);
-        assert!(
-            matches!(parse_images_capped(&bomb, 1 << 20), Err(DataError::TooLarge { limit }) if limit == 1 << 20)
-        );
-        assert!(matches!(
-            parse_labels_capped(&bomb, 1 << 20),
-            Err(DataError::TooLarge { .. })
-        ));
+        assert!(matches!(parse_images_capped(&bomb, 1 << 20), Err(DataError::TooLarge { limit }) if limit == 1 << 20));
+        assert!(matches!(parse_labels_capped(&bomb, 1 << 20), Err(DataError::TooLarge { .. })));
         // Exactly at the cap is fine.
         let ok = idx_images(4, 2, 2);
         assert!(parse_images_capped(&gzip(&ok), ok.len()).is_ok());
-        assert!(matches!(
-            parse_images_capped(&gzip(&ok), ok.len() - 1),
-            Err(DataError::TooLarge { .. })
-        ));
+        assert!(matches!(parse_images_capped(&gzip(&ok), ok.len() - 1), Err(DataError::TooLarge { .. })));
         // Raw input is capped too.
-        assert!(matches!(
-            parse_images_capped(&ok, ok.len() - 1),
-            Err(DataError::TooLarge { .. })
-        ));
+        assert!(matches!(parse_images_capped(&ok, ok.len() - 1), Err(DataError::TooLarge { .. })));
     }
 
     #[test]
@@ -748,23 +574,11 @@ mod tests {
         let s = d.subset(&[2, 0, 2]).unwrap();
         assert_eq!(s.pixels, vec![4, 5, 0, 1, 4, 5]);
         assert_eq!(s.labels, vec![2, 2, 2]);
-        assert!(matches!(
-            d.subset(&[0, 3]),
-            Err(DataError::IndexOutOfRange { index: 3, len: 3 })
-        ));
-        assert!(matches!(
-            d.subset(&[usize::MAX]),
-            Err(DataError::IndexOutOfRange { .. })
-        ));
+        assert!(matches!(d.subset(&[0, 3]), Err(DataError::IndexOutOfRange { index: 3, len: 3 })));
+        assert!(matches!(d.subset(&[usize::MAX]), Err(DataError::IndexOutOfRange { .. })));
         assert!(d.subset(&[]).unwrap().is_empty());
-        assert!(matches!(
-            Dataset::new(1, 2, vec![0; 5], vec![0; 3], 3),
-            Err(DataError::PixelCount { .. })
-        ));
-        assert!(matches!(
-            Dataset::new(1, 1, vec![0], vec![0], 0),
-            Err(DataError::BadClassCount(0))
-        ));
+        assert!(matches!(Dataset::new(1, 2, vec![0; 5], vec![0; 3], 3), Err(DataError::PixelCount { .. })));
+        assert!(matches!(Dataset::new(1, 1, vec![0], vec![0], 0), Err(DataError::BadClassCount(0))));
     }
 
     #[test]
@@ -775,18 +589,12 @@ mod tests {
         // A valid gzipped train pair, a raw test pair with a truncated label file.
         let w = |name: &str, bytes: &[u8]| std::fs::write(dir.path().join(name), bytes).unwrap();
         w("train-images-idx3-ubyte.gz", &gzip(&idx_images(4, 28, 28)));
-        w(
-            "train-labels-idx1-ubyte.gz",
-            &gzip(&idx_labels(&[0, 1, 2, 3])),
-        );
+        w("train-labels-idx1-ubyte.gz", &gzip(&idx_labels(&[0, 1, 2, 3])));
         w("t10k-images-idx3-ubyte", &idx_images(2, 28, 28));
         w("t10k-labels-idx1-ubyte", &idx_labels(&[5, 6])[..9]);
         let err = load_mnist_dir(dir.path()).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("t10k-labels-idx1-ubyte") && msg.contains("body"),
-            "{msg}"
-        );
+        assert!(msg.contains("t10k-labels-idx1-ubyte") && msg.contains("body"), "{msg}");
         w("t10k-labels-idx1-ubyte", &idx_labels(&[5, 6]));
         let split = load_mnist_dir(dir.path()).unwrap();
         assert_eq!((split.train.len(), split.test.len()), (4, 2));
@@ -798,14 +606,8 @@ mod tests {
     fn embedded_subset_is_valid() {
         let t = std::time::Instant::now();
         let s = embedded_mnist();
-        println!(
-            "embedded_mnist() took {:.1} ms",
-            t.elapsed().as_secs_f64() * 1e3
-        );
-        assert_eq!(
-            (s.train.len(), s.test.len()),
-            (EMBEDDED_TRAIN_LEN, EMBEDDED_TEST_LEN)
-        );
+        println!("embedded_mnist() took {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!((s.train.len(), s.test.len()), (EMBEDDED_TRAIN_LEN, EMBEDDED_TEST_LEN));
         assert_eq!((s.train.rows, s.train.cols), (28, 28));
         // MNIST's first training labels are 5, 0, 4, 1, 9.
         assert_eq!(&s.train.labels[..5], &[5, 0, 4, 1, 9]);
@@ -817,10 +619,7 @@ mod tests {
     fn full_mnist_if_present() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist");
         if !dir.is_dir() {
-            println!(
-                "skipped: {} not present (run scripts/fetch-data)",
-                dir.display()
-            );
+            println!("skipped: {} not present (run scripts/fetch-data)", dir.display());
             return;
         }
         let s = load_mnist_dir(&dir).unwrap();
@@ -833,14 +632,8 @@ mod tests {
         {
             // The embedded subset is a prefix of the full set.
             let e = embedded_mnist();
-            assert_eq!(
-                &s.train.labels[..EMBEDDED_TRAIN_LEN],
-                e.train.labels.as_slice()
-            );
-            assert_eq!(
-                &s.test.pixels[..e.test.pixels.len()],
-                e.test.pixels.as_slice()
-            );
+            assert_eq!(&s.train.labels[..EMBEDDED_TRAIN_LEN], e.train.labels.as_slice());
+            assert_eq!(&s.test.pixels[..e.test.pixels.len()], e.test.pixels.as_slice());
         }
     }
 }

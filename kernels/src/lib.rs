@@ -39,9 +39,7 @@ pub enum KernelError {
     #[error("the dataset is empty")]
     EmptyDataset,
     /// The images don't have the size the model takes.
-    #[error(
-        "model expects {expected} ({arch_input}) pixels per image, dataset images are {rows}x{cols}"
-    )]
+    #[error("model expects {expected} ({arch_input}) pixels per image, dataset images are {rows}x{cols}")]
     ImageSize {
         /// What the model takes, e.g. `784` or `1x28x28`.
         arch_input: String,

@@ -81,10 +81,7 @@ impl LeNet5 {
 
 /// A model of any supported architecture.
 #[derive(Module, Debug)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "one model per training call; boxing buys nothing"
-)]
+#[allow(clippy::large_enum_variant, reason = "one model per training call; boxing buys nothing")]
 pub enum Model {
     /// See [`Mlp`].
     Mlp(Mlp),
@@ -96,10 +93,7 @@ pub enum Model {
 pub fn input_size(arch: &ModelArch) -> (usize, String) {
     match arch {
         ModelArch::Mlp { input, .. } => (*input as usize, input.to_string()),
-        ModelArch::LeNet5 { .. } => (
-            LENET_SIDE * LENET_SIDE,
-            format!("1x{LENET_SIDE}x{LENET_SIDE}"),
-        ),
+        ModelArch::LeNet5 { .. } => (LENET_SIDE * LENET_SIDE, format!("1x{LENET_SIDE}x{LENET_SIDE}")),
     }
 }
 
@@ -110,16 +104,7 @@ pub fn check_image_size(arch: &ModelArch, rows: usize, cols: usize) -> Result<()
         ModelArch::Mlp { .. } => rows.checked_mul(cols) == Some(expected),
         ModelArch::LeNet5 { .. } => rows == LENET_SIDE && cols == LENET_SIDE,
     };
-    if ok {
-        Ok(())
-    } else {
-        Err(KernelError::ImageSize {
-            arch_input,
-            expected,
-            rows,
-            cols,
-        })
-    }
+    if ok { Ok(()) } else { Err(KernelError::ImageSize { arch_input, expected, rows, cols }) }
 }
 
 fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
@@ -157,20 +142,11 @@ impl<'a> FlatReader<'a> {
     }
 
     /// A burn `Linear` from PyTorch's `weight [out, in]` then `bias [out]`.
-    fn linear(
-        &mut self,
-        input: usize,
-        output: usize,
-        device: &Device,
-    ) -> Result<Linear, KernelError> {
+    fn linear(&mut self, input: usize, output: usize, device: &Device) -> Result<Linear, KernelError> {
         let w = self.take(output * input)?;
         let b = self.take(output)?;
         Ok(Linear {
-            weight: Param::from_tensor(tensor(
-                transpose(w, output, input),
-                [input, output],
-                device,
-            )),
+            weight: Param::from_tensor(tensor(transpose(w, output, input), [input, output], device)),
             bias: Some(Param::from_tensor(tensor(b.to_vec(), [output], device))),
         })
     }
@@ -231,20 +207,12 @@ impl Model {
     /// parameters of the wrong length or with NaN/infinity.
     ///
     /// On an autodiff device every parameter is trainable.
-    pub fn from_flat(
-        arch: &ModelArch,
-        params: &[f32],
-        device: &Device,
-    ) -> Result<Model, KernelError> {
+    pub fn from_flat(arch: &ModelArch, params: &[f32], device: &Device) -> Result<Model, KernelError> {
         arch.validate()?;
         arch.check_params(params)?;
         let mut r = FlatReader { rest: params };
         let model = match arch {
-            ModelArch::Mlp {
-                input,
-                hidden,
-                classes,
-            } => {
+            ModelArch::Mlp { input, hidden, classes } => {
                 let mut layers = Vec::with_capacity(hidden.len() + 1);
                 let mut prev = *input as usize;
                 for &h in hidden.iter().chain(std::iter::once(classes)) {
@@ -313,26 +281,15 @@ mod tests {
     fn flat_round_trip_is_bit_exact() {
         let device = cpu_device();
         for arch in [
-            ModelArch::Mlp {
-                input: 784,
-                hidden: vec![100],
-                classes: 10,
-            },
-            ModelArch::Mlp {
-                input: 5,
-                hidden: vec![4, 3, 7],
-                classes: 2,
-            },
+            ModelArch::Mlp { input: 784, hidden: vec![100], classes: 10 },
+            ModelArch::Mlp { input: 5, hidden: vec![4, 3, 7], classes: 2 },
             ModelArch::LeNet5 { classes: 10 },
         ] {
             let p = arch.init_params(11);
             let m = Model::from_flat(&arch, &p, &device).unwrap();
             let back = m.to_flat().unwrap();
             assert_eq!(back.len(), p.len());
-            assert!(
-                back.iter().zip(&p).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{arch:?}"
-            );
+            assert!(back.iter().zip(&p).all(|(a, b)| a.to_bits() == b.to_bits()), "{arch:?}");
             assert_eq!(m.num_params(), arch.num_params(), "{arch:?}");
             // Also on an autodiff device.
             let m = Model::from_flat(&arch, &p, &device.clone().autodiff()).unwrap();
@@ -343,11 +300,7 @@ mod tests {
     #[test]
     fn from_flat_rejects_bad_params() {
         let device = cpu_device();
-        let arch = ModelArch::Mlp {
-            input: 4,
-            hidden: vec![3],
-            classes: 2,
-        };
+        let arch = ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 };
         let mut p = arch.init_params(1);
         assert!(matches!(
             Model::from_flat(&arch, &p[1..], &device),
@@ -358,11 +311,7 @@ mod tests {
             Model::from_flat(&arch, &p, &device),
             Err(KernelError::Model(ModelError::NonFinite { index: 3 }))
         ));
-        let bad = ModelArch::Mlp {
-            input: 4,
-            hidden: vec![0],
-            classes: 2,
-        };
+        let bad = ModelArch::Mlp { input: 4, hidden: vec![0], classes: 2 };
         assert!(Model::from_flat(&bad, &[], &device).is_err());
     }
 
@@ -395,31 +344,19 @@ mod tests {
     #[test]
     fn mlp_forward_matches_hand_computation() {
         let device = cpu_device();
-        let arch = ModelArch::Mlp {
-            input: 6,
-            hidden: vec![5, 4],
-            classes: 3,
-        };
+        let arch = ModelArch::Mlp { input: 6, hidden: vec![5, 4], classes: 3 };
         // Non-symmetric weights so a missing or extra transpose shows.
-        let p: Vec<f32> = (0..arch.num_params())
-            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 13.0)
-            .collect();
+        let p: Vec<f32> = (0..arch.num_params()).map(|i| ((i * 37 % 23) as f32 - 11.0) / 13.0).collect();
         let model = Model::from_flat(&arch, &p, &device).unwrap();
         let batch = 2;
         let x: Vec<f32> = (0..batch * 6).map(|i| (i as f32 * 0.37).sin()).collect();
-        let out = model.forward(Tensor::from_data(
-            TensorData::new(x.clone(), [batch, 6]),
-            &device,
-        ));
+        let out = model.forward(Tensor::from_data(TensorData::new(x.clone(), [batch, 6]), &device));
         assert_eq!(out.dims(), [batch, 3]);
         let got = read_tensor(out).unwrap();
         for b in 0..batch {
             let want = reference_mlp(&arch, &p, &x[b * 6..(b + 1) * 6]);
             for (g, w) in got[b * 3..(b + 1) * 3].iter().zip(&want) {
-                assert!(
-                    (g - w).abs() < 1e-5,
-                    "sample {b}: burn {g} vs reference {w}"
-                );
+                assert!((g - w).abs() < 1e-5, "sample {b}: burn {g} vs reference {w}");
             }
         }
     }
@@ -433,11 +370,7 @@ mod tests {
         let p = arch.init_params(5);
         let model = Model::from_flat(&arch, &p, &device).unwrap();
         let x: Vec<f32> = (0..784).map(|i| ((i * 31 % 255) as f32) / 255.0).collect();
-        let got = read_tensor(model.forward(Tensor::from_data(
-            TensorData::new(x.clone(), [1, 784]),
-            &device,
-        )))
-        .unwrap();
+        let got = read_tensor(model.forward(Tensor::from_data(TensorData::new(x.clone(), [1, 784]), &device))).unwrap();
 
         let mut off = 0;
         let mut take = |n: usize| {
@@ -451,32 +384,31 @@ mod tests {
         let (f2w, f2b) = (take(10080), take(84));
         let (f3w, f3b) = (take(840), take(10));
         // conv(x: [cin, h, w]) with [cout, cin, k, k] weights, given padding.
-        let conv =
-            |x: &[f64], cin: usize, h: usize, w: &[f32], b: &[f32], cout: usize, pad: usize| {
-                let oh = h + 2 * pad - 4;
-                let mut y = vec![0f64; cout * oh * oh];
-                for co in 0..cout {
-                    for r in 0..oh {
-                        for c in 0..oh {
-                            let mut s = b[co] as f64;
-                            for ci in 0..cin {
-                                for kr in 0..5 {
-                                    for kc in 0..5 {
-                                        let (ir, ic) = (r + kr, c + kc);
-                                        if ir < pad || ic < pad || ir - pad >= h || ic - pad >= h {
-                                            continue;
-                                        }
-                                        s += w[((co * cin + ci) * 5 + kr) * 5 + kc] as f64
-                                            * x[(ci * h + ir - pad) * h + ic - pad];
+        let conv = |x: &[f64], cin: usize, h: usize, w: &[f32], b: &[f32], cout: usize, pad: usize| {
+            let oh = h + 2 * pad - 4;
+            let mut y = vec![0f64; cout * oh * oh];
+            for co in 0..cout {
+                for r in 0..oh {
+                    for c in 0..oh {
+                        let mut s = b[co] as f64;
+                        for ci in 0..cin {
+                            for kr in 0..5 {
+                                for kc in 0..5 {
+                                    let (ir, ic) = (r + kr, c + kc);
+                                    if ir < pad || ic < pad || ir - pad >= h || ic - pad >= h {
+                                        continue;
                                     }
+                                    s += w[((co * cin + ci) * 5 + kr) * 5 + kc] as f64
+                                        * x[(ci * h + ir - pad) * h + ic - pad];
                                 }
                             }
-                            y[(co * oh + r) * oh + c] = s.max(0.0);
                         }
+                        y[(co * oh + r) * oh + c] = s.max(0.0);
                     }
                 }
-                (y, oh)
-            };
+            }
+            (y, oh)
+        };
         let pool = |x: &[f64], ch: usize, h: usize| {
             let oh = h / 2;
             let mut y = vec![0f64; ch * oh * oh];
@@ -484,8 +416,7 @@ mod tests {
                 for r in 0..oh {
                     for q in 0..oh {
                         let at = |dr: usize, dq: usize| x[(c * h + 2 * r + dr) * h + 2 * q + dq];
-                        y[(c * oh + r) * oh + q] =
-                            at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1));
+                        y[(c * oh + r) * oh + q] = at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1));
                     }
                 }
             }
@@ -495,8 +426,7 @@ mod tests {
             let (out, inp) = (b.len(), x.len());
             (0..out)
                 .map(|o| {
-                    let s =
-                        b[o] as f64 + (0..inp).map(|i| w[o * inp + i] as f64 * x[i]).sum::<f64>();
+                    let s = b[o] as f64 + (0..inp).map(|i| w[o * inp + i] as f64 * x[i]).sum::<f64>();
                     if relu { s.max(0.0) } else { s }
                 })
                 .collect::<Vec<f64>>()

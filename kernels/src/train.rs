@@ -74,20 +74,12 @@ pub struct EvalReport {
 impl EvalReport {
     /// `correct / total`, 0 when empty.
     pub fn accuracy(&self) -> f64 {
-        if self.total == 0 {
-            0.0
-        } else {
-            self.correct as f64 / self.total as f64
-        }
+        if self.total == 0 { 0.0 } else { self.correct as f64 / self.total as f64 }
     }
 
     /// `loss_sum / total`, 0 when empty.
     pub fn mean_loss(&self) -> f64 {
-        if self.total == 0 {
-            0.0
-        } else {
-            self.loss_sum / self.total as f64
-        }
+        if self.total == 0 { 0.0 } else { self.loss_sum / self.total as f64 }
     }
 
     /// Adds another shard's totals.
@@ -121,29 +113,15 @@ fn check_data(arch: &ModelArch, data: &Dataset) -> Result<(), KernelError> {
     check_image_size(arch, data.rows, data.cols)?;
     data.validate()?;
     let classes = arch.classes();
-    if let Some((index, &label)) = data
-        .labels
-        .iter()
-        .enumerate()
-        .find(|&(_, &l)| usize::from(l) >= classes)
-    {
-        return Err(KernelError::LabelOutOfRange {
-            index,
-            label,
-            classes,
-        });
+    if let Some((index, &label)) = data.labels.iter().enumerate().find(|&(_, &l)| usize::from(l) >= classes) {
+        return Err(KernelError::LabelOutOfRange { index, label, classes });
     }
     Ok(())
 }
 
 /// Builds the `[b, pixels]` image tensor and `[b]` label tensor for the
 /// samples at `indices` (already validated to be in range).
-fn batch(
-    data: &Dataset,
-    indices: &[usize],
-    table: &[f32; 256],
-    device: &Device,
-) -> (Tensor<2>, Tensor<1, Int>) {
+fn batch(data: &Dataset, indices: &[usize], table: &[f32; 256], device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
     let size = data.image_size();
     // One allocation per batch, handed to burn without a copy.
     let mut x = Vec::with_capacity(indices.len() * size);
@@ -155,15 +133,11 @@ fn batch(
         }
     }
     let b = y.len();
-    (
-        Tensor::from_data(TensorData::new(x, [b, size]), device),
-        Tensor::from_data(TensorData::new(y, [b]), device),
-    )
+    (Tensor::from_data(TensorData::new(x, [b, size]), device), Tensor::from_data(TensorData::new(y, [b]), device))
 }
 
 fn scalar(t: Tensor<1>) -> Result<f32, KernelError> {
-    t.try_into_scalar::<f32>()
-        .map_err(|e| KernelError::Backend(e.to_string()))
+    t.try_into_scalar::<f32>().map_err(|e| KernelError::Backend(e.to_string()))
 }
 
 /// Trains `params` (flat, canonical order) on `data` with minibatch SGD and
@@ -185,23 +159,13 @@ pub fn train_local(
         return Err(KernelError::InvalidConfig("batch_size must be > 0".into()));
     }
     if !cfg.lr.is_finite() {
-        return Err(KernelError::InvalidConfig(format!(
-            "learning rate {} is not finite",
-            cfg.lr
-        )));
+        return Err(KernelError::InvalidConfig(format!("learning rate {} is not finite", cfg.lr)));
     }
     check_data(arch, data)?;
     let device = device.clone().autodiff();
     let mut model = Model::from_flat(arch, params, &device)?;
     if cfg.epochs == 0 {
-        return Ok((
-            params.to_vec(),
-            TrainReport {
-                mean_loss: 0.0,
-                steps: 0,
-                samples: 0,
-            },
-        ));
+        return Ok((params.to_vec(), TrainReport { mean_loss: 0.0, steps: 0, samples: 0 }));
     }
     let mut optim = SgdConfig::new().init();
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
@@ -218,10 +182,7 @@ pub fn train_local(
             let loss = loss_fn.forward(model.forward(x), y);
             let value = scalar(loss.clone())?;
             if !value.is_finite() {
-                return Err(KernelError::Diverged {
-                    step: steps,
-                    loss: value,
-                });
+                return Err(KernelError::Diverged { step: steps, loss: value });
             }
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(f64::from(cfg.lr), model, grads);
@@ -233,20 +194,33 @@ pub fn train_local(
     let out = model.to_flat()?;
     if let Some(index) = out.iter().position(|v| !v.is_finite()) {
         // A finite loss with non-finite weights is possible on the last step.
-        return Err(KernelError::Diverged {
-            step: steps,
-            loss: out.get(index).copied().unwrap_or(f32::NAN),
-        });
+        return Err(KernelError::Diverged { step: steps, loss: out.get(index).copied().unwrap_or(f32::NAN) });
     }
     let mean_loss = (loss_sum / samples.max(1) as f64) as f32;
-    Ok((
-        out,
-        TrainReport {
-            mean_loss,
-            steps,
-            samples,
-        },
-    ))
+    Ok((out, TrainReport { mean_loss, steps, samples }))
+}
+
+/// Mean cross-entropy of `params` on the examples `indices` of `data`
+/// (forward only, no autodiff): the loss a zeroth-order step evaluates.
+/// `indices` must be in range (callers draw them from `0..data.len()`).
+pub fn batch_loss(
+    arch: &ModelArch,
+    params: &[f32],
+    data: &Dataset,
+    indices: &[usize],
+    device: &Device,
+) -> Result<f32, KernelError> {
+    if indices.is_empty() {
+        return Err(KernelError::EmptyDataset);
+    }
+    if let Some(&i) = indices.iter().find(|&&i| i >= data.len()) {
+        return Err(KernelError::InvalidConfig(format!("example index {i} out of range")));
+    }
+    let device = device.clone().without_autodiff();
+    let model = Model::from_flat(arch, params, &device)?;
+    let (x, y) = batch(data, indices, &pixel_table(), &device);
+    let loss = CrossEntropyLossConfig::new().init(&device).forward(model.forward(x), y);
+    scalar(loss)
 }
 
 /// Cross-entropy and accuracy of `params` on `data`, in batches of
@@ -275,19 +249,10 @@ pub fn evaluate(
             let label = data.labels.get(i).map_or(0, |&l| usize::from(l));
             // log-softmax in f64 with the max subtracted, for a stable loss.
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = f64::from(max)
-                + row
-                    .iter()
-                    .map(|&v| (f64::from(v) - f64::from(max)).exp())
-                    .sum::<f64>()
-                    .ln();
+            let lse = f64::from(max) + row.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum::<f64>().ln();
             report.loss_sum += lse - row.get(label).map_or(f64::NAN, |&v| f64::from(v));
             let argmax = row.iter().enumerate().fold(0, |best, (j, &v)| {
-                if v > row.get(best).copied().unwrap_or(f32::NEG_INFINITY) {
-                    j
-                } else {
-                    best
-                }
+                if v > row.get(best).copied().unwrap_or(f32::NEG_INFINITY) { j } else { best }
             });
             report.correct += u64::from(argmax == label);
             report.total += 1;
@@ -318,12 +283,7 @@ mod tests {
     }
 
     fn cfg(seed: u64) -> TrainConfig {
-        TrainConfig {
-            lr: 0.05,
-            batch_size: 32,
-            epochs: 1,
-            seed,
-        }
+        TrainConfig { lr: 0.05, batch_size: 32, epochs: 1, seed }
     }
 
     #[test]
@@ -335,10 +295,7 @@ mod tests {
             let (a, ra) = train_local(&arch, &p0, &data, &cfg(9), &device).unwrap();
             let (b, rb) = train_local(&arch, &p0, &data, &cfg(9), &device).unwrap();
             assert_eq!(ra, rb);
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{arch:?} not bit-identical"
-            );
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{arch:?} not bit-identical");
             assert_ne!(a, p0, "{arch:?} didn't move");
             // A different shuffle seed changes the result.
             let (c, _) = train_local(&arch, &p0, &data, &cfg(10), &device).unwrap();
@@ -357,15 +314,11 @@ mod tests {
         let arch = ModelArch::mnist_mlp();
         let p0 = arch.init_params(4);
         let datasets: Vec<Dataset> = (0..3).map(|s| tiny_data(96, s)).collect();
-        let sequential: Vec<Vec<f32>> = datasets
-            .iter()
-            .map(|d| train_local(&arch, &p0, d, &cfg(1), &device).unwrap().0)
-            .collect();
+        let sequential: Vec<Vec<f32>> =
+            datasets.iter().map(|d| train_local(&arch, &p0, d, &cfg(1), &device).unwrap().0).collect();
         let parallel: Vec<Vec<f32>> = std::thread::scope(|s| {
-            let handles: Vec<_> = datasets
-                .iter()
-                .map(|d| s.spawn(|| train_local(&arch, &p0, d, &cfg(1), &device).unwrap().0))
-                .collect();
+            let handles: Vec<_> =
+                datasets.iter().map(|d| s.spawn(|| train_local(&arch, &p0, d, &cfg(1), &device).unwrap().0)).collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for (a, b) in sequential.iter().zip(&parallel) {
@@ -378,24 +331,14 @@ mod tests {
         // A 2-input, 2-class linear model (no hidden layer) on one sample:
         // dL/dz = softmax(z) - onehot(y); W' = W - lr * dz x^T; b' = b - lr * dz.
         let device = cpu_device();
-        let arch = ModelArch::Mlp {
-            input: 4,
-            hidden: vec![],
-            classes: 2,
-        };
+        let arch = ModelArch::Mlp { input: 4, hidden: vec![], classes: 2 };
         let p = vec![0.1, -0.2, 0.3, 0.05, -0.1, 0.2, 0.0, 0.4, 0.01, -0.02];
         let data = Dataset::new(2, 2, vec![255, 0, 51, 102], vec![1], 2).unwrap();
-        let c = TrainConfig {
-            lr: 0.5,
-            batch_size: 4,
-            epochs: 1,
-            seed: 0,
-        };
+        let c = TrainConfig { lr: 0.5, batch_size: 4, epochs: 1, seed: 0 };
         let (got, report) = train_local(&arch, &p, &data, &c, &device).unwrap();
         let x = [1.0f64, 0.0, 0.2, 0.4];
-        let z: Vec<f64> = (0..2)
-            .map(|o| p[8 + o] as f64 + (0..4).map(|i| p[o * 4 + i] as f64 * x[i]).sum::<f64>())
-            .collect();
+        let z: Vec<f64> =
+            (0..2).map(|o| p[8 + o] as f64 + (0..4).map(|i| p[o * 4 + i] as f64 * x[i]).sum::<f64>()).collect();
         let e: Vec<f64> = z.iter().map(|v| v.exp()).collect();
         let s = e[0] + e[1];
         let dz = [e[0] / s, e[1] / s - 1.0];
@@ -415,10 +358,7 @@ mod tests {
     #[cfg(feature = "embedded-data")]
     fn reference_mlp_sgd(arch: &ModelArch, p: &[f32], data: &Dataset, c: &TrainConfig) -> Vec<f64> {
         let specs = arch.tensors();
-        let dims: Vec<(usize, usize)> = specs
-            .chunks(2)
-            .map(|s| (s[0].shape[0], s[0].shape[1]))
-            .collect();
+        let dims: Vec<(usize, usize)> = specs.chunks(2).map(|s| (s[0].shape[0], s[0].shape[1])).collect();
         let mut w: Vec<f64> = p.iter().map(|&v| v as f64).collect();
         let mut rng = train_rng(c.seed);
         for _ in 0..c.epochs {
@@ -428,20 +368,15 @@ mod tests {
                 let mut grad = vec![0f64; w.len()];
                 for &s in idx {
                     // Forward, keeping every layer's input.
-                    let mut acts: Vec<Vec<f64>> = vec![
-                        data.image(s)
-                            .unwrap()
-                            .iter()
-                            .map(|&v| (v as f32 / 255.0) as f64)
-                            .collect(),
-                    ];
+                    let mut acts: Vec<Vec<f64>> =
+                        vec![data.image(s).unwrap().iter().map(|&v| (v as f32 / 255.0) as f64).collect()];
                     let mut off = 0;
                     for (l, &(out, inp)) in dims.iter().enumerate() {
                         let x = acts.last().unwrap();
                         let z: Vec<f64> = (0..out)
                             .map(|o| {
-                                let s = w[off + out * inp + o]
-                                    + (0..inp).map(|i| w[off + o * inp + i] * x[i]).sum::<f64>();
+                                let s =
+                                    w[off + out * inp + o] + (0..inp).map(|i| w[off + o * inp + i] * x[i]).sum::<f64>();
                                 if l + 1 < dims.len() { s.max(0.0) } else { s }
                             })
                             .collect();
@@ -454,11 +389,8 @@ mod tests {
                     let e: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
                     let sum: f64 = e.iter().sum();
                     let y = data.labels[s] as usize;
-                    let mut dz: Vec<f64> = e
-                        .iter()
-                        .enumerate()
-                        .map(|(k, v)| (v / sum - f64::from(k == y)) / idx.len() as f64)
-                        .collect();
+                    let mut dz: Vec<f64> =
+                        e.iter().enumerate().map(|(k, v)| (v / sum - f64::from(k == y)) / idx.len() as f64).collect();
                     // Backward.
                     for (l, &(out, inp)) in dims.iter().enumerate().rev() {
                         let off: usize = dims[..l].iter().map(|&(o, i)| o * i + o).sum();
@@ -472,11 +404,7 @@ mod tests {
                             }
                         }
                         // ReLU mask of the previous layer's output (x itself).
-                        dz = dx
-                            .iter()
-                            .zip(x)
-                            .map(|(d, &a)| if a > 0.0 { *d } else { 0.0 })
-                            .collect();
+                        dz = dx.iter().zip(x).map(|(d, &a)| if a > 0.0 { *d } else { 0.0 }).collect();
                     }
                 }
                 for (wi, gi) in w.iter_mut().zip(&grad) {
@@ -491,30 +419,18 @@ mod tests {
     #[test]
     fn mlp_training_matches_reference_backprop() {
         let device = cpu_device();
-        let arch = ModelArch::Mlp {
-            input: 784,
-            hidden: vec![24, 16],
-            classes: 10,
-        };
+        let arch = ModelArch::Mlp { input: 784, hidden: vec![24, 16], classes: 10 };
         let split = crate::data::embedded_mnist();
         let data = split.train.subset(&(0..96).collect::<Vec<_>>()).unwrap();
         let p0 = arch.init_params(5);
-        let c = TrainConfig {
-            lr: 0.1,
-            batch_size: 16,
-            epochs: 2,
-            seed: 4,
-        };
+        let c = TrainConfig { lr: 0.1, batch_size: 16, epochs: 2, seed: 4 };
         let (got, r) = train_local(&arch, &p0, &data, &c, &device).unwrap();
         assert_eq!(r.steps, 12);
         let want = reference_mlp_sgd(&arch, &p0, &data, &c);
         let moved = got.iter().zip(&p0).filter(|(a, b)| a != b).count();
         assert!(moved > got.len() / 2, "only {moved} parameters changed");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (*g as f64 - w).abs() < 2e-5,
-                "param {i}: burn {g} vs reference {w}"
-            );
+            assert!((*g as f64 - w).abs() < 2e-5, "param {i}: burn {g} vs reference {w}");
         }
     }
 
@@ -525,70 +441,33 @@ mod tests {
         let p = arch.init_params(1);
         let data = tiny_data(4, 1);
         let err = |r: Result<(Vec<f32>, TrainReport), KernelError>| r.unwrap_err();
+        assert!(matches!(err(train_local(&arch, &p[1..], &data, &cfg(0), &device)), KernelError::Model(_)));
         assert!(matches!(
-            err(train_local(&arch, &p[1..], &data, &cfg(0), &device)),
-            KernelError::Model(_)
-        ));
-        assert!(matches!(
-            err(train_local(
-                &arch,
-                &p,
-                &data.subset(&[]).unwrap(),
-                &cfg(0),
-                &device
-            )),
+            err(train_local(&arch, &p, &data.subset(&[]).unwrap(), &cfg(0), &device)),
             KernelError::EmptyDataset
         ));
         let small = Dataset::new(14, 14, vec![0; 196], vec![0], 10).unwrap();
-        assert!(matches!(
-            err(train_local(&arch, &p, &small, &cfg(0), &device)),
-            KernelError::ImageSize { .. }
-        ));
+        assert!(matches!(err(train_local(&arch, &p, &small, &cfg(0), &device)), KernelError::ImageSize { .. }));
         let mut bad = data.clone();
         bad.labels[2] = 12;
-        assert!(matches!(
-            err(train_local(&arch, &p, &bad, &cfg(0), &device)),
-            KernelError::Data(_)
-        ));
+        assert!(matches!(err(train_local(&arch, &p, &bad, &cfg(0), &device)), KernelError::Data(_)));
         let mut skew = data.clone();
         skew.classes = 20;
         skew.labels[1] = 15; // valid for the dataset, not for a 10-class model
         assert!(matches!(
             err(train_local(&arch, &p, &skew, &cfg(0), &device)),
-            KernelError::LabelOutOfRange {
-                index: 1,
-                label: 15,
-                classes: 10
-            }
+            KernelError::LabelOutOfRange { index: 1, label: 15, classes: 10 }
         ));
         let mut broken = data.clone();
         broken.pixels.pop();
-        assert!(matches!(
-            err(train_local(&arch, &p, &broken, &cfg(0), &device)),
-            KernelError::Data(_)
-        ));
-        let c = TrainConfig {
-            batch_size: 0,
-            ..cfg(0)
-        };
-        assert!(matches!(
-            err(train_local(&arch, &p, &data, &c, &device)),
-            KernelError::InvalidConfig(_)
-        ));
-        let c = TrainConfig {
-            lr: f32::NAN,
-            ..cfg(0)
-        };
-        assert!(matches!(
-            err(train_local(&arch, &p, &data, &c, &device)),
-            KernelError::InvalidConfig(_)
-        ));
+        assert!(matches!(err(train_local(&arch, &p, &broken, &cfg(0), &device)), KernelError::Data(_)));
+        let c = TrainConfig { batch_size: 0, ..cfg(0) };
+        assert!(matches!(err(train_local(&arch, &p, &data, &c, &device)), KernelError::InvalidConfig(_)));
+        let c = TrainConfig { lr: f32::NAN, ..cfg(0) };
+        assert!(matches!(err(train_local(&arch, &p, &data, &c, &device)), KernelError::InvalidConfig(_)));
         assert!(evaluate(&arch, &p, &data, &device, 0).is_err());
         // Zero epochs: unchanged.
-        let c = TrainConfig {
-            epochs: 0,
-            ..cfg(0)
-        };
+        let c = TrainConfig { epochs: 0, ..cfg(0) };
         let (q, r) = train_local(&arch, &p, &data, &c, &device).unwrap();
         assert_eq!((q, r.steps), (p, 0));
     }
@@ -596,18 +475,9 @@ mod tests {
     #[test]
     fn divergence_is_an_error_not_nan_params() {
         let device = cpu_device();
-        let arch = ModelArch::Mlp {
-            input: 784,
-            hidden: vec![32],
-            classes: 10,
-        };
+        let arch = ModelArch::Mlp { input: 784, hidden: vec![32], classes: 10 };
         let data = tiny_data(64, 2);
-        let c = TrainConfig {
-            lr: 1e30,
-            batch_size: 8,
-            epochs: 3,
-            seed: 0,
-        };
+        let c = TrainConfig { lr: 1e30, batch_size: 8, epochs: 3, seed: 0 };
         assert!(matches!(
             train_local(&arch, &arch.init_params(0), &data, &c, &device),
             Err(KernelError::Diverged { .. })
@@ -617,33 +487,16 @@ mod tests {
     #[test]
     fn evaluate_matches_hand_computation_and_batching() {
         let device = cpu_device();
-        let arch = ModelArch::Mlp {
-            input: 4,
-            hidden: vec![],
-            classes: 3,
-        };
+        let arch = ModelArch::Mlp { input: 4, hidden: vec![], classes: 3 };
         let p: Vec<f32> = (0..15).map(|i| (i as f32 - 7.0) / 5.0).collect();
-        let data = Dataset::new(
-            2,
-            2,
-            vec![255, 0, 0, 0, 0, 0, 0, 255, 10, 20, 30, 40],
-            vec![0, 2, 1],
-            3,
-        )
-        .unwrap();
+        let data = Dataset::new(2, 2, vec![255, 0, 0, 0, 0, 0, 0, 255, 10, 20, 30, 40], vec![0, 2, 1], 3).unwrap();
         let r = evaluate(&arch, &p, &data, &device, 2).unwrap();
         let mut loss = 0.0;
         let mut correct = 0;
         for s in 0..3 {
-            let x: Vec<f64> = data
-                .image(s)
-                .unwrap()
-                .iter()
-                .map(|&v| v as f64 / 255.0)
-                .collect();
-            let z: Vec<f64> = (0..3)
-                .map(|o| p[12 + o] as f64 + (0..4).map(|i| p[o * 4 + i] as f64 * x[i]).sum::<f64>())
-                .collect();
+            let x: Vec<f64> = data.image(s).unwrap().iter().map(|&v| v as f64 / 255.0).collect();
+            let z: Vec<f64> =
+                (0..3).map(|o| p[12 + o] as f64 + (0..4).map(|i| p[o * 4 + i] as f64 * x[i]).sum::<f64>()).collect();
             let lse = z.iter().map(|v| v.exp()).sum::<f64>().ln();
             let y = data.labels[s] as usize;
             loss += lse - z[y];
@@ -662,23 +515,14 @@ mod tests {
     fn mlp_learns_embedded_mnist() {
         let device = cpu_device();
         let split = crate::data::embedded_mnist();
-        let arch = ModelArch::Mlp {
-            input: 784,
-            hidden: vec![100],
-            classes: 10,
-        };
+        let arch = ModelArch::Mlp { input: 784, hidden: vec![100], classes: 10 };
         // lr 0.1, not 0.05: with [0, 1] inputs and PyTorch's default init,
         // lr 0.05 reaches only 83-86% after this one epoch (8 seeds measured),
         // too close to the bar; lr 0.1 gives 85-87%, and seed 0 gives 86.5%
         // (training is bit-deterministic, so this is not flaky).
         let p0 = arch.init_params(0);
         let before = evaluate(&arch, &p0, &split.test, &device, 500).unwrap();
-        let c = TrainConfig {
-            lr: 0.1,
-            batch_size: 32,
-            epochs: 1,
-            seed: 0,
-        };
+        let c = TrainConfig { lr: 0.1, batch_size: 32, epochs: 1, seed: 0 };
         let t = std::time::Instant::now();
         let (p, report) = train_local(&arch, &p0, &split.train, &c, &device).unwrap();
         let secs = t.elapsed().as_secs_f64();
@@ -712,12 +556,7 @@ mod tests {
         let train = split.train.subset(&(0..2048).collect::<Vec<_>>()).unwrap();
         let held = split.test.subset(&(0..500).collect::<Vec<_>>()).unwrap();
         let before = evaluate(&arch, &p0, &held, &device, 250).unwrap();
-        let c = TrainConfig {
-            lr: 0.1,
-            batch_size: 16,
-            epochs: 1,
-            seed: 3,
-        };
+        let c = TrainConfig { lr: 0.1, batch_size: 16, epochs: 1, seed: 3 };
         let t = std::time::Instant::now();
         let (p, report) = train_local(&arch, &p0, &train, &c, &device).unwrap();
         let secs = t.elapsed().as_secs_f64();
@@ -731,12 +570,7 @@ mod tests {
             after.accuracy()
         );
         assert_eq!(report.steps, 128);
-        assert!(
-            after.mean_loss() < before.mean_loss() * 0.8,
-            "{} -> {}",
-            before.mean_loss(),
-            after.mean_loss()
-        );
+        assert!(after.mean_loss() < before.mean_loss() * 0.8, "{} -> {}", before.mean_loss(), after.mean_loss());
         assert!(after.accuracy() > 0.4, "accuracy {}", after.accuracy());
     }
 
@@ -751,46 +585,23 @@ mod tests {
         let arch = ModelArch::mnist_mlp();
         let p0 = arch.init_params(1);
         let data = split.train.subset(&(0..6000).collect::<Vec<_>>()).unwrap();
-        let c = TrainConfig {
-            lr: 0.05,
-            batch_size: 32,
-            epochs: 1,
-            seed: 1,
-        };
-        let _ = train_local(
-            &arch,
-            &p0,
-            &data.subset(&(0..320).collect::<Vec<_>>()).unwrap(),
-            &c,
-            &device,
-        )
-        .unwrap();
+        let c = TrainConfig { lr: 0.05, batch_size: 32, epochs: 1, seed: 1 };
+        let _ = train_local(&arch, &p0, &data.subset(&(0..320).collect::<Vec<_>>()).unwrap(), &c, &device).unwrap();
         for _ in 0..3 {
             let t = std::time::Instant::now();
             let (_, r) = train_local(&arch, &p0, &data, &c, &device).unwrap();
             let s = t.elapsed().as_secs_f64();
-            println!(
-                "784-200-200-10 b32: {} steps in {s:.3} s = {:.0} steps/s",
-                r.steps,
-                r.steps as f64 / s
-            );
+            println!("784-200-200-10 b32: {} steps in {s:.3} s = {:.0} steps/s", r.steps, r.steps as f64 / s);
         }
         let arch = ModelArch::LeNet5 { classes: 10 };
         let p0 = arch.init_params(1);
         let t = std::time::Instant::now();
         let (_, r) = train_local(&arch, &p0, &data, &c, &device).unwrap();
         let s = t.elapsed().as_secs_f64();
-        println!(
-            "LeNet-5 b32: {} steps in {s:.3} s = {:.0} steps/s",
-            r.steps,
-            r.steps as f64 / s
-        );
+        println!("LeNet-5 b32: {} steps in {s:.3} s = {:.0} steps/s", r.steps, r.steps as f64 / s);
         let t = std::time::Instant::now();
         let e = evaluate(&arch, &p0, &split.test, &device, 500).unwrap();
-        println!(
-            "LeNet-5 evaluate 2000 images: {:.3} s",
-            t.elapsed().as_secs_f64()
-        );
+        println!("LeNet-5 evaluate 2000 images: {:.3} s", t.elapsed().as_secs_f64());
         assert_eq!(e.total, 2000);
     }
 }

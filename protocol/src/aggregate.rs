@@ -9,10 +9,11 @@
 //! can fold each update into integer counters as it arrives.
 //!
 //! `absorb` validates the payload (kind, dimension, finiteness) and must leave
-//! the aggregator unchanged when it returns an error.
+//! the aggregator unchanged when it returns an error; `finish` must leave the
+//! global model unchanged when it returns an error.
 
 use crate::error::Misbehaviour;
-use crate::wire::{ClientUpdate, UpdateKind, UpdatePayload, MAX_SAMPLES_PER_UPDATE};
+use crate::wire::{ClientUpdate, MAX_SAMPLES_PER_UPDATE, UpdateKind, UpdatePayload};
 
 /// Stable identity of a client: its index in the enrolment list.
 pub type ClientIndex = u32;
@@ -34,6 +35,14 @@ pub enum AggregateError {
     /// `finish` without any absorbed update.
     #[error("no updates to aggregate")]
     Empty,
+    /// The combined update would make a parameter infinite (finite updates
+    /// can still overflow f32 when added to large weights). The global model
+    /// is left unchanged: a replica must never hold NaN or infinity.
+    #[error("aggregation would make parameter {index} non-finite")]
+    NonFinite {
+        /// Flat index of the first parameter that would overflow.
+        index: usize,
+    },
 }
 
 /// Combines a round's updates into the next global model.
@@ -46,7 +55,7 @@ pub trait Aggregator: Send + std::fmt::Debug {
     fn begin_round(&mut self, round: u32, global: &[f32]);
     /// Validates and takes one update. On error nothing is kept.
     fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour>;
-    /// Closes the round, writing the new model into `global`.
+    /// Closes the round, writing the new model into `global` (untouched on error).
     fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError>;
 }
 
@@ -116,7 +125,10 @@ impl Aggregator for FedAvg {
             return Err(AggregateError::Empty);
         }
         self.pending.sort_by_key(|(c, ..)| *c);
-        let total: u64 = self.pending.iter().map(|(_, n, ..)| *n).sum();
+        // Each count is at most MAX_SAMPLES_PER_UPDATE (2^32) and a round has
+        // at most MAX_ENROLLED (2^20) updates, so this can't saturate; it is
+        // saturating so that no caller can make it wrap.
+        let total: u64 = self.pending.iter().fold(0u64, |t, (_, n, ..)| t.saturating_add(*n));
         let mut acc = vec![0f64; global.len()];
         let mut loss = 0f64;
         for (_, n, l, delta) in &self.pending {
@@ -127,9 +139,15 @@ impl Aggregator for FedAvg {
             }
         }
         let total_f = total as f64;
-        for (g, a) in global.iter_mut().zip(&acc) {
-            *g = (*g as f64 + a / total_f) as f32;
+        // Compute the new model aside and commit it only if every value is
+        // finite: deltas are checked finite, but `g + mean` can still round
+        // to infinity in f32 (say a client sends f32::MAX twice in a row).
+        let next: Vec<f32> = global.iter().zip(&acc).map(|(g, a)| (*g as f64 + a / total_f) as f32).collect();
+        if let Some(index) = next.iter().position(|v| !v.is_finite()) {
+            self.pending.clear();
+            return Err(AggregateError::NonFinite { index });
         }
+        global.copy_from_slice(&next);
         let stats = AggregateStats { updates: self.pending.len(), samples: total, train_loss: loss / total_f };
         self.pending.clear();
         Ok(stats)
@@ -137,6 +155,7 @@ impl Aggregator for FedAvg {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -183,5 +202,21 @@ mod tests {
         assert_eq!(agg.absorb(0, &upd(1, vec![0.0, f32::NAN, 0.0])), Err(Misbehaviour::NonFinite(1)));
         assert_eq!(agg.absorb(0, &upd(0, vec![0.0; 3])), Err(Misbehaviour::BadSampleCount(0)));
         assert_eq!(agg.finish(&mut g), Err(AggregateError::Empty));
+    }
+
+    #[test]
+    fn overflowing_round_is_refused_and_model_kept() {
+        // Finite deltas whose mean pushes a large weight past f32::MAX.
+        let mut agg = FedAvg::new();
+        let mut g = vec![f32::MAX, 1.0];
+        agg.begin_round(1, &g);
+        agg.absorb(0, &upd(1, vec![f32::MAX, 0.0])).unwrap();
+        assert_eq!(agg.finish(&mut g), Err(AggregateError::NonFinite { index: 0 }));
+        assert_eq!(g, vec![f32::MAX, 1.0]);
+        // The aggregator is usable again afterwards.
+        agg.begin_round(2, &g);
+        agg.absorb(0, &upd(1, vec![-1.0, 1.0])).unwrap();
+        agg.finish(&mut g).unwrap();
+        assert_eq!(g[1], 2.0);
     }
 }

@@ -12,7 +12,7 @@
 use bincode::config::{self, Config};
 
 use crate::error::{Incompatibility, Malformed};
-use crate::wire::{Message, Report, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use crate::wire::{MAX_DETAIL_BYTES, MAX_MESSAGE_BYTES, Message, PROTOCOL_VERSION, Report};
 
 /// Frame prefix: lets a server tell Tally traffic from noise at byte 0.
 pub const MAGIC: [u8; 3] = *b"TLY";
@@ -20,8 +20,37 @@ pub const MAGIC: [u8; 3] = *b"TLY";
 /// Bytes before the bincode body: magic + version.
 pub const HEADER_BYTES: usize = 4;
 
-fn cfg() -> impl Config {
-    config::standard().with_limit::<MAX_MESSAGE_BYTES>()
+/// Smallest bincode decoding limit (see [`decode_limit_for`]): every message
+/// but a model or an update fits, with room for bincode counting integers at
+/// their in-memory size.
+pub const DECODE_LIMIT_SMALL: usize = 64 * 1024;
+
+/// Middle decoding limit: models up to a quarter of a million parameters.
+pub const DECODE_LIMIT_MEDIUM: usize = 1024 * 1024;
+
+/// Large decoding limit: models up to about four million parameters.
+pub const DECODE_LIMIT_LARGE: usize = 16 * 1024 * 1024;
+
+/// The bincode decoding limit for a body of `len` bytes.
+///
+/// bincode reserves memory for a claimed length (`Vec::with_capacity`, or a
+/// zeroed `Vec<u8>`) as soon as it reads the length prefix, before it knows
+/// whether the bytes follow; only its configured limit bounds the claim. With
+/// one limit of [`MAX_MESSAGE_BYTES`] a 20-byte frame could make us reserve
+/// 64 MiB. So the limit is the smallest tier that holds twice the body (the
+/// slack covers integers that bincode counts at their in-memory size, larger
+/// than their varint encoding): what a frame can make us reserve is at most
+/// `max(64 KiB, 32 × its length)`, and never more than [`MAX_MESSAGE_BYTES`].
+pub fn decode_limit_for(len: usize) -> usize {
+    let want = len.saturating_mul(2);
+    [DECODE_LIMIT_SMALL, DECODE_LIMIT_MEDIUM, DECODE_LIMIT_LARGE]
+        .into_iter()
+        .find(|&tier| want <= tier)
+        .unwrap_or(MAX_MESSAGE_BYTES)
+}
+
+fn cfg<const LIMIT: usize>() -> impl Config {
+    config::standard().with_limit::<LIMIT>()
 }
 
 /// Why bytes did not decode.
@@ -40,11 +69,11 @@ pub fn encode(msg: &Message) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&MAGIC);
     out.push(PROTOCOL_VERSION);
-    // Encoding into a Vec can only fail if a value exceeds the configured
-    // limit; every constructor of large messages checks MAX_PARAMETERS first,
-    // so treat it as an invariant.
-    let body = bincode::encode_to_vec(msg, cfg())
-        .unwrap_or_else(|e| panic!("invariant: messages we build fit MAX_MESSAGE_BYTES: {e}"));
+    // bincode's limit applies to decoding only, and writing into a Vec can't
+    // fail, so encoding our own types has no error path: the panic is
+    // unreachable.
+    let body = bincode::encode_to_vec(msg, cfg::<MAX_MESSAGE_BYTES>())
+        .unwrap_or_else(|e| panic!("invariant: encoding into a Vec is infallible: {e}"));
     out.extend_from_slice(&body);
     out
 }
@@ -58,19 +87,34 @@ pub fn decode(bytes: &[u8], limit: usize) -> Result<Message, DecodeError> {
     let Some((header, body)) = bytes.split_first_chunk::<HEADER_BYTES>() else {
         return Err(Malformed::Truncated.into());
     };
-    if header[..3] != MAGIC {
+    let [m0, m1, m2, version] = *header;
+    if [m0, m1, m2] != MAGIC {
         return Err(Malformed::BadMagic.into());
     }
-    if header[3] != PROTOCOL_VERSION {
-        return Err(Incompatibility::Version { ours: PROTOCOL_VERSION, theirs: header[3] }.into());
+    if version != PROTOCOL_VERSION {
+        return Err(Incompatibility::Version { ours: PROTOCOL_VERSION, theirs: version }.into());
     }
-    decode_exact(body).map_err(DecodeError::Malformed)
+    let msg: Message = decode_exact(body)?;
+    check_field_limits(&msg)?;
+    Ok(msg)
+}
+
+/// Limits bincode can't express: text a peer sends us must fit the bound we
+/// hold ourselves to when sending it.
+fn check_field_limits(msg: &Message) -> Result<(), Malformed> {
+    if let Message::Rejected(r) = msg
+        && r.detail.len() > MAX_DETAIL_BYTES
+    {
+        return Err(Malformed::FieldTooLong { field: "Rejected.detail", len: r.detail.len(), limit: MAX_DETAIL_BYTES });
+    }
+    Ok(())
 }
 
 /// Encodes a report body (the bytes that are signed).
 pub fn encode_report(report: &Report) -> Vec<u8> {
-    bincode::encode_to_vec(report, cfg())
-        .unwrap_or_else(|e| panic!("invariant: reports we build fit MAX_MESSAGE_BYTES: {e}"))
+    // As in `encode`: no error path for our own types.
+    bincode::encode_to_vec(report, cfg::<MAX_MESSAGE_BYTES>())
+        .unwrap_or_else(|e| panic!("invariant: encoding into a Vec is infallible: {e}"))
 }
 
 /// Decodes a report body, rejecting trailing bytes.
@@ -79,25 +123,30 @@ pub fn decode_report(bytes: &[u8]) -> Result<Report, Malformed> {
 }
 
 fn decode_exact<T: bincode::Decode<()>>(bytes: &[u8]) -> Result<T, Malformed> {
-    let (value, used) = bincode::decode_from_slice::<T, _>(bytes, cfg()).map_err(|e| match e {
+    let limit = decode_limit_for(bytes.len());
+    let decoded = match limit {
+        DECODE_LIMIT_SMALL => bincode::decode_from_slice::<T, _>(bytes, cfg::<DECODE_LIMIT_SMALL>()),
+        DECODE_LIMIT_MEDIUM => bincode::decode_from_slice::<T, _>(bytes, cfg::<DECODE_LIMIT_MEDIUM>()),
+        DECODE_LIMIT_LARGE => bincode::decode_from_slice::<T, _>(bytes, cfg::<DECODE_LIMIT_LARGE>()),
+        _ => bincode::decode_from_slice::<T, _>(bytes, cfg::<MAX_MESSAGE_BYTES>()),
+    };
+    let (value, used) = decoded.map_err(|e| match e {
         bincode::error::DecodeError::UnexpectedEnd { .. } => Malformed::Truncated,
-        bincode::error::DecodeError::LimitExceeded => {
-            Malformed::Oversize { len: bytes.len(), limit: MAX_MESSAGE_BYTES }
-        }
+        // The limit is at least twice the input, so a claim beyond it can't
+        // be backed by the bytes we hold.
+        bincode::error::DecodeError::LimitExceeded => Malformed::ClaimTooLarge { len: bytes.len() },
         other => Malformed::Decode(truncate(other.to_string())),
     })?;
     if used != bytes.len() {
-        return Err(Malformed::TrailingBytes { extra: bytes.len() - used });
+        return Err(Malformed::TrailingBytes { extra: bytes.len().saturating_sub(used) });
     }
     Ok(value)
 }
 
 fn truncate(mut s: String) -> String {
-    if s.len() > crate::wire::MAX_DETAIL_BYTES {
-        let mut cut = crate::wire::MAX_DETAIL_BYTES;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
+    if s.len() > MAX_DETAIL_BYTES {
+        // Index 0 is always a char boundary, so the search ends there at worst.
+        let cut = (0..=MAX_DETAIL_BYTES).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
         s.truncate(cut);
     }
     s
@@ -108,8 +157,11 @@ pub(crate) fn truncate_detail(s: String) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::identity::{Identity, join_transcript, report_transcript};
+    use crate::model::ModelArch;
     use crate::wire::*;
     use proptest::prelude::*;
 
@@ -121,10 +173,155 @@ mod tests {
     fn golden_bytes() {
         // Checked-in encodings: a change of the wire format breaks these on purpose.
         let ack = encode(&Message::Ack(Ack { round: 300 }));
-        assert_eq!(hex::encode(&ack), "544c5901" .to_string() + "05fb2c01");
+        assert_eq!(hex::encode(&ack), "544c5901".to_string() + "05fb2c01");
         let hello = encode(&Message::Hello(Hello { run_id: RunId([0xab; 16]), challenge: [1; 32] }));
         assert_eq!(hello.len(), 4 + 1 + 16 + 32);
         assert_eq!(&hello[..5], &[b'T', b'L', b'Y', 1, 0]);
+    }
+
+    /// One golden value: a whole frame, or a report body (the signed bytes).
+    enum Golden {
+        Frame(Message),
+        ReportBody(Report),
+    }
+
+    impl Golden {
+        fn encode(&self) -> Vec<u8> {
+            match self {
+                Golden::Frame(m) => encode(m),
+                Golden::ReportBody(r) => encode_report(r),
+            }
+        }
+    }
+
+    /// Fixed values covering every `Message` variant, every `RejectCode`,
+    /// both tasks and both model kinds. Signatures are ed25519 (deterministic)
+    /// under a fixed key, so the transcripts are pinned too.
+    fn golden_cases() -> Vec<(String, Golden)> {
+        let run_id = RunId(*b"tally-golden-run");
+        let challenge: [u8; 32] = std::array::from_fn(|i| i as u8 + 1);
+        let id = Identity::from_secret([0x11; 32]);
+        let public_key = id.public_key();
+        let report = Report {
+            run_id,
+            round: 3,
+            eval: Some(EvalReport { loss_sum: 12.5, correct: 9, total: 10 }),
+            update: Some(ClientUpdate {
+                num_samples: 10,
+                train_loss: 0.25,
+                payload: UpdatePayload::DenseDelta(vec![0.5, -0.25, 0.0]),
+            }),
+        };
+        let body = encode_report(&report);
+        let signature = id.sign(&report_transcript(&body));
+        let run_config = |arch: ModelArch| RunConfig {
+            run_id,
+            arch,
+            rounds: 5,
+            train: TrainSpec { lr: 0.05, batch_size: 32, epochs: 2 },
+            update_kind: UpdateKind::DenseDelta,
+        };
+        let frame = |name: &str, m: Message| (name.to_string(), Golden::Frame(m));
+        let mut cases = vec![
+            frame("Hello", Message::Hello(Hello { run_id, challenge })),
+            frame(
+                "Join",
+                Message::Join(Join {
+                    public_key,
+                    signature: id.sign(&join_transcript(&run_id, &challenge, &public_key)),
+                }),
+            ),
+            frame(
+                "Welcome/mlp",
+                Message::Welcome(Welcome {
+                    client_id: 7,
+                    config: run_config(ModelArch::Mlp { input: 4, hidden: vec![3, 2], classes: 2 }),
+                }),
+            ),
+            frame(
+                "Welcome/lenet5",
+                Message::Welcome(Welcome { client_id: 70_000, config: run_config(ModelArch::LeNet5 { classes: 10 }) }),
+            ),
+            frame(
+                "RoundStart/train",
+                Message::RoundStart(RoundStart {
+                    round: 3,
+                    task: Task::Train,
+                    seed: 0x0123_4567_89ab_cdef,
+                    model: vec![0.0, -1.5, 1e-3, f32::MAX],
+                }),
+            ),
+            frame(
+                "RoundStart/evaluate",
+                Message::RoundStart(RoundStart { round: 6, task: Task::Evaluate, seed: 1, model: vec![] }),
+            ),
+            ("ReportBody".to_string(), Golden::ReportBody(report)),
+            frame("Report", Message::Report(SignedReport { body, signature })),
+            frame("Ack", Message::Ack(Ack { round: 300 })),
+            frame("Finished", Message::Finished(Finished { rounds: 5, model_hash: [0x5a; 32] })),
+        ];
+        let codes = [
+            RejectCode::Malformed,
+            RejectCode::Oversize,
+            RejectCode::IncompatibleVersion,
+            RejectCode::UnknownClient,
+            RejectCode::BadSignature,
+            RejectCode::WrongRun,
+            RejectCode::WrongRound,
+            RejectCode::Duplicate,
+            RejectCode::NotSampled,
+            RejectCode::WrongShape,
+            RejectCode::NonFinite,
+            RejectCode::Unexpected,
+            RejectCode::Superseded,
+            RejectCode::TooManyViolations,
+        ];
+        for (i, code) in codes.into_iter().enumerate() {
+            let round = (i % 2 == 0).then_some(i as u32);
+            let detail = if i == 0 { "bad frame: é".to_string() } else { String::new() };
+            cases.push(frame(&format!("Rejected/{code:?}"), Message::Rejected(Rejected { code, round, detail })));
+        }
+        cases
+    }
+
+    const GOLDEN_HEADER: &str = "\
+# Golden encodings of the Tally wire format, version 1: one `name hex` per line.
+# Checked by codec::tests::golden_messages_match_checked_in_file. A change here
+# is a wire change: bump PROTOCOL_VERSION or justify it. To regenerate after an
+# intentional change:
+#   TALLY_BLESS=1 cargo test --release -p tally-protocol golden_messages
+";
+
+    #[test]
+    fn golden_messages_match_checked_in_file() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/messages.hex");
+        let cases = golden_cases();
+        if std::env::var_os("TALLY_BLESS").is_some() {
+            let mut text = GOLDEN_HEADER.to_string();
+            for (name, g) in &cases {
+                text.push_str(&format!("{name} {}\n", hex::encode(g.encode())));
+            }
+            std::fs::write(&path, text).unwrap();
+            return;
+        }
+        let text = std::fs::read_to_string(&path).expect("golden file present (TALLY_BLESS=1 writes it)");
+        let lines: Vec<(&str, &str)> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| l.split_once(' ').expect("`name hex` lines"))
+            .collect();
+        let names: Vec<&str> = cases.iter().map(|(n, _)| n.as_str()).collect();
+        let file_names: Vec<&str> = lines.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, file_names, "golden cases and file disagree; see the file header to regenerate");
+        for ((name, golden), (_, want)) in cases.iter().zip(&lines) {
+            let got = hex::encode(golden.encode());
+            assert_eq!(&got, want, "{name}: the encoding changed (a wire change; see the file header)");
+            let bytes = hex::decode(want).unwrap();
+            match golden {
+                Golden::Frame(m) => assert_eq!(&decode(&bytes, MAX_MESSAGE_BYTES).unwrap(), m, "{name}"),
+                Golden::ReportBody(r) => assert_eq!(&decode_report(&bytes).unwrap(), r, "{name}"),
+            }
+        }
     }
 
     #[test]
@@ -152,7 +349,66 @@ mod tests {
         assert!(decode(&bytes, MAX_MESSAGE_BYTES).is_err());
     }
 
+    #[test]
+    fn short_frame_cannot_claim_a_large_vector() {
+        // A 21-byte RoundStart claiming a model of 2^20 floats (4 MiB): under a
+        // single 64 MiB limit bincode would reserve the 4 MiB before noticing
+        // the bytes are missing. The tiered limit refuses the claim first.
+        let mut bytes =
+            encode(&Message::RoundStart(RoundStart { round: 1, task: Task::Train, seed: 0, model: vec![] }));
+        assert_eq!(bytes.pop(), Some(0)); // the empty model's length prefix
+        bytes.extend_from_slice(&[0xfc, 0, 0, 0x10, 0]); // varint u32 marker, then 2^20 little endian
+        assert_eq!(
+            decode(&bytes, MAX_MESSAGE_BYTES),
+            Err(Malformed::ClaimTooLarge { len: bytes.len() - HEADER_BYTES }.into())
+        );
+        // The same for a report body (Vec<u8>, which bincode zero-fills up front).
+        let mut report = encode(&sample_report());
+        report.truncate(HEADER_BYTES + 1); // variant index of Report
+        report.extend_from_slice(&[0xfc, 0, 0, 0x10, 0]);
+        assert!(matches!(
+            decode(&report, MAX_MESSAGE_BYTES),
+            Err(DecodeError::Malformed(Malformed::ClaimTooLarge { .. }))
+        ));
+    }
+
+    #[test]
+    fn decode_limit_tiers_hold_twice_the_input() {
+        assert_eq!(decode_limit_for(0), DECODE_LIMIT_SMALL);
+        assert_eq!(decode_limit_for(DECODE_LIMIT_SMALL / 2), DECODE_LIMIT_SMALL);
+        assert_eq!(decode_limit_for(DECODE_LIMIT_SMALL / 2 + 1), DECODE_LIMIT_MEDIUM);
+        assert_eq!(decode_limit_for(DECODE_LIMIT_LARGE / 2 + 1), MAX_MESSAGE_BYTES);
+        assert_eq!(decode_limit_for(usize::MAX), MAX_MESSAGE_BYTES);
+        // The largest legal model still decodes under the top tier.
+        let model = vec![0.5f32; crate::model::MAX_PARAMETERS];
+        let msg = Message::RoundStart(RoundStart { round: 1, task: Task::Train, seed: 9, model });
+        let bytes = encode(&msg);
+        assert!(bytes.len() <= MAX_MESSAGE_BYTES);
+        assert_eq!(decode(&bytes, MAX_MESSAGE_BYTES).unwrap(), msg);
+    }
+
+    #[test]
+    fn overlong_reject_detail_is_refused() {
+        let msg =
+            |detail: String| encode(&Message::Rejected(Rejected { code: RejectCode::Malformed, round: None, detail }));
+        assert!(decode(&msg("x".repeat(MAX_DETAIL_BYTES)), MAX_MESSAGE_BYTES).is_ok());
+        assert_eq!(
+            decode(&msg("x".repeat(MAX_DETAIL_BYTES + 1)), MAX_MESSAGE_BYTES),
+            Err(Malformed::FieldTooLong {
+                field: "Rejected.detail",
+                len: MAX_DETAIL_BYTES + 1,
+                limit: MAX_DETAIL_BYTES
+            }
+            .into())
+        );
+        // What we send is cut to the limit on a character boundary.
+        let cut = truncate_detail("é".repeat(MAX_DETAIL_BYTES));
+        assert!(cut.len() <= MAX_DETAIL_BYTES && cut.len() >= MAX_DETAIL_BYTES - 1);
+    }
+
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
         #[test]
         fn round_trip_round_start(round in any::<u32>(), seed in any::<u64>(), model in proptest::collection::vec(any::<f32>(), 0..64)) {
             let msg = Message::RoundStart(RoundStart { round, task: Task::Train, seed, model });

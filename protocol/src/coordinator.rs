@@ -28,13 +28,23 @@ use crate::identity::{join_transcript, params_hash, report_transcript, verify};
 use crate::model::ModelArch;
 use crate::rng::LocalRng;
 use crate::wire::{
-    self, Ack, EvalReport, Finished, Hello, Join, Message, PublicKeyBytes, RejectCode, Rejected, RoundStart,
-    RunConfig, RunId, SignedReport, Task, TrainSpec, Welcome,
+    self, Ack, EvalReport, Finished, Hello, Join, Message, PublicKeyBytes, RejectCode, Rejected, RoundStart, RunConfig,
+    RunId, SignedReport, Task, TrainSpec, Welcome,
 };
 
 /// Most clients a run may enrol. Bounds the coordinator's per-client tables;
 /// far above the 10,000-client load goal.
 pub const MAX_ENROLLED: usize = 1 << 20;
+
+/// Longest round deadline a run may configure: one week, far above any round
+/// of edge training (minutes). Deadlines are `now + round_timeout`, and
+/// `Instant + Duration` panics on overflow, so the bound also keeps a
+/// configured value like `u64::MAX` seconds from crashing the server.
+pub const MAX_ROUND_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// Most training rounds a run may have: the evaluation round after the last
+/// one is numbered `rounds + 1`, which must fit the wire's `u32`.
+pub const MAX_ROUNDS: u32 = u32::MAX - 1;
 
 /// A connection, as numbered by the host (one per QUIC connection).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -90,6 +100,9 @@ impl CoordinatorConfig {
         if self.enrolled.len() > MAX_ENROLLED {
             return bad("too many enrolled clients");
         }
+        if self.rounds == 0 || self.rounds > MAX_ROUNDS {
+            return bad("rounds must be in 1..=MAX_ROUNDS");
+        }
         if self.min_clients == 0 || self.clients_per_round == 0 || self.quorum == 0 {
             return bad("min_clients, clients_per_round and quorum must be at least 1");
         }
@@ -99,20 +112,23 @@ impl CoordinatorConfig {
         if self.min_clients > self.enrolled.len() {
             return bad("min_clients exceeds the number of enrolled clients");
         }
-        if self.round_timeout.is_zero() {
-            return bad("round_timeout must be positive");
+        if self.quorum > self.enrolled.len() {
+            // Rounds could never close: they would be extended forever.
+            return bad("quorum exceeds the number of enrolled clients");
         }
-        if !(self.train.lr.is_finite() && self.train.lr > 0.0) || self.train.batch_size == 0 || self.train.epochs == 0 {
-            return bad("train: lr must be positive, batch_size and epochs at least 1");
+        if self.round_timeout.is_zero() || self.round_timeout > MAX_ROUND_TIMEOUT {
+            return bad("round_timeout must be positive and at most MAX_ROUND_TIMEOUT (one week)");
         }
+        self.train.validate().map_err(|e| Misuse::Config(format!("train: {e}")))?;
         let unique: BTreeSet<_> = self.enrolled.iter().collect();
         if unique.len() != self.enrolled.len() {
             return bad("a public key is enrolled twice");
         }
         if let Some(s) = &self.schedule
-            && s.iter().flatten().any(|&c| c as usize >= self.enrolled.len()) {
-                return bad("schedule names a client id that is not enrolled");
-            }
+            && s.iter().flatten().any(|&c| c as usize >= self.enrolled.len())
+        {
+            return bad("schedule names a client id that is not enrolled");
+        }
         Ok(())
     }
 }
@@ -146,7 +162,9 @@ pub struct RoundSummary {
     pub accepted: usize,
     /// Messages refused during the round.
     pub rejected: u32,
-    /// Aggregation result (training rounds).
+    /// Aggregation result: `None` for an evaluation round, and for a training
+    /// round whose aggregation was refused (it would have made the model
+    /// non-finite; the model is then unchanged).
     pub stats: Option<AggregateStats>,
     /// Sum of the clients' evaluations of the model they received, i.e. the
     /// model *entering* this round (the result of round `round - 1`).
@@ -361,9 +379,10 @@ impl Coordinator {
     pub fn handle_disconnect(&mut self, now: Instant, conn: ConnectionHandle) {
         let Some(c) = self.conns.remove(&conn) else { return };
         if let Some(client) = c.client
-            && self.by_client.get(&client) == Some(&conn) {
-                self.by_client.remove(&client);
-            }
+            && self.by_client.get(&client) == Some(&conn)
+        {
+            self.by_client.remove(&client);
+        }
         self.maybe_close_round(now);
     }
 
@@ -433,13 +452,14 @@ impl Coordinator {
         // One live connection per identity: the newest wins (a client that
         // reconnects from a new address must not be locked out by its ghost).
         if let Some(old) = self.by_client.insert(client, conn)
-            && old != conn {
-                if let Some(oc) = self.conns.get_mut(&old) {
-                    oc.client = None;
-                }
-                self.send(old, &rejected(RejectCode::Superseded, None, "another connection joined with this key"));
-                self.events.push_back(Event::CloseConnection { conn: old, reason: RejectCode::Superseded });
+            && old != conn
+        {
+            if let Some(oc) = self.conns.get_mut(&old) {
+                oc.client = None;
             }
+            self.send(old, &rejected(RejectCode::Superseded, None, "another connection joined with this key"));
+            self.events.push_back(Event::CloseConnection { conn: old, reason: RejectCode::Superseded });
+        }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.client = Some(client);
         }
@@ -455,10 +475,12 @@ impl Coordinator {
             Phase::AwaitingReports { .. } => {
                 // A sampled client that reconnects gets its task again.
                 if let Some(open) = &self.open
-                    && open.sampled.contains(&client) && !open.reported.contains(&client) {
-                        let msg = open.start_msg.clone();
-                        self.transmits.push_back(Transmit { to: conn, bytes: msg });
-                    }
+                    && open.sampled.contains(&client)
+                    && !open.reported.contains(&client)
+                {
+                    let msg = open.start_msg.clone();
+                    self.transmits.push_back(Transmit { to: conn, bytes: msg });
+                }
             }
             Phase::Finished => {
                 self.send(conn, &self.finished_message());
@@ -474,12 +496,12 @@ impl Coordinator {
         signed: SignedReport,
         frame_len: usize,
     ) -> Result<(), (Error, Option<u32>)> {
-        let client = self
-            .conns
-            .get(&conn)
-            .and_then(|c| c.client)
-            .ok_or((Misbehaviour::NotJoined("Report").into(), None))?;
-        let key = self.config.enrolled[client as usize];
+        let client =
+            self.conns.get(&conn).and_then(|c| c.client).ok_or((Misbehaviour::NotJoined("Report").into(), None))?;
+        // Invariant: `client` came from `key_index`, built from `enrolled`, so
+        // the lookup can't miss; a miss is refused like an unjoined peer
+        // rather than indexed.
+        let key = *self.config.enrolled.get(client as usize).ok_or((Misbehaviour::NotJoined("Report").into(), None))?;
         verify(&key, &report_transcript(&signed.body), &signed.signature).map_err(|e| (e.into(), None))?;
         let report = codec::decode_report(&signed.body).map_err(|e| (e.into(), None))?;
         let round = Some(report.round);
@@ -497,14 +519,17 @@ impl Coordinator {
             return Err((Misbehaviour::Duplicate(report.round).into(), round));
         }
         if let Some(e) = &report.eval
-            && (e.correct > e.total || !e.loss_sum.is_finite() || e.loss_sum < 0.0) {
-                return Err((Misbehaviour::Unexpected("inconsistent evaluation report").into(), round));
-            }
+            && (e.correct > e.total || !e.loss_sum.is_finite() || e.loss_sum < 0.0)
+        {
+            return Err((Misbehaviour::Unexpected("inconsistent evaluation report").into(), round));
+        }
         match (open.task, &report.update) {
             (Task::Train, Some(update)) => {
                 self.aggregator.absorb(client, update).map_err(|e| (e.into(), round))?;
             }
-            (Task::Train, None) => return Err((Misbehaviour::WrongKind("training round needs an update").into(), round)),
+            (Task::Train, None) => {
+                return Err((Misbehaviour::WrongKind("training round needs an update").into(), round));
+            }
             (Task::Evaluate, Some(_)) => {
                 return Err((Misbehaviour::WrongKind("evaluation round takes no update").into(), round));
             }
@@ -525,8 +550,10 @@ impl Coordinator {
 
     fn reject(&mut self, _now: Instant, conn: ConnectionHandle, round: Option<u32>, err: Error) {
         let client = self.conns.get(&conn).and_then(|c| c.client);
+        // Counters a peer drives are saturating: wrap-around would reset the
+        // violation count that gets it disconnected.
         if let Some(open) = self.open.as_mut() {
-            open.rejected += 1;
+            open.rejected = open.rejected.saturating_add(1);
         }
         self.events.push_back(Event::Rejected { conn, client, error: err.clone() });
         let Some(code) = err.reject_code() else { return };
@@ -534,12 +561,12 @@ impl Coordinator {
         let count = match client {
             Some(id) => {
                 let v = self.violations.entry(id).or_insert(0);
-                *v += 1;
+                *v = v.saturating_add(1);
                 *v
             }
             None => match self.conns.get_mut(&conn) {
                 Some(c) => {
-                    c.violations += 1;
+                    c.violations = c.violations.saturating_add(1);
                     c.violations
                 }
                 None => return,
@@ -570,7 +597,9 @@ impl Coordinator {
         if task == Task::Evaluate {
             return joined.into_iter().collect();
         }
-        if let Some(list) = self.config.schedule.as_ref().and_then(|s| s.get(round as usize - 1)) {
+        // Rounds count from 1; `checked_sub` keeps a round 0 from indexing at usize::MAX.
+        let entry = (round as usize).checked_sub(1);
+        if let Some(list) = self.config.schedule.as_ref().zip(entry).and_then(|(s, i)| s.get(i)) {
             let want: BTreeSet<ClientIndex> = list.iter().copied().collect();
             return joined.into_iter().filter(|c| want.contains(c)).collect();
         }
@@ -595,7 +624,7 @@ impl Coordinator {
         self.open = Some(OpenRound {
             round,
             task,
-            deadline: now + self.config.round_timeout,
+            deadline: self.deadline(now),
             sampled,
             reported: BTreeSet::new(),
             eval: None,
@@ -609,15 +638,15 @@ impl Coordinator {
     }
 
     fn extend_round(&mut self, now: Instant) {
+        let deadline = self.deadline(now);
         let joined: Vec<ClientIndex> = self.by_client.keys().copied().collect();
         let Some(open) = self.open.as_mut() else { return };
-        open.deadline = now + self.config.round_timeout;
-        let waiting = open
-            .sampled
-            .iter()
-            .filter(|c| !open.reported.contains(c) && self.by_client.contains_key(c))
-            .count();
-        let want = self.config.clients_per_round.saturating_sub(open.accepted + waiting);
+        open.deadline = deadline;
+        // Clients that have not answered by the deadline are stragglers: they
+        // may still report, but the top-up replaces them as if they never
+        // will. Counting them as pending would let one silent client block
+        // the round forever.
+        let want = self.config.clients_per_round.saturating_sub(open.accepted);
         let fresh: Vec<ClientIndex> = joined.into_iter().filter(|c| !open.sampled.contains(c)).collect();
         let added = self.rng.sample(&fresh, want);
         for c in &added {
@@ -627,6 +656,14 @@ impl Coordinator {
             }
         }
         self.events.push_back(Event::RoundExtended { round: open.round, accepted: open.accepted, added });
+    }
+
+    /// `now + round_timeout`. The timeout is at most [`MAX_ROUND_TIMEOUT`]
+    /// (validated), so the sum only overflows for an `Instant` within a week
+    /// of the end of time; then the deadline is `now` and the round closes or
+    /// extends at the next `handle_timeout` instead of panicking.
+    fn deadline(&self, now: Instant) -> Instant {
+        now.checked_add(self.config.round_timeout).unwrap_or(now)
     }
 
     fn maybe_close_round(&mut self, now: Instant) {
@@ -647,12 +684,10 @@ impl Coordinator {
     fn close_round(&mut self, now: Instant) {
         let Some(open) = self.open.take() else { return };
         let stats = match open.task {
-            Task::Train => match self.aggregator.finish(&mut self.model) {
-                Ok(s) => Some(s),
-                // Only reachable if a training round closes with no update,
-                // which the quorum (≥ 1) forbids; keep the model unchanged.
-                Err(_) => None,
-            },
+            // An error keeps the model unchanged: `Empty` is unreachable (the
+            // quorum is at least 1), `NonFinite` means the round's updates
+            // would have overflowed the model, and then the round is skipped.
+            Task::Train => self.aggregator.finish(&mut self.model).ok(),
             Task::Evaluate => None,
         };
         if open.task == Task::Train {
@@ -669,6 +704,7 @@ impl Coordinator {
             model_hash: params_hash(&self.model),
             bytes_received: open.bytes_received,
         }));
+        // `open.round <= rounds <= MAX_ROUNDS < u32::MAX` here, so `+ 1` can't wrap.
         match open.task {
             Task::Train if open.round < self.config.rounds => self.open_round(now, open.round + 1, Task::Train),
             Task::Train if self.config.final_evaluation => self.open_round(now, open.round + 1, Task::Evaluate),

@@ -37,6 +37,23 @@ pub enum Malformed {
         /// How many.
         extra: usize,
     },
+    /// A length prefix claims more content than the frame can hold (refused
+    /// before anything is reserved for it).
+    #[error("a length prefix claims more than the {len}-byte frame holds")]
+    ClaimTooLarge {
+        /// Size of the frame (or report body) being decoded.
+        len: usize,
+    },
+    /// A field longer than its wire limit (e.g. [`crate::wire::MAX_DETAIL_BYTES`]).
+    #[error("{field} is {len} bytes, the limit is {limit}")]
+    FieldTooLong {
+        /// Which field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 /// A peer of another protocol version.
@@ -161,9 +178,9 @@ impl Error {
                 Misbehaviour::WrongRound { .. } => RejectCode::WrongRound,
                 Misbehaviour::Duplicate(_) => RejectCode::Duplicate,
                 Misbehaviour::NotSampled(_) => RejectCode::NotSampled,
-                Misbehaviour::WrongDimension { .. }
-                | Misbehaviour::WrongKind(_)
-                | Misbehaviour::BadSampleCount(_) => RejectCode::WrongShape,
+                Misbehaviour::WrongDimension { .. } | Misbehaviour::WrongKind(_) | Misbehaviour::BadSampleCount(_) => {
+                    RejectCode::WrongShape
+                }
                 Misbehaviour::NonFinite(_) => RejectCode::NonFinite,
             },
             Error::Misuse(_) => return None,

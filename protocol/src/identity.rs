@@ -81,8 +81,7 @@ pub fn verify(key: &PublicKeyBytes, msg: &[u8], sig: &SignatureBytes) -> Result<
 /// Parses a hex public key (64 hex digits).
 pub fn parse_public_key(hex_str: &str) -> Result<PublicKeyBytes, String> {
     let bytes = hex::decode(hex_str.trim()).map_err(|e| format!("not hex: {e}"))?;
-    let arr: [u8; 32] =
-        bytes.try_into().map_err(|b: Vec<u8>| format!("expected 32 bytes, got {}", b.len()))?;
+    let arr: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| format!("expected 32 bytes, got {}", b.len()))?;
     VerifyingKey::from_bytes(&arr).map_err(|_| "not a valid ed25519 point".to_string())?;
     Ok(PublicKeyBytes(arr))
 }
@@ -102,6 +101,7 @@ pub fn params_hash(params: &[f32]) -> [u8; 32] {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -112,7 +112,10 @@ mod tests {
         let sig = id.sign(&report_transcript(body));
         assert!(verify(&id.public_key(), &report_transcript(body), &sig).is_ok());
         // Same signature is not valid over a tampered body or in the join domain.
-        assert_eq!(verify(&id.public_key(), &report_transcript(b"report bytez"), &sig), Err(Misbehaviour::BadSignature));
+        assert_eq!(
+            verify(&id.public_key(), &report_transcript(b"report bytez"), &sig),
+            Err(Misbehaviour::BadSignature)
+        );
         let other = Identity::from_secret([8; 32]);
         assert_eq!(verify(&other.public_key(), &report_transcript(body), &sig), Err(Misbehaviour::BadSignature));
     }

@@ -62,9 +62,10 @@ pub struct TensorSpec {
 }
 
 impl TensorSpec {
-    /// Number of scalars in this tensor.
+    /// Number of scalars in this tensor (saturating: an unvalidated hostile
+    /// shape gives `usize::MAX`, never a wrapped small count).
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).unwrap_or(usize::MAX)
     }
 }
 
@@ -142,13 +143,7 @@ impl ModelArch {
                 }
                 dims
             }
-            ModelArch::LeNet5 { classes } => vec![
-                (25, 6),
-                (150, 16),
-                (400, 120),
-                (120, 84),
-                (84, *classes as u64),
-            ],
+            ModelArch::LeNet5 { classes } => vec![(25, 6), (150, 16), (400, 120), (120, 84), (84, *classes as u64)],
         }
     }
 
@@ -187,9 +182,11 @@ impl ModelArch {
         }
     }
 
-    /// Total number of parameters.
+    /// Total number of parameters (saturating, like [`TensorSpec::numel`], so
+    /// that a size check on an unvalidated architecture can't be fooled by
+    /// wrap-around).
     pub fn num_params(&self) -> usize {
-        self.tensors().iter().map(TensorSpec::numel).sum()
+        self.tensors().iter().fold(0usize, |n, t| n.saturating_add(t.numel()))
     }
 
     /// Number of output classes.
@@ -206,7 +203,9 @@ impl ModelArch {
     /// the server and the simulator build the same initial model without burn.
     pub fn init_params(&self, seed: u64) -> Vec<f32> {
         let mut rng = crate::rng::InitRng::new(seed);
-        let mut out = Vec::with_capacity(self.num_params());
+        // Capped so an unvalidated architecture can't ask for an absurd
+        // reservation up front (a capacity overflow is a panic).
+        let mut out = Vec::with_capacity(self.num_params().min(MAX_PARAMETERS));
         for spec in self.tensors() {
             let bound = 1.0 / (spec.fan_in as f32).sqrt();
             for _ in 0..spec.numel() {
@@ -233,18 +232,19 @@ impl ModelArch {
         self.check_params(params)?;
         let specs = self.tensors();
         let mut views = Vec::with_capacity(specs.len());
-        let mut offset = 0;
         let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+        // check_params made `params.len()` the sum of the tensors' sizes, so
+        // the split can't run short; it is checked anyway instead of sliced.
+        let mut rest = bytes.as_slice();
         for spec in &specs {
-            let n = spec.numel();
-            let view = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                spec.shape.clone(),
-                &bytes[offset * 4..(offset + n) * 4],
-            )
-            .map_err(|e| ModelError::Safetensors(e.to_string()))?;
+            let len = spec.numel().saturating_mul(4);
+            let (data, tail) = rest
+                .split_at_checked(len)
+                .ok_or(ModelError::WrongLength { expected: self.num_params(), actual: params.len() })?;
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, spec.shape.clone(), data)
+                .map_err(|e| ModelError::Safetensors(e.to_string()))?;
             views.push((spec.name.clone(), view));
-            offset += n;
+            rest = tail;
         }
         safetensors::tensor::serialize(views, None).map_err(|e| ModelError::Safetensors(e.to_string()))
     }
@@ -252,8 +252,8 @@ impl ModelArch {
     /// Reads parameters from safetensors bytes: every tensor of the model must
     /// be present with the exact shape and dtype F32; extra tensors are refused.
     pub fn from_safetensors(&self, bytes: &[u8]) -> Result<Vec<f32>, ModelError> {
-        let st = safetensors::SafeTensors::deserialize(bytes)
-            .map_err(|e| ModelError::Safetensors(e.to_string()))?;
+        check_safetensors_offsets(bytes)?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
         let specs = self.tensors();
         if st.len() != specs.len() {
             return Err(ModelError::Safetensors(format!(
@@ -264,9 +264,7 @@ impl ModelArch {
         }
         let mut out = Vec::with_capacity(self.num_params());
         for spec in &specs {
-            let view = st
-                .tensor(&spec.name)
-                .map_err(|e| ModelError::Safetensors(format!("{}: {e}", spec.name)))?;
+            let view = st.tensor(&spec.name).map_err(|e| ModelError::Safetensors(format!("{}: {e}", spec.name)))?;
             if view.dtype() != safetensors::Dtype::F32 || view.shape() != spec.shape.as_slice() {
                 return Err(ModelError::Safetensors(format!(
                     "{}: expected F32 {:?}, found {:?} {:?}",
@@ -276,27 +274,64 @@ impl ModelArch {
                     view.shape()
                 )));
             }
-            out.extend(
-                view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            );
+            // safetensors checked the data is exactly numel × 4 bytes for the
+            // F32 shape, so there is no remainder.
+            let (chunks, _) = view.data().as_chunks::<4>();
+            out.extend(chunks.iter().map(|c| f32::from_le_bytes(*c)));
         }
         self.check_params(&out)?;
         Ok(out)
     }
 
     /// Reads raw little-endian f32 in the canonical flat order (no header).
+    ///
+    /// The length is checked before anything is allocated, so a huge file
+    /// costs no more than the bytes already read.
     pub fn from_raw_f32(&self, bytes: &[u8]) -> Result<Vec<f32>, ModelError> {
-        if !bytes.len().is_multiple_of(4) {
-            return Err(ModelError::WrongLength { expected: self.num_params() * 4, actual: bytes.len() });
+        let expected = self.num_params().saturating_mul(4);
+        if bytes.len() != expected {
+            return Err(ModelError::WrongLength { expected, actual: bytes.len() });
         }
-        let out: Vec<f32> =
-            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let (chunks, _) = bytes.as_chunks::<4>();
+        let out: Vec<f32> = chunks.iter().map(|c| f32::from_le_bytes(*c)).collect();
         self.check_params(&out)?;
         Ok(out)
     }
 }
 
+/// Checks every tensor's data offsets against the file before safetensors
+/// parses it.
+///
+/// safetensors 0.8 adds the last data offset to the header length without a
+/// check (`buffer_end + N_LEN + n` in `read_metadata`): a hostile header whose
+/// offsets sum to nearly `usize::MAX` (shapes of 2^61 bytes each pass its
+/// per-tensor checks) overflows there, which panics in any build with overflow
+/// checks. With every offset at most the file size, that sum can't overflow.
+fn check_safetensors_offsets(bytes: &[u8]) -> Result<(), ModelError> {
+    let err = |m: String| ModelError::Safetensors(m);
+    let Some((len_bytes, rest)) = bytes.split_first_chunk::<8>() else {
+        return Err(err("shorter than the 8-byte header length".into()));
+    };
+    let header = usize::try_from(u64::from_le_bytes(*len_bytes))
+        .ok()
+        .and_then(|n| rest.get(..n))
+        .ok_or_else(|| err("header length beyond the end of the file".into()))?;
+    let entries: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| err(format!("header: {e}")))?;
+    let file_len = bytes.len() as u64;
+    for (name, entry) in &entries {
+        let Some(offsets) = entry.get("data_offsets").and_then(|v| v.as_array()) else {
+            continue; // `__metadata__`, or a tensor safetensors will refuse itself
+        };
+        if offsets.iter().any(|o| o.as_u64().is_none_or(|o| o > file_len)) {
+            return Err(err(format!("{name}: data offsets beyond the end of the file")));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -332,5 +367,63 @@ mod tests {
         assert_ne!(a, arch.init_params(2));
         let bound = 1.0 / 784f32.sqrt();
         assert!(a[..784 * 200].iter().all(|v| v.abs() <= bound));
+    }
+
+    #[test]
+    fn unvalidated_huge_arch_saturates_instead_of_wrapping() {
+        // Three layers of u32::MAX × u32::MAX: each ≈ 2^64, the sum wraps in usize.
+        let a = ModelArch::Mlp { input: u32::MAX, hidden: vec![u32::MAX, u32::MAX], classes: u32::MAX };
+        assert_eq!(a.num_params(), usize::MAX);
+        assert!(crate::wire::max_message_bytes_for(&a) <= crate::wire::MAX_MESSAGE_BYTES);
+        assert!(matches!(a.from_raw_f32(&[0u8; 16]), Err(ModelError::WrongLength { .. })));
+    }
+
+    #[test]
+    fn raw_f32_length_is_checked_before_parsing() {
+        let arch = ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 };
+        let p = arch.init_params(3);
+        let bytes: Vec<u8> = p.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(arch.from_raw_f32(&bytes).unwrap(), p);
+        let expected = p.len() * 4;
+        assert_eq!(arch.from_raw_f32(&bytes[4..]), Err(ModelError::WrongLength { expected, actual: expected - 4 }));
+        assert_eq!(arch.from_raw_f32(&bytes[1..]), Err(ModelError::WrongLength { expected, actual: expected - 1 }));
+        let mut long = bytes.clone();
+        long.extend_from_slice(&[0; 4]);
+        assert!(matches!(arch.from_raw_f32(&long), Err(ModelError::WrongLength { .. })));
+    }
+
+    /// A safetensors file whose header describes `tensors` U8 tensors of
+    /// `size` bytes each, back to back, with no data at all.
+    fn hostile_safetensors(tensors: u64, size: u64) -> Vec<u8> {
+        let entries: Vec<String> = (0..tensors)
+            .map(|i| {
+                format!(r#""t{i}":{{"dtype":"U8","shape":[{size}],"data_offsets":[{},{}]}}"#, i * size, (i + 1) * size)
+            })
+            .collect();
+        let header = format!("{{{}}}", entries.join(","));
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes
+    }
+
+    #[test]
+    fn safetensors_offsets_near_usize_max_are_refused() {
+        let arch = ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 };
+        // Eight tensors of 2^61 - 1 bytes: offsets end at 2^64 - 8, and
+        // safetensors' `end + 8 + header_len` overflows (a panic with
+        // overflow checks on, e.g. in a debug build).
+        let bytes = hostile_safetensors(8, (1 << 61) - 1);
+        let e = arch.from_safetensors(&bytes).unwrap_err();
+        assert!(e.to_string().contains("beyond the end of the file"), "{e}");
+        // A plain lie about one tensor's size is refused the same way.
+        assert!(arch.from_safetensors(&hostile_safetensors(1, 1 << 20)).is_err());
+        // Header length pointing past the end, and a header that is not JSON.
+        let mut short = 1000u64.to_le_bytes().to_vec();
+        short.extend_from_slice(b"{}");
+        assert!(arch.from_safetensors(&short).is_err());
+        let mut junk = 2u64.to_le_bytes().to_vec();
+        junk.extend_from_slice(b"{[");
+        assert!(arch.from_safetensors(&junk).is_err());
+        assert!(arch.from_safetensors(&[1, 2, 3]).is_err());
     }
 }

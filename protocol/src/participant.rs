@@ -12,10 +12,10 @@ use std::time::Instant;
 
 use crate::codec;
 use crate::error::{Error, Misbehaviour, Misuse};
-use crate::identity::{join_transcript, report_transcript, Identity};
+use crate::identity::{Identity, join_transcript, report_transcript};
 use crate::wire::{
-    self, ClientUpdate, EvalReport, Join, Message, RejectCode, Report, RunConfig, RunId, SignedReport, Task,
-    MAX_MESSAGE_BYTES,
+    self, ClientUpdate, EvalReport, Join, MAX_HANDSHAKE_BYTES, Message, RejectCode, Report, RunConfig, RunId,
+    SignedReport, Task,
 };
 
 /// The seed of a client's local randomness (shuffling) in a round: the
@@ -83,6 +83,8 @@ enum State {
 pub struct Participant {
     identity: Identity,
     expected_run: Option<RunId>,
+    /// The run the server's `Hello` named; its `Welcome` must name the same.
+    hello_run: Option<RunId>,
     state: State,
     run: Option<RunConfig>,
     client_id: Option<u32>,
@@ -98,17 +100,19 @@ impl Participant {
         Participant {
             identity,
             expected_run,
+            hello_run: None,
             state: State::AwaitingHello,
             run: None,
             client_id: None,
-            max_message: MAX_MESSAGE_BYTES,
+            // Until the Welcome names the model, only small messages are due.
+            max_message: MAX_HANDSHAKE_BYTES,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
     }
 
-    /// Largest message to accept from the server (tight once the run's model
-    /// is known).
+    /// Largest message to accept from the server: [`MAX_HANDSHAKE_BYTES`]
+    /// until the `Welcome`, then the bound for the run's model.
     pub fn max_message_bytes(&self) -> usize {
         self.max_message
     }
@@ -149,11 +153,22 @@ impl Participant {
                 let public_key = self.identity.public_key();
                 let signature = self.identity.sign(&join_transcript(&hello.run_id, &hello.challenge, &public_key));
                 self.transmits.push_back(codec::encode(&Message::Join(Join { public_key, signature })));
+                self.hello_run = Some(hello.run_id);
                 self.state = State::AwaitingWelcome;
                 Ok(())
             }
             (State::AwaitingWelcome, Message::Welcome(w)) => {
+                // A hostile server could otherwise switch runs under our
+                // signature, announce a model too large to hold, or ask for
+                // training we can't or shouldn't do.
+                if self.hello_run != Some(w.config.run_id) {
+                    return Err(Misbehaviour::WrongRun.into());
+                }
                 w.config.arch.validate().map_err(|_| Misbehaviour::Unexpected("Welcome with an invalid model"))?;
+                w.config
+                    .train
+                    .validate()
+                    .map_err(|_| Misbehaviour::Unexpected("Welcome with invalid training parameters"))?;
                 self.max_message = wire::max_message_bytes_for(&w.config.arch);
                 self.client_id = Some(w.client_id);
                 self.run = Some(w.config.clone());
@@ -192,7 +207,12 @@ impl Participant {
     }
 
     /// Submits the result of the pending task: signs and queues the report.
-    pub fn submit(&mut self, _now: Instant, eval: Option<EvalReport>, update: Option<ClientUpdate>) -> Result<(), Error> {
+    pub fn submit(
+        &mut self,
+        _now: Instant,
+        eval: Option<EvalReport>,
+        update: Option<ClientUpdate>,
+    ) -> Result<(), Error> {
         let State::Working { round, task } = self.state else {
             return Err(Misuse::NoPendingTask.into());
         };

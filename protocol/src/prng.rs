@@ -119,6 +119,10 @@ impl Words {
     }
 
     /// The next word.
+    #[allow(
+        clippy::should_implement_trait,
+        reason = "the stream never ends, so `Iterator::next`'s Option would only add an unwrap at every call"
+    )]
     pub fn next(&mut self) -> u32 {
         let mut b = [0u8; 4];
         self.0.fill_bytes(&mut b);
@@ -219,14 +223,22 @@ mod tests {
             let _ = writeln!(s, "  words[1000..1002]={:08x} {:08x}", w1000[0], w1000[1]);
             let signs: String = rademacher(sid, 64).iter().map(|&z| if z > 0 { '+' } else { '-' }).collect();
             let _ = writeln!(s, "  rademacher[0..64]={signs}");
-            let _ = writeln!(s, "  uniform24[0..4]={}", w[..4].iter().map(|&x| format!("{:.9}", uniform24(x))).collect::<Vec<_>>().join(" "));
+            let _ = writeln!(
+                s,
+                "  uniform24[0..4]={}",
+                w[..4].iter().map(|&x| format!("{:.9}", uniform24(x))).collect::<Vec<_>>().join(" ")
+            );
         }
         // 100,003 parameters (not a multiple of the chunk) after 50 updates;
         // the start vector uses one exactly rounded multiply per element.
         let mut x: Vec<f32> = (0..100_003).map(|i| (i % 1000) as f32 * 0.001).collect();
         let ups: Vec<(StreamId, f32)> = (0..50).map(|k| (id(k), (k as f32 - 25.0) * 1e-3)).collect();
         apply_rademacher(&mut x, &ups);
-        let _ = writeln!(s, "params(100003, (i mod 1000) * 0.001) after 50 updates: sha256={}", hex::encode(crate::identity::params_hash(&x)));
+        let _ = writeln!(
+            s,
+            "params(100003, (i mod 1000) * 0.001) after 50 updates: sha256={}",
+            hex::encode(crate::identity::params_hash(&x))
+        );
         s
     }
 
@@ -286,7 +298,11 @@ mod tests {
             let mut w = vec![0u32; 16 * 70];
             sid.words_from(0).fill(&mut w);
             for block in [0usize, 1, 2, 63, 69] {
-                assert_eq!(&w[block * 16..block * 16 + 16], &chacha_block(&sid.key(), block as u64, 8), "block {block}");
+                assert_eq!(
+                    &w[block * 16..block * 16 + 16],
+                    &chacha_block(&sid.key(), block as u64, 8),
+                    "block {block}"
+                );
             }
         }
     }

@@ -11,9 +11,9 @@ use crate::error::{Error, Malformed, Misbehaviour};
 use crate::identity::Identity;
 use crate::model::ModelArch;
 use crate::participant::{Participant, ParticipantEvent};
-use crate::wire::{
-    ClientUpdate, EvalReport, Message, RejectCode, Report, RunId, Task, TrainSpec, UpdatePayload,
-};
+use crate::wire::{ClientUpdate, EvalReport, Message, RejectCode, Report, RunId, Task, TrainSpec, UpdatePayload};
+
+mod fuzz;
 
 const RUN: RunId = RunId([9; 16]);
 
@@ -33,6 +33,9 @@ struct Net {
     seen: Vec<Vec<ParticipantEvent>>,
     coord_events: Vec<Event>,
     closed: Vec<ConnectionHandle>,
+    /// Messages for connections that have no participant (raw attacker
+    /// connections in the fuzz tests), in order.
+    stray: Vec<(ConnectionHandle, Vec<u8>)>,
 }
 
 fn config(n: usize, rounds: u32) -> CoordinatorConfig {
@@ -64,6 +67,7 @@ impl Net {
             seen: vec![Vec::new(); n],
             coord_events: Vec::new(),
             closed: Vec::new(),
+            stray: Vec::new(),
         };
         for (i, id) in identities.into_iter().enumerate() {
             let conn = ConnectionHandle(i as u64);
@@ -84,6 +88,8 @@ impl Net {
                 }
                 if let Some(slot) = self.clients.iter().position(|(c, _)| *c == t.to) {
                     self.clients[slot].1.handle_message(self.now, &t.bytes).unwrap();
+                } else {
+                    self.stray.push((t.to, t.bytes.to_vec()));
                 }
             }
             while let Some(e) = self.coord.poll_event() {
@@ -122,7 +128,8 @@ impl Net {
                 _ => None,
             });
             let Some((round, task, dim)) = task else { continue };
-            let answered = self.seen[slot].iter().any(|e| matches!(e, ParticipantEvent::Accepted { round: r } if *r == round));
+            let answered =
+                self.seen[slot].iter().any(|e| matches!(e, ParticipantEvent::Accepted { round: r } if *r == round));
             if answered {
                 continue;
             }
@@ -171,7 +178,7 @@ fn happy_path_runs_all_rounds_and_final_evaluation() {
         .collect();
     assert_eq!(completed.len(), 3);
     assert_eq!(completed[0].eval_of_incoming.unwrap().total, 6);
-    assert!(net.seen.iter().all(|s| s.iter().any(|e| matches!(e, ParticipantEvent::Finished { rounds: 2, .. }))));
+    assert!(net.seen.iter().all(|s| { s.iter().any(|e| matches!(e, ParticipantEvent::Finished { rounds: 2, .. })) }));
     assert!(net.rejections().is_empty());
 }
 
@@ -186,7 +193,9 @@ fn unenrolled_key_is_refused_and_closed_while_round_proceeds() {
     assert_eq!(rej[0].0, ConnectionHandle(3));
     assert!(matches!(rej[0].1, Error::Misbehaving(Misbehaviour::NotEnrolled(_))));
     assert!(net.closed.contains(&ConnectionHandle(3)));
-    assert!(net.seen[3].iter().any(|e| matches!(e, ParticipantEvent::Rejected { code: RejectCode::UnknownClient, .. })));
+    assert!(
+        net.seen[3].iter().any(|e| matches!(e, ParticipantEvent::Rejected { code: RejectCode::UnknownClient, .. }))
+    );
     net.answer_all(&[3]);
     net.answer_all(&[3]);
     assert_eq!(net.coord.phase(), Phase::Finished);
@@ -239,7 +248,10 @@ fn tampered_replayed_duplicate_oversize_and_bad_updates_are_refused() {
 
     // Another client's report relayed on our connection fails its signature check.
     let other = Participant::new(ident(1), None).sign_report(&good(1, vec![0.5; dim]));
-    assert_eq!(net.coord.handle_message(net.now, conn, &other).unwrap_err(), Error::Misbehaving(Misbehaviour::BadSignature));
+    assert_eq!(
+        net.coord.handle_message(net.now, conn, &other).unwrap_err(),
+        Error::Misbehaving(Misbehaviour::BadSignature)
+    );
 
     // Honest clients finish round 1; then the round-1 report replayed in round 2 is stale.
     net.answer_all(&[0]);
@@ -347,4 +359,98 @@ fn participant_rejects_wrong_run_and_garbage() {
     assert_eq!(p.handle_message(Instant::now(), &hello), Err(Error::Misbehaving(Misbehaviour::WrongRun)));
     assert!(matches!(p.handle_message(Instant::now(), b"nonsense"), Err(Error::Malformed(_))));
     assert!(p.submit(Instant::now(), None, None).is_err());
+}
+
+#[test]
+fn config_validation_refuses_values_that_would_panic_or_stall() {
+    use crate::coordinator::{MAX_ROUND_TIMEOUT, MAX_ROUNDS};
+    use crate::wire::{MAX_BATCH_SIZE, MAX_LOCAL_EPOCHS};
+    config(3, 2).validate().unwrap();
+    let refused = |change: &dyn Fn(&mut CoordinatorConfig)| {
+        let mut c = config(3, 2);
+        change(&mut c);
+        c.validate().is_err()
+    };
+    // `now + round_timeout` panics on overflow: the timeout is bounded.
+    assert!(refused(&|c| c.round_timeout = Duration::from_secs(u64::MAX)));
+    assert!(refused(&|c| c.round_timeout = MAX_ROUND_TIMEOUT + Duration::from_nanos(1)));
+    assert!(!refused(&|c| c.round_timeout = MAX_ROUND_TIMEOUT));
+    // The evaluation round `rounds + 1` must fit a u32; zero rounds is a typo.
+    assert!(refused(&|c| c.rounds = 0));
+    assert!(refused(&|c| c.rounds = u32::MAX));
+    assert!(!refused(&|c| c.rounds = MAX_ROUNDS));
+    // A quorum above the enrolment could never be met: every round would extend forever.
+    assert!(refused(&|c| {
+        c.clients_per_round = 5;
+        c.quorum = 4;
+    }));
+    // Training parameters a client would refuse.
+    assert!(refused(&|c| c.train.lr = f32::INFINITY));
+    assert!(refused(&|c| c.train.epochs = MAX_LOCAL_EPOCHS + 1));
+    assert!(refused(&|c| c.train.batch_size = MAX_BATCH_SIZE + 1));
+    assert!(refused(&|c| c.train.batch_size = 0));
+}
+
+#[test]
+fn longest_round_timeout_runs_through_deadlines() {
+    let mut cfg = config(3, 1);
+    cfg.quorum = 1;
+    cfg.round_timeout = crate::coordinator::MAX_ROUND_TIMEOUT;
+    let mut net = Net::new(cfg, (0..3).map(ident).collect());
+    net.pump();
+    net.answer_all(&[1, 2]);
+    let deadline = net.coord.poll_timeout().unwrap();
+    assert_eq!(deadline - net.now, crate::coordinator::MAX_ROUND_TIMEOUT);
+    net.now = deadline;
+    net.coord.handle_timeout(net.now);
+    net.pump();
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Evaluate });
+}
+
+#[test]
+fn participant_refuses_a_hostile_welcome() {
+    use crate::wire::{Hello, MAX_HANDSHAKE_BYTES, RunConfig, UpdateKind, Welcome, max_message_bytes_for};
+    let t = Instant::now();
+    let hello = codec::encode(&Message::Hello(Hello { run_id: RUN, challenge: [0; 32] }));
+    let welcome = |config: RunConfig| codec::encode(&Message::Welcome(Welcome { client_id: 0, config }));
+    let train = TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 };
+    let good =
+        RunConfig { run_id: RUN, arch: arch(), rounds: 2, train: train.clone(), update_kind: UpdateKind::DenseDelta };
+    let bad_model = Misbehaviour::Unexpected("Welcome with an invalid model");
+    let bad_train = Misbehaviour::Unexpected("Welcome with invalid training parameters");
+    let cases = [
+        // A model of 2^64 parameters: refused before any size is computed from it.
+        (
+            RunConfig { arch: ModelArch::Mlp { input: u32::MAX, hidden: vec![u32::MAX], classes: 10 }, ..good.clone() },
+            bad_model,
+        ),
+        (RunConfig { train: TrainSpec { epochs: u32::MAX, ..train.clone() }, ..good.clone() }, bad_train.clone()),
+        (RunConfig { train: TrainSpec { lr: f32::NAN, ..train.clone() }, ..good.clone() }, bad_train.clone()),
+        (RunConfig { train: TrainSpec { batch_size: 0, ..train.clone() }, ..good.clone() }, bad_train),
+        // Another run than the Hello named: our reports would be signed for it.
+        (RunConfig { run_id: RunId([1; 16]), ..good.clone() }, Misbehaviour::WrongRun),
+    ];
+    for (config, want) in cases {
+        let mut p = Participant::new(ident(0), None);
+        p.handle_message(t, &hello).unwrap();
+        assert_eq!(p.handle_message(t, &welcome(config)), Err(want.into()));
+        assert!(p.run_config().is_none());
+        assert_eq!(p.max_message_bytes(), MAX_HANDSHAKE_BYTES);
+    }
+    let mut p = Participant::new(ident(0), None);
+    p.handle_message(t, &hello).unwrap();
+    p.handle_message(t, &welcome(good)).unwrap();
+    assert_eq!(p.max_message_bytes(), max_message_bytes_for(&arch()));
+}
+
+#[test]
+fn participant_reads_only_handshake_sized_messages_before_welcome() {
+    use crate::wire::{MAX_HANDSHAKE_BYTES, RoundStart};
+    // A model-sized message before the Welcome is refused on its length alone.
+    let big = RoundStart { round: 1, task: Task::Train, seed: 0, model: vec![0.0; MAX_HANDSHAKE_BYTES / 4] };
+    let mut p = Participant::new(ident(0), None);
+    assert!(matches!(
+        p.handle_message(Instant::now(), &codec::encode(&Message::RoundStart(big))),
+        Err(Error::Malformed(Malformed::Oversize { .. }))
+    ));
 }

@@ -13,7 +13,7 @@
 use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ModelArch, MAX_PARAMETERS};
+use crate::model::{MAX_PARAMETERS, ModelArch};
 
 /// Version of the wire format. A peer with another version is refused as
 /// incompatible before its message body is decoded.
@@ -32,6 +32,22 @@ pub const MAX_MESSAGE_BYTES: usize = MAX_PARAMETERS * 4 + MESSAGE_OVERHEAD_BYTES
 /// Longest human-readable text in a [`Rejected`] message: enough for one
 /// line of context, short enough that error paths can't carry bulk data.
 pub const MAX_DETAIL_BYTES: usize = 256;
+
+/// Largest message a participant accepts before the server's [`Welcome`] has
+/// told it the model: `Hello`, `Welcome` and `Rejected` are a few hundred
+/// bytes at most, so a hostile server can't make a client that hasn't joined
+/// yet buffer a model-sized stream.
+pub const MAX_HANDSHAKE_BYTES: usize = MESSAGE_OVERHEAD_BYTES;
+
+/// Most local epochs a run may ask of a client per round. A client does what
+/// the server's [`TrainSpec`] says; past 1,000 passes over its shard a round
+/// is a denial of service on the client, not federated training.
+pub const MAX_LOCAL_EPOCHS: u32 = 1_000;
+
+/// Largest minibatch a run may ask for. Memory per step is
+/// `min(batch, shard) × pixels`, so the shard bounds it in practice; the cap
+/// only refuses absurd values and is above a full MNIST training set (60,000).
+pub const MAX_BATCH_SIZE: u32 = 1 << 16;
 
 /// Largest sample count a client may claim for weighting. FedAvg weights by
 /// this number, so an absurd claim is a poisoning lever; 2^32 is far above
@@ -77,6 +93,25 @@ pub struct TrainSpec {
     pub batch_size: u32,
     /// Local epochs per round.
     pub epochs: u32,
+}
+
+impl TrainSpec {
+    /// Checks the values are usable: a finite positive learning rate, and a
+    /// batch size and epoch count in `1..=`[`MAX_BATCH_SIZE`] and
+    /// `1..=`[`MAX_LOCAL_EPOCHS`]. The server checks its configuration with
+    /// this and a client checks what a (possibly hostile) server sent.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err("learning rate must be finite and positive");
+        }
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH_SIZE {
+            return Err("batch_size must be in 1..=MAX_BATCH_SIZE");
+        }
+        if self.epochs == 0 || self.epochs > MAX_LOCAL_EPOCHS {
+            return Err("epochs must be in 1..=MAX_LOCAL_EPOCHS");
+        }
+        Ok(())
+    }
 }
 
 /// How clients express their update; the aggregator of the run decides.

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tally_protocol::coordinator::MAX_ROUND_TIMEOUT;
 use tally_protocol::model::ModelArch;
 use tally_protocol::wire::{PublicKeyBytes, RunId, TrainSpec};
 
@@ -49,7 +50,8 @@ pub struct RawConfig {
     /// Accepted updates that close a round. Default: `clients_per_round`.
     pub quorum: Option<usize>,
     /// Seconds a round waits before closing at quorum or extending. Default
-    /// 600: local training on an edge CPU takes minutes.
+    /// 600: local training on an edge CPU takes minutes. At most one week
+    /// ([`MAX_ROUND_TIMEOUT`]).
     pub round_timeout_secs: Option<u64>,
     /// Violations tolerated per client before disconnecting it. Default 10.
     pub max_violations: Option<u32>,
@@ -158,6 +160,11 @@ impl RawConfig {
         let clients_per_round = self.clients_per_round.unwrap_or(min_clients);
         let quorum = self.quorum.unwrap_or(clients_per_round);
         let round_timeout = Duration::from_secs(self.round_timeout_secs.unwrap_or(600));
+        // Checked here as well as by the coordinator so the message names the
+        // knob; an unbounded value would make `now + timeout` panic.
+        if round_timeout.is_zero() || round_timeout > MAX_ROUND_TIMEOUT {
+            return Err(invalid(format!("round_timeout_secs must be in 1..={}", MAX_ROUND_TIMEOUT.as_secs())));
+        }
         let seed = self.seed.unwrap_or_else(|| u64::from_le_bytes(os_seed[..8].try_into().unwrap_or([0; 8])));
         let run_id = match &self.run_id {
             Some(h) => {
@@ -177,7 +184,9 @@ impl RawConfig {
                 return Err(invalid("tls: self_signed excludes cert and key".into()));
             }
             RawTls { cert: Some(cert), key: Some(key), .. } => TlsSource::Files { cert, key },
-            _ => return Err(invalid("tls: give cert and key files, or self_signed = true (dev mode)".into())),
+            _ => {
+                return Err(invalid("tls: give cert and key files, or self_signed = true (dev mode)".into()));
+            }
         };
         Ok(ServerConfig {
             listen: self.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 4433))),
@@ -221,6 +230,7 @@ pub fn read_enrolled(path: &Path) -> Result<Vec<PublicKeyBytes>, ConfigError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -243,5 +253,27 @@ mod tests {
         std::fs::write(&keys, "nothex\n").unwrap();
         let raw = RawConfig { enrolled_keys: Some(keys), ..Default::default() };
         assert!(matches!(raw.validate([0; 24]), Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn round_timeout_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, format!("{}\n", tally_protocol::Identity::from_secret([3; 32]).public_key())).unwrap();
+        let raw = |secs: u64| RawConfig {
+            enrolled_keys: Some(keys.clone()),
+            round_timeout_secs: Some(secs),
+            min_clients: Some(1),
+            tls: Some(RawTls { self_signed: Some(true), ..Default::default() }),
+            ..Default::default()
+        };
+        // u64::MAX seconds used to pass validation and panic at the first
+        // round's deadline (`Instant + Duration` overflow).
+        for secs in [0, MAX_ROUND_TIMEOUT.as_secs() + 1, u64::MAX] {
+            assert!(
+                matches!(raw(secs).validate([0; 24]), Err(ConfigError::Invalid(m)) if m.contains("round_timeout_secs"))
+            );
+        }
+        assert_eq!(raw(MAX_ROUND_TIMEOUT.as_secs()).validate([0; 24]).unwrap().round_timeout, MAX_ROUND_TIMEOUT);
     }
 }

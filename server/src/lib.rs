@@ -185,7 +185,8 @@ impl Server {
         std::fs::create_dir_all(&config.out_dir).map_err(io_err(format!("creating {}", config.out_dir.display())))?;
         let metrics_path = config.out_dir.join("metrics.jsonl");
         let model_path = config.out_dir.join("final_model.safetensors");
-        let mut metrics = MetricsWriter::create(&metrics_path).map_err(io_err(format!("creating {}", metrics_path.display())))?;
+        let mut metrics =
+            MetricsWriter::create(&metrics_path).map_err(io_err(format!("creating {}", metrics_path.display())))?;
         info!(run_id = %config.run_id, rounds = config.rounds, min_clients = config.min_clients, "waiting for clients");
 
         let (tx, mut rx) = mpsc::channel::<Inbound>(INBOUND_CAPACITY);
@@ -201,7 +202,10 @@ impl Server {
         tokio::pin!(shutdown);
 
         while !finished {
-            let deadline = coordinator.poll_timeout().map(|d| start + d.saturating_duration_since(std_start));
+            // Deadlines are at most MAX_ROUND_TIMEOUT ahead, so the sum can't
+            // overflow; `checked_add` keeps it a non-panicking path anyway.
+            let deadline =
+                coordinator.poll_timeout().and_then(|d| start.checked_add(d.saturating_duration_since(std_start)));
             tokio::select! {
                 _ = &mut shutdown => {
                     warn!("shutdown requested; writing the current model");
@@ -279,10 +283,10 @@ impl Server {
         }
 
         metrics.flush_pending().map_err(io_err("writing metrics"))?;
-        let bytes = config.arch.to_safetensors(coordinator.model()).map_err(|e| ServerError::InitialModel {
-            path: model_path.clone(),
-            message: e.to_string(),
-        })?;
+        let bytes = config
+            .arch
+            .to_safetensors(coordinator.model())
+            .map_err(|e| ServerError::InitialModel { path: model_path.clone(), message: e.to_string() })?;
         write_atomic(&model_path, &bytes).map_err(io_err(format!("writing {}", model_path.display())))?;
 
         // Let writers deliver what is queued (the Finished message), then close.
@@ -368,7 +372,9 @@ async fn writer(connection: quinn::Connection, mut rx: mpsc::UnboundedReceiver<O
     while let Some(out) = rx.recv().await {
         match out {
             Outbound::Send(bytes) => {
-                let Ok(mut stream) = connection.open_uni().await else { return };
+                let Ok(mut stream) = connection.open_uni().await else {
+                    return;
+                };
                 if stream.write_all(&bytes).await.is_err() || stream.finish().is_err() {
                     return;
                 }

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use tally_server::config::{RawConfig, RawTls};
 use tally_server::Server;
+use tally_server::config::{RawConfig, RawTls};
 
 /// Tally federated-learning aggregation server (QUIC, TLS 1.3).
 #[derive(Parser, Debug)]
@@ -102,9 +102,21 @@ fn main() -> anyhow::Result<()> {
     macro_rules! over {
         ($($f:ident),*) => { $( if cli.$f.is_some() { raw.$f = cli.$f.clone(); } )* };
     }
-    over!(listen, rounds, min_clients, clients_per_round, quorum, round_timeout_secs, enrolled_keys, out_dir, seed, initial_model);
+    over!(
+        listen,
+        rounds,
+        min_clients,
+        clients_per_round,
+        quorum,
+        round_timeout_secs,
+        enrolled_keys,
+        out_dir,
+        seed,
+        initial_model
+    );
     if cli.self_signed || cli.cert.is_some() || cli.key.is_some() {
-        raw.tls = Some(RawTls { cert: cli.cert.clone(), key: cli.key.clone(), self_signed: cli.self_signed.then_some(true) });
+        raw.tls =
+            Some(RawTls { cert: cli.cert.clone(), key: cli.key.clone(), self_signed: cli.self_signed.then_some(true) });
     }
     let mut os_seed = [0u8; 24];
     getrandom::fill(&mut os_seed).map_err(|e| anyhow::anyhow!("OS randomness unavailable: {e}"))?;

@@ -9,9 +9,9 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use serde_json::{json, Map, Value};
-use tally_protocol::wire::{EvalReport, Task};
+use serde_json::{Map, Value, json};
 use tally_protocol::RoundSummary;
+use tally_protocol::wire::{EvalReport, Task};
 
 /// Writes `metrics.jsonl`.
 #[derive(Debug)]

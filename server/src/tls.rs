@@ -44,25 +44,27 @@ pub struct ServerIdentity {
 
 /// Loads or generates the server's certificate.
 pub fn load_identity(source: &TlsSource) -> Result<ServerIdentity, TlsError> {
-    let (chain, key) = match source {
+    let (chain, key, fingerprint) = match source {
         TlsSource::SelfSigned => {
             let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
                 .map_err(|e| TlsError::Generate(e.to_string()))?;
-            let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(|e| TlsError::Generate(e.to_string()))?;
-            (vec![ck.cert.der().clone()], key)
+            let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der())
+                .map_err(|e| TlsError::Generate(e.to_string()))?;
+            let fingerprint = Sha256::digest(ck.cert.der().as_ref()).into();
+            (vec![ck.cert.der().clone()], key, fingerprint)
         }
         TlsSource::Files { cert, key } => {
             let chain = CertificateDer::pem_file_iter(cert)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| pem_err(cert, e))?;
-            if chain.is_empty() {
+            let Some(leaf) = chain.first() else {
                 return Err(TlsError::Pem { path: cert.display().to_string(), message: "no certificate".into() });
-            }
+            };
+            let fingerprint = Sha256::digest(leaf.as_ref()).into();
             let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e))?;
-            (chain, key)
+            (chain, key, fingerprint)
         }
     };
-    let fingerprint = Sha256::digest(chain[0].as_ref()).into();
     Ok(ServerIdentity { chain, key, fingerprint })
 }
 
@@ -78,8 +80,7 @@ pub fn quic_server_config(id: ServerIdentity) -> Result<quinn::ServerConfig, Tls
         .with_no_client_auth()
         .with_single_cert(id.chain, id.key)?;
     tls.alpn_protocols = vec![tally_protocol::wire::ALPN.to_vec()];
-    let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
 }
 

@@ -52,6 +52,10 @@ pub enum SimError {
     /// The run could not progress (no events and no timers).
     #[error("simulation stalled at round {0}")]
     Stalled(u32),
+    /// A virtual time did not fit a `Duration` or an `Instant` (only for runs
+    /// far longer than any the scenario bounds are meant for).
+    #[error("virtual time overflow: {0}")]
+    VirtualTime(&'static str),
 }
 
 /// One line of the metrics file.
@@ -117,6 +121,10 @@ mod sha2_free {
     }
 }
 
+/// Deadline extensions of one round after which the simulator reports a
+/// stall (the quorum cannot be met by the clients it has).
+const MAX_EXTENSIONS_PER_ROUND: u32 = 100;
+
 const TAG_IDENTITY: u64 = 1;
 const TAG_DROPOUT: u64 = 2;
 const TAG_STRAGGLER: u64 = 3;
@@ -176,7 +184,11 @@ pub fn dense_update(
 ) -> Result<ClientUpdate, tally_kernels::KernelError> {
     let (trained, report) = tally_kernels::train_local(arch, model, data, cfg, device)?;
     let delta = trained.iter().zip(model).map(|(t, m)| t - m).collect();
-    Ok(ClientUpdate { num_samples: data.len() as u64, train_loss: report.mean_loss, payload: UpdatePayload::DenseDelta(delta) })
+    Ok(ClientUpdate {
+        num_samples: data.len() as u64,
+        train_loss: report.mean_loss,
+        payload: UpdatePayload::DenseDelta(delta),
+    })
 }
 
 enum Delivery {
@@ -217,7 +229,11 @@ struct Job {
 
 /// Runs a scenario. `on_record` sees each metrics line as it is produced
 /// (the binary writes it out and advances its progress bar).
-pub fn run(scenario: &Scenario, device: &Device, on_record: &mut dyn FnMut(&RoundRecord)) -> Result<SimReport, SimError> {
+pub fn run(
+    scenario: &Scenario,
+    device: &Device,
+    on_record: &mut dyn FnMut(&RoundRecord),
+) -> Result<SimReport, SimError> {
     scenario.validate()?;
     let split = load_data(&scenario.data)?;
     run_on(scenario, &split, device, on_record)
@@ -272,8 +288,15 @@ pub fn run_on(
         queue.push(Reverse(Queued { at, seq, what }));
     };
     let net = &s.network;
-    let transfer = |bytes: usize| {
-        Duration::from_millis(net.latency_ms) + Duration::from_secs_f64(bytes as f64 * 8.0 / (net.bandwidth_mbps * 1e6))
+    // Virtual-time arithmetic is checked: `Duration::from_secs_f64`,
+    // `Duration + Duration` and `Instant + Duration` panic on overflow. The
+    // scenario's bounds keep each step small; these keep an arbitrarily long
+    // run from panicking.
+    let clock = |now: Duration| t0.checked_add(now).ok_or(SimError::VirtualTime("past the end of Instant"));
+    let secs = |x: f64| Duration::try_from_secs_f64(x).map_err(|_| SimError::VirtualTime("duration out of range"));
+    let after = |now: Duration, d: Duration| now.checked_add(d).ok_or(SimError::VirtualTime("event time overflow"));
+    let transfer = |bytes: usize| -> Result<Duration, SimError> {
+        after(Duration::from_millis(net.latency_ms), secs(bytes as f64 * 8.0 / (net.bandwidth_mbps * 1e6))?)
     };
     for i in 0..s.clients {
         push(&mut queue, Duration::ZERO, Delivery::Connect(i));
@@ -286,6 +309,7 @@ pub fn run_on(
     let mut jobs: Vec<Job> = Vec::new();
     let mut round_wall = std::time::Instant::now();
     let mut finished = false;
+    let mut extensions = 0u32;
 
     // Round 0: the initial model.
     let e = tally_kernels::evaluate(&arch, coord.model(), &split.test, device, 1000)?;
@@ -324,14 +348,14 @@ pub fn run_on(
                 };
                 let update = dense_update(&arch, &job.model, &shards[job.slot], &cfg, device)?;
                 let slow = if stragglers[job.slot] { net.straggler_slowdown } else { 1.0 };
-                let compute = Duration::from_secs_f64(
+                let compute = secs(
                     shards[job.slot].len() as f64 * f64::from(s.train.epochs) * net.compute_us_per_sample * 1e-6 * slow,
-                );
+                )?;
                 clients[job.slot]
-                    .submit(t0 + now, None, Some(update))
+                    .submit(clock(now)?, None, Some(update))
                     .map_err(|e| SimError::Protocol(e.to_string()))?;
                 while let Some(frame) = clients[job.slot].poll_transmit() {
-                    let at = now + compute + transfer(frame.len());
+                    let at = after(after(now, compute)?, transfer(frame.len())?)?;
                     push(&mut queue, at, Delivery::ToServer(job.slot, frame));
                 }
             }
@@ -340,36 +364,40 @@ pub fn run_on(
         let timeout = coord.poll_timeout().map(|t| t.saturating_duration_since(t0));
         let next = queue.peek().map(|q| q.0.at);
         match (next, timeout) {
-            (None, None) => return Err(SimError::Stalled(coord.completed_rounds() + 1)),
+            (None, None) => return Err(SimError::Stalled(coord.completed_rounds().saturating_add(1))),
             (Some(n), Some(t)) if t < n => {
                 now = t;
-                coord.handle_timeout(t0 + now);
+                coord.handle_timeout(clock(now)?);
             }
             (None, Some(t)) => {
                 now = t;
-                coord.handle_timeout(t0 + now);
+                coord.handle_timeout(clock(now)?);
             }
             (Some(_), _) => {
                 let Some(Reverse(q)) = queue.pop() else { continue };
                 now = q.at;
                 match q.what {
-                    Delivery::Connect(i) => coord.handle_connect(t0 + now, ConnectionHandle(i as u64)),
+                    Delivery::Connect(i) => coord.handle_connect(clock(now)?, ConnectionHandle(i as u64)),
                     Delivery::ToServer(i, bytes) => {
                         bytes_up += bytes.len() as u64;
                         // Refusals are counted in the round summary.
-                        let _ = coord.handle_message(t0 + now, ConnectionHandle(i as u64), &bytes);
+                        let _ = coord.handle_message(clock(now)?, ConnectionHandle(i as u64), &bytes);
                     }
                     Delivery::ToClient(i, bytes) => {
                         bytes_down += bytes.len() as u64;
-                        let p = &mut clients[i];
-                        p.handle_message(t0 + now, &bytes).map_err(|e| SimError::Protocol(e.to_string()))?;
+                        // `i` is a connection handle the coordinator got from us
+                        // (one per client); a stray one is a protocol bug.
+                        let p = clients
+                            .get_mut(i)
+                            .ok_or_else(|| SimError::Protocol(format!("message for unknown connection {i}")))?;
+                        p.handle_message(clock(now)?, &bytes).map_err(|e| SimError::Protocol(e.to_string()))?;
                         while let Some(ev) = p.poll_event() {
                             if let ParticipantEvent::TaskRequested { round, task: Task::Train, seed, model } = ev {
                                 jobs.push(Job { slot: i, round, seed, model });
                             }
                         }
                         while let Some(frame) = p.poll_transmit() {
-                            let at = now + transfer(frame.len());
+                            let at = after(now, transfer(frame.len())?)?;
                             push(&mut queue, at, Delivery::ToServer(i, frame));
                         }
                     }
@@ -377,12 +405,13 @@ pub fn run_on(
             }
         }
         while let Some(t) = coord.poll_transmit() {
-            let at = now + transfer(t.bytes.len());
+            let at = after(now, transfer(t.bytes.len())?)?;
             push(&mut queue, at, Delivery::ToClient(t.to.0 as usize, t.bytes));
         }
         while let Some(event) = coord.poll_event() {
             match event {
                 Event::RoundCompleted(summary) => {
+                    extensions = 0;
                     wall_rounds.push(round_wall.elapsed().as_secs_f64());
                     let evaluate = summary.round % s.eval_every == 0 || summary.round == s.rounds;
                     let (acc, loss) = if evaluate {
@@ -414,15 +443,29 @@ pub fn run_on(
                     records.push(rec);
                     round_wall = std::time::Instant::now();
                 }
+                Event::RoundExtended { round, .. } => {
+                    extensions += 1;
+                    // Every joined client was asked and the quorum is still out
+                    // of reach: virtual time would advance forever.
+                    if extensions > MAX_EXTENSIONS_PER_ROUND {
+                        return Err(SimError::Stalled(round));
+                    }
+                }
                 Event::Finished { .. } => finished = true,
                 _ => {}
             }
         }
     }
-    Ok(SimReport { records, final_model: coord.model().to_vec(), wall_secs_per_round: wall_rounds, wall_secs_eval: wall_eval })
+    Ok(SimReport {
+        records,
+        final_model: coord.model().to_vec(),
+        wall_secs_per_round: wall_rounds,
+        wall_secs_eval: wall_eval,
+    })
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

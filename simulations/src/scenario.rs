@@ -8,8 +8,26 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tally_protocol::coordinator::{MAX_ENROLLED, MAX_ROUND_TIMEOUT};
 use tally_protocol::model::ModelArch;
 use tally_protocol::wire::TrainSpec;
+
+// Virtual time is `Duration`s added to an `Instant`, and both panic on
+// overflow (`Duration::from_secs_f64` panics on infinity too). Every knob that
+// feeds the virtual clock is bounded so that a scenario file can't crash the
+// simulator; the bounds are far beyond any network or device worth simulating.
+
+/// Longest one-way message latency: one hour.
+pub const MAX_LATENCY_MS: u64 = 60 * 60 * 1000;
+
+/// Slowest link: 1 kbit/s (a 64 MiB model then takes about six days).
+pub const MIN_BANDWIDTH_MBPS: f64 = 1e-3;
+
+/// Slowest device: one second of compute per sample per epoch.
+pub const MAX_COMPUTE_US_PER_SAMPLE: f64 = 1e6;
+
+/// Largest straggler slowdown factor.
+pub const MAX_STRAGGLER_SLOWDOWN: f64 = 1e4;
 
 /// Errors reading a scenario.
 #[derive(Debug, thiserror::Error)]
@@ -164,20 +182,38 @@ impl Scenario {
         if self.clients_per_round > self.clients {
             return bad("clients_per_round exceeds clients");
         }
+        if self.clients > MAX_ENROLLED {
+            // Checked before the simulator derives a key per client.
+            return bad("clients exceeds the protocol's MAX_ENROLLED");
+        }
+        if self.round_timeout_secs == 0 || self.round_timeout_secs > MAX_ROUND_TIMEOUT.as_secs() {
+            return bad("round_timeout_secs must be in 1..=604800 (one week)");
+        }
+        self.train.validate().map_err(|e| ScenarioError::Invalid(format!("train: {e}")))?;
         if self.quorum.is_some_and(|q| q == 0 || q > self.clients_per_round) {
             return bad("quorum must be in 1..=clients_per_round");
         }
-        if let PartitionSpec::Dirichlet { alpha } = self.partition {
-            if !(alpha.is_finite() && alpha > 0.0) {
-                return bad("dirichlet alpha must be positive");
-            }
+        if let PartitionSpec::Dirichlet { alpha } = self.partition
+            && !(alpha.is_finite() && alpha > 0.0)
+        {
+            return bad("dirichlet alpha must be positive");
         }
         let n = &self.network;
         if !(0.0..=1.0).contains(&n.dropout) || !(0.0..=1.0).contains(&n.straggler_fraction) {
             return bad("network.dropout and network.straggler_fraction must be in [0, 1]");
         }
-        if !(n.bandwidth_mbps > 0.0 && n.compute_us_per_sample >= 0.0 && n.straggler_slowdown >= 1.0) {
-            return bad("network: bandwidth must be positive, compute time non-negative, slowdown >= 1");
+        // NaN fails `contains` below; here it is spelled out.
+        if n.bandwidth_mbps.is_nan() || n.bandwidth_mbps < MIN_BANDWIDTH_MBPS {
+            return bad("network.bandwidth_mbps must be at least MIN_BANDWIDTH_MBPS (0.001)");
+        }
+        if !(0.0..=MAX_COMPUTE_US_PER_SAMPLE).contains(&n.compute_us_per_sample) {
+            return bad("network.compute_us_per_sample must be in 0..=MAX_COMPUTE_US_PER_SAMPLE (1e6)");
+        }
+        if !(1.0..=MAX_STRAGGLER_SLOWDOWN).contains(&n.straggler_slowdown) {
+            return bad("network.straggler_slowdown must be in 1..=MAX_STRAGGLER_SLOWDOWN (1e4)");
+        }
+        if n.latency_ms > MAX_LATENCY_MS {
+            return bad("network.latency_ms must be at most MAX_LATENCY_MS (one hour)");
         }
         if self.eval_every == 0 {
             return bad("eval_every must be at least 1");
@@ -205,6 +241,7 @@ pub fn read_schedule(path: &Path, clients: usize) -> Result<Vec<Vec<u32>>, Scena
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -235,5 +272,39 @@ mod tests {
         assert!(read_schedule(&p, 2).is_err());
         std::fs::write(&p, "[[0,").unwrap();
         assert!(read_schedule(&p, 3).is_err());
+    }
+
+    #[test]
+    fn values_that_would_overflow_the_virtual_clock_are_refused() {
+        let ok = Scenario::default();
+        ok.validate().unwrap();
+        let refused = |change: &dyn Fn(&mut Scenario)| {
+            let mut s = Scenario::default();
+            change(&mut s);
+            matches!(s.validate(), Err(ScenarioError::Invalid(_)))
+        };
+        // Each of these used to pass validation and then panic in
+        // `Duration::from_secs_f64`, `Duration + Duration` or `Instant + Duration`.
+        assert!(refused(&|s| s.network.compute_us_per_sample = f64::INFINITY));
+        assert!(refused(&|s| s.network.straggler_slowdown = f64::INFINITY));
+        assert!(refused(&|s| s.network.bandwidth_mbps = 1e-300));
+        assert!(refused(&|s| s.round_timeout_secs = u64::MAX));
+        // These failed later (or never finished): refused up front now.
+        assert!(refused(&|s| s.network.latency_ms = u64::MAX));
+        assert!(refused(&|s| s.network.bandwidth_mbps = f64::NAN));
+        assert!(refused(&|s| s.round_timeout_secs = 0));
+        assert!(refused(&|s| s.train.epochs = u32::MAX));
+        assert!(refused(&|s| s.train.batch_size = 0));
+        assert!(refused(&|s| {
+            s.clients = MAX_ENROLLED + 1;
+        }));
+        // The bounds themselves are accepted.
+        assert!(!refused(&|s| {
+            s.network.bandwidth_mbps = MIN_BANDWIDTH_MBPS;
+            s.network.compute_us_per_sample = MAX_COMPUTE_US_PER_SAMPLE;
+            s.network.straggler_slowdown = MAX_STRAGGLER_SLOWDOWN;
+            s.network.latency_ms = MAX_LATENCY_MS;
+            s.round_timeout_secs = MAX_ROUND_TIMEOUT.as_secs();
+        }));
     }
 }

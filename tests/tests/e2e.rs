@@ -45,9 +45,9 @@ fn fedavg_three_clients_three_rounds_over_quic_improves_accuracy() {
     assert!(acc(0) < 0.2, "untrained model should be near chance: {}", acc(0));
     assert!(acc(3) > acc(1) + 0.05, "accuracy must improve clearly from round 1 ({}) to 3 ({})", acc(1), acc(3));
     assert!(acc(3) > 0.7, "after 3 rounds: {}", acc(3));
-    for r in 1..=3 {
-        assert_eq!(m[r]["accepted"], 3);
-        assert_eq!(m[r]["rejected"], 0);
+    for line in &m[1..=3] {
+        assert_eq!(line["accepted"], 3);
+        assert_eq!(line["rejected"], 0);
     }
 
     // The final model on disk is the one every client was told about.
@@ -162,7 +162,9 @@ fn hostile_inputs_are_rejected_with_typed_errors_while_honest_clients_finish() {
     let mut clients: Vec<Proc> = honest
         .iter()
         .enumerate()
-        .map(|(i, (key, _))| start_client(dir.path(), &format!("honest{i}"), key, &server, &["--shard", &format!("{i}/2")]))
+        .map(|(i, (key, _))| {
+            start_client(dir.path(), &format!("honest{i}"), key, &server, &["--shard", &format!("{i}/2")])
+        })
         .collect();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -273,9 +275,14 @@ fn client_retries_with_backoff_until_the_server_is_up() {
     let addr = format!("127.0.0.1:{port}");
     let mut client = {
         let mut cmd = std::process::Command::new(bin("tally-client"));
-        cmd.args(["run", "--server", &addr, "--fingerprint", &fingerprint, "--key"])
-            .arg(&key)
-            .args(["--max-retries", "20", "--connect-timeout-secs", "1", "--shard", "0/8"]);
+        cmd.args(["run", "--server", &addr, "--fingerprint", &fingerprint, "--key"]).arg(&key).args([
+            "--max-retries",
+            "20",
+            "--connect-timeout-secs",
+            "1",
+            "--shard",
+            "0/8",
+        ]);
         Proc::spawn("early", &mut cmd, dir.path())
     };
     // Wait (bounded) until the client has failed once and is backing off.

@@ -99,23 +99,13 @@ pub fn dirichlet(
     seed: u64,
 ) -> Result<Vec<Vec<usize>>, DataError> {
     if !(alpha.is_finite() && alpha > 0.0) {
-        return Err(DataError::InvalidParameter(format!(
-            "Dirichlet alpha must be finite and > 0, got {alpha}"
-        )));
+        return Err(DataError::InvalidParameter(format!("Dirichlet alpha must be finite and > 0, got {alpha}")));
     }
     if classes == 0 {
         return Err(DataError::BadClassCount(0));
     }
-    if let Some((index, &label)) = labels
-        .iter()
-        .enumerate()
-        .find(|&(_, &l)| usize::from(l) >= classes)
-    {
-        return Err(DataError::LabelOutOfRange {
-            index,
-            label,
-            classes,
-        });
+    if let Some((index, &label)) = labels.iter().enumerate().find(|&(_, &l)| usize::from(l) >= classes) {
+        return Err(DataError::LabelOutOfRange { index, label, classes });
     }
     if clients == 0 {
         return Ok(Vec::new());
@@ -182,11 +172,8 @@ fn fill_empty_clients(assigned: &mut [Vec<usize>]) {
         }
         // Largest client, lowest index on ties (max_by_key returns the last
         // maximum, hence the reversed index in the key).
-        let Some(donor) = assigned
-            .iter()
-            .enumerate()
-            .max_by_key(|(i, v)| (v.len(), std::cmp::Reverse(*i)))
-            .map(|(i, _)| i)
+        let Some(donor) =
+            assigned.iter().enumerate().max_by_key(|(i, v)| (v.len(), std::cmp::Reverse(*i))).map(|(i, _)| i)
         else {
             return;
         };
@@ -212,10 +199,7 @@ pub fn from_json(bytes: &[u8], n_train: usize) -> Result<Vec<Vec<usize>>, DataEr
     for (client, part) in parts.iter_mut().enumerate() {
         part.sort_unstable();
         if let Some(&index) = part.iter().find(|&&i| i >= n_train) {
-            return Err(DataError::IndexOutOfRange {
-                index,
-                len: n_train,
-            });
+            return Err(DataError::IndexOutOfRange { index, len: n_train });
         }
         if let Some(w) = part.windows(2).find(|w| w.first() == w.get(1)) {
             let index = w.first().copied().unwrap_or_default();
@@ -232,10 +216,7 @@ mod tests {
 
     fn assert_sorted(parts: &[Vec<usize>]) {
         for p in parts {
-            assert!(
-                p.windows(2).all(|w| w[0] < w[1]),
-                "not sorted ascending: {p:?}"
-            );
+            assert!(p.windows(2).all(|w| w[0] < w[1]), "not sorted ascending: {p:?}");
         }
     }
 
@@ -255,10 +236,7 @@ mod tests {
         assert_ne!(p[0], (0..11).collect::<Vec<_>>());
         assert!(iid(5, 0, 1).is_empty());
         let tiny = iid(2, 4, 1);
-        assert_eq!(
-            tiny.iter().map(Vec::len).collect::<Vec<_>>(),
-            vec![1, 1, 0, 0]
-        );
+        assert_eq!(tiny.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1, 0, 0]);
     }
 
     #[test]
@@ -272,10 +250,7 @@ mod tests {
             *counts.entry(v).or_insert(0) += 1;
         }
         assert_eq!(counts.len(), 6);
-        assert!(
-            counts.values().all(|&c| (850..1150).contains(&c)),
-            "{counts:?}"
-        );
+        assert!(counts.values().all(|&c| (850..1150).contains(&c)), "{counts:?}");
     }
 
     fn labels(n: usize, classes: usize) -> Vec<u8> {
@@ -314,14 +289,8 @@ mod tests {
         let l = labels(5000, 10);
         let skewed = skew(&dirichlet(&l, 10, 10, 0.05, 1).unwrap(), &l);
         let flat = skew(&dirichlet(&l, 10, 10, 1000.0, 1).unwrap(), &l);
-        assert!(
-            skewed > 0.6,
-            "alpha 0.05 should be strongly skewed, top-class share {skewed}"
-        );
-        assert!(
-            flat < 0.2,
-            "alpha 1000 should be near IID, top-class share {flat}"
-        );
+        assert!(skewed > 0.6, "alpha 0.05 should be strongly skewed, top-class share {skewed}");
+        assert!(flat < 0.2, "alpha 1000 should be near IID, top-class share {flat}");
     }
 
     #[test]
@@ -343,15 +312,9 @@ mod tests {
     fn dirichlet_rejects_bad_parameters() {
         let l = labels(10, 2);
         for alpha in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-            assert!(matches!(
-                dirichlet(&l, 2, 2, alpha, 0),
-                Err(DataError::InvalidParameter(_))
-            ));
+            assert!(matches!(dirichlet(&l, 2, 2, alpha, 0), Err(DataError::InvalidParameter(_))));
         }
-        assert!(matches!(
-            dirichlet(&[0, 5], 2, 2, 1.0, 0),
-            Err(DataError::LabelOutOfRange { index: 1, .. })
-        ));
+        assert!(matches!(dirichlet(&[0, 5], 2, 2, 1.0, 0), Err(DataError::LabelOutOfRange { index: 1, .. })));
         assert!(dirichlet(&l, 2, 0, 1.0, 0).unwrap().is_empty());
     }
 
@@ -359,28 +322,10 @@ mod tests {
     fn json_partitions() {
         let p = from_json(b"[[3, 0, 2], [], [1, 2]]", 4).unwrap();
         assert_eq!(p, vec![vec![0, 2, 3], vec![], vec![1, 2]]);
-        assert!(matches!(
-            from_json(b"[[0, 4]]", 4),
-            Err(DataError::IndexOutOfRange { index: 4, len: 4 })
-        ));
-        assert!(matches!(
-            from_json(b"[[1], [0, 2, 0]]", 4),
-            Err(DataError::DuplicateIndex {
-                client: 1,
-                index: 0
-            })
-        ));
-        assert!(matches!(
-            from_json(b"[[0, -1]]", 4),
-            Err(DataError::Json(_))
-        ));
-        assert!(matches!(
-            from_json(b"{\"a\": 1}", 4),
-            Err(DataError::Json(_))
-        ));
-        assert!(matches!(
-            from_json(b"[[0]] trailing", 4),
-            Err(DataError::Json(_))
-        ));
+        assert!(matches!(from_json(b"[[0, 4]]", 4), Err(DataError::IndexOutOfRange { index: 4, len: 4 })));
+        assert!(matches!(from_json(b"[[1], [0, 2, 0]]", 4), Err(DataError::DuplicateIndex { client: 1, index: 0 })));
+        assert!(matches!(from_json(b"[[0, -1]]", 4), Err(DataError::Json(_))));
+        assert!(matches!(from_json(b"{\"a\": 1}", 4), Err(DataError::Json(_))));
+        assert!(matches!(from_json(b"[[0]] trailing", 4), Err(DataError::Json(_))));
     }
 }

@@ -145,9 +145,7 @@ pub fn start_server_at(dir: &Path, enrolled: &[String], listen: &str, extra: &[&
 /// Starts an honest `tally-client run` on the embedded data.
 pub fn start_client(dir: &Path, name: &str, key: &Path, server: &ServerHandle, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("tally-client"));
-    cmd.args(["run", "--server", &server.addr, "--fingerprint", &server.fingerprint, "--key"])
-        .arg(key)
-        .args(extra);
+    cmd.args(["run", "--server", &server.addr, "--fingerprint", &server.fingerprint, "--key"]).arg(key).args(extra);
     Proc::spawn(name, &mut cmd, dir)
 }
 
