@@ -17,9 +17,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tally_kernels::{Dataset, Device, TrainConfig};
+use tally_kernels::{Dataset, Device};
+use tally_protocol::error::Misbehaviour;
 use tally_protocol::model::ModelArch;
-use tally_protocol::wire::{ClientUpdate, EvalReport, RejectCode, Task, UpdatePayload};
+use tally_protocol::wire::{ClientUpdate, EvalReport, RejectCode, RunConfig, Task};
 use tally_protocol::{Identity, Participant, ParticipantEvent};
 use tracing::{debug, info, warn};
 
@@ -214,7 +215,21 @@ async fn session(
             Ok(b) => b,
             Err(e) => return Err(SessionEnd::Retry(format!("connection lost: {e}"))),
         };
-        p.handle_message(Instant::now(), &bytes).map_err(|e| SessionEnd::Fatal(e.into()))?;
+        match p.handle_message(Instant::now(), &bytes) {
+            Ok(()) => {}
+            // Our replica fell out of step (a lost log, or a bit flip): a new
+            // session starts from the server's checkpoint.
+            Err(
+                e @ tally_protocol::Error::Misbehaving(
+                    Misbehaviour::ReplicaMismatch { .. } | Misbehaviour::OutOfOrderLog { .. },
+                ),
+            ) => {
+                warn!(error = %e, "replica out of sync; reconnecting for a fresh checkpoint");
+                conn.close(0u32.into(), b"resync");
+                return Err(SessionEnd::Retry(e.to_string()));
+            }
+            Err(e) => return Err(SessionEnd::Fatal(e.into())),
+        }
         while let Some(event) = p.poll_event() {
             match event {
                 ParticipantEvent::Joined { client_id, config } => {
@@ -232,14 +247,7 @@ async fn session(
                     let job = {
                         let (train, eval, device) = (opts.train.clone(), opts.eval.clone(), opts.device.clone());
                         let model = model.clone();
-                        let cfg = TrainConfig {
-                            lr: config.train.lr,
-                            batch_size: config.train.batch_size as usize,
-                            epochs: config.train.epochs,
-                            seed: tally_protocol::participant::local_seed(seed, client_id),
-                        };
-                        let arch = config.arch.clone();
-                        move || do_task(&arch, task, &model, &train, eval.as_ref(), &cfg, &device)
+                        move || do_task(&config, client_id, round, seed, task, &model, &train, eval.as_ref(), &device)
                     };
                     let (eval, update) = tokio::task::spawn_blocking(job)
                         .await
@@ -261,6 +269,7 @@ async fn session(
                     p.submit(Instant::now(), eval, update).map_err(|e| SessionEnd::Fatal(e.into()))?;
                 }
                 ParticipantEvent::Accepted { round } => debug!(round, "report accepted"),
+                ParticipantEvent::Synced { round } => debug!(round, "replica in sync"),
                 ParticipantEvent::Rejected { code, round, detail } => {
                     warn!(?code, ?round, %detail, "server rejected a message");
                     if outcome.rejections.len() < MAX_RECORDED_REJECTIONS {
@@ -307,20 +316,23 @@ fn save_final(opts: &ClientOptions, arch: Option<&ModelArch>, model: Option<&[f3
     }
 }
 
-/// Evaluates `model` on `eval` (if any) and, for a training task, trains on
-/// `train` and returns the delta.
+/// Evaluates `model` on `eval` (if any) and, for a training task, does the
+/// round's local work ([`tally_kernels::update::local_update`]).
+#[allow(clippy::too_many_arguments, reason = "the task's inputs, one to one")]
 pub fn do_task(
-    arch: &ModelArch,
+    run: &RunConfig,
+    client_id: u32,
+    round: u32,
+    round_seed: u64,
     task: Task,
     model: &[f32],
     train: &Dataset,
     eval: Option<&Dataset>,
-    cfg: &TrainConfig,
     device: &Device,
 ) -> Result<(Option<EvalReport>, Option<ClientUpdate>), tally_kernels::KernelError> {
     let eval = match eval {
         Some(data) => {
-            let r = tally_kernels::evaluate(arch, model, data, device, EVAL_BATCH)?;
+            let r = tally_kernels::evaluate(&run.arch, model, data, device, EVAL_BATCH)?;
             Some(EvalReport { loss_sum: r.loss_sum, correct: r.correct, total: r.total })
         }
         None => None,
@@ -328,13 +340,7 @@ pub fn do_task(
     let update = match task {
         Task::Evaluate => None,
         Task::Train => {
-            let (trained, report) = tally_kernels::train_local(arch, model, train, cfg, device)?;
-            let delta: Vec<f32> = trained.iter().zip(model).map(|(t, m)| t - m).collect();
-            Some(ClientUpdate {
-                num_samples: train.len() as u64,
-                train_loss: report.mean_loss,
-                payload: UpdatePayload::DenseDelta(delta),
-            })
+            Some(tally_kernels::update::local_update(run, client_id, round, round_seed, model, train, device)?)
         }
     };
     Ok((eval, update))

@@ -17,6 +17,8 @@ pub mod data;
 pub mod model;
 pub mod params_file;
 pub mod train;
+pub mod update;
+pub mod zo;
 
 pub use burn::tensor::Device;
 pub use data::{DataError, Dataset, Split};

@@ -57,6 +57,16 @@ pub trait Aggregator: Send + std::fmt::Debug {
     fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour>;
     /// Closes the round, writing the new model into `global` (untouched on error).
     fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError>;
+    /// For replicated update kinds: the log of the round just finished, which
+    /// every replica applies to reach the new model. `None` for kinds whose
+    /// model is sent in full.
+    fn take_log(&mut self) -> Option<Vec<crate::spsa::LogEntry>> {
+        None
+    }
+    /// The SPSA settings clients need, for SPSA aggregators.
+    fn spsa_config(&self) -> Option<&crate::spsa::SpsaConfig> {
+        None
+    }
 }
 
 /// Checks a dense vector: length and finiteness.
@@ -114,7 +124,9 @@ impl Aggregator for FedAvg {
 
     fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour> {
         check_common(update)?;
-        let UpdatePayload::DenseDelta(delta) = &update.payload;
+        let UpdatePayload::DenseDelta(delta) = &update.payload else {
+            return Err(Misbehaviour::WrongKind("this run takes dense deltas"));
+        };
         check_dense(delta, self.dim)?;
         self.pending.push((client, update.num_samples, update.train_loss, delta.clone()));
         Ok(())

@@ -220,6 +220,17 @@ mod tests {
             rounds: 5,
             train: TrainSpec { lr: 0.05, batch_size: 32, epochs: 2 },
             update_kind: UpdateKind::DenseDelta,
+            spsa: None,
+        };
+        let spsa =
+            crate::spsa::SpsaConfig { stream_seed: 3, steps_per_client: 32, eps: 1e-3, lr: 0.01, batch_size: 64 };
+        let log = |round: u32| RoundLog {
+            round,
+            entries: vec![
+                crate::spsa::LogEntry { client: 0, bytes: vec![0x00, 0x40, 0xc1] },
+                crate::spsa::LogEntry { client: 9, bytes: vec![0x7f] },
+            ],
+            model_hash: [round as u8; 32],
         };
         let frame = |name: &str, m: Message| (name.to_string(), Golden::Frame(m));
         let mut cases = vec![
@@ -248,12 +259,52 @@ mod tests {
                     round: 3,
                     task: Task::Train,
                     seed: 0x0123_4567_89ab_cdef,
-                    model: vec![0.0, -1.5, 1e-3, f32::MAX],
+                    model: ModelSync::Full(vec![0.0, -1.5, 1e-3, f32::MAX]),
                 }),
             ),
             frame(
                 "RoundStart/evaluate",
-                Message::RoundStart(RoundStart { round: 6, task: Task::Evaluate, seed: 1, model: vec![] }),
+                Message::RoundStart(RoundStart {
+                    round: 6,
+                    task: Task::Evaluate,
+                    seed: 1,
+                    model: ModelSync::Full(vec![]),
+                }),
+            ),
+            frame(
+                "Welcome/spsa",
+                Message::Welcome(Welcome {
+                    client_id: 1,
+                    config: RunConfig {
+                        update_kind: UpdateKind::Spsa,
+                        spsa: Some(spsa),
+                        ..run_config(ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 })
+                    },
+                }),
+            ),
+            frame(
+                "RoundStart/replica",
+                Message::RoundStart(RoundStart {
+                    round: 4,
+                    task: Task::Train,
+                    seed: 2,
+                    model: ModelSync::Replica { model_hash: [0xa5; 32] },
+                }),
+            ),
+            frame("RoundLog", Message::RoundLog(log(4))),
+            frame("Sync", Message::Sync(Sync { round: 2, params: vec![0.25, -2.0], logs: vec![log(3), log(4)] })),
+            (
+                "ReportBody/spsa".to_string(),
+                Golden::ReportBody(Report {
+                    run_id,
+                    round: 4,
+                    eval: None,
+                    update: Some(ClientUpdate {
+                        num_samples: 2048,
+                        train_loss: 0.5,
+                        payload: UpdatePayload::Spsa(vec![0x41, 0xbf, 0x00, 0x7f]),
+                    }),
+                }),
             ),
             ("ReportBody".to_string(), Golden::ReportBody(report)),
             frame("Report", Message::Report(SignedReport { body, signature })),
@@ -354,8 +405,12 @@ mod tests {
         // A 21-byte RoundStart claiming a model of 2^20 floats (4 MiB): under a
         // single 64 MiB limit bincode would reserve the 4 MiB before noticing
         // the bytes are missing. The tiered limit refuses the claim first.
-        let mut bytes =
-            encode(&Message::RoundStart(RoundStart { round: 1, task: Task::Train, seed: 0, model: vec![] }));
+        let mut bytes = encode(&Message::RoundStart(RoundStart {
+            round: 1,
+            task: Task::Train,
+            seed: 0,
+            model: ModelSync::Full(vec![]),
+        }));
         assert_eq!(bytes.pop(), Some(0)); // the empty model's length prefix
         bytes.extend_from_slice(&[0xfc, 0, 0, 0x10, 0]); // varint u32 marker, then 2^20 little endian
         assert_eq!(
@@ -381,7 +436,8 @@ mod tests {
         assert_eq!(decode_limit_for(usize::MAX), MAX_MESSAGE_BYTES);
         // The largest legal model still decodes under the top tier.
         let model = vec![0.5f32; crate::model::MAX_PARAMETERS];
-        let msg = Message::RoundStart(RoundStart { round: 1, task: Task::Train, seed: 9, model });
+        let msg =
+            Message::RoundStart(RoundStart { round: 1, task: Task::Train, seed: 9, model: ModelSync::Full(model) });
         let bytes = encode(&msg);
         assert!(bytes.len() <= MAX_MESSAGE_BYTES);
         assert_eq!(decode(&bytes, MAX_MESSAGE_BYTES).unwrap(), msg);
@@ -411,7 +467,7 @@ mod tests {
 
         #[test]
         fn round_trip_round_start(round in any::<u32>(), seed in any::<u64>(), model in proptest::collection::vec(any::<f32>(), 0..64)) {
-            let msg = Message::RoundStart(RoundStart { round, task: Task::Train, seed, model });
+            let msg = Message::RoundStart(RoundStart { round, task: Task::Train, seed, model: ModelSync::Full(model) });
             let bytes = encode(&msg);
             let back = decode(&bytes, MAX_MESSAGE_BYTES).unwrap();
             // Compare bit patterns (NaN != NaN).

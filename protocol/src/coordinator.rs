@@ -28,8 +28,8 @@ use crate::identity::{join_transcript, params_hash, report_transcript, verify};
 use crate::model::ModelArch;
 use crate::rng::LocalRng;
 use crate::wire::{
-    self, Ack, EvalReport, Finished, Hello, Join, Message, PublicKeyBytes, RejectCode, Rejected, RoundStart, RunConfig,
-    RunId, SignedReport, Task, TrainSpec, Welcome,
+    self, Ack, EvalReport, Finished, Hello, Join, Message, ModelSync, PublicKeyBytes, RejectCode, Rejected, RoundLog,
+    RoundStart, RunConfig, RunId, SignedReport, Sync, Task, TrainSpec, Welcome,
 };
 
 /// Most clients a run may enrol. Bounds the coordinator's per-client tables;
@@ -276,6 +276,17 @@ pub struct Coordinator {
     max_message: usize,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    /// Replicated runs (SPSA): the checkpoint new clients start from, and the
+    /// logs of the rounds after it.
+    checkpoint: Option<Checkpoint>,
+}
+
+#[derive(Debug)]
+struct Checkpoint {
+    round: u32,
+    params: Vec<f32>,
+    logs: Vec<RoundLog>,
+    log_bytes: usize,
 }
 
 impl Coordinator {
@@ -289,6 +300,20 @@ impl Coordinator {
     ) -> Result<Self, Misuse> {
         config.validate()?;
         config.arch.check_params(&initial).map_err(|e| Misuse::Config(format!("initial model: {e}")))?;
+        let checkpoint = match aggregator.spsa_config() {
+            Some(spsa) => {
+                spsa.validate().map_err(|e| Misuse::Config(format!("spsa: {e}")))?;
+                // One round's log must leave room in the catch-up budget.
+                let per_round = config.clients_per_round.saturating_mul(spsa.steps_per_client as usize + 16);
+                if per_round > wire::SYNC_LOG_BUDGET_BYTES / 2 {
+                    return Err(Misuse::Config(
+                        "spsa: clients_per_round × steps_per_client exceeds half the sync log budget".into(),
+                    ));
+                }
+                Some(Checkpoint { round: 0, params: initial.clone(), logs: Vec::new(), log_bytes: 0 })
+            }
+            None => None,
+        };
         let key_index = config.enrolled.iter().enumerate().map(|(i, k)| (*k, i as ClientIndex)).collect();
         let max_message = wire::max_message_bytes_for(&config.arch);
         Ok(Coordinator {
@@ -306,6 +331,7 @@ impl Coordinator {
             max_message,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            checkpoint,
         })
     }
 
@@ -317,6 +343,7 @@ impl Coordinator {
             rounds: self.config.rounds,
             train: self.config.train.clone(),
             update_kind: self.aggregator.update_kind(),
+            spsa: self.aggregator.spsa_config().cloned(),
         }
     }
 
@@ -464,6 +491,12 @@ impl Coordinator {
             c.client = Some(client);
         }
         self.send(conn, &Message::Welcome(Welcome { client_id: client, config: self.run_config() }));
+        if let Some(cp) = &self.checkpoint {
+            // A replicated run: the client rebuilds the model from the
+            // checkpoint and the logs since, then checks the hashes.
+            let sync = Message::Sync(Sync { round: cp.round, params: cp.params.clone(), logs: cp.logs.clone() });
+            self.send(conn, &sync);
+        }
         self.events.push_back(Event::ClientJoined { conn, client });
 
         match self.phase {
@@ -612,7 +645,11 @@ impl Coordinator {
             self.aggregator.begin_round(round, &self.model);
         }
         let seed = self.rng.next_u64();
-        let start = Message::RoundStart(RoundStart { round, task, seed, model: self.model.clone() });
+        let model = match self.checkpoint {
+            Some(_) => ModelSync::Replica { model_hash: params_hash(&self.model) },
+            None => ModelSync::Full(self.model.clone()),
+        };
+        let start = Message::RoundStart(RoundStart { round, task, seed, model });
         let start_msg: Arc<[u8]> = codec::encode(&start).into();
         for c in &sampled {
             if let Some(&conn) = self.by_client.get(c) {
@@ -690,6 +727,11 @@ impl Coordinator {
             Task::Train => self.aggregator.finish(&mut self.model).ok(),
             Task::Evaluate => None,
         };
+        if stats.is_some()
+            && let Some(entries) = self.aggregator.take_log()
+        {
+            self.publish_log(open.round, entries);
+        }
         if open.task == Task::Train {
             self.completed_rounds = open.round;
         }
@@ -709,6 +751,23 @@ impl Coordinator {
             Task::Train if open.round < self.config.rounds => self.open_round(now, open.round + 1, Task::Train),
             Task::Train if self.config.final_evaluation => self.open_round(now, open.round + 1, Task::Evaluate),
             _ => self.finish(),
+        }
+    }
+
+    /// Broadcasts a round's log to every joined client and files it behind
+    /// the checkpoint, taking a new checkpoint when the logs outgrow their
+    /// budget.
+    fn publish_log(&mut self, round: u32, entries: Vec<crate::spsa::LogEntry>) {
+        let log = RoundLog { round, entries, model_hash: params_hash(&self.model) };
+        let msg: Arc<[u8]> = codec::encode(&Message::RoundLog(log.clone())).into();
+        for &conn in self.by_client.values() {
+            self.transmits.push_back(Transmit { to: conn, bytes: msg.clone() });
+        }
+        let Some(cp) = self.checkpoint.as_mut() else { return };
+        cp.log_bytes = cp.log_bytes.saturating_add(msg.len());
+        cp.logs.push(log);
+        if cp.log_bytes > wire::SYNC_LOG_BUDGET_BYTES / 2 {
+            *cp = Checkpoint { round, params: self.model.clone(), logs: Vec::new(), log_bytes: 0 };
         }
     }
 

@@ -72,6 +72,22 @@ pub enum Incompatibility {
 /// A well-formed message that a correct peer would not send.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum Misbehaviour {
+    /// A replica's hash after replaying the server's log differs from the
+    /// hash the server announced (either side may be at fault; the client
+    /// resynchronises from a checkpoint).
+    #[error("replica of round {round} does not match the server's model hash")]
+    ReplicaMismatch {
+        /// The round.
+        round: u32,
+    },
+    /// A round log that does not follow the replica's round.
+    #[error("round log {got} does not follow round {have}")]
+    OutOfOrderLog {
+        /// The replica's round.
+        have: u32,
+        /// The log's round.
+        got: u32,
+    },
     /// The key in `Join` is not enrolled.
     #[error("public key {0} is not enrolled")]
     NotEnrolled(String),
@@ -172,7 +188,10 @@ impl Error {
             Error::Incompatible(_) => RejectCode::IncompatibleVersion,
             Error::Misbehaving(m) => match m {
                 Misbehaviour::NotEnrolled(_) => RejectCode::UnknownClient,
-                Misbehaviour::NotJoined(_) | Misbehaviour::Unexpected(_) => RejectCode::Unexpected,
+                Misbehaviour::NotJoined(_)
+                | Misbehaviour::Unexpected(_)
+                | Misbehaviour::ReplicaMismatch { .. }
+                | Misbehaviour::OutOfOrderLog { .. } => RejectCode::Unexpected,
                 Misbehaviour::BadSignature => RejectCode::BadSignature,
                 Misbehaviour::WrongRun => RejectCode::WrongRun,
                 Misbehaviour::WrongRound { .. } => RejectCode::WrongRound,

@@ -19,6 +19,7 @@ pub mod model;
 pub mod participant;
 pub mod prng;
 pub mod rng;
+pub mod spsa;
 pub mod wire;
 
 #[cfg(test)]

@@ -67,6 +67,12 @@ pub enum ParticipantEvent {
         /// Hash of the final model.
         model_hash: [u8; 32],
     },
+    /// Replicated runs: our replica now holds the model after `round`, and
+    /// its hash matched the server's.
+    Synced {
+        /// The round.
+        round: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +97,9 @@ pub struct Participant {
     max_message: usize,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<ParticipantEvent>,
+    /// Replicated runs: our copy of the global model and the round it is the
+    /// result of.
+    replica: Option<(u32, Vec<f32>)>,
 }
 
 impl Participant {
@@ -108,7 +117,40 @@ impl Participant {
             max_message: MAX_HANDSHAKE_BYTES,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            replica: None,
         }
+    }
+
+    /// Replicated runs: the round our replica is at and its parameters.
+    pub fn replica(&self) -> Option<(u32, &[f32])> {
+        self.replica.as_ref().map(|(r, p)| (*r, p.as_slice()))
+    }
+
+    /// Applies `log` to the replica after checking it follows our round,
+    /// then checks the server's hash.
+    fn apply_log(&mut self, log: &wire::RoundLog) -> Result<(), Error> {
+        let spsa = self
+            .run
+            .as_ref()
+            .and_then(|r| r.spsa.clone())
+            .ok_or(Misbehaviour::Unexpected("RoundLog in a run that is not replicated"))?;
+        let (round, params) = self.replica.as_mut().ok_or(Misbehaviour::Unexpected("RoundLog before Sync"))?;
+        if log.round != round.saturating_add(1) {
+            return Err(Misbehaviour::OutOfOrderLog { have: *round, got: log.round }.into());
+        }
+        if log.entries.windows(2).any(|w| w[0].client >= w[1].client) {
+            return Err(Misbehaviour::Unexpected("RoundLog entries not in ascending client order").into());
+        }
+        crate::spsa::apply_round(params, &spsa, log.round, &log.entries);
+        *round = log.round;
+        if crate::identity::params_hash(params) != log.model_hash {
+            // Our replica can no longer be trusted; the host reconnects and
+            // gets a fresh checkpoint.
+            self.replica = None;
+            return Err(Misbehaviour::ReplicaMismatch { round: log.round }.into());
+        }
+        self.events.push_back(ParticipantEvent::Synced { round: log.round });
+        Ok(())
     }
 
     /// Largest message to accept from the server: [`MAX_HANDSHAKE_BYTES`]
@@ -169,23 +211,58 @@ impl Participant {
                     .train
                     .validate()
                     .map_err(|_| Misbehaviour::Unexpected("Welcome with invalid training parameters"))?;
-                self.max_message = wire::max_message_bytes_for(&w.config.arch);
+                if w.config.spsa.as_ref().is_some_and(|s| s.validate().is_err())
+                    || w.config.spsa.is_some() != (w.config.update_kind == wire::UpdateKind::Spsa)
+                {
+                    return Err(Misbehaviour::Unexpected("Welcome with invalid SPSA settings").into());
+                }
+                self.max_message = w.config.max_inbound_bytes();
                 self.client_id = Some(w.client_id);
                 self.run = Some(w.config.clone());
                 self.state = State::Ready;
                 self.events.push_back(ParticipantEvent::Joined { client_id: w.client_id, config: w.config });
                 Ok(())
             }
+            (State::Ready | State::Working { .. }, Message::Sync(sync)) => {
+                let run = self.run.as_ref().ok_or(Misbehaviour::Unexpected("Sync before Welcome"))?;
+                if run.spsa.is_none() {
+                    return Err(Misbehaviour::Unexpected("Sync in a run that is not replicated").into());
+                }
+                crate::aggregate::check_dense(&sync.params, run.arch.num_params())?;
+                self.replica = Some((sync.round, sync.params));
+                for log in &sync.logs {
+                    self.apply_log(log)?;
+                }
+                let round = self.replica.as_ref().map_or(0, |(r, _)| *r);
+                self.events.push_back(ParticipantEvent::Synced { round });
+                Ok(())
+            }
+            (State::Ready | State::Working { .. }, Message::RoundLog(log)) => self.apply_log(&log),
             (State::Ready | State::Working { .. }, Message::RoundStart(start)) => {
                 let arch = &self.run.as_ref().ok_or(Misbehaviour::Unexpected("RoundStart before Welcome"))?.arch;
-                crate::aggregate::check_dense(&start.model, arch.num_params())?;
+                let model = match start.model {
+                    wire::ModelSync::Full(model) => {
+                        crate::aggregate::check_dense(&model, arch.num_params())?;
+                        model
+                    }
+                    wire::ModelSync::Replica { model_hash } => {
+                        let (round, params) =
+                            self.replica.as_ref().ok_or(Misbehaviour::Unexpected("RoundStart before Sync"))?;
+                        if crate::identity::params_hash(params) != model_hash {
+                            let round = *round;
+                            self.replica = None;
+                            return Err(Misbehaviour::ReplicaMismatch { round }.into());
+                        }
+                        params.clone()
+                    }
+                };
                 // A new task replaces an unfinished one (the server moved on).
                 self.state = State::Working { round: start.round, task: start.task };
                 self.events.push_back(ParticipantEvent::TaskRequested {
                     round: start.round,
                     task: start.task,
                     seed: start.seed,
-                    model: start.model,
+                    model,
                 });
                 Ok(())
             }
@@ -198,6 +275,11 @@ impl Participant {
                 Ok(())
             }
             (State::Ready | State::Working { .. }, Message::Finished(f)) => {
+                if let Some((round, params)) = &self.replica
+                    && crate::identity::params_hash(params) != f.model_hash
+                {
+                    return Err(Misbehaviour::ReplicaMismatch { round: *round }.into());
+                }
                 self.state = State::Finished;
                 self.events.push_back(ParticipantEvent::Finished { rounds: f.rounds, model_hash: f.model_hash });
                 Ok(())

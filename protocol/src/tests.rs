@@ -11,9 +11,12 @@ use crate::error::{Error, Malformed, Misbehaviour};
 use crate::identity::Identity;
 use crate::model::ModelArch;
 use crate::participant::{Participant, ParticipantEvent};
-use crate::wire::{ClientUpdate, EvalReport, Message, RejectCode, Report, RunId, Task, TrainSpec, UpdatePayload};
+use crate::wire::{
+    ClientUpdate, EvalReport, Message, ModelSync, RejectCode, Report, RunId, Task, TrainSpec, UpdatePayload,
+};
 
 mod fuzz;
+mod spsa;
 
 const RUN: RunId = RunId([9; 16]);
 
@@ -57,8 +60,16 @@ fn config(n: usize, rounds: u32) -> CoordinatorConfig {
 
 impl Net {
     fn new(cfg: CoordinatorConfig, identities: Vec<Identity>) -> Net {
+        Net::with_aggregator(cfg, identities, Box::new(FedAvg::new()))
+    }
+
+    fn with_aggregator(
+        cfg: CoordinatorConfig,
+        identities: Vec<Identity>,
+        aggregator: Box<dyn crate::aggregate::Aggregator>,
+    ) -> Net {
         let init = cfg.arch.init_params(1);
-        let coord = Coordinator::new(cfg, Box::new(FedAvg::new()), init, 42).unwrap();
+        let coord = Coordinator::new(cfg, aggregator, init, 42).unwrap();
         let n = identities.len();
         let mut net = Net {
             now: Instant::now(),
@@ -414,8 +425,14 @@ fn participant_refuses_a_hostile_welcome() {
     let hello = codec::encode(&Message::Hello(Hello { run_id: RUN, challenge: [0; 32] }));
     let welcome = |config: RunConfig| codec::encode(&Message::Welcome(Welcome { client_id: 0, config }));
     let train = TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 };
-    let good =
-        RunConfig { run_id: RUN, arch: arch(), rounds: 2, train: train.clone(), update_kind: UpdateKind::DenseDelta };
+    let good = RunConfig {
+        run_id: RUN,
+        arch: arch(),
+        rounds: 2,
+        train: train.clone(),
+        update_kind: UpdateKind::DenseDelta,
+        spsa: None,
+    };
     let bad_model = Misbehaviour::Unexpected("Welcome with an invalid model");
     let bad_train = Misbehaviour::Unexpected("Welcome with invalid training parameters");
     let cases = [
@@ -447,7 +464,8 @@ fn participant_refuses_a_hostile_welcome() {
 fn participant_reads_only_handshake_sized_messages_before_welcome() {
     use crate::wire::{MAX_HANDSHAKE_BYTES, RoundStart};
     // A model-sized message before the Welcome is refused on its length alone.
-    let big = RoundStart { round: 1, task: Task::Train, seed: 0, model: vec![0.0; MAX_HANDSHAKE_BYTES / 4] };
+    let big =
+        RoundStart { round: 1, task: Task::Train, seed: 0, model: ModelSync::Full(vec![0.0; MAX_HANDSHAKE_BYTES / 4]) };
     let mut p = Participant::new(ident(0), None);
     assert!(matches!(
         p.handle_message(Instant::now(), &codec::encode(&Message::RoundStart(big))),

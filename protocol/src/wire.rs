@@ -14,6 +14,7 @@ use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{MAX_PARAMETERS, ModelArch};
+use crate::spsa::{LogEntry, SpsaConfig};
 
 /// Version of the wire format. A peer with another version is refused as
 /// incompatible before its message body is decoded.
@@ -120,6 +121,8 @@ impl TrainSpec {
 pub enum UpdateKind {
     /// A dense f32 delta `local - global` ([`UpdatePayload::DenseDelta`]).
     DenseDelta,
+    /// One byte per SPSA step ([`UpdatePayload::Spsa`], see [`crate::spsa`]).
+    Spsa,
 }
 
 /// Everything a client needs to know about the run, sent in [`Welcome`].
@@ -135,6 +138,65 @@ pub struct RunConfig {
     pub train: TrainSpec,
     /// Update kind the aggregator accepts.
     pub update_kind: UpdateKind,
+    /// SPSA settings; present exactly when `update_kind` is `Spsa`. Such a
+    /// run is *replicated*: clients hold the model and replay round logs.
+    pub spsa: Option<SpsaConfig>,
+}
+
+impl RunConfig {
+    /// Largest message a client of this run accepts from the server: the
+    /// dense model (sent in full by FedAvg rounds and in a replicated run's
+    /// [`Sync`]) plus overhead, plus for replicated runs the log budget that
+    /// a [`Sync`] may carry.
+    pub fn max_inbound_bytes(&self) -> usize {
+        let log = if self.spsa.is_some() { SYNC_LOG_BUDGET_BYTES } else { 0 };
+        (max_message_bytes_for(&self.arch) + log).min(MAX_MESSAGE_BYTES)
+    }
+}
+
+/// Bytes of round logs the coordinator keeps since its last checkpoint
+/// before taking a new one. A client that (re)joins a replicated run gets
+/// the checkpoint plus these logs, so this bounds the catch-up message
+/// beyond the model itself; 256 KiB is thousands of SPSA rounds of a small
+/// federation and still a fraction of the MNIST MLP (797 KB).
+pub const SYNC_LOG_BUDGET_BYTES: usize = 256 * 1024;
+
+/// How a [`RoundStart`] conveys the model.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub enum ModelSync {
+    /// The current global parameters, canonical flat order.
+    Full(Vec<f32>),
+    /// Replicated run: the client's replica must have this hash
+    /// ([`crate::identity::params_hash`]).
+    Replica {
+        /// Hash of the global model at the start of the round.
+        model_hash: [u8; 32],
+    },
+}
+
+/// Server → every joined client of a replicated run when a round closes: the
+/// round's accepted SPSA bytes in canonical order, and the hash every
+/// replica must reach after applying them.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct RoundLog {
+    /// The round.
+    pub round: u32,
+    /// Ascending client id.
+    pub entries: Vec<LogEntry>,
+    /// Hash of the global model after applying the log.
+    pub model_hash: [u8; 32],
+}
+
+/// Server → a client joining a replicated run: a checkpoint of the model and
+/// the logs of every round since, in order.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct Sync {
+    /// The round the checkpoint is the result of (0 = initial model).
+    pub round: u32,
+    /// The checkpoint's parameters.
+    pub params: Vec<f32>,
+    /// Logs of rounds `round + 1, round + 2, ...`.
+    pub logs: Vec<RoundLog>,
 }
 
 /// First message on a connection, server → client.
@@ -182,8 +244,8 @@ pub struct RoundStart {
     pub task: Task,
     /// Seed for the client's local randomness this round (shuffling).
     pub seed: u64,
-    /// The current global parameters, canonical flat order.
-    pub model: Vec<f32>,
+    /// The model: in full, or the hash the client's replica must match.
+    pub model: ModelSync,
 }
 
 /// Loss and accuracy of a model on a client's evaluation data.
@@ -223,6 +285,8 @@ impl EvalReport {
 pub enum UpdatePayload {
     /// Dense `local - global`, canonical flat order.
     DenseDelta(Vec<f32>),
+    /// One byte per SPSA step, step `j` at index `j` ([`crate::spsa`]).
+    Spsa(Vec<u8>),
 }
 
 impl UpdatePayload {
@@ -230,6 +294,7 @@ impl UpdatePayload {
     pub fn kind(&self) -> UpdateKind {
         match self {
             UpdatePayload::DenseDelta(_) => UpdateKind::DenseDelta,
+            UpdatePayload::Spsa(_) => UpdateKind::Spsa,
         }
     }
 }
@@ -349,6 +414,10 @@ pub enum Message {
     Rejected(Rejected),
     /// Server → client.
     Finished(Finished),
+    /// Server → client (replicated runs).
+    RoundLog(RoundLog),
+    /// Server → client (replicated runs).
+    Sync(Sync),
 }
 
 impl Message {
@@ -363,6 +432,8 @@ impl Message {
             Message::Ack(_) => "Ack",
             Message::Rejected(_) => "Rejected",
             Message::Finished(_) => "Finished",
+            Message::RoundLog(_) => "RoundLog",
+            Message::Sync(_) => "Sync",
         }
     }
 }

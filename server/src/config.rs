@@ -73,8 +73,26 @@ pub struct RawConfig {
     pub model: Option<ModelArch>,
     /// Local training. Default lr 0.05, batch 32, 1 epoch.
     pub train: Option<TrainSpec>,
+    /// One-byte SPSA instead of FedAvg (see `tally_protocol::spsa`).
+    pub spsa: Option<RawSpsa>,
     /// TLS certificate.
     pub tls: Option<RawTls>,
+}
+
+/// SPSA settings. Present: the run uses one-byte SPSA.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpsa {
+    /// Estimates per client per round. Default 32.
+    pub steps_per_client: Option<u32>,
+    /// Perturbation size ε. Default 1e-3.
+    pub eps: Option<f32>,
+    /// Learning rate of the replayed update. Default 0.01.
+    pub lr: Option<f32>,
+    /// Minibatch of each loss evaluation. Default 64.
+    pub batch_size: Option<u32>,
+    /// Seed of the shared direction streams. Default: the run's `seed`.
+    pub stream_seed: Option<u64>,
 }
 
 /// TLS settings.
@@ -137,6 +155,8 @@ pub struct ServerConfig {
     pub arch: ModelArch,
     /// Local training.
     pub train: TrainSpec,
+    /// SPSA settings, for an SPSA run.
+    pub spsa: Option<tally_protocol::spsa::SpsaConfig>,
     /// Certificate source.
     pub tls: TlsSource,
 }
@@ -178,6 +198,20 @@ impl RawConfig {
         let arch = self.model.unwrap_or_else(ModelArch::mnist_mlp);
         arch.validate().map_err(|e| invalid(e.to_string()))?;
         let train = self.train.unwrap_or(TrainSpec { lr: 0.05, batch_size: 32, epochs: 1 });
+        let spsa = match self.spsa {
+            Some(r) => {
+                let cfg = tally_protocol::spsa::SpsaConfig {
+                    stream_seed: r.stream_seed.unwrap_or(seed),
+                    steps_per_client: r.steps_per_client.unwrap_or(32),
+                    eps: r.eps.unwrap_or(1e-3),
+                    lr: r.lr.unwrap_or(0.01),
+                    batch_size: r.batch_size.unwrap_or(64),
+                };
+                cfg.validate().map_err(|e| invalid(format!("spsa: {e}")))?;
+                Some(cfg)
+            }
+            None => None,
+        };
         let tls = match self.tls.unwrap_or_default() {
             RawTls { self_signed: Some(true), cert: None, key: None } => TlsSource::SelfSigned,
             RawTls { self_signed: Some(true), .. } => {
@@ -204,6 +238,7 @@ impl RawConfig {
             initial_model: self.initial_model,
             arch,
             train,
+            spsa,
             tls,
         })
     }

@@ -159,7 +159,10 @@ impl Server {
                 schedule: None,
                 final_evaluation: config.final_evaluation,
             },
-            Box::new(FedAvg::new()),
+            match &config.spsa {
+                Some(z) => Box::new(tally_protocol::spsa::Spsa::new(z.clone())),
+                None => Box::new(FedAvg::new()),
+            },
             initial,
             config.seed,
         )?;

@@ -70,6 +70,9 @@ struct RunArgs {
     /// Initial parameters (safetensors or raw f32).
     #[arg(long)]
     initial_model: Option<PathBuf>,
+    /// Run one-byte SPSA instead of FedAvg (defaults, or the config's `[spsa]`).
+    #[arg(long)]
+    spsa: bool,
     /// Dev mode: generate a self-signed certificate and print its fingerprint.
     #[arg(long)]
     self_signed: bool,
@@ -117,6 +120,15 @@ fn main() -> anyhow::Result<()> {
     if cli.self_signed || cli.cert.is_some() || cli.key.is_some() {
         raw.tls =
             Some(RawTls { cert: cli.cert.clone(), key: cli.key.clone(), self_signed: cli.self_signed.then_some(true) });
+    }
+    if cli.spsa && raw.spsa.is_none() {
+        raw.spsa = Some(tally_server::config::RawSpsa {
+            steps_per_client: None,
+            eps: None,
+            lr: None,
+            batch_size: None,
+            stream_seed: None,
+        });
     }
     let mut os_seed = [0u8; 24];
     getrandom::fill(&mut os_seed).map_err(|e| anyhow::anyhow!("OS randomness unavailable: {e}"))?;

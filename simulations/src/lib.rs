@@ -26,13 +26,13 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sha2_free::hash_seed;
 use tally_kernels::data::{self, Split};
-use tally_kernels::{Dataset, Device, TrainConfig};
-use tally_protocol::wire::{ClientUpdate, RunId, Task, UpdatePayload};
+use tally_kernels::{Dataset, Device};
+use tally_protocol::wire::{RunId, Task};
 use tally_protocol::{
     ConnectionHandle, Coordinator, CoordinatorConfig, Event, FedAvg, Identity, Participant, ParticipantEvent,
 };
 
-pub use scenario::{NetworkSpec, PartitionSpec, Scenario, ScenarioError};
+pub use scenario::{Algorithm, NetworkSpec, PartitionSpec, Scenario, ScenarioError};
 
 /// Errors that stop a simulation.
 #[derive(Debug, thiserror::Error)]
@@ -174,23 +174,6 @@ pub fn partition(s: &Scenario, train: &Dataset) -> Result<Vec<Vec<usize>>, SimEr
     Ok(parts)
 }
 
-/// Trains on `data` from `model` and returns the dense delta update.
-pub fn dense_update(
-    arch: &tally_protocol::model::ModelArch,
-    model: &[f32],
-    data: &Dataset,
-    cfg: &TrainConfig,
-    device: &Device,
-) -> Result<ClientUpdate, tally_kernels::KernelError> {
-    let (trained, report) = tally_kernels::train_local(arch, model, data, cfg, device)?;
-    let delta = trained.iter().zip(model).map(|(t, m)| t - m).collect();
-    Ok(ClientUpdate {
-        num_samples: data.len() as u64,
-        train_loss: report.mean_loss,
-        payload: UpdatePayload::DenseDelta(delta),
-    })
-}
-
 enum Delivery {
     Connect(usize),
     ToServer(usize, Vec<u8>),
@@ -248,8 +231,15 @@ pub fn run_on(
 ) -> Result<SimReport, SimError> {
     s.validate()?;
     let arch = s.model.clone();
-    let parts = partition(s, &split.train)?;
-    let shards: Vec<Dataset> = parts.iter().map(|p| split.train.subset(p)).collect::<Result<_, _>>()?;
+    let train = match s.train_range {
+        Some([a, b]) => {
+            let b = b.min(split.train.len());
+            split.train.subset(&(a.min(b)..b).collect::<Vec<_>>())?
+        }
+        None => split.train.clone(),
+    };
+    let parts = partition(s, &train)?;
+    let shards: Vec<Dataset> = parts.iter().map(|p| train.subset(p)).collect::<Result<_, _>>()?;
     let schedule = s.schedule.as_ref().map(|p| scenario::read_schedule(p, s.clients)).transpose()?;
     let initial = match &s.initial_model {
         Some(p) => tally_kernels::params_file::load_params(p, &arch)?,
@@ -273,8 +263,12 @@ pub fn run_on(
         schedule,
         final_evaluation: false,
     };
-    let mut coord = Coordinator::new(config, Box::new(FedAvg::new()), initial, s.seed)
-        .map_err(|e| SimError::Protocol(e.to_string()))?;
+    let aggregator: Box<dyn tally_protocol::Aggregator> = match s.spsa_config() {
+        Some(z) => Box::new(tally_protocol::spsa::Spsa::new(z)),
+        None => Box::new(FedAvg::new()),
+    };
+    let mut coord =
+        Coordinator::new(config, aggregator, initial, s.seed).map_err(|e| SimError::Protocol(e.to_string()))?;
     let mut clients: Vec<Participant> = identities.into_iter().map(|id| Participant::new(id, None)).collect();
     let stragglers: Vec<bool> =
         (0..s.clients).map(|i| unit(s.seed, TAG_STRAGGLER, i as u64) < s.network.straggler_fraction).collect();
@@ -340,17 +334,27 @@ pub fn run_on(
                     continue; // silently drops out of this round
                 }
                 let client_id = clients[job.slot].client_id().unwrap_or(job.slot as u32);
-                let cfg = TrainConfig {
-                    lr: s.train.lr,
-                    batch_size: s.train.batch_size as usize,
-                    epochs: s.train.epochs,
-                    seed: tally_protocol::participant::local_seed(job.seed, client_id),
-                };
-                let update = dense_update(&arch, &job.model, &shards[job.slot], &cfg, device)?;
-                let slow = if stragglers[job.slot] { net.straggler_slowdown } else { 1.0 };
-                let compute = secs(
-                    shards[job.slot].len() as f64 * f64::from(s.train.epochs) * net.compute_us_per_sample * 1e-6 * slow,
+                let run = clients[job.slot]
+                    .run_config()
+                    .cloned()
+                    .ok_or_else(|| SimError::Protocol("task before Welcome".into()))?;
+                let update = tally_kernels::update::local_update(
+                    &run,
+                    client_id,
+                    job.round,
+                    job.seed,
+                    &job.model,
+                    &shards[job.slot],
+                    device,
                 )?;
+                let slow = if stragglers[job.slot] { net.straggler_slowdown } else { 1.0 };
+                // Virtual compute: examples processed (an SPSA step is two
+                // forward passes, counted as one training example each).
+                let work = match &run.spsa {
+                    Some(z) => f64::from(z.steps_per_client) * f64::from(z.batch_size),
+                    None => shards[job.slot].len() as f64 * f64::from(s.train.epochs),
+                };
+                let compute = secs(work * net.compute_us_per_sample * 1e-6 * slow)?;
                 clients[job.slot]
                     .submit(clock(now)?, None, Some(update))
                     .map_err(|e| SimError::Protocol(e.to_string()))?;

@@ -142,6 +142,31 @@ pub struct Scenario {
     pub eval_every: u32,
     /// Where to write per-round metrics (JSON lines). Default `runs/sim/metrics.jsonl`.
     pub out: PathBuf,
+    /// How clients express updates. Default FedAvg.
+    pub algorithm: Algorithm,
+    /// Use only training examples `start..end` (e.g. to fine-tune on clients
+    /// whose data the pre-training never saw). Default: all.
+    pub train_range: Option<[usize; 2]>,
+}
+
+/// The update rule of a scenario.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Algorithm {
+    /// Dense deltas, sample-weighted averaging.
+    #[default]
+    Fedavg,
+    /// One-byte SPSA on shared Rademacher directions (stream seed = `seed`).
+    Spsa {
+        /// Estimates per client per round.
+        steps_per_client: u32,
+        /// Perturbation size ε.
+        eps: f32,
+        /// Learning rate of the replayed update.
+        lr: f32,
+        /// Minibatch of each loss evaluation.
+        batch_size: u32,
+    },
 }
 
 impl Default for Scenario {
@@ -162,11 +187,23 @@ impl Default for Scenario {
             network: NetworkSpec::default(),
             eval_every: 1,
             out: PathBuf::from("runs/sim/metrics.jsonl"),
+            algorithm: Algorithm::Fedavg,
+            train_range: None,
         }
     }
 }
 
 impl Scenario {
+    /// The SPSA settings of an SPSA scenario (stream seed = scenario seed).
+    pub fn spsa_config(&self) -> Option<tally_protocol::spsa::SpsaConfig> {
+        match self.algorithm {
+            Algorithm::Fedavg => None,
+            Algorithm::Spsa { steps_per_client, eps, lr, batch_size } => {
+                Some(tally_protocol::spsa::SpsaConfig { stream_seed: self.seed, steps_per_client, eps, lr, batch_size })
+            }
+        }
+    }
+
     /// Reads a TOML scenario.
     pub fn from_file(path: &Path) -> Result<Scenario, ScenarioError> {
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io { path: path.into(), source })?;
@@ -176,6 +213,14 @@ impl Scenario {
     /// Checks the values are usable.
     pub fn validate(&self) -> Result<(), ScenarioError> {
         let bad = |s: &str| Err(ScenarioError::Invalid(s.into()));
+        if let Some([a, b]) = self.train_range
+            && a >= b
+        {
+            return bad("train_range must be [start, end) with start < end");
+        }
+        if let Some(z) = self.spsa_config() {
+            z.validate().map_err(|e| ScenarioError::Invalid(format!("spsa: {e}")))?;
+        }
         if self.clients == 0 || self.clients_per_round == 0 || self.rounds == 0 {
             return bad("clients, clients_per_round and rounds must be at least 1");
         }

@@ -22,8 +22,8 @@ use crate::aggregate::ClientIndex;
 use crate::codec::HEADER_BYTES;
 use crate::identity::{join_transcript, report_transcript};
 use crate::wire::{
-    Ack, Finished, Hello, Join, MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, Rejected, RoundStart, RunConfig, SignedReport,
-    UpdateKind, Welcome,
+    Ack, Finished, Hello, Join, MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, ModelSync, Rejected, RoundStart, RunConfig,
+    SignedReport, UpdateKind, Welcome,
 };
 
 /// The raw connection an attacker holds next to the honest clients.
@@ -137,7 +137,7 @@ fn materialise(input: &Input, corpus: &[Vec<u8>]) -> Vec<u8> {
 }
 
 fn run_config(run_id: RunId, arch: ModelArch, train: TrainSpec) -> RunConfig {
-    RunConfig { run_id, arch, rounds: 2, train, update_kind: UpdateKind::DenseDelta }
+    RunConfig { run_id, arch, rounds: 2, train, update_kind: UpdateKind::DenseDelta, spsa: None }
 }
 
 fn train_spec() -> TrainSpec {
@@ -162,8 +162,14 @@ fn corpus(challenge: [u8; 32], round: u32) -> Vec<Vec<u8>> {
     let dim = arch().num_params();
     let signed = Participant::new(me.clone(), None).sign_report(&report(round, Some(vec![0.25; dim])));
     let welcome = |config: RunConfig| codec::encode(&Message::Welcome(Welcome { client_id: 0, config }));
-    let start =
-        |model: Vec<f32>| codec::encode(&Message::RoundStart(RoundStart { round, task: Task::Train, seed: 5, model }));
+    let start = |model: Vec<f32>| {
+        codec::encode(&Message::RoundStart(RoundStart {
+            round,
+            task: Task::Train,
+            seed: 5,
+            model: ModelSync::Full(model),
+        }))
+    };
     let mut nan_model = vec![0.0; dim];
     nan_model[1] = f32::NAN;
     vec![
