@@ -116,4 +116,22 @@ mod tests {
         let c = spsa_steps(&arch, &params, &split.train, &cfg, 1, 3, 8, 9, &dev).unwrap();
         assert_ne!(a.bytes, c.bytes, "another client, other directions");
     }
+
+    /// `cargo test --release -p tally-kernels spsa_step_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing report, not a behaviour test"]
+    fn spsa_step_speed() {
+        let split = crate::data::embedded_mnist();
+        let arch = ModelArch::mnist_mlp();
+        let params = arch.init_params(1);
+        let dev = crate::cpu_device();
+        for batch in [32u32, 64, 128] {
+            let cfg = SpsaConfig { stream_seed: 1, steps_per_client: 64, eps: 1e-3, lr: 0.01, batch_size: batch };
+            let _ = spsa_steps(&arch, &params, &split.train, &cfg, 1, 0, 4, 1, &dev).unwrap();
+            let t = std::time::Instant::now();
+            let _ = spsa_steps(&arch, &params, &split.train, &cfg, 1, 0, 64, 2, &dev).unwrap();
+            let per = t.elapsed().as_secs_f64() / 64.0;
+            println!("MLP 784-200-200-10, batch {batch}: {:.3} ms per SPSA step (2 forward passes + 2 perturbations)", per * 1e3);
+        }
+    }
 }

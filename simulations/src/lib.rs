@@ -289,8 +289,17 @@ pub fn run_on(
     let clock = |now: Duration| t0.checked_add(now).ok_or(SimError::VirtualTime("past the end of Instant"));
     let secs = |x: f64| Duration::try_from_secs_f64(x).map_err(|_| SimError::VirtualTime("duration out of range"));
     let after = |now: Duration, d: Duration| now.checked_add(d).ok_or(SimError::VirtualTime("event time overflow"));
-    let transfer = |bytes: usize| -> Result<Duration, SimError> {
-        after(Duration::from_millis(net.latency_ms), secs(bytes as f64 * 8.0 / (net.bandwidth_mbps * 1e6))?)
+    // Each client has a link each way that carries one message at a time, so
+    // messages on a connection arrive in order (as on a QUIC connection whose
+    // streams the receiver reads in order): a message starts when it is ready
+    // and the link is free, takes size / bandwidth, then the latency.
+    let latency = Duration::from_millis(net.latency_ms);
+    let mut up_free = vec![Duration::ZERO; s.clients];
+    let mut down_free = vec![Duration::ZERO; s.clients];
+    let send = |free: &mut Duration, ready: Duration, bytes: usize| -> Result<Duration, SimError> {
+        let start = ready.max(*free);
+        *free = after(start, secs(bytes as f64 * 8.0 / (net.bandwidth_mbps * 1e6))?)?;
+        after(*free, latency)
     };
     for i in 0..s.clients {
         push(&mut queue, Duration::ZERO, Delivery::Connect(i));
@@ -359,7 +368,7 @@ pub fn run_on(
                     .submit(clock(now)?, None, Some(update))
                     .map_err(|e| SimError::Protocol(e.to_string()))?;
                 while let Some(frame) = clients[job.slot].poll_transmit() {
-                    let at = after(after(now, compute)?, transfer(frame.len())?)?;
+                    let at = send(&mut up_free[job.slot], after(now, compute)?, frame.len())?;
                     push(&mut queue, at, Delivery::ToServer(job.slot, frame));
                 }
             }
@@ -401,7 +410,7 @@ pub fn run_on(
                             }
                         }
                         while let Some(frame) = p.poll_transmit() {
-                            let at = after(now, transfer(frame.len())?)?;
+                            let at = send(&mut up_free[i], now, frame.len())?;
                             push(&mut queue, at, Delivery::ToServer(i, frame));
                         }
                     }
@@ -409,7 +418,10 @@ pub fn run_on(
             }
         }
         while let Some(t) = coord.poll_transmit() {
-            let at = after(now, transfer(t.bytes.len())?)?;
+            let link = down_free
+                .get_mut(t.to.0 as usize)
+                .ok_or_else(|| SimError::Protocol(format!("message for unknown connection {}", t.to.0)))?;
+            let at = send(link, now, t.bytes.len())?;
             push(&mut queue, at, Delivery::ToClient(t.to.0 as usize, t.bytes));
         }
         while let Some(event) = coord.poll_event() {

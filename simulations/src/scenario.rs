@@ -352,4 +352,19 @@ mod tests {
             s.round_timeout_secs = MAX_ROUND_TIMEOUT.as_secs();
         }));
     }
+
+    #[test]
+    fn checked_in_scenarios_parse_and_validate() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let s = Scenario::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                s.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 4, "expected the checked-in scenarios, found {n}");
+    }
 }
