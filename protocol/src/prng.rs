@@ -147,9 +147,19 @@ fn add_scaled_at(x: &mut [f32], id: &StreamId, offset: usize, scale: f32, words:
     let words = &mut words[..n_words];
     id.words_from((offset / 32) as u64).fill(words);
     let bits = scale.to_bits();
-    for (xs, &w) in x.chunks_mut(32).zip(words.iter()) {
+    // Whole words as fixed-size arrays, so the compiler unrolls and
+    // vectorises the 32 lanes (variable shifts + xor + add); same operations,
+    // same order per element as the scalar tail.
+    let (full, tail) = x.as_chunks_mut::<32>();
+    for (xs, &w) in full.iter_mut().zip(words.iter()) {
         for (j, v) in xs.iter_mut().enumerate() {
             // bit 1 → z = +1 → +scale; bit 0 → z = −1 → −scale (sign flip is exact).
+            let neg = (!(w >> j) & 1) << 31;
+            *v += f32::from_bits(bits ^ neg);
+        }
+    }
+    if let Some(&w) = words.get(full.len()) {
+        for (j, v) in tail.iter_mut().enumerate() {
             let neg = (!(w >> j) & 1) << 31;
             *v += f32::from_bits(bits ^ neg);
         }
