@@ -374,6 +374,11 @@ impl Coordinator {
         &self.violations
     }
 
+    /// The client a connection has joined as, if it has.
+    pub fn client_of(&self, conn: ConnectionHandle) -> Option<ClientIndex> {
+        self.conns.get(&conn).and_then(|c| c.client)
+    }
+
     /// Clients joined right now.
     pub fn joined_clients(&self) -> usize {
         self.by_client.len()
@@ -607,10 +612,14 @@ impl Coordinator {
         };
         // An unauthenticated connection that fails to join has nothing more to
         // say; a joined client is closed only after repeated violations.
+        // Bytes that aren't a message, from a peer that hasn't authenticated,
+        // are not worth a second chance either.
         let fatal_join = client.is_none()
             && matches!(
                 err,
-                Error::Misbehaving(Misbehaviour::NotEnrolled(_) | Misbehaviour::BadSignature) | Error::Incompatible(_)
+                Error::Misbehaving(Misbehaviour::NotEnrolled(_) | Misbehaviour::BadSignature)
+                    | Error::Incompatible(_)
+                    | Error::Malformed(_)
             );
         if fatal_join || count >= self.config.max_violations {
             let reason = if fatal_join { code } else { RejectCode::TooManyViolations };

@@ -18,6 +18,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tally_protocol::wire::RejectCode;
@@ -99,7 +100,7 @@ pub struct RunOutcome {
 }
 
 enum Inbound {
-    Connected(ConnectionHandle, quinn::Connection),
+    Connected(ConnectionHandle, quinn::Connection, Arc<AtomicUsize>),
     Message(ConnectionHandle, Vec<u8>),
     Oversize(ConnectionHandle, usize),
     Closed(ConnectionHandle),
@@ -194,7 +195,11 @@ impl Server {
 
         let (tx, mut rx) = mpsc::channel::<Inbound>(INBOUND_CAPACITY);
         let limit = coordinator.max_message_bytes();
-        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), tx, limit));
+        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), tx));
+        // Per-connection read limits: handshake-sized until the client has
+        // joined, so an unauthenticated peer can't make us buffer a model-sized
+        // stream; the run's limit after.
+        let mut limits: HashMap<ConnectionHandle, Arc<AtomicUsize>> = HashMap::new();
         let mut writers: HashMap<ConnectionHandle, mpsc::UnboundedSender<Outbound>> = HashMap::new();
         let mut writer_tasks = tokio::task::JoinSet::new();
         let start = Instant::now();
@@ -216,7 +221,8 @@ impl Server {
                 }
                 msg = rx.recv() => match msg {
                     None => break,
-                    Some(Inbound::Connected(conn, connection)) => {
+                    Some(Inbound::Connected(conn, connection, read_limit)) => {
+                        limits.insert(conn, read_limit);
                         let (otx, orx) = mpsc::unbounded_channel();
                         writers.insert(conn, otx);
                         writer_tasks.spawn(writer(connection, orx));
@@ -226,12 +232,20 @@ impl Server {
                         if let Err(e) = coordinator.handle_message(now(Instant::now()), conn, &bytes) {
                             debug!(conn = conn.0, error = %e, "message refused");
                         }
+                        // Raise the limit before the Welcome goes out: the
+                        // client's next stream follows it.
+                        if coordinator.client_of(conn).is_some()
+                            && let Some(l) = limits.get(&conn)
+                        {
+                            l.store(limit, Ordering::Relaxed);
+                        }
                     }
                     Some(Inbound::Oversize(conn, len)) => {
                         coordinator.handle_oversize(now(Instant::now()), conn, len);
                     }
                     Some(Inbound::Closed(conn)) => {
                         writers.remove(&conn);
+                        limits.remove(&conn);
                         coordinator.handle_disconnect(now(Instant::now()), conn);
                     }
                 },
@@ -315,7 +329,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, limit: usize) {
+async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>) {
     let mut next_id = 0u64;
     while let Some(incoming) = endpoint.accept().await {
         let id = ConnectionHandle(next_id);
@@ -330,7 +344,8 @@ async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, limit
                 }
             };
             debug!(conn = id.0, remote = %connection.remote_address(), "connected");
-            if tx.send(Inbound::Connected(id, connection.clone())).await.is_err() {
+            let limit = Arc::new(AtomicUsize::new(tally_protocol::wire::MAX_HANDSHAKE_BYTES));
+            if tx.send(Inbound::Connected(id, connection.clone(), limit.clone())).await.is_err() {
                 return;
             }
             reader(id, connection, tx, limit).await;
@@ -339,7 +354,12 @@ async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, limit
 }
 
 /// Reads one message per unidirectional stream, in stream order.
-async fn reader(id: ConnectionHandle, connection: quinn::Connection, tx: mpsc::Sender<Inbound>, limit: usize) {
+async fn reader(
+    id: ConnectionHandle,
+    connection: quinn::Connection,
+    tx: mpsc::Sender<Inbound>,
+    limit: Arc<AtomicUsize>,
+) {
     loop {
         let mut recv = match connection.accept_uni().await {
             Ok(r) => r,
@@ -349,6 +369,7 @@ async fn reader(id: ConnectionHandle, connection: quinn::Connection, tx: mpsc::S
                 return;
             }
         };
+        let limit = limit.load(Ordering::Relaxed);
         let inbound = match recv.read_to_end(limit).await {
             Ok(bytes) => Inbound::Message(id, bytes),
             Err(quinn::ReadToEndError::TooLong) => {
