@@ -26,6 +26,7 @@ use crate::codec;
 use crate::error::{Error, Malformed, Misbehaviour, Misuse};
 use crate::identity::{join_transcript, params_hash, report_transcript, verify};
 use crate::model::ModelArch;
+use crate::durable::{DURABLE_VERSION, DurableError, Persist, Record, Snapshot};
 use crate::rng::LocalRng;
 use crate::wire::{
     self, Ack, EvalReport, Finished, Hello, Join, Message, ModelSync, PublicKeyBytes, RejectCode, Rejected, RoundLog,
@@ -257,6 +258,10 @@ struct OpenRound {
     rejected: u32,
     bytes_received: u64,
     start_msg: Arc<[u8]>,
+    extensions: u32,
+    /// Rebuilt from the log after a restart: its sampled clients get until
+    /// the deadline to reconnect before the round may close without them.
+    restored: bool,
 }
 
 /// The server's sans-IO state machine. See the module docs.
@@ -264,7 +269,14 @@ struct OpenRound {
 pub struct Coordinator {
     config: CoordinatorConfig,
     aggregator: Box<dyn Aggregator>,
-    rng: LocalRng,
+    /// Seed of sampling and round seeds: both are pure functions of it and
+    /// the round, so a restored coordinator samples exactly as before.
+    rng_seed: u64,
+    /// Whether the host persists state ([`Coordinator::enable_persistence`]).
+    durable: bool,
+    persist: VecDeque<Persist>,
+    /// Whether the final evaluation round has been held.
+    evaluated: bool,
     model: Vec<f32>,
     phase: Phase,
     open: Option<OpenRound>,
@@ -319,7 +331,10 @@ impl Coordinator {
         Ok(Coordinator {
             config,
             aggregator,
-            rng: LocalRng::new(rng_seed),
+            rng_seed,
+            durable: false,
+            persist: VecDeque::new(),
+            evaluated: false,
             model: initial,
             phase: Phase::AwaitingJoins,
             open: None,
@@ -399,10 +414,11 @@ impl Coordinator {
         self.open.as_ref().map(|o| o.deadline)
     }
 
-    /// A new connection: the coordinator greets it with a challenge.
-    pub fn handle_connect(&mut self, _now: Instant, conn: ConnectionHandle) {
-        let mut challenge = [0u8; 32];
-        self.rng.fill_bytes(&mut challenge);
+    /// A new connection: the coordinator greets it with `challenge`, which the
+    /// host draws fresh for every connection (the server from the OS; the
+    /// simulator from its seed). It must be unpredictable to peers: a join
+    /// signature is only as fresh as its challenge.
+    pub fn handle_connect(&mut self, _now: Instant, conn: ConnectionHandle, challenge: [u8; 32]) {
         self.conns.insert(conn, Conn { client: None, challenge, violations: 0 });
         self.send(conn, &Message::Hello(Hello { run_id: self.config.run_id, challenge }));
     }
@@ -507,7 +523,7 @@ impl Coordinator {
         match self.phase {
             Phase::AwaitingJoins => {
                 if self.by_client.len() >= self.config.min_clients {
-                    self.open_round(now, 1, Task::Train);
+                    self.open_next(now);
                 }
             }
             Phase::AwaitingReports { .. } => {
@@ -536,6 +552,31 @@ impl Coordinator {
     ) -> Result<(), (Error, Option<u32>)> {
         let client =
             self.conns.get(&conn).and_then(|c| c.client).ok_or((Misbehaviour::NotJoined("Report").into(), None))?;
+        let record = self.durable.then(|| Record::Accepted {
+            client,
+            body: signed.body.clone(),
+            signature: signed.signature,
+        });
+        let round = self.accept_report(client, signed, frame_len)?;
+        // Durable before acknowledged: the host persists this record before
+        // it sends the Ack queued below.
+        if let Some(r) = record {
+            self.append(r);
+        }
+        self.send(conn, &Message::Ack(Ack { round }));
+        self.events.push_back(Event::ReportAccepted { round, client });
+        self.maybe_close_round(now);
+        Ok(())
+    }
+
+    /// Verifies and takes a report from `client` into the open round
+    /// (live and during recovery); returns its round.
+    fn accept_report(
+        &mut self,
+        client: ClientIndex,
+        signed: SignedReport,
+        frame_len: usize,
+    ) -> Result<u32, (Error, Option<u32>)> {
         // Invariant: `client` came from `key_index`, built from `enrolled`, so
         // the lookup can't miss; a miss is refused like an unjoined peer
         // rather than indexed.
@@ -579,11 +620,7 @@ impl Coordinator {
         if let Some(e) = report.eval {
             open.eval = Some(open.eval.map_or(e, |acc| acc.merge(&e)));
         }
-        let r = open.round;
-        self.send(conn, &Message::Ack(Ack { round: r }));
-        self.events.push_back(Event::ReportAccepted { round: r, client });
-        self.maybe_close_round(now);
-        Ok(())
+        Ok(open.round)
     }
 
     fn reject(&mut self, _now: Instant, conn: ConnectionHandle, round: Option<u32>, err: Error) {
@@ -600,7 +637,9 @@ impl Coordinator {
             Some(id) => {
                 let v = self.violations.entry(id).or_insert(0);
                 *v = v.saturating_add(1);
-                *v
+                let count = *v;
+                self.append(Record::Violation { client: id, count });
+                count
             }
             None => match self.conns.get_mut(&conn) {
                 Some(c) => {
@@ -645,27 +684,52 @@ impl Coordinator {
             let want: BTreeSet<ClientIndex> = list.iter().copied().collect();
             return joined.into_iter().filter(|c| want.contains(c)).collect();
         }
-        self.rng.sample(&joined, self.config.clients_per_round).into_iter().collect()
+        self.round_rng(round, 0).sample(&joined, self.config.clients_per_round).into_iter().collect()
+    }
+
+    /// The generator of round `round`'s `k`-th draw (0 = sampling, then one
+    /// per extension, `u32::MAX` = the round seed).
+    fn round_rng(&self, round: u32, k: u32) -> LocalRng {
+        LocalRng::new(crate::rng::mix(self.rng_seed, round, k))
     }
 
     fn open_round(&mut self, now: Instant, round: u32, task: Task) {
         let sampled = self.sample(round, task);
+        self.open_round_quietly(now, round, task, sampled.clone(), false);
+        self.append(Record::RoundOpened { round, task, sampled: sampled.iter().copied().collect() });
+        if let Some(open) = &self.open {
+            let msg = open.start_msg.clone();
+            for c in &sampled {
+                if let Some(&conn) = self.by_client.get(c) {
+                    self.transmits.push_back(Transmit { to: conn, bytes: msg.clone() });
+                }
+            }
+        }
+        self.events.push_back(Event::RoundOpened { round, task, sampled: sampled.iter().copied().collect() });
+        // A round with nobody to ask (everyone left) waits for its deadline.
+        self.maybe_close_round(now);
+    }
+
+    /// Opens a round with a given sample without telling anyone (shared by
+    /// live opening and recovery).
+    fn open_round_quietly(
+        &mut self,
+        now: Instant,
+        round: u32,
+        task: Task,
+        sampled: BTreeSet<ClientIndex>,
+        restored: bool,
+    ) {
         if task == Task::Train {
             self.aggregator.begin_round(round, &self.model);
         }
-        let seed = self.rng.next_u64();
+        let seed = self.round_rng(round, u32::MAX).next_u64();
         let model = match self.checkpoint {
             Some(_) => ModelSync::Replica { model_hash: params_hash(&self.model) },
             None => ModelSync::Full(self.model.clone()),
         };
         let start = Message::RoundStart(RoundStart { round, task, seed, model });
         let start_msg: Arc<[u8]> = codec::encode(&start).into();
-        for c in &sampled {
-            if let Some(&conn) = self.by_client.get(c) {
-                self.transmits.push_back(Transmit { to: conn, bytes: start_msg.clone() });
-            }
-        }
-        self.events.push_back(Event::RoundOpened { round, task, sampled: sampled.iter().copied().collect() });
         self.phase = Phase::AwaitingReports { round, task };
         self.open = Some(OpenRound {
             round,
@@ -678,9 +742,9 @@ impl Coordinator {
             rejected: 0,
             bytes_received: 0,
             start_msg,
+            extensions: 0,
+            restored,
         });
-        // A round with nobody to ask (everyone left) waits for its deadline.
-        self.maybe_close_round(now);
     }
 
     fn extend_round(&mut self, now: Instant) {
@@ -694,14 +758,19 @@ impl Coordinator {
         // the round forever.
         let want = self.config.clients_per_round.saturating_sub(open.accepted);
         let fresh: Vec<ClientIndex> = joined.into_iter().filter(|c| !open.sampled.contains(c)).collect();
-        let added = self.rng.sample(&fresh, want);
+        open.extensions = open.extensions.saturating_add(1);
+        open.restored = false;
+        let mut rng = LocalRng::new(crate::rng::mix(self.rng_seed, open.round, open.extensions));
+        let added = rng.sample(&fresh, want);
         for c in &added {
             open.sampled.insert(*c);
             if let Some(&conn) = self.by_client.get(c) {
                 self.transmits.push_back(Transmit { to: conn, bytes: open.start_msg.clone() });
             }
         }
-        self.events.push_back(Event::RoundExtended { round: open.round, accepted: open.accepted, added });
+        let round = open.round;
+        self.events.push_back(Event::RoundExtended { round, accepted: open.accepted, added: added.clone() });
+        self.append(Record::Extended { round, added });
     }
 
     /// `now + round_timeout`. The timeout is at most [`MAX_ROUND_TIMEOUT`]
@@ -714,7 +783,10 @@ impl Coordinator {
 
     fn maybe_close_round(&mut self, now: Instant) {
         let Some(open) = &self.open else { return };
-        let waiting = open.sampled.iter().any(|c| !open.reported.contains(c) && self.by_client.contains_key(c));
+        let waiting = open
+            .sampled
+            .iter()
+            .any(|c| !open.reported.contains(c) && (open.restored || self.by_client.contains_key(c)));
         if waiting {
             return;
         }
@@ -741,8 +813,9 @@ impl Coordinator {
         {
             self.publish_log(open.round, entries);
         }
-        if open.task == Task::Train {
-            self.completed_rounds = open.round;
+        match open.task {
+            Task::Train => self.completed_rounds = open.round,
+            Task::Evaluate => self.evaluated = true,
         }
         self.events.push_back(Event::RoundCompleted(RoundSummary {
             round: open.round,
@@ -755,12 +828,129 @@ impl Coordinator {
             model_hash: params_hash(&self.model),
             bytes_received: open.bytes_received,
         }));
-        // `open.round <= rounds <= MAX_ROUNDS < u32::MAX` here, so `+ 1` can't wrap.
-        match open.task {
-            Task::Train if open.round < self.config.rounds => self.open_round(now, open.round + 1, Task::Train),
-            Task::Train if self.config.final_evaluation => self.open_round(now, open.round + 1, Task::Evaluate),
-            _ => self.finish(),
+        self.save_snapshot();
+        self.open_next(now);
+    }
+
+    /// Opens the round that follows the completed ones, or finishes.
+    fn open_next(&mut self, now: Instant) {
+        // `completed_rounds <= rounds <= MAX_ROUNDS < u32::MAX`, so `+ 1` can't wrap.
+        let next = self.completed_rounds.saturating_add(1);
+        if self.completed_rounds < self.config.rounds {
+            self.open_round(now, next, Task::Train);
+        } else if self.config.final_evaluation && !self.evaluated {
+            self.open_round(now, next, Task::Evaluate);
+        } else {
+            self.finish();
         }
+    }
+
+    /// The durable state between rounds.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            version: DURABLE_VERSION,
+            run_id: self.config.run_id,
+            rng_seed: self.rng_seed,
+            enrolled_hash: enrolled_hash(&self.config.enrolled),
+            completed_rounds: self.completed_rounds,
+            evaluated: self.evaluated,
+            model: self.model.clone(),
+            violations: self.violations.clone(),
+            replica_checkpoint: self.checkpoint.as_ref().map(|c| (c.round, c.params.clone(), c.logs.clone())),
+        }
+    }
+
+    /// From now on, emit what the host must persist ([`Coordinator::poll_persist`]),
+    /// starting with a snapshot of the fresh state. Call before the first
+    /// connection; a restored coordinator persists already.
+    pub fn enable_persistence(&mut self) {
+        if !self.durable {
+            self.durable = true;
+            self.save_snapshot();
+        }
+    }
+
+    /// Next item to make durable. Drain this *before* sending the
+    /// transmits queued by the same input: an `Ack` may only leave once the
+    /// record of what it acknowledges is on disk.
+    pub fn poll_persist(&mut self) -> Option<Persist> {
+        self.persist.pop_front()
+    }
+
+    fn save_snapshot(&mut self) {
+        if self.durable {
+            let snap = self.snapshot();
+            self.persist.push_back(Persist::Snapshot(snap));
+        }
+    }
+
+    fn append(&mut self, record: Record) {
+        if self.durable {
+            self.persist.push_back(Persist::Append(record));
+        }
+    }
+
+    /// Rebuilds a coordinator from its last snapshot and the log written
+    /// since, replaying every record through the live checks. The restored
+    /// coordinator persists (no new snapshot until the next round closes; the
+    /// host keeps appending to the same log). An open round waits until its
+    /// deadline (from `now`) for its sampled clients to reconnect.
+    pub fn restore(
+        config: CoordinatorConfig,
+        aggregator: Box<dyn Aggregator>,
+        snapshot: Snapshot,
+        records: &[Record],
+        now: Instant,
+    ) -> Result<Self, DurableError> {
+        if snapshot.run_id != config.run_id {
+            return Err(DurableError::Mismatch("run id"));
+        }
+        if snapshot.enrolled_hash != enrolled_hash(&config.enrolled) {
+            return Err(DurableError::Mismatch("enrolled keys"));
+        }
+        let mut c = Coordinator::new(config, aggregator, snapshot.model, snapshot.rng_seed)
+            .map_err(|e| DurableError::Replay { index: 0, reason: e.to_string() })?;
+        c.completed_rounds = snapshot.completed_rounds;
+        c.evaluated = snapshot.evaluated;
+        c.violations = snapshot.violations;
+        if let (Some(cp), Some((round, params, logs))) = (c.checkpoint.as_mut(), snapshot.replica_checkpoint) {
+            let log_bytes = logs.iter().map(|l| codec::encode(&Message::RoundLog(l.clone())).len()).sum();
+            *cp = Checkpoint { round, params, logs, log_bytes };
+        }
+        let finished = c.completed_rounds >= c.config.rounds && (c.evaluated || !c.config.final_evaluation);
+        if finished {
+            c.phase = Phase::Finished;
+        }
+        for (index, record) in records.iter().enumerate() {
+            let fail = |reason: String| DurableError::Replay { index, reason };
+            match record {
+                Record::RoundOpened { round, task, sampled } => {
+                    if c.open.is_some() || *round != c.completed_rounds.saturating_add(1) {
+                        return Err(fail(format!("round {round} opened after {} completed", c.completed_rounds)));
+                    }
+                    c.open_round_quietly(now, *round, *task, sampled.iter().copied().collect(), true);
+                }
+                Record::Extended { round, added } => {
+                    let open = c.open.as_mut().filter(|o| o.round == *round).ok_or_else(|| fail("no such open round".into()))?;
+                    open.sampled.extend(added.iter().copied());
+                    open.extensions = open.extensions.saturating_add(1);
+                }
+                Record::Accepted { client, body, signature } => {
+                    let signed = SignedReport { body: body.clone(), signature: *signature };
+                    let len = body.len().saturating_add(64);
+                    c.accept_report(*client, signed, len).map_err(|(e, _)| fail(e.to_string()))?;
+                }
+                Record::Violation { client, count } => {
+                    c.violations.insert(*client, *count);
+                }
+            }
+        }
+        // Replay emits nothing: the records are already on disk and no
+        // client is connected to hear about them.
+        c.transmits.clear();
+        c.events.clear();
+        c.durable = true;
+        Ok(c)
     }
 
     /// Broadcasts a round's log to every joined client and files it behind
@@ -800,4 +990,14 @@ impl Coordinator {
 
 fn rejected(code: RejectCode, round: Option<u32>, detail: &str) -> Message {
     Message::Rejected(Rejected { code, round, detail: codec::truncate_detail(detail.to_string()) })
+}
+
+/// SHA-256 over the enrolled keys in order (binds saved state to the list).
+fn enrolled_hash(keys: &[PublicKeyBytes]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for k in keys {
+        h.update(k.0);
+    }
+    h.finalize().into()
 }

@@ -2,8 +2,9 @@
 //!
 //! What it does: the wire types and their codec ([`wire`], [`codec`]), client
 //! identities and signatures ([`identity`]), the server's [`Coordinator`] and
-//! the client's [`Participant`] state machines, aggregation ([`aggregate`]),
-//! and model shapes shared by every party ([`model`]).
+//! the client's [`Participant`] state machines, aggregation ([`aggregate`],
+//! and the update kinds [`spsa`] and [`frl`]), and model shapes shared by
+//! every party ([`model`]).
 //!
 //! What it never does: open sockets, read the clock (every input carries the
 //! host's `now`), draw OS randomness (every generator is seeded by the host),
@@ -12,6 +13,7 @@
 
 pub mod aggregate;
 pub mod codec;
+pub mod durable;
 pub mod coordinator;
 pub mod error;
 pub mod identity;

@@ -17,6 +17,7 @@ use crate::wire::{
 
 mod fuzz;
 mod spsa;
+mod durable;
 
 const RUN: RunId = RunId([9; 16]);
 
@@ -83,7 +84,7 @@ impl Net {
         for (i, id) in identities.into_iter().enumerate() {
             let conn = ConnectionHandle(i as u64);
             net.clients.push((conn, Participant::new(id, Some(RUN))));
-            net.coord.handle_connect(net.now, conn);
+            net.coord.handle_connect(net.now, conn, [conn.0 as u8; 32]);
         }
         net
     }
@@ -308,7 +309,7 @@ fn reconnecting_client_gets_its_task_again_and_old_connection_is_superseded() {
     let new_conn = ConnectionHandle(10);
     net.clients.push((new_conn, Participant::new(ident(0), Some(RUN))));
     net.seen.push(Vec::new());
-    net.coord.handle_connect(net.now, new_conn);
+    net.coord.handle_connect(net.now, new_conn, [0xee; 32]);
     net.pump();
     assert!(net.closed.contains(&ConnectionHandle(0)));
     assert!(net.seen[2].iter().any(|e| matches!(e, ParticipantEvent::TaskRequested { round: 1, .. })));

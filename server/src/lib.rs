@@ -226,7 +226,14 @@ impl Server {
                         let (otx, orx) = mpsc::unbounded_channel();
                         writers.insert(conn, otx);
                         writer_tasks.spawn(writer(connection, orx));
-                        coordinator.handle_connect(now(Instant::now()), conn);
+                        // A fresh, unpredictable challenge per connection.
+                        let mut challenge = [0u8; 32];
+                        if let Err(e) = getrandom::fill(&mut challenge) {
+                            warn!(error = %e, "no OS randomness for a join challenge; refusing the connection");
+                            writers.remove(&conn);
+                            continue;
+                        }
+                        coordinator.handle_connect(now(Instant::now()), conn, challenge);
                     }
                     Some(Inbound::Message(conn, bytes)) => {
                         if let Err(e) = coordinator.handle_message(now(Instant::now()), conn, &bytes) {

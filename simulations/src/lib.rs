@@ -129,6 +129,7 @@ const TAG_IDENTITY: u64 = 1;
 const TAG_DROPOUT: u64 = 2;
 const TAG_STRAGGLER: u64 = 3;
 const TAG_RUN: u64 = 4;
+const TAG_CHALLENGE: u64 = 5;
 
 /// The identity of simulated client `i`: a secret derived from the seed.
 pub fn sim_identity(seed: u64, i: usize) -> Identity {
@@ -390,7 +391,13 @@ pub fn run_on(
                 let Some(Reverse(q)) = queue.pop() else { continue };
                 now = q.at;
                 match q.what {
-                    Delivery::Connect(i) => coord.handle_connect(clock(now)?, ConnectionHandle(i as u64)),
+                    Delivery::Connect(i) => {
+                        let mut challenge = [0u8; 32];
+                        for (k, chunk) in challenge.chunks_mut(8).enumerate() {
+                            chunk.copy_from_slice(&hash_seed(s.seed, TAG_CHALLENGE, (i as u64) << 2 | k as u64).to_le_bytes());
+                        }
+                        coord.handle_connect(clock(now)?, ConnectionHandle(i as u64), challenge)
+                    }
                     Delivery::ToServer(i, bytes) => {
                         bytes_up += bytes.len() as u64;
                         // Refusals are counted in the round summary.

@@ -262,7 +262,7 @@ fn net_at_stage(stage: usize) -> Net {
     cfg.quorum = 2;
     cfg.max_violations = 4;
     let mut net = Net::new(cfg, (0..3).map(ident).collect());
-    net.coord.handle_connect(net.now, ATTACKER);
+    net.coord.handle_connect(net.now, ATTACKER, [0x42; 32]);
     net.deliver_down();
     match stage {
         0 => {}
@@ -531,7 +531,7 @@ proptest! {
         for op in start.iter().chain(&ops) {
             let phase_before = coord.phase();
             match op {
-                Op::Connect(c) => coord.handle_connect(now, ConnectionHandle(u64::from(*c))),
+                Op::Connect(c) => coord.handle_connect(now, ConnectionHandle(u64::from(*c)), [*c; 32]),
                 Op::Disconnect(c) => coord.handle_disconnect(now, ConnectionHandle(u64::from(*c))),
                 Op::Join { conn, impostor, good_sig } => {
                     let id = &ids[impostor.map_or(identity_of(*conn), usize::from)];

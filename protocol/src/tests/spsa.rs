@@ -94,7 +94,7 @@ fn eight_clients_and_server_stay_bit_identical_over_1280_steps_and_a_late_joiner
             let conn = ConnectionHandle(100);
             net.clients.push((conn, Participant::new(ident(8), Some(RUN))));
             net.seen.push(Vec::new());
-            net.coord.handle_connect(net.now, conn);
+            net.coord.handle_connect(net.now, conn, [0x99; 32]);
             net.pump();
             assert!(net.seen[8].iter().any(|e| matches!(e, ParticipantEvent::Synced { round: 2 })));
             assert_eq!(net.assert_replicas_match(), 9);

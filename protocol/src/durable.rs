@@ -1,0 +1,175 @@
+//! What the server must keep on disk to survive a crash, as pure bytes.
+//!
+//! The coordinator describes its durable state as a [`Snapshot`] (taken when
+//! a round closes: model, completed rounds, misbehaviour counts, a replicated
+//! run's checkpoint and logs) and a write-ahead log of [`Record`]s for what
+//! happens until the next snapshot: the round opened (with its sampled
+//! clients), reports accepted (the signed bytes as received), extensions.
+//! The host writes them — the server to files with checksums, fsync and
+//! atomic renames — and must make every record durable *before* it sends
+//! the messages queued with it: a report is acknowledged only once its
+//! record is on disk, so no acknowledged update is ever lost.
+//!
+//! Recovery ([`crate::Coordinator::restore`]) loads the snapshot and replays
+//! the records through the same checks as live traffic; reports are
+//! re-verified and re-absorbed in their original order. Sampling and round
+//! seeds are pure functions of the run seed and the round, so a recovered
+//! run continues exactly as the uninterrupted one would have.
+//!
+//! This module never touches a file.
+
+use std::collections::BTreeMap;
+
+use bincode::{Decode, Encode};
+
+use crate::aggregate::ClientIndex;
+use crate::wire::{MAX_MESSAGE_BYTES, RoundLog, RunId, SignatureBytes, Task};
+
+/// Format version of snapshots and records; bumped on any change.
+pub const DURABLE_VERSION: u32 = 1;
+
+/// Largest snapshot accepted when decoding: a full model, a replicated run's
+/// checkpoint (another model) and its logs, and the per-client counters.
+pub const MAX_SNAPSHOT_BYTES: usize = 2 * MAX_MESSAGE_BYTES + 64 * 1024 * 1024;
+
+/// Largest WAL record: a signed report frame plus a little.
+pub const MAX_RECORD_BYTES: usize = MAX_MESSAGE_BYTES + 1024;
+
+/// The coordinator's state between rounds.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub struct Snapshot {
+    /// [`DURABLE_VERSION`].
+    pub version: u32,
+    /// The run this state belongs to.
+    pub run_id: RunId,
+    /// Seed of sampling and round seeds.
+    pub rng_seed: u64,
+    /// SHA-256 of the enrolled keys, in order: a restart with another
+    /// enrolment list is refused.
+    pub enrolled_hash: [u8; 32],
+    /// Training rounds completed.
+    pub completed_rounds: u32,
+    /// Whether the final evaluation round has been held.
+    pub evaluated: bool,
+    /// The global model.
+    pub model: Vec<f32>,
+    /// Protocol violations per client.
+    pub violations: BTreeMap<ClientIndex, u32>,
+    /// Replicated runs: checkpoint round, parameters and the logs since.
+    pub replica_checkpoint: Option<(u32, Vec<f32>, Vec<RoundLog>)>,
+}
+
+/// One write-ahead-log entry.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub enum Record {
+    /// A round opened with these clients.
+    RoundOpened {
+        /// The round.
+        round: u32,
+        /// Its task.
+        task: Task,
+        /// Sampled clients, ascending.
+        sampled: Vec<ClientIndex>,
+    },
+    /// The open round was extended with these clients.
+    Extended {
+        /// The round.
+        round: u32,
+        /// Clients added.
+        added: Vec<ClientIndex>,
+    },
+    /// A report was accepted (about to be acknowledged).
+    Accepted {
+        /// The client.
+        client: ClientIndex,
+        /// The signed report body as received.
+        body: Vec<u8>,
+        /// Its signature.
+        signature: SignatureBytes,
+    },
+    /// A client's violation count changed.
+    Violation {
+        /// The client.
+        client: ClientIndex,
+        /// The new count.
+        count: u32,
+    },
+}
+
+/// What the host must make durable, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Persist {
+    /// Replace the snapshot (atomically) and start an empty log.
+    Snapshot(Snapshot),
+    /// Append to the log (durably, before sending queued messages).
+    Append(Record),
+}
+
+/// Why durable state could not be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DurableError {
+    /// Undecodable bytes (after the host's checksum passed: a format change).
+    #[error("undecodable {what}: {message}")]
+    Decode {
+        /// Snapshot or record.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// A snapshot of another format version.
+    #[error("state format version {found}, this build reads {DURABLE_VERSION}")]
+    Version {
+        /// Found.
+        found: u32,
+    },
+    /// The state belongs to another run or enrolment list.
+    #[error("saved state does not match this run: {0}")]
+    Mismatch(&'static str),
+    /// A record that cannot follow the state before it.
+    #[error("write-ahead log record {index} cannot be replayed: {reason}")]
+    Replay {
+        /// Record index.
+        index: usize,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn cfg<const N: usize>() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<N>()
+}
+
+/// Encodes a snapshot.
+pub fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
+    bincode::encode_to_vec(s, cfg::<MAX_SNAPSHOT_BYTES>())
+        .unwrap_or_else(|e| panic!("invariant: snapshots we build fit MAX_SNAPSHOT_BYTES: {e}"))
+}
+
+/// Decodes a snapshot (trailing bytes refused).
+pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, DurableError> {
+    let (s, used): (Snapshot, usize) = bincode::decode_from_slice(bytes, cfg::<MAX_SNAPSHOT_BYTES>())
+        .map_err(|e| DurableError::Decode { what: "snapshot", message: e.to_string() })?;
+    if used != bytes.len() {
+        return Err(DurableError::Decode { what: "snapshot", message: "trailing bytes".into() });
+    }
+    if s.version != DURABLE_VERSION {
+        return Err(DurableError::Version { found: s.version });
+    }
+    Ok(s)
+}
+
+/// Encodes a record.
+pub fn encode_record(r: &Record) -> Vec<u8> {
+    bincode::encode_to_vec(r, cfg::<MAX_RECORD_BYTES>())
+        .unwrap_or_else(|e| panic!("invariant: records we build fit MAX_RECORD_BYTES: {e}"))
+}
+
+/// Decodes a record (trailing bytes refused).
+pub fn decode_record(bytes: &[u8]) -> Result<Record, DurableError> {
+    let (r, used): (Record, usize) = bincode::decode_from_slice(bytes, cfg::<MAX_RECORD_BYTES>())
+        .map_err(|e| DurableError::Decode { what: "record", message: e.to_string() })?;
+    if used != bytes.len() {
+        return Err(DurableError::Decode { what: "record", message: "trailing bytes".into() });
+    }
+    Ok(r)
+}
