@@ -236,6 +236,12 @@ pub enum Event {
         /// Hash of the final model.
         model_hash: [u8; 32],
     },
+    /// A client was sent the end of the run (hosts that linger after the
+    /// end, for clients that were reconnecting, can stop once all have been).
+    FinishSent {
+        /// The client.
+        client: ClientIndex,
+    },
 }
 
 #[derive(Debug)]
@@ -538,6 +544,7 @@ impl Coordinator {
             }
             Phase::Finished => {
                 self.send(conn, &self.finished_message());
+                self.events.push_back(Event::FinishSent { client });
             }
         }
         Ok(())
@@ -836,6 +843,14 @@ impl Coordinator {
     fn open_next(&mut self, now: Instant) {
         // `completed_rounds <= rounds <= MAX_ROUNDS < u32::MAX`, so `+ 1` can't wrap.
         let next = self.completed_rounds.saturating_add(1);
+        let more = self.completed_rounds < self.config.rounds || (self.config.final_evaluation && !self.evaluated);
+        if more && self.by_client.len() < self.config.min_clients {
+            // Every round, not just the first, waits for `min_clients`: a round
+            // sampled from too few clients could not reach its quorum, and
+            // after a restart the clients are still reconnecting.
+            self.phase = Phase::AwaitingJoins;
+            return;
+        }
         if self.completed_rounds < self.config.rounds {
             self.open_round(now, next, Task::Train);
         } else if self.config.final_evaluation && !self.evaluated {
@@ -973,8 +988,9 @@ impl Coordinator {
     fn finish(&mut self) {
         self.phase = Phase::Finished;
         let msg: Arc<[u8]> = codec::encode(&self.finished_message()).into();
-        for &conn in self.by_client.values() {
+        for (&client, &conn) in &self.by_client {
             self.transmits.push_back(Transmit { to: conn, bytes: msg.clone() });
+            self.events.push_back(Event::FinishSent { client });
         }
         self.events.push_back(Event::Finished { rounds: self.completed_rounds, model_hash: params_hash(&self.model) });
     }

@@ -327,6 +327,14 @@ fn disconnect_of_sampled_client_lets_round_close_at_quorum() {
     net.coord.handle_disconnect(net.now, ConnectionHandle(2));
     net.closed.push(ConnectionHandle(2));
     net.pump();
+    assert_eq!(net.coord.completed_rounds(), 1);
+    // The evaluation round waits until `min_clients` (3) are joined again.
+    assert_eq!(net.coord.phase(), Phase::AwaitingJoins);
+    let conn = ConnectionHandle(30);
+    net.clients.push((conn, Participant::new(ident(2), Some(RUN))));
+    net.seen.push(Vec::new());
+    net.coord.handle_connect(net.now, conn, [30; 32]);
+    net.pump();
     assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Evaluate });
 }
 

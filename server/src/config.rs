@@ -66,6 +66,9 @@ pub struct RawConfig {
     pub enrolled_keys: Option<PathBuf>,
     /// Directory for `metrics.jsonl` and `final_model.safetensors`. Default `runs/server`.
     pub out_dir: Option<PathBuf>,
+    /// Directory of the durable state (snapshot + write-ahead log). A server
+    /// started on a directory holding a run resumes it. Default `<out_dir>/state`.
+    pub state_dir: Option<PathBuf>,
     /// Initial parameters (safetensors, or raw little-endian f32 in
     /// canonical order). Default: seeded PyTorch-style initialisation.
     pub initial_model: Option<PathBuf>,
@@ -149,6 +152,11 @@ pub struct ServerConfig {
     pub enrolled: Vec<PublicKeyBytes>,
     /// Output directory.
     pub out_dir: PathBuf,
+    /// Durable state (snapshot + write-ahead log): a restart with the same
+    /// directory resumes the run.
+    pub state_dir: PathBuf,
+    /// Fault injection for crash tests (`TALLY_FAULT`); never set in production.
+    pub danger_fault: Option<FaultPoint>,
     /// Initial model file.
     pub initial_model: Option<PathBuf>,
     /// Model.
@@ -234,6 +242,10 @@ impl RawConfig {
             seed,
             run_id,
             enrolled,
+            state_dir: self.state_dir.unwrap_or_else(|| {
+                self.out_dir.clone().unwrap_or_else(|| PathBuf::from("runs/server")).join("state")
+            }),
+            danger_fault: None,
             out_dir: self.out_dir.unwrap_or_else(|| PathBuf::from("runs/server")),
             initial_model: self.initial_model,
             arch,
@@ -310,5 +322,31 @@ mod tests {
             );
         }
         assert_eq!(raw(MAX_ROUND_TIMEOUT.as_secs()).validate([0; 24]).unwrap().round_timeout, MAX_ROUND_TIMEOUT);
+    }
+}
+
+/// Where a crash test makes the server abort (`TALLY_FAULT=<point>:<n>`),
+/// as `kill -9` would: no destructors, no flushing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// Right after round `n` opened and was logged, before any client hears of it.
+    Opened(u32),
+    /// Right after the `n`-th accepted report is durable, before its Ack is sent.
+    Accepted(u32),
+    /// Right after round `n` closed (snapshot written), before the next round's messages go out.
+    Closed(u32),
+}
+
+impl std::str::FromStr for FaultPoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, n) = s.split_once(':').ok_or("expected <opened|accepted|closed>:<n>")?;
+        let n: u32 = n.parse().map_err(|e| format!("{s}: {e}"))?;
+        match kind {
+            "opened" => Ok(FaultPoint::Opened(n)),
+            "accepted" => Ok(FaultPoint::Accepted(n)),
+            "closed" => Ok(FaultPoint::Closed(n)),
+            _ => Err(format!("unknown fault point {kind:?}")),
+        }
     }
 }

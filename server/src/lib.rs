@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod state;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -42,6 +43,11 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// A connection with no traffic (not even keep-alives) for this long is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the server keeps answering after the run ended, for clients
+/// that were reconnecting at the end (it stops early once every enrolled
+/// client has been told). Longer than a client's first reconnection backoffs.
+pub const FINISH_LINGER: Duration = Duration::from_secs(20);
+
 /// How long to wait at the end of a run for clients to read the last messages.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -68,6 +74,17 @@ pub enum ServerError {
         path: PathBuf,
         /// Why.
         message: String,
+    },
+    /// Durable state.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// Saved state the coordinator refused.
+    #[error("resuming from {dir}: {source}")]
+    Restore {
+        /// State directory.
+        dir: PathBuf,
+        /// Why.
+        source: tally_protocol::durable::DurableError,
     },
     /// Socket or file I/O.
     #[error("{context}: {source}")]
@@ -118,14 +135,17 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     coordinator: Coordinator,
     fingerprint: [u8; 32],
+    state: state::StateDir,
+    resumed: bool,
 }
 
 impl Server {
     /// Loads the certificate, builds the coordinator and binds the socket.
     /// Must be called inside a tokio runtime.
-    pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+    pub fn bind(mut config: ServerConfig) -> Result<Server, ServerError> {
         let identity = tls::load_identity(&config.tls)?;
         let fingerprint = identity.fingerprint;
+        let endpoint_config = tls::endpoint_config(&identity);
         let mut server_config = tls::quic_server_config(identity)?;
         let mut transport = quinn::TransportConfig::default();
         transport
@@ -145,31 +165,57 @@ impl Server {
             }
             None => config.arch.init_params(config.seed),
         };
-        let coordinator = Coordinator::new(
-            CoordinatorConfig {
-                run_id: config.run_id,
-                arch: config.arch.clone(),
-                rounds: config.rounds,
-                enrolled: config.enrolled.clone(),
-                min_clients: config.min_clients,
-                clients_per_round: config.clients_per_round,
-                quorum: config.quorum,
-                round_timeout: config.round_timeout,
-                train: config.train.clone(),
-                max_violations: config.max_violations,
-                schedule: None,
-                final_evaluation: config.final_evaluation,
-            },
-            match &config.spsa {
-                Some(z) => Box::new(tally_protocol::spsa::Spsa::new(z.clone())),
-                None => Box::new(FedAvg::new()),
-            },
-            initial,
-            config.seed,
-        )?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
-            .map_err(io_err(format!("binding {}", config.listen)))?;
-        Ok(Server { config, endpoint, coordinator, fingerprint })
+        let (state, recovered) = state::StateDir::open(&config.state_dir)?;
+        let resumed = recovered.is_some();
+        if let Some(r) = &recovered {
+            // The saved run's identity wins over defaults drawn at random.
+            config.run_id = r.snapshot.run_id;
+            config.seed = r.snapshot.rng_seed;
+        }
+        let coordinator_config = CoordinatorConfig {
+            run_id: config.run_id,
+            arch: config.arch.clone(),
+            rounds: config.rounds,
+            enrolled: config.enrolled.clone(),
+            min_clients: config.min_clients,
+            clients_per_round: config.clients_per_round,
+            quorum: config.quorum,
+            round_timeout: config.round_timeout,
+            train: config.train.clone(),
+            max_violations: config.max_violations,
+            schedule: None,
+            final_evaluation: config.final_evaluation,
+        };
+        let aggregator: Box<dyn tally_protocol::Aggregator> = match &config.spsa {
+            Some(z) => Box::new(tally_protocol::spsa::Spsa::new(z.clone())),
+            None => Box::new(FedAvg::new()),
+        };
+        let coordinator = match recovered {
+            Some(r) => {
+                info!(
+                    dir = %config.state_dir.display(),
+                    completed_rounds = r.snapshot.completed_rounds,
+                    log_records = r.records.len(),
+                    "resuming the run from saved state"
+                );
+                Coordinator::restore(coordinator_config, aggregator, r.snapshot, &r.records, std::time::Instant::now())
+                    .map_err(|source| ServerError::Restore { dir: config.state_dir.clone(), source })?
+            }
+            None => {
+                let mut c = Coordinator::new(coordinator_config, aggregator, initial, config.seed)?;
+                c.enable_persistence();
+                c
+            }
+        };
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(io_err(format!("binding {}", config.listen)))?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(io_err(format!("binding {}", config.listen)))?;
+        Ok(Server { config, endpoint, coordinator, fingerprint, state, resumed })
     }
 
     /// The bound address (the real port when configured with port 0).
@@ -185,12 +231,20 @@ impl Server {
     /// Runs until the run finishes or `shutdown` resolves; writes the model
     /// and metrics either way.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunOutcome, ServerError> {
-        let Server { config, endpoint, mut coordinator, .. } = self;
+        let Server { config, endpoint, mut coordinator, mut state, resumed, .. } = self;
         std::fs::create_dir_all(&config.out_dir).map_err(io_err(format!("creating {}", config.out_dir.display())))?;
         let metrics_path = config.out_dir.join("metrics.jsonl");
         let model_path = config.out_dir.join("final_model.safetensors");
-        let mut metrics =
-            MetricsWriter::create(&metrics_path).map_err(io_err(format!("creating {}", metrics_path.display())))?;
+        let mut metrics = MetricsWriter::create(&metrics_path, resumed)
+            .map_err(io_err(format!("creating {}", metrics_path.display())))?;
+        let mut accepted_total = 0u32;
+        // Persist what the coordinator produced while starting (the first snapshot).
+        while let Some(p) = coordinator.poll_persist() {
+            state.persist(&p)?;
+        }
+        if coordinator.phase() == tally_protocol::Phase::Finished {
+            warn!(dir = %config.state_dir.display(), "the saved run is already finished; use a new --state-dir for a new run");
+        }
         info!(run_id = %config.run_id, rounds = config.rounds, min_clients = config.min_clients, "waiting for clients");
 
         let (tx, mut rx) = mpsc::channel::<Inbound>(INBOUND_CAPACITY);
@@ -206,14 +260,20 @@ impl Server {
         let std_start = std::time::Instant::now();
         // The coordinator works in std Instants; map tokio's clock onto them.
         let now = |t: Instant| std_start + (t - start);
-        let mut finished = false;
+        let mut finished = coordinator.phase() == tally_protocol::Phase::Finished;
+        // After the end, keep answering for a while: a client that was
+        // reconnecting when the run ended still learns it is over.
+        let mut told: std::collections::BTreeSet<tally_protocol::ClientIndex> = Default::default();
+        let enrolled = config.enrolled.len();
+        let mut linger_until: Option<Instant> = finished.then(|| Instant::now() + FINISH_LINGER);
         tokio::pin!(shutdown);
 
-        while !finished {
+        while linger_until.is_none_or(|t| Instant::now() < t) && told.len() < enrolled {
             // Deadlines are at most MAX_ROUND_TIMEOUT ahead, so the sum can't
             // overflow; `checked_add` keeps it a non-panicking path anyway.
-            let deadline =
-                coordinator.poll_timeout().and_then(|d| start.checked_add(d.saturating_duration_since(std_start)));
+            let deadline = linger_until.or_else(|| {
+                coordinator.poll_timeout().and_then(|d| start.checked_add(d.saturating_duration_since(std_start)))
+            });
             tokio::select! {
                 _ = &mut shutdown => {
                     warn!("shutdown requested; writing the current model");
@@ -257,7 +317,30 @@ impl Server {
                     }
                 },
                 _ = sleep_until_opt(deadline) => {
-                    coordinator.handle_timeout(now(Instant::now()));
+                    if linger_until.is_none() {
+                        coordinator.handle_timeout(now(Instant::now()));
+                    }
+                }
+            }
+            // Durable before sent: every record and snapshot produced by this
+            // input reaches the disk before its Acks and round messages leave.
+            while let Some(p) = coordinator.poll_persist() {
+                state.persist(&p)?;
+                if let Some(fault) = config.danger_fault {
+                    use tally_protocol::durable::{Persist, Record};
+                    let hit = match (&p, fault) {
+                        (Persist::Append(Record::RoundOpened { round, .. }), config::FaultPoint::Opened(n)) => *round == n,
+                        (Persist::Append(Record::Accepted { .. }), config::FaultPoint::Accepted(n)) => {
+                            accepted_total += 1;
+                            accepted_total == n
+                        }
+                        (Persist::Snapshot(s), config::FaultPoint::Closed(n)) => s.completed_rounds == n,
+                        _ => false,
+                    };
+                    if hit {
+                        eprintln!("TALLY_FAULT {fault:?}: aborting");
+                        std::process::abort();
+                    }
                 }
             }
             while let Some(t) = coordinator.poll_transmit() {
@@ -301,6 +384,10 @@ impl Server {
                     Event::Finished { rounds, .. } => {
                         info!(rounds, "run finished");
                         finished = true;
+                        linger_until = Some(Instant::now() + FINISH_LINGER);
+                    }
+                    Event::FinishSent { client } => {
+                        told.insert(*client);
                     }
                 }
             }

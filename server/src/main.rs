@@ -64,6 +64,9 @@ struct RunArgs {
     /// Output directory for metrics.jsonl and final_model.safetensors.
     #[arg(long)]
     out_dir: Option<PathBuf>,
+    /// Durable state directory (default <out-dir>/state); restarting on it resumes the run.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Seed of the initial model and client sampling.
     #[arg(long)]
     seed: Option<u64>,
@@ -90,6 +93,8 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,quinn=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: log files and tests read plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     if let Some(Command::GenCert { cert, key, name }) = cli.command {
@@ -114,6 +119,7 @@ fn main() -> anyhow::Result<()> {
         round_timeout_secs,
         enrolled_keys,
         out_dir,
+        state_dir,
         seed,
         initial_model
     );
@@ -132,7 +138,11 @@ fn main() -> anyhow::Result<()> {
     }
     let mut os_seed = [0u8; 24];
     getrandom::fill(&mut os_seed).map_err(|e| anyhow::anyhow!("OS randomness unavailable: {e}"))?;
-    let config = raw.validate(os_seed)?;
+    let mut config = raw.validate(os_seed)?;
+    // Crash tests only: abort at a named point, as `kill -9` would.
+    if let Ok(fault) = std::env::var("TALLY_FAULT") {
+        config.danger_fault = Some(fault.parse().map_err(anyhow::Error::msg)?);
+    }
 
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async move {

@@ -22,9 +22,14 @@ pub struct MetricsWriter {
 }
 
 impl MetricsWriter {
-    /// Creates (truncates) the file.
-    pub fn create(path: &Path) -> std::io::Result<Self> {
-        Ok(MetricsWriter { out: BufWriter::new(File::create(path)?), pending: None, last_accuracy: None })
+    /// Creates (truncates) the file, or appends to it when resuming a run.
+    pub fn create(path: &Path, append: bool) -> std::io::Result<Self> {
+        let file = if append {
+            std::fs::OpenOptions::new().create(true).append(true).open(path)?
+        } else {
+            File::create(path)?
+        };
+        Ok(MetricsWriter { out: BufWriter::new(file), pending: None, last_accuracy: None })
     }
 
     /// Accuracy of the newest evaluated model.

@@ -101,3 +101,26 @@ pub fn write_self_signed(cert: &Path, key: &Path, names: Vec<String>) -> Result<
     }
     Ok(Sha256::digest(ck.cert.der().as_ref()).into())
 }
+
+/// The endpoint configuration of a server: the HMAC key of QUIC stateless
+/// resets and the key of the connection-id validity check are both derived
+/// from the certificate's private key, so a server restarted with the same
+/// key files recognises the connection ids the crashed process issued and
+/// answers them with resets that the clients accept. Clients of the crashed
+/// process then notice at once (instead of after the idle timeout) and
+/// reconnect. With `--self-signed` the key is new at every start anyway.
+pub fn endpoint_config(id: &ServerIdentity) -> quinn::EndpointConfig {
+    let derive = |label: &[u8]| -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(label);
+        h.update(id.key.secret_der());
+        h.finalize().into()
+    };
+    let reset = derive(b"tally/v1/stateless-reset\0");
+    let cid = derive(b"tally/v1/connection-id\0");
+    let mut config =
+        quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset)));
+    let cid_key = u64::from_le_bytes([cid[0], cid[1], cid[2], cid[3], cid[4], cid[5], cid[6], cid[7]]);
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    config
+}

@@ -368,3 +368,108 @@ fn spsa_run_over_quic_keeps_every_replica_bit_identical() {
         assert!(done.contains(&format!("model_hash={hash}")), "{done}");
     }
 }
+
+/// Runs a 3-round FedAvg federation whose server is stopped at each of
+/// `crashes` in turn (a `TALLY_FAULT` abort, or a SIGKILL from here when the
+/// server logs the given text) and restarted on the same state directory and
+/// port; returns the final model's hash.
+fn federation_with_crashes(dir: &std::path::Path, crashes: &[&str]) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let keys: Vec<_> = (0..3).map(|i| keygen(dir, &format!("k{i}"))).collect();
+    let enrolled = dir.join("enrolled.txt");
+    std::fs::write(&enrolled, keys.iter().map(|(_, pk)| format!("{pk}\n")).collect::<String>()).unwrap();
+    let (cert, tls_key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = std::process::Command::new(bin("tally-server"))
+        .args(["gen-cert", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&tls_key)
+        .output()
+        .unwrap();
+    let fingerprint = String::from_utf8(out.stdout).unwrap().trim().trim_start_matches("fingerprint ").to_string();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let server = |name: &str, fault: Option<&str>| {
+        let mut cmd = std::process::Command::new(bin("tally-server"));
+        cmd.args(["--listen", &addr, "--rounds", "3", "--min-clients", "3", "--seed", "5", "--cert"])
+            .arg(&cert)
+            .arg("--key")
+            .arg(&tls_key)
+            .arg("--enrolled-keys")
+            .arg(&enrolled)
+            .arg("--out-dir")
+            .arg(dir.join("out"));
+        if let Some(f) = fault {
+            cmd.env("TALLY_FAULT", f);
+        }
+        let tag = dir.file_name().and_then(|n| n.to_str()).unwrap_or("run");
+        let p = Proc::spawn(&format!("{tag}-{name}"), &mut cmd, dir);
+        p.expect_line("listening on ");
+        p
+    };
+    fn fault_of<'a>(c: &'a str) -> Option<&'a str> {
+        (!c.starts_with("kill")).then_some(c)
+    }
+    let mut srv = server("server0", crashes.first().and_then(|c| fault_of(c)));
+    let mut clients: Vec<Proc> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| {
+            let mut cmd = std::process::Command::new(bin("tally-client"));
+            cmd.args(["run", "--server", &addr, "--fingerprint", &fingerprint, "--key"]).arg(key).args([
+                "--shard",
+                &format!("{i}/3"),
+                "--max-retries",
+                "60",
+                "--connect-timeout-secs",
+                "1",
+            ]);
+            let tag = dir.file_name().and_then(|n| n.to_str()).unwrap_or("run");
+            Proc::spawn(&format!("{tag}-client{i}"), &mut cmd, dir)
+        })
+        .collect();
+    for (n, crash) in crashes.iter().enumerate() {
+        if let Some(needle) = crash.strip_prefix("kill-at:") {
+            // A real SIGKILL once the server has logged `needle`.
+            let deadline = Instant::now() + STEP_TIMEOUT;
+            while !srv.stderr().contains(needle) {
+                assert!(Instant::now() < deadline, "server never logged {needle:?}:\n{}", srv.stderr());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            drop(srv);
+        } else {
+            assert!(!srv.wait().success(), "the fault {crash} should have stopped the server:\n{}", srv.stderr());
+        }
+        let next = crashes.get(n + 1).and_then(|c| fault_of(c));
+        srv = server(&format!("server{}", n + 1), next);
+    }
+    for c in &mut clients {
+        assert!(c.wait().success(), "{} failed:\n{}", c.name, c.stderr());
+    }
+    assert!(srv.wait().success(), "final server:\n{}", srv.stderr());
+    let params = ModelArch::mnist_mlp()
+        .from_safetensors(&std::fs::read(dir.join("out/final_model.safetensors")).unwrap())
+        .unwrap();
+    hex::encode(tally_protocol::identity::params_hash(&params))
+}
+
+#[test]
+fn killed_server_resumes_the_run_to_the_bit_identical_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = federation_with_crashes(&dir.path().join("reference"), &[]);
+    // Before any update of round 2, mid-acknowledgement (the 4th report is
+    // durable, its Ack never sent), after round 2 closed, and a real SIGKILL.
+    for (i, crashes) in [
+        vec!["opened:2"],
+        vec!["accepted:4"],
+        vec!["closed:2", "accepted:2"],
+        vec!["kill-at:round opened round=2"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let got = federation_with_crashes(&dir.path().join(format!("crash{i}")), crashes);
+        assert_eq!(got, reference, "crashes at {crashes:?} changed the final model");
+    }
+}
+

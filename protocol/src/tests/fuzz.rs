@@ -489,7 +489,10 @@ impl Seen {
                     prop_assert!(!self.finished, "finished twice");
                     self.finished = true;
                 }
-                Event::ClientJoined { .. } | Event::Rejected { .. } | Event::CloseConnection { .. } => {}
+                Event::ClientJoined { .. }
+                | Event::Rejected { .. }
+                | Event::CloseConnection { .. }
+                | Event::FinishSent { .. } => {}
             }
         }
         Ok(())
