@@ -16,6 +16,7 @@
 pub mod data;
 pub mod model;
 pub mod params_file;
+pub mod supermask;
 pub mod train;
 pub mod update;
 pub mod zo;
@@ -73,6 +74,10 @@ pub enum KernelError {
         /// The loss value.
         loss: f32,
     },
+    /// A ranking is not a permutation of its layer's edges, or doesn't fit
+    /// the network (FRL, see [`supermask`]).
+    #[error("bad ranking: {0}")]
+    BadRanking(String),
     /// The burn backend failed to execute or read back a tensor.
     #[error("backend: {0}")]
     Backend(String),

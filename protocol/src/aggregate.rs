@@ -67,6 +67,16 @@ pub trait Aggregator: Send + std::fmt::Debug {
     fn spsa_config(&self) -> Option<&crate::spsa::SpsaConfig> {
         None
     }
+    /// The FRL settings clients need, for FRL aggregators.
+    fn frl_config(&self) -> Option<&crate::frl::FrlConfig> {
+        None
+    }
+    /// For FRL aggregators: the current global ranking, which is FRL's global
+    /// model (clients rebuild the scores from it and the sorted initial
+    /// scores).
+    fn frl_global_ranking(&self) -> Option<&crate::frl::Ranking> {
+        None
+    }
 }
 
 /// Checks a dense vector: length and finiteness.

@@ -306,6 +306,22 @@ mod tests {
                     }),
                 }),
             ),
+            (
+                "ReportBody/ranking".to_string(),
+                Golden::ReportBody(Report {
+                    run_id,
+                    round: 5,
+                    eval: None,
+                    update: Some(ClientUpdate {
+                        num_samples: 58,
+                        train_loss: 0.75,
+                        // The example of crate::frl's docs: packs to 12 cc 20.
+                        payload: UpdatePayload::Ranking(crate::frl::encode(
+                            &crate::frl::Ranking::new(vec![vec![2, 0, 1], vec![4, 1, 3, 0, 2]], &[3, 5]).unwrap(),
+                        )),
+                    }),
+                }),
+            ),
             ("ReportBody".to_string(), Golden::ReportBody(report)),
             frame("Report", Message::Report(SignedReport { body, signature })),
             frame("Ack", Message::Ack(Ack { round: 300 })),
@@ -326,6 +342,7 @@ mod tests {
             RejectCode::Unexpected,
             RejectCode::Superseded,
             RejectCode::TooManyViolations,
+            RejectCode::NotAPermutation,
         ];
         for (i, code) in codes.into_iter().enumerate() {
             let round = (i % 2 == 0).then_some(i as u32);

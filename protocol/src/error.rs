@@ -3,7 +3,7 @@
 //! - [`Malformed`]: the bytes are not a message.
 //! - [`Misbehaviour`]: a well-formed message a correct peer would not send
 //!   (bad signature, wrong round, duplicate, wrong dimension, non-finite
-//!   value). Counted per client.
+//!   value, a ranking that is not a permutation). Counted per client.
 //! - [`Incompatibility`]: a correct peer of another version.
 //! - [`Misuse`]: the local host called the state machine wrongly.
 //!
@@ -128,6 +128,10 @@ pub enum Misbehaviour {
     /// NaN or infinity.
     #[error("non-finite value at index {0}")]
     NonFinite(usize),
+    /// An FRL ranking that does not decode for the run's layers: wrong
+    /// length, not a permutation, non-zero padding.
+    #[error("bad ranking: {0}")]
+    BadRanking(crate::frl::FrlError),
     /// Sample count of zero or above the limit.
     #[error("sample count {0} out of range")]
     BadSampleCount(u64),
@@ -201,6 +205,8 @@ impl Error {
                     RejectCode::WrongShape
                 }
                 Misbehaviour::NonFinite(_) => RejectCode::NonFinite,
+                Misbehaviour::BadRanking(e) if e.is_permutation_error() => RejectCode::NotAPermutation,
+                Misbehaviour::BadRanking(_) => RejectCode::WrongShape,
             },
             Error::Misuse(_) => return None,
         })

@@ -16,6 +16,7 @@ pub mod codec;
 pub mod durable;
 pub mod coordinator;
 pub mod error;
+pub mod frl;
 pub mod identity;
 pub mod model;
 pub mod participant;

@@ -123,6 +123,9 @@ pub enum UpdateKind {
     DenseDelta,
     /// One byte per SPSA step ([`UpdatePayload::Spsa`], see [`crate::spsa`]).
     Spsa,
+    /// An FRL ranking of every maskable edge ([`UpdatePayload::Ranking`], see
+    /// [`crate::frl`]).
+    Ranking,
 }
 
 /// Everything a client needs to know about the run, sent in [`Welcome`].
@@ -287,6 +290,9 @@ pub enum UpdatePayload {
     DenseDelta(Vec<f32>),
     /// One byte per SPSA step, step `j` at index `j` ([`crate::spsa`]).
     Spsa(Vec<u8>),
+    /// An FRL ranking, bit-packed ([`crate::frl::encode`]); the aggregator
+    /// decodes it with the run's layer sizes ([`crate::frl::decode`]).
+    Ranking(Vec<u8>),
 }
 
 impl UpdatePayload {
@@ -295,6 +301,7 @@ impl UpdatePayload {
         match self {
             UpdatePayload::DenseDelta(_) => UpdateKind::DenseDelta,
             UpdatePayload::Spsa(_) => UpdateKind::Spsa,
+            UpdatePayload::Ranking(_) => UpdateKind::Ranking,
         }
     }
 }
@@ -373,6 +380,9 @@ pub enum RejectCode {
     Superseded,
     /// Too many protocol violations; the connection is closed.
     TooManyViolations,
+    /// An FRL ranking that is not a permutation of the layer's edges (or
+    /// whose padding bits are not zero).
+    NotAPermutation,
 }
 
 /// Server → client: a message was refused.
