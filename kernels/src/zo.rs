@@ -131,7 +131,10 @@ mod tests {
             let t = std::time::Instant::now();
             let _ = spsa_steps(&arch, &params, &split.train, &cfg, 1, 0, 64, 2, &dev).unwrap();
             let per = t.elapsed().as_secs_f64() / 64.0;
-            println!("MLP 784-200-200-10, batch {batch}: {:.3} ms per SPSA step (2 forward passes + 2 perturbations)", per * 1e3);
+            println!(
+                "MLP 784-200-200-10, batch {batch}: {:.3} ms per SPSA step (2 forward passes + 2 perturbations)",
+                per * 1e3
+            );
         }
     }
 }

@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use crate::aggregate::{AggregateStats, Aggregator, ClientIndex};
 use crate::codec;
+use crate::durable::{DURABLE_VERSION, DurableError, Persist, Record, Snapshot};
 use crate::error::{Error, Malformed, Misbehaviour, Misuse};
 use crate::identity::{join_transcript, params_hash, report_transcript, verify};
 use crate::model::ModelArch;
-use crate::durable::{DURABLE_VERSION, DurableError, Persist, Record, Snapshot};
 use crate::rng::LocalRng;
 use crate::wire::{
     self, Ack, EvalReport, Finished, Hello, Join, Message, ModelSync, PublicKeyBytes, RejectCode, Rejected, RoundLog,
@@ -559,11 +559,8 @@ impl Coordinator {
     ) -> Result<(), (Error, Option<u32>)> {
         let client =
             self.conns.get(&conn).and_then(|c| c.client).ok_or((Misbehaviour::NotJoined("Report").into(), None))?;
-        let record = self.durable.then(|| Record::Accepted {
-            client,
-            body: signed.body.clone(),
-            signature: signed.signature,
-        });
+        let record =
+            self.durable.then(|| Record::Accepted { client, body: signed.body.clone(), signature: signed.signature });
         let round = self.accept_report(client, signed, frame_len)?;
         // Durable before acknowledged: the host persists this record before
         // it sends the Ack queued below.
@@ -946,7 +943,11 @@ impl Coordinator {
                     c.open_round_quietly(now, *round, *task, sampled.iter().copied().collect(), true);
                 }
                 Record::Extended { round, added } => {
-                    let open = c.open.as_mut().filter(|o| o.round == *round).ok_or_else(|| fail("no such open round".into()))?;
+                    let open = c
+                        .open
+                        .as_mut()
+                        .filter(|o| o.round == *round)
+                        .ok_or_else(|| fail("no such open round".into()))?;
                     open.sampled.extend(added.iter().copied());
                     open.extensions = open.extensions.saturating_add(1);
                 }

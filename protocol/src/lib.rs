@@ -13,8 +13,8 @@
 
 pub mod aggregate;
 pub mod codec;
-pub mod durable;
 pub mod coordinator;
+pub mod durable;
 pub mod error;
 pub mod frl;
 pub mod identity;

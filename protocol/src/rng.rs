@@ -84,7 +84,8 @@ impl LocalRng {
 /// finaliser over the three values, so every draw of every round has its
 /// own independent generator and none depends on how many others ran.
 pub fn mix(seed: u64, round: u32, k: u32) -> u64 {
-    let mut z = seed ^ u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(k).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut z =
+        seed ^ u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(k).wrapping_mul(0xD1B5_4A32_D192_ED03);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)

@@ -15,9 +15,9 @@ use crate::wire::{
     ClientUpdate, EvalReport, Message, ModelSync, RejectCode, Report, RunId, Task, TrainSpec, UpdatePayload,
 };
 
+mod durable;
 mod fuzz;
 mod spsa;
-mod durable;
 
 const RUN: RunId = RunId([9; 16]);
 

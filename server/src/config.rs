@@ -242,9 +242,9 @@ impl RawConfig {
             seed,
             run_id,
             enrolled,
-            state_dir: self.state_dir.unwrap_or_else(|| {
-                self.out_dir.clone().unwrap_or_else(|| PathBuf::from("runs/server")).join("state")
-            }),
+            state_dir: self
+                .state_dir
+                .unwrap_or_else(|| self.out_dir.clone().unwrap_or_else(|| PathBuf::from("runs/server")).join("state")),
             danger_fault: None,
             out_dir: self.out_dir.unwrap_or_else(|| PathBuf::from("runs/server")),
             initial_model: self.initial_model,

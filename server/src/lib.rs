@@ -208,13 +208,9 @@ impl Server {
             }
         };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(io_err(format!("binding {}", config.listen)))?;
-        let endpoint = quinn::Endpoint::new(
-            endpoint_config,
-            Some(server_config),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(io_err(format!("binding {}", config.listen)))?;
+        let endpoint =
+            quinn::Endpoint::new(endpoint_config, Some(server_config), socket, Arc::new(quinn::TokioRuntime))
+                .map_err(io_err(format!("binding {}", config.listen)))?;
         Ok(Server { config, endpoint, coordinator, fingerprint, state, resumed })
     }
 
@@ -329,7 +325,9 @@ impl Server {
                 if let Some(fault) = config.danger_fault {
                     use tally_protocol::durable::{Persist, Record};
                     let hit = match (&p, fault) {
-                        (Persist::Append(Record::RoundOpened { round, .. }), config::FaultPoint::Opened(n)) => *round == n,
+                        (Persist::Append(Record::RoundOpened { round, .. }), config::FaultPoint::Opened(n)) => {
+                            *round == n
+                        }
                         (Persist::Append(Record::Accepted { .. }), config::FaultPoint::Accepted(n)) => {
                             accepted_total += 1;
                             accepted_total == n

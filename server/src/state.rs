@@ -24,9 +24,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use tally_protocol::durable::{
-    self, DurableError, MAX_RECORD_BYTES, MAX_SNAPSHOT_BYTES, Persist, Record, Snapshot,
-};
+use tally_protocol::durable::{self, DurableError, MAX_RECORD_BYTES, MAX_SNAPSHOT_BYTES, Persist, Record, Snapshot};
 use tracing::warn;
 
 const SNAP_MAGIC: &[u8; 8] = b"TLYSNAP1";
@@ -96,10 +94,7 @@ impl StateDir {
         let wal_path = dir.join("wal.bin");
         let recovered = if snap_path.exists() {
             let (generation, snapshot) = read_snapshot(&snap_path)?;
-            let records = match read_wal(&wal_path, generation)? {
-                Some(r) => r,
-                None => Vec::new(),
-            };
+            let records = read_wal(&wal_path, generation)?.unwrap_or_default();
             Some((generation, Recovered { snapshot, records }))
         } else {
             None
@@ -107,8 +102,7 @@ impl StateDir {
         let generation = recovered.as_ref().map_or(0, |(g, _)| *g);
         // Keep appending to a log of the current generation; otherwise start one.
         let wal = match &recovered {
-            Some((_, r)) if wal_generation(&wal_path) == Some(generation) => {
-                let _ = r;
+            Some(_) if wal_generation(&wal_path) == Some(generation) => {
                 OpenOptions::new().append(true).open(&wal_path).map_err(io(&wal_path))?
             }
             _ => new_wal(&wal_path, generation)?,
@@ -180,7 +174,8 @@ fn read_snapshot(path: &Path) -> Result<(u64, Snapshot), StateError> {
     if Sha256::digest(payload).as_slice() != &head[24..56] {
         return Err(corrupted(path, "checksum mismatch"));
     }
-    let snapshot = durable::decode_snapshot(payload).map_err(|source| StateError::Durable { path: path.into(), source })?;
+    let snapshot =
+        durable::decode_snapshot(payload).map_err(|source| StateError::Durable { path: path.into(), source })?;
     Ok((generation, snapshot))
 }
 

@@ -118,8 +118,7 @@ pub fn endpoint_config(id: &ServerIdentity) -> quinn::EndpointConfig {
     };
     let reset = derive(b"tally/v1/stateless-reset\0");
     let cid = derive(b"tally/v1/connection-id\0");
-    let mut config =
-        quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset)));
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset)));
     let cid_key = u64::from_le_bytes([cid[0], cid[1], cid[2], cid[3], cid[4], cid[5], cid[6], cid[7]]);
     config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
     config

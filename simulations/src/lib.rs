@@ -394,7 +394,9 @@ pub fn run_on(
                     Delivery::Connect(i) => {
                         let mut challenge = [0u8; 32];
                         for (k, chunk) in challenge.chunks_mut(8).enumerate() {
-                            chunk.copy_from_slice(&hash_seed(s.seed, TAG_CHALLENGE, (i as u64) << 2 | k as u64).to_le_bytes());
+                            chunk.copy_from_slice(
+                                &hash_seed(s.seed, TAG_CHALLENGE, (i as u64) << 2 | k as u64).to_le_bytes(),
+                            );
                         }
                         coord.handle_connect(clock(now)?, ConnectionHandle(i as u64), challenge)
                     }

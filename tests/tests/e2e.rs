@@ -407,7 +407,7 @@ fn federation_with_crashes(dir: &std::path::Path, crashes: &[&str]) -> String {
         p.expect_line("listening on ");
         p
     };
-    fn fault_of<'a>(c: &'a str) -> Option<&'a str> {
+    fn fault_of(c: &str) -> Option<&str> {
         (!c.starts_with("kill")).then_some(c)
     }
     let mut srv = server("server0", crashes.first().and_then(|c| fault_of(c)));
@@ -459,17 +459,12 @@ fn killed_server_resumes_the_run_to_the_bit_identical_model() {
     let reference = federation_with_crashes(&dir.path().join("reference"), &[]);
     // Before any update of round 2, mid-acknowledgement (the 4th report is
     // durable, its Ack never sent), after round 2 closed, and a real SIGKILL.
-    for (i, crashes) in [
-        vec!["opened:2"],
-        vec!["accepted:4"],
-        vec!["closed:2", "accepted:2"],
-        vec!["kill-at:round opened round=2"],
-    ]
-    .iter()
-    .enumerate()
+    for (i, crashes) in
+        [vec!["opened:2"], vec!["accepted:4"], vec!["closed:2", "accepted:2"], vec!["kill-at:round opened round=2"]]
+            .iter()
+            .enumerate()
     {
         let got = federation_with_crashes(&dir.path().join(format!("crash{i}")), crashes);
         assert_eq!(got, reference, "crashes at {crashes:?} changed the final model");
     }
 }
-
