@@ -11,17 +11,35 @@ use std::time::Duration;
 /// A bound, not a correctness delay: tests wait on events, not on time.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Path of a workspace binary built next to this test binary.
+/// Path of a workspace binary, built (or brought up to date) first.
+///
+/// Integration tests of this crate can't depend on other packages' binaries
+/// (cargo's artifact dependencies are unstable), and `cargo test` does not
+/// build them. So the first call in each test process runs `cargo build` for
+/// the three binaries with this test binary's profile: a no-op when they are
+/// fresh, and never a stale binary when the sources changed.
 pub fn bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     // target/<profile>/deps/e2e-<hash>  →  target/<profile>/<name>
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile> directory");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile> directory").to_path_buf();
+    let built = BUILT.get_or_init(|| {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "--bins", "-p", "tally-server", "-p", "tally-client", "-p", "tally-sim"]);
+        if dir.file_name().is_some_and(|p| p == "release") {
+            cmd.arg("--release");
+        }
+        match cmd.status() {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(format!("cargo build of the binaries failed: {s}")),
+            Err(e) => Err(format!("running cargo: {e}")),
+        }
+    });
+    if let Err(e) = built {
+        panic!("{e}");
+    }
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not found: run the suite as `cargo nextest run --workspace --release` so the binaries are built",
-        path.display()
-    );
+    assert!(path.exists(), "{} not found after building it", path.display());
     path
 }
 
