@@ -481,3 +481,41 @@ fn participant_reads_only_handshake_sized_messages_before_welcome() {
         Err(Error::Malformed(Malformed::Oversize { .. }))
     ));
 }
+
+#[test]
+fn reports_for_another_run_or_from_unsampled_clients_are_refused() {
+    let mut cfg = config(2, 1);
+    cfg.clients_per_round = 1;
+    cfg.quorum = 1;
+    let mut net = Net::new(cfg, (0..2).map(ident).collect());
+    net.pump();
+    let Event::RoundOpened { sampled, .. } =
+        net.coord_events.iter().find(|e| matches!(e, Event::RoundOpened { .. })).unwrap().clone()
+    else {
+        unreachable!()
+    };
+    let (inside, outside) = if sampled == vec![0] { (0u8, 1u8) } else { (1, 0) };
+    let dim = arch().num_params();
+    let report = |run_id: RunId| Report {
+        run_id,
+        round: 1,
+        eval: None,
+        update: Some(ClientUpdate {
+            num_samples: 1,
+            train_loss: 0.0,
+            payload: UpdatePayload::DenseDelta(vec![0.0; dim]),
+        }),
+    };
+    let frame = |who: u8, run_id: RunId| Participant::new(ident(who), None).sign_report(&report(run_id));
+    let err =
+        net.coord.handle_message(net.now, ConnectionHandle(u64::from(outside)), &frame(outside, RUN)).unwrap_err();
+    assert_eq!(err, Error::Misbehaving(Misbehaviour::NotSampled(1)));
+    let err = net
+        .coord
+        .handle_message(net.now, ConnectionHandle(u64::from(inside)), &frame(inside, RunId([7; 16])))
+        .unwrap_err();
+    assert_eq!(err, Error::Misbehaving(Misbehaviour::WrongRun));
+    // The sampled client's honest report still closes the round.
+    net.coord.handle_message(net.now, ConnectionHandle(u64::from(inside)), &frame(inside, RUN)).unwrap();
+    assert_eq!(net.coord.completed_rounds(), 1);
+}
