@@ -55,6 +55,13 @@ pub struct RawConfig {
     pub round_timeout_secs: Option<u64>,
     /// Violations tolerated per client before disconnecting it. Default 10.
     pub max_violations: Option<u32>,
+    /// Concurrent QUIC connections accepted; more are refused at the
+    /// handshake. Default: twice the enrolled clients plus 16 (room for
+    /// reconnections overlapping their ghosts, not for a flood).
+    pub max_connections: Option<usize>,
+    /// Seconds a new connection has to join before it is closed. Default 10:
+    /// a join is one round trip and a signature.
+    pub join_timeout_secs: Option<u64>,
     /// Collect the clients' evaluation of the final model. Default true.
     pub final_evaluation: Option<bool>,
     /// Seed of the initial model and client sampling. Default: random.
@@ -142,6 +149,10 @@ pub struct ServerConfig {
     pub round_timeout: Duration,
     /// See [`RawConfig::max_violations`].
     pub max_violations: u32,
+    /// See [`RawConfig::max_connections`].
+    pub max_connections: usize,
+    /// See [`RawConfig::join_timeout_secs`].
+    pub join_timeout: Duration,
     /// See [`RawConfig::final_evaluation`].
     pub final_evaluation: bool,
     /// Seed (drawn from the OS when not configured).
@@ -238,6 +249,8 @@ impl RawConfig {
             quorum,
             round_timeout,
             max_violations: self.max_violations.unwrap_or(10),
+            max_connections: self.max_connections.unwrap_or(enrolled.len().saturating_mul(2).saturating_add(16)),
+            join_timeout: Duration::from_secs(self.join_timeout_secs.unwrap_or(10).clamp(1, 3600)),
             final_evaluation: self.final_evaluation.unwrap_or(true),
             seed,
             run_id,

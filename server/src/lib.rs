@@ -245,7 +245,9 @@ impl Server {
 
         let (tx, mut rx) = mpsc::channel::<Inbound>(INBOUND_CAPACITY);
         let limit = coordinator.max_message_bytes();
-        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), tx));
+        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), tx, config.max_connections));
+        // Connections that have not joined yet, and when they must have.
+        let mut pending_join: HashMap<ConnectionHandle, Instant> = HashMap::new();
         // Per-connection read limits: handshake-sized until the client has
         // joined, so an unauthenticated peer can't make us buffer a model-sized
         // stream; the run's limit after.
@@ -270,6 +272,10 @@ impl Server {
             let deadline = linger_until.or_else(|| {
                 coordinator.poll_timeout().and_then(|d| start.checked_add(d.saturating_duration_since(std_start)))
             });
+            let deadline = match (deadline, pending_join.values().min().copied()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             tokio::select! {
                 _ = &mut shutdown => {
                     warn!("shutdown requested; writing the current model");
@@ -279,6 +285,7 @@ impl Server {
                     None => break,
                     Some(Inbound::Connected(conn, connection, read_limit)) => {
                         limits.insert(conn, read_limit);
+                        pending_join.insert(conn, Instant::now() + config.join_timeout);
                         let (otx, orx) = mpsc::unbounded_channel();
                         writers.insert(conn, otx);
                         writer_tasks.spawn(writer(connection, orx));
@@ -297,10 +304,11 @@ impl Server {
                         }
                         // Raise the limit before the Welcome goes out: the
                         // client's next stream follows it.
-                        if coordinator.client_of(conn).is_some()
-                            && let Some(l) = limits.get(&conn)
-                        {
-                            l.store(limit, Ordering::Relaxed);
+                        if coordinator.client_of(conn).is_some() {
+                            pending_join.remove(&conn);
+                            if let Some(l) = limits.get(&conn) {
+                                l.store(limit, Ordering::Relaxed);
+                            }
                         }
                     }
                     Some(Inbound::Oversize(conn, len)) => {
@@ -309,12 +317,26 @@ impl Server {
                     Some(Inbound::Closed(conn)) => {
                         writers.remove(&conn);
                         limits.remove(&conn);
+                        pending_join.remove(&conn);
                         coordinator.handle_disconnect(now(Instant::now()), conn);
                     }
                 },
                 _ = sleep_until_opt(deadline) => {
+                    let t = Instant::now();
+                    // Connections that did not join in time hold a slot for
+                    // nothing: close them.
+                    let late: Vec<ConnectionHandle> =
+                        pending_join.iter().filter(|(_, d)| **d <= t).map(|(c, _)| *c).collect();
+                    for conn in late {
+                        pending_join.remove(&conn);
+                        debug!(conn = conn.0, "no join in time; closing");
+                        if let Some(w) = writers.remove(&conn) {
+                            let _ = w.send(Outbound::Close(RejectCode::Unexpected));
+                        }
+                        coordinator.handle_disconnect(now(t), conn);
+                    }
                     if linger_until.is_none() {
-                        coordinator.handle_timeout(now(Instant::now()));
+                        coordinator.handle_timeout(now(t));
                     }
                 }
             }
@@ -421,13 +443,23 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>) {
+async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, max_connections: usize) {
     let mut next_id = 0u64;
+    let open = Arc::new(AtomicUsize::new(0));
     while let Some(incoming) = endpoint.accept().await {
+        if open.load(Ordering::Relaxed) >= max_connections {
+            warn!(max_connections, remote = %incoming.remote_address(), "connection limit reached; refusing");
+            incoming.refuse();
+            continue;
+        }
+        open.fetch_add(1, Ordering::Relaxed);
         let id = ConnectionHandle(next_id);
         next_id += 1;
         let tx = tx.clone();
+        let open = open.clone();
         tokio::spawn(async move {
+            // Released when this task ends, however it ends.
+            let _slot = Slot(open);
             let connection = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
@@ -518,4 +550,13 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)
+}
+
+/// One counted connection slot; dropping it frees the slot.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }

@@ -64,6 +64,12 @@ struct RunArgs {
     /// Output directory for metrics.jsonl and final_model.safetensors.
     #[arg(long)]
     out_dir: Option<PathBuf>,
+    /// Concurrent connections accepted (more are refused at the handshake).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Seconds a new connection has to join before it is closed.
+    #[arg(long)]
+    join_timeout_secs: Option<u64>,
     /// Durable state directory (default <out-dir>/state); restarting on it resumes the run.
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -120,6 +126,8 @@ fn main() -> anyhow::Result<()> {
         enrolled_keys,
         out_dir,
         state_dir,
+        max_connections,
+        join_timeout_secs,
         seed,
         initial_model
     );

@@ -468,3 +468,36 @@ fn killed_server_resumes_the_run_to_the_bit_identical_model() {
         assert_eq!(got, reference, "crashes at {crashes:?} changed the final model");
     }
 }
+
+#[test]
+fn connection_limit_and_join_timeout_keep_slots_for_real_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, pk) = keygen(dir.path(), "real");
+    let mut server = start_server(
+        dir.path(),
+        &[pk],
+        &["--rounds", "1", "--min-clients", "1", "--max-connections", "2", "--join-timeout-secs", "1"],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let addr = server.addr.parse().unwrap();
+        let trust = tally_client::ServerTrust::fingerprint(&server.fingerprint).unwrap();
+        let ep = tally_client::endpoint(addr, &trust).unwrap();
+        // Two connections that never join take both slots...
+        let a = tally_client::connect(&ep, addr, "localhost").await.unwrap();
+        let b = tally_client::connect(&ep, addr, "localhost").await.unwrap();
+        // ...so a third is refused at the handshake.
+        assert!(tally_client::connect(&ep, addr, "localhost").await.is_err(), "third connection should be refused");
+        // The server closes the idle ones after the join timeout.
+        for c in [&a, &b] {
+            let closed = tokio::time::timeout(STEP_TIMEOUT, c.closed()).await.expect("closed by the server");
+            assert!(matches!(closed, quinn::ConnectionError::ApplicationClosed(_)), "{closed:?}");
+        }
+    });
+    // Don't wait for the endpoint's background tasks to wind down.
+    rt.shutdown_background();
+    // Slots are free again: a real client joins and finishes the run.
+    let mut c = start_client(dir.path(), "real", &key, &server, &["--shard", "0/8"]);
+    assert!(c.wait().success(), "{}", c.stderr());
+    assert!(server.proc.wait().success(), "{}", server.proc.stderr());
+}
