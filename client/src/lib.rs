@@ -331,10 +331,7 @@ pub fn do_task(
     device: &Device,
 ) -> Result<(Option<EvalReport>, Option<ClientUpdate>), tally_kernels::KernelError> {
     let eval = match eval {
-        Some(data) => {
-            let r = tally_kernels::evaluate(&run.arch, model, data, device, EVAL_BATCH)?;
-            Some(EvalReport { loss_sum: r.loss_sum, correct: r.correct, total: r.total })
-        }
+        Some(data) => Some(tally_kernels::evaluate(&run.arch, model, data, device, EVAL_BATCH)?),
         None => None,
     };
     let update = match task {

@@ -1002,17 +1002,7 @@ impl Supermask {
         for idx in all.chunks(batch_size) {
             let (x, _) = batch(data, idx, &table, &device);
             let logits = read_tensor(self.forward(x, &weights))?;
-            for (row, &i) in logits.chunks_exact(classes).zip(idx) {
-                let label = data.labels.get(i).map_or(0, |&l| usize::from(l));
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = f64::from(max) + row.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum::<f64>().ln();
-                report.loss_sum += lse - row.get(label).map_or(f64::NAN, |&v| f64::from(v));
-                let argmax = row.iter().enumerate().fold(0, |best, (j, &v)| {
-                    if v > row.get(best).copied().unwrap_or(f32::NEG_INFINITY) { j } else { best }
-                });
-                report.correct += u64::from(argmax == label);
-                report.total += 1;
-            }
+            crate::train::score_logits(&mut report, &logits, classes, idx, data);
         }
         Ok(report)
     }

@@ -60,35 +60,9 @@ pub struct TrainReport {
     pub samples: u64,
 }
 
-/// Evaluation totals; sums so that reports over shards can be added.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct EvalReport {
-    /// Sum of per-sample cross-entropy (natural log), computed in f64.
-    pub loss_sum: f64,
-    /// Samples whose largest logit (first one on ties) is the label.
-    pub correct: u64,
-    /// Samples evaluated.
-    pub total: u64,
-}
-
-impl EvalReport {
-    /// `correct / total`, 0 when empty.
-    pub fn accuracy(&self) -> f64 {
-        if self.total == 0 { 0.0 } else { self.correct as f64 / self.total as f64 }
-    }
-
-    /// `loss_sum / total`, 0 when empty.
-    pub fn mean_loss(&self) -> f64 {
-        if self.total == 0 { 0.0 } else { self.loss_sum / self.total as f64 }
-    }
-
-    /// Adds another shard's totals.
-    pub fn merge(&mut self, other: &EvalReport) {
-        self.loss_sum += other.loss_sum;
-        self.correct += other.correct;
-        self.total += other.total;
-    }
-}
+/// Evaluation totals (sums, so reports over shards add up): the protocol's
+/// type, so a client sends what it computed without conversion.
+pub use tally_protocol::wire::EvalReport;
 
 /// The generator for the sample order: ChaCha20 with key
 /// `seed (8 bytes LE) || "tallytrain" || zeros`, stream 0.
@@ -245,20 +219,28 @@ pub fn evaluate(
     for idx in all.chunks(batch_size) {
         let (x, _) = batch(data, idx, &table, &device);
         let logits = crate::model::read_tensor(model.forward(x))?;
-        for (row, &i) in logits.chunks_exact(classes).zip(idx) {
-            let label = data.labels.get(i).map_or(0, |&l| usize::from(l));
-            // log-softmax in f64 with the max subtracted, for a stable loss.
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = f64::from(max) + row.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum::<f64>().ln();
-            report.loss_sum += lse - row.get(label).map_or(f64::NAN, |&v| f64::from(v));
-            let argmax = row.iter().enumerate().fold(0, |best, (j, &v)| {
-                if v > row.get(best).copied().unwrap_or(f32::NEG_INFINITY) { j } else { best }
-            });
-            report.correct += u64::from(argmax == label);
-            report.total += 1;
-        }
+        score_logits(&mut report, &logits, classes, idx, data);
     }
     Ok(report)
+}
+
+/// Adds a batch's cross-entropy and hits to `report`: `logits` holds one row
+/// of `classes` values per example `idx` of `data` (shared by every model's
+/// evaluation so they all score the same way).
+pub(crate) fn score_logits(report: &mut EvalReport, logits: &[f32], classes: usize, idx: &[usize], data: &Dataset) {
+    for (row, &i) in logits.chunks_exact(classes).zip(idx) {
+        let label = data.labels.get(i).map_or(0, |&l| usize::from(l));
+        // log-softmax in f64 with the max subtracted, for a stable loss.
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = f64::from(max) + row.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum::<f64>().ln();
+        report.loss_sum += lse - row.get(label).map_or(f64::NAN, |&v| f64::from(v));
+        let argmax = row
+            .iter()
+            .enumerate()
+            .fold(0, |best, (j, &v)| if v > row.get(best).copied().unwrap_or(f32::NEG_INFINITY) { j } else { best });
+        report.correct += u64::from(argmax == label);
+        report.total += 1;
+    }
 }
 
 #[cfg(test)]

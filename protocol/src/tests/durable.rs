@@ -67,16 +67,11 @@ impl Net {
     }
 }
 
-fn durable_net() -> (Net, Disk) {
-    let mut cfg = config(3, 3);
-    cfg.final_evaluation = false;
-    let init = cfg.arch.init_params(1);
-    let mut coord = Coordinator::new(cfg, Box::new(FedAvg::new()), init, 42).unwrap();
-    coord.enable_persistence();
-    let mut disk = Disk::default();
-    disk.absorb(&mut coord);
+/// A net around `coord` with clients 0..3 connected on handles
+/// `first_conn..`, challenges `i ^ salt`, messages pumped.
+fn connect_three(coord: Coordinator, now: Instant, first_conn: u64, salt: u8) -> Net {
     let mut net = Net {
-        now: Instant::now(),
+        now,
         coord,
         clients: Vec::new(),
         seen: vec![Vec::new(); 3],
@@ -85,11 +80,23 @@ fn durable_net() -> (Net, Disk) {
         stray: Vec::new(),
     };
     for i in 0..3u8 {
-        let conn = ConnectionHandle(u64::from(i));
+        let conn = ConnectionHandle(first_conn + u64::from(i));
         net.clients.push((conn, Participant::new(ident(i), Some(RUN))));
-        net.coord.handle_connect(net.now, conn, [i; 32]);
+        net.coord.handle_connect(net.now, conn, [i ^ salt; 32]);
     }
     net.pump();
+    net
+}
+
+fn durable_net() -> (Net, Disk) {
+    let mut cfg = config(3, 3);
+    cfg.final_evaluation = false;
+    let init = cfg.arch.init_params(1);
+    let mut coord = Coordinator::new(cfg, Box::new(FedAvg::new()), init, 42).unwrap();
+    coord.enable_persistence();
+    let mut disk = Disk::default();
+    disk.absorb(&mut coord);
+    let mut net = connect_three(coord, Instant::now(), 0, 0);
     disk.absorb(&mut net.coord);
     (net, disk)
 }
@@ -125,22 +132,8 @@ fn crash_at_any_point_of_a_round_then_restore_gives_the_same_model() {
         cfg.final_evaluation = false;
         let later = net.now + Duration::from_secs(5);
         let coord = Coordinator::restore(cfg, Box::new(FedAvg::new()), snapshot, &records, later).unwrap();
-        let mut net2 = Net {
-            now: later,
-            coord,
-            clients: Vec::new(),
-            seen: vec![Vec::new(); 3],
-            coord_events: Vec::new(),
-            closed: Vec::new(),
-            stray: Vec::new(),
-        };
         // The same clients reconnect on new connections.
-        for i in 0..3u8 {
-            let conn = ConnectionHandle(10 + u64::from(i));
-            net2.clients.push((conn, Participant::new(ident(i), Some(RUN))));
-            net2.coord.handle_connect(net2.now, conn, [i ^ 0x55; 32]);
-        }
-        net2.pump();
+        let mut net2 = connect_three(coord, later, 10, 0x55);
         disk.absorb(&mut net2.coord);
         for _ in 0..4 {
             net2.answer_slots(&[0, 1, 2], &mut disk);
