@@ -71,11 +71,21 @@ pub trait Aggregator: Send + std::fmt::Debug {
     fn frl_config(&self) -> Option<&crate::frl::FrlConfig> {
         None
     }
+    /// The FRL run settings clients receive ([`crate::wire::RunConfig::frl`]).
+    fn frl_run(&self) -> Option<&crate::frl::FrlRun> {
+        None
+    }
     /// For FRL aggregators: the current global ranking, which is FRL's global
     /// model (clients rebuild the scores from it and the sorted initial
     /// scores).
     fn frl_global_ranking(&self) -> Option<&crate::frl::Ranking> {
         None
+    }
+    /// After a restart: aligns whatever state the aggregator derives from the
+    /// global model with the restored `global` (FRL's global ranking). An
+    /// error means the restored model can't be this aggregator's.
+    fn restore_model(&mut self, _global: &[f32]) -> Result<(), String> {
+        Ok(())
     }
 }
 

@@ -173,10 +173,10 @@ mod tests {
     fn golden_bytes() {
         // Checked-in encodings: a change of the wire format breaks these on purpose.
         let ack = encode(&Message::Ack(Ack { round: 300 }));
-        assert_eq!(hex::encode(&ack), "544c5901".to_string() + "05fb2c01");
+        assert_eq!(hex::encode(&ack), "544c5902".to_string() + "05fb2c01");
         let hello = encode(&Message::Hello(Hello { run_id: RunId([0xab; 16]), challenge: [1; 32] }));
         assert_eq!(hello.len(), 4 + 1 + 16 + 32);
-        assert_eq!(&hello[..5], &[b'T', b'L', b'Y', 1, 0]);
+        assert_eq!(&hello[..5], &[b'T', b'L', b'Y', 2, 0]);
     }
 
     /// One golden value: a whole frame, or a report body (the signed bytes).
@@ -221,6 +221,7 @@ mod tests {
             train: TrainSpec { lr: 0.05, batch_size: 32, epochs: 2 },
             update_kind: UpdateKind::DenseDelta,
             spsa: None,
+            frl: None,
         };
         let spsa =
             crate::spsa::SpsaConfig { stream_seed: 3, steps_per_client: 32, eps: 1e-3, lr: 0.01, batch_size: 64 };
@@ -291,6 +292,28 @@ mod tests {
                     model: ModelSync::Replica { model_hash: [0xa5; 32] },
                 }),
             ),
+            frame(
+                "Welcome/frl",
+                Message::Welcome(Welcome {
+                    client_id: 2,
+                    config: RunConfig {
+                        update_kind: UpdateKind::Ranking,
+                        frl: Some(crate::frl::FrlRun::new(9, crate::frl::LENET_MNIST_LAYER_SIZES.to_vec())),
+                        ..run_config(ModelArch::Supermask(crate::supermask::FrlArch::MNIST_LENET))
+                    },
+                }),
+            ),
+            frame(
+                "RoundStart/ranking",
+                Message::RoundStart(RoundStart {
+                    round: 5,
+                    task: Task::Train,
+                    seed: 3,
+                    model: ModelSync::Ranking(crate::frl::encode(
+                        &crate::frl::Ranking::new(vec![vec![2, 0, 1], vec![4, 1, 3, 0, 2]], &[3, 5]).unwrap(),
+                    )),
+                }),
+            ),
             frame("RoundLog", Message::RoundLog(log(4))),
             frame("Sync", Message::Sync(Sync { round: 2, params: vec![0.25, -2.0], logs: vec![log(3), log(4)] })),
             (
@@ -353,7 +376,7 @@ mod tests {
     }
 
     const GOLDEN_HEADER: &str = "\
-# Golden encodings of the Tally wire format, version 1: one `name hex` per line.
+# Golden encodings of the Tally wire format, version 2: one `name hex` per line.
 # Checked by codec::tests::golden_messages_match_checked_in_file. A change here
 # is a wire change: bump PROTOCOL_VERSION or justify it. To regenerate after an
 # intentional change:
@@ -403,8 +426,8 @@ mod tests {
         assert_eq!(decode(b"TL", MAX_MESSAGE_BYTES), Err(Malformed::Truncated.into()));
         assert_eq!(decode(b"XLY\x01\x05\x00", MAX_MESSAGE_BYTES), Err(Malformed::BadMagic.into()));
         assert_eq!(
-            decode(b"TLY\x02\x05\x00", MAX_MESSAGE_BYTES),
-            Err(Incompatibility::Version { ours: 1, theirs: 2 }.into())
+            decode(b"TLY\x01\x05\x00", MAX_MESSAGE_BYTES),
+            Err(Incompatibility::Version { ours: 2, theirs: 1 }.into())
         );
         assert!(matches!(decode(&[0u8; 100], 50), Err(DecodeError::Malformed(Malformed::Oversize { .. }))));
     }
@@ -494,7 +517,8 @@ mod tests {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode(&bytes, MAX_MESSAGE_BYTES);
-            let mut framed = b"TLY\x01".to_vec();
+            let mut framed = b"TLY".to_vec();
+            framed.push(PROTOCOL_VERSION);
             framed.extend_from_slice(&bytes);
             let _ = decode(&framed, MAX_MESSAGE_BYTES);
             let _ = decode_report(&bytes);

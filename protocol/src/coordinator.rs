@@ -312,7 +312,7 @@ impl Coordinator {
     /// all its local randomness (sampling, challenges) drawn from `rng_seed`.
     pub fn new(
         config: CoordinatorConfig,
-        aggregator: Box<dyn Aggregator>,
+        mut aggregator: Box<dyn Aggregator>,
         initial: Vec<f32>,
         rng_seed: u64,
     ) -> Result<Self, Misuse> {
@@ -332,6 +332,17 @@ impl Coordinator {
             }
             None => None,
         };
+        if let Some(run) = aggregator.frl_run() {
+            run.validate(&config.arch).map_err(|e| Misuse::Config(format!("frl: {e}")))?;
+            if run.vote.num_edges() != initial.len() {
+                return Err(Misuse::Config("frl: the model is not the network's score vector".into()));
+            }
+        } else if matches!(config.arch, ModelArch::Supermask(_)) {
+            return Err(Misuse::Config("a supermask model needs the FRL aggregator".into()));
+        }
+        // A fresh run's initial model, or a restored one: the aggregator
+        // derives its state (FRL's global ranking) from it.
+        aggregator.restore_model(&initial).map_err(|e| Misuse::Config(format!("initial model: {e}")))?;
         let key_index = config.enrolled.iter().enumerate().map(|(i, k)| (*k, i as ClientIndex)).collect();
         let max_message = wire::max_message_bytes_for(&config.arch);
         Ok(Coordinator {
@@ -365,6 +376,7 @@ impl Coordinator {
             train: self.config.train.clone(),
             update_kind: self.aggregator.update_kind(),
             spsa: self.aggregator.spsa_config().cloned(),
+            frl: self.aggregator.frl_run().cloned(),
         }
     }
 
@@ -728,9 +740,10 @@ impl Coordinator {
             self.aggregator.begin_round(round, &self.model);
         }
         let seed = self.round_rng(round, u32::MAX).next_u64();
-        let model = match self.checkpoint {
-            Some(_) => ModelSync::Replica { model_hash: params_hash(&self.model) },
-            None => ModelSync::Full(self.model.clone()),
+        let model = match (&self.checkpoint, self.aggregator.frl_global_ranking()) {
+            (Some(_), _) => ModelSync::Replica { model_hash: params_hash(&self.model) },
+            (None, Some(ranking)) => ModelSync::Ranking(crate::frl::encode(ranking)),
+            (None, None) => ModelSync::Full(self.model.clone()),
         };
         let start = Message::RoundStart(RoundStart { round, task, seed, model });
         let start_msg: Arc<[u8]> = codec::encode(&start).into();

@@ -304,6 +304,70 @@ impl FrlConfig {
     }
 }
 
+/// What a client of an FRL run needs besides [`crate::wire::TrainSpec`]
+/// (learning rate, batch size, local epochs): sent in
+/// [`crate::wire::RunConfig::frl`]. Defaults are FRL's MNIST settings
+/// (`docs/algorithms.md` §1.10).
+#[derive(Clone, Debug, PartialEq, Encode, Decode, Serialize, Deserialize)]
+pub struct FrlRun {
+    /// Names the [`crate::prng`] streams of the frozen weights and initial
+    /// scores ([`crate::supermask`]): every party regenerates the network.
+    pub seed: u64,
+    /// Layer sizes, keep fraction and mask rule.
+    pub vote: FrlConfig,
+    /// Per-round decay of the learning rate: round `r` trains at
+    /// `lr · lr_decay^(r−1)` (FRL: 0.999).
+    pub lr_decay: f64,
+    /// SGD momentum on the scores (FRL: 0.9); the buffer is fresh each round.
+    pub momentum: f32,
+    /// L2 weight decay on the scores (FRL: 1e-4).
+    pub weight_decay: f32,
+    /// Input normalisation `(pixel/255 − mean)/std` (MNIST: 0.1307, 0.3081).
+    pub input_mean: f32,
+    /// See `input_mean`.
+    pub input_std: f32,
+}
+
+impl FrlRun {
+    /// FRL's MNIST settings for a network of `layer_sizes` and `seed`.
+    pub fn new(seed: u64, layer_sizes: Vec<usize>) -> Self {
+        FrlRun {
+            seed,
+            vote: FrlConfig::new(layer_sizes),
+            lr_decay: 0.999,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            input_mean: 0.1307,
+            input_std: 0.3081,
+        }
+    }
+
+    /// Checks the settings, and that the layer sizes are those of `arch` (a
+    /// client checks what a possibly hostile server sent).
+    pub fn validate(&self, arch: &crate::model::ModelArch) -> Result<(), FrlError> {
+        self.vote.validate()?;
+        let crate::model::ModelArch::Supermask(net) = arch else {
+            return Err(FrlError::InvalidConfig("an FRL run needs a supermask model"));
+        };
+        if net.layer_sizes() != self.vote.layer_sizes {
+            return Err(FrlError::InvalidConfig("layer sizes differ from the model's"));
+        }
+        if !(self.lr_decay.is_finite() && self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
+            return Err(FrlError::InvalidConfig("lr_decay must be in (0, 1]"));
+        }
+        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
+            return Err(FrlError::InvalidConfig("momentum must be in [0, 1)"));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(FrlError::InvalidConfig("weight_decay must be finite and non-negative"));
+        }
+        if !(self.input_mean.is_finite() && self.input_std.is_finite() && self.input_std > 0.0) {
+            return Err(FrlError::InvalidConfig("input normalisation must be finite with std > 0"));
+        }
+        Ok(())
+    }
+}
+
 /// Checks layer sizes: `1..=`[`MAX_RANKED_LAYERS`] layers, none empty, at
 /// most [`MAX_RANKED_EDGES`] edges in all.
 pub fn check_layer_sizes(layer_sizes: &[usize]) -> Result<(), FrlError> {
@@ -540,6 +604,66 @@ impl Ranking {
             }
         }
         Ok(())
+    }
+}
+
+/// The initial global ranking and `s̄` of a run: the ranking of the initial
+/// scores `S⁰` (all layers concatenated) under `cfg.mask`, and the values in
+/// that order (signed for [`MaskRule::TwoSided`], `|S⁰|` for
+/// [`MaskRule::OneSidedTopK`]).
+pub fn reference(cfg: &FrlConfig, initial_scores: &[f32]) -> Result<(Ranking, Vec<f32>), FrlError> {
+    let global = Ranking::from_scores(initial_scores, &cfg.layer_sizes, cfg.mask)?;
+    let key = |s: f32| match cfg.mask {
+        MaskRule::TwoSided => s,
+        MaskRule::OneSidedTopK => s.abs(),
+    };
+    let mut sorted = vec![0f32; initial_scores.len()];
+    for w in global.offsets.windows(2) {
+        let scores = &initial_scores[w[0]..w[1]];
+        for (s, &e) in sorted[w[0]..w[1]].iter_mut().zip(&global.order[w[0]..w[1]]) {
+            *s = key(scores[e as usize]);
+        }
+    }
+    Ok((global, sorted))
+}
+
+/// `s̄` of FRL runs, computed once per network and shared: a simulation of a
+/// thousand clients of one run must not hold a thousand copies (6.5 MB each
+/// for LeNet), and a client that reconnects should not regenerate it.
+#[derive(Debug, Default)]
+pub struct ReferenceCache {
+    entries: std::sync::Mutex<Vec<(ReferenceKey, std::sync::Arc<[f32]>)>>,
+}
+
+type ReferenceKey = (crate::supermask::FrlArch, u64, MaskRule);
+
+/// Networks a [`ReferenceCache`] keeps: a process serves one run at a time,
+/// a few are plenty, and the bound keeps a hostile sequence of runs from
+/// growing it without limit.
+const REFERENCE_CACHE_ENTRIES: usize = 4;
+
+impl ReferenceCache {
+    /// `s̄` of the run `run` over `net`, computed on first use.
+    pub fn sorted_scores(
+        &self,
+        net: &crate::supermask::FrlArch,
+        run: &FrlRun,
+    ) -> Result<std::sync::Arc<[f32]>, FrlError> {
+        let key = (*net, run.seed, run.vote.mask);
+        // A poisoned lock only means another thread panicked mid-insert; the
+        // entries are still whole `Arc`s, so keep using them.
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, v)) = entries.iter().find(|(k, _)| *k == key) {
+            return Ok(v.clone());
+        }
+        let initial = crate::supermask::initial_scores(net, run.seed);
+        let (_, sorted) = reference(&run.vote, &initial)?;
+        let sorted: std::sync::Arc<[f32]> = sorted.into();
+        if entries.len() >= REFERENCE_CACHE_ENTRIES {
+            entries.remove(0);
+        }
+        entries.push((key, sorted.clone()));
+        Ok(sorted)
     }
 }
 
@@ -833,6 +957,9 @@ impl SumWord for u64 {
 #[derive(Clone)]
 pub struct FrlVote {
     cfg: FrlConfig,
+    /// What clients are told ([`crate::wire::RunConfig::frl`]); `run.vote`
+    /// equals `cfg`.
+    run: FrlRun,
     offsets: Vec<usize>,
     /// `s̄`: each layer's initial scores, ascending, concatenated.
     sorted: Vec<f32>,
@@ -868,18 +995,7 @@ impl FrlVote {
     /// [`MaskRule::OneSidedTopK`]).
     pub fn new(cfg: FrlConfig, initial_scores: &[f32]) -> Result<FrlVote, FrlError> {
         cfg.validate()?;
-        let global = Ranking::from_scores(initial_scores, &cfg.layer_sizes, cfg.mask)?;
-        let key = |s: f32| match cfg.mask {
-            MaskRule::TwoSided => s,
-            MaskRule::OneSidedTopK => s.abs(),
-        };
-        let mut sorted = vec![0f32; initial_scores.len()];
-        for w in global.offsets.windows(2) {
-            let scores = &initial_scores[w[0]..w[1]];
-            for (s, &e) in sorted[w[0]..w[1]].iter_mut().zip(&global.order[w[0]..w[1]]) {
-                *s = key(scores[e as usize]);
-            }
-        }
+        let (global, sorted) = reference(&cfg, initial_scores)?;
         Ok(FrlVote::assemble(cfg, global, sorted))
     }
 
@@ -918,7 +1034,9 @@ impl FrlVote {
         let narrow_votes = if largest <= 1 { usize::MAX } else { u32::MAX as usize / (largest - 1) };
         let offsets = global.offsets.clone();
         let sums = Sums::Narrow(vec![0; global.num_edges()]);
+        let run = FrlRun { vote: cfg.clone(), ..FrlRun::new(0, Vec::new()) };
         FrlVote {
+            run,
             cfg,
             offsets,
             sorted,
@@ -932,9 +1050,28 @@ impl FrlVote {
         }
     }
 
+    /// The vote of an FRL run: the network of `arch` regenerated from
+    /// `run.seed` gives the initial scores, hence the initial global ranking
+    /// and `s̄`; clients are told `run`.
+    pub fn for_run(run: FrlRun, arch: &crate::model::ModelArch) -> Result<FrlVote, FrlError> {
+        run.validate(arch)?;
+        let crate::model::ModelArch::Supermask(net) = arch else {
+            return Err(FrlError::InvalidConfig("an FRL run needs a supermask model"));
+        };
+        let initial = crate::supermask::initial_scores(net, run.seed);
+        let mut vote = FrlVote::new(run.vote.clone(), &initial)?;
+        vote.run = run;
+        Ok(vote)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &FrlConfig {
         &self.cfg
+    }
+
+    /// The run settings clients receive.
+    pub fn run(&self) -> &FrlRun {
+        &self.run
     }
 
     /// The current global ranking: what clients need to rebuild the global
@@ -1150,9 +1287,40 @@ impl Aggregator for FrlVote {
         Some(&self.cfg)
     }
 
+    fn frl_run(&self) -> Option<&FrlRun> {
+        Some(&self.run)
+    }
+
     fn frl_global_ranking(&self) -> Option<&Ranking> {
         Some(&self.global)
     }
+
+    /// The global ranking becomes the ranking of the restored scores. Edges
+    /// with equal scores may come out in another order than before the
+    /// restart; that changes neither the scores clients rebuild nor any
+    /// later vote (which starts from the clients' rankings only).
+    fn restore_model(&mut self, global: &[f32]) -> Result<(), String> {
+        let ranking =
+            Ranking::from_scores(global, &self.cfg.layer_sizes, MaskRule::TwoSided).map_err(|e| e.to_string())?;
+        let mut scores = vec![0f32; global.len()];
+        self.global = ranking;
+        self.write_global_scores(&mut scores);
+        if scores != global {
+            return Err("the restored model is not a permutation of the sorted initial scores".into());
+        }
+        Ok(())
+    }
+}
+
+/// Packs arbitrary (possibly invalid) layers as the encoder would: for
+/// tests that need malformed payloads.
+#[cfg(test)]
+pub(crate) fn tests_pack_raw(layers: &[Vec<u32>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for l in layers {
+        pack_layer(l, index_bits(l.len()), &mut out);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! identities and signatures ([`identity`]), the server's [`Coordinator`] and
 //! the client's [`Participant`] state machines, aggregation ([`aggregate`],
 //! and the update kinds [`spsa`] and [`frl`]), and model shapes shared by
-//! every party ([`model`]).
+//! every party ([`model`], and FRL's seed-derived networks in [`supermask`]).
 //!
 //! What it never does: open sockets, read the clock (every input carries the
 //! host's `now`), draw OS randomness (every generator is seeded by the host),
@@ -23,6 +23,7 @@ pub mod participant;
 pub mod prng;
 pub mod rng;
 pub mod spsa;
+pub mod supermask;
 pub mod wire;
 
 #[cfg(test)]

@@ -48,6 +48,12 @@ pub enum ModelArch {
         /// Output classes.
         classes: u32,
     },
+    /// An FRL supermask network ([`crate::supermask`]): frozen weights
+    /// derived from the run's FRL seed, one trainable score per weight. The
+    /// parameter vector is the scores, layer by layer in canonical edge
+    /// order; there are no biases. Clients exchange rankings of it
+    /// ([`crate::frl`]), never the floats.
+    Supermask(crate::supermask::FrlArch),
 }
 
 /// One named tensor of a model, in the flat order.
@@ -119,6 +125,8 @@ impl ModelArch {
                     return Err(ModelError::InvalidArch("zero classes"));
                 }
             }
+            // Its own check bounds every size before multiplying.
+            ModelArch::Supermask(net) => return net.validate(),
         }
         // Count in u128 so that hostile widths can't overflow before the check.
         // Every layer (linear or conv) has fan_in * out weights and out biases.
@@ -144,6 +152,8 @@ impl ModelArch {
                 dims
             }
             ModelArch::LeNet5 { classes } => vec![(25, 6), (150, 16), (400, 120), (120, 84), (84, *classes as u64)],
+            // Validated separately (no biases); never reached from `validate`.
+            ModelArch::Supermask(_) => Vec::new(),
         }
     }
 
@@ -179,6 +189,12 @@ impl ModelArch {
                     t("fc3.bias".into(), vec![c], 84),
                 ]
             }
+            ModelArch::Supermask(net) => net
+                .layers()
+                .iter()
+                .enumerate()
+                .map(|(l, layer)| t(format!("layers.{l}.scores"), layer.shape(), layer.fan_in()))
+                .collect(),
         }
     }
 
@@ -193,6 +209,7 @@ impl ModelArch {
     pub fn classes(&self) -> usize {
         match self {
             ModelArch::Mlp { classes, .. } | ModelArch::LeNet5 { classes } => *classes as usize,
+            ModelArch::Supermask(net) => net.classes(),
         }
     }
 
@@ -201,7 +218,15 @@ impl ModelArch {
     ///
     /// Uniforms come from [`crate::rng::InitRng`] (ChaCha20 keyed by `seed`), so
     /// the server and the simulator build the same initial model without burn.
+    /// A [`ModelArch::Supermask`] model's initial parameters are FRL's initial
+    /// scores of the network seeded by `seed`
+    /// ([`crate::supermask::initial_scores`]; the run's `FrlRun::seed` must be
+    /// the same).
     pub fn init_params(&self, seed: u64) -> Vec<f32> {
+        if let ModelArch::Supermask(net) = self {
+            // FRL's initial scores, from the prng streams of `seed`.
+            return crate::supermask::initial_scores(net, seed);
+        }
         let mut rng = crate::rng::InitRng::new(seed);
         // Capped so an unvalidated architecture can't ask for an absurd
         // reservation up front (a capacity overflow is a panic).

@@ -100,6 +100,9 @@ pub struct Participant {
     /// Replicated runs: our copy of the global model and the round it is the
     /// result of.
     replica: Option<(u32, Vec<f32>)>,
+    /// FRL runs: where `s̄` comes from, and `s̄` once the run is known.
+    frl_cache: std::sync::Arc<crate::frl::ReferenceCache>,
+    frl_sorted: Option<std::sync::Arc<[f32]>>,
 }
 
 impl Participant {
@@ -118,7 +121,16 @@ impl Participant {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             replica: None,
+            frl_cache: Default::default(),
+            frl_sorted: None,
         }
+    }
+
+    /// Shares `cache` for FRL's sorted initial scores with other participants
+    /// (a simulation's clients, or a client's successive connections).
+    pub fn with_frl_cache(mut self, cache: std::sync::Arc<crate::frl::ReferenceCache>) -> Self {
+        self.frl_cache = cache;
+        self
     }
 
     /// Replicated runs: the round our replica is at and its parameters.
@@ -216,6 +228,21 @@ impl Participant {
                 {
                     return Err(Misbehaviour::Unexpected("Welcome with invalid SPSA settings").into());
                 }
+                if w.config.frl.is_some() != (w.config.update_kind == wire::UpdateKind::Ranking) {
+                    return Err(Misbehaviour::Unexpected("Welcome with invalid FRL settings").into());
+                }
+                if let Some(frl) = &w.config.frl {
+                    frl.validate(&w.config.arch)
+                        .map_err(|_| Misbehaviour::Unexpected("Welcome with invalid FRL settings"))?;
+                    let crate::model::ModelArch::Supermask(net) = &w.config.arch else {
+                        return Err(Misbehaviour::Unexpected("Welcome with invalid FRL settings").into());
+                    };
+                    let sorted = self
+                        .frl_cache
+                        .sorted_scores(net, frl)
+                        .map_err(|_| Misbehaviour::Unexpected("Welcome with invalid FRL settings"))?;
+                    self.frl_sorted = Some(sorted);
+                }
                 self.max_message = w.config.max_inbound_bytes();
                 self.client_id = Some(w.client_id);
                 self.run = Some(w.config.clone());
@@ -239,8 +266,22 @@ impl Participant {
             }
             (State::Ready | State::Working { .. }, Message::RoundLog(log)) => self.apply_log(&log),
             (State::Ready | State::Working { .. }, Message::RoundStart(start)) => {
-                let arch = &self.run.as_ref().ok_or(Misbehaviour::Unexpected("RoundStart before Welcome"))?.arch;
+                let run = self.run.as_ref().ok_or(Misbehaviour::Unexpected("RoundStart before Welcome"))?;
+                let arch = &run.arch;
                 let model = match start.model {
+                    wire::ModelSync::Ranking(bytes) => {
+                        let (Some(frl), Some(sorted)) = (&run.frl, &self.frl_sorted) else {
+                            return Err(Misbehaviour::Unexpected("a ranking in a run that is not FRL").into());
+                        };
+                        let ranking =
+                            crate::frl::decode(&bytes, &frl.vote.layer_sizes).map_err(Misbehaviour::BadRanking)?;
+                        let mut scores = vec![0f32; sorted.len()];
+                        ranking.write_scores(sorted, &mut scores).map_err(Misbehaviour::BadRanking)?;
+                        scores
+                    }
+                    wire::ModelSync::Full(_) if run.frl.is_some() => {
+                        return Err(Misbehaviour::Unexpected("dense model in an FRL run").into());
+                    }
                     wire::ModelSync::Full(model) => {
                         crate::aggregate::check_dense(&model, arch.num_params())?;
                         model

@@ -16,6 +16,7 @@ use crate::wire::{
 };
 
 mod durable;
+mod frl;
 mod fuzz;
 mod spsa;
 
@@ -69,7 +70,16 @@ impl Net {
         identities: Vec<Identity>,
         aggregator: Box<dyn crate::aggregate::Aggregator>,
     ) -> Net {
-        let init = cfg.arch.init_params(1);
+        Net::with_aggregator_and_init(cfg, identities, aggregator, |a| a.init_params(1))
+    }
+
+    fn with_aggregator_and_init(
+        cfg: CoordinatorConfig,
+        identities: Vec<Identity>,
+        aggregator: Box<dyn crate::aggregate::Aggregator>,
+        init: impl FnOnce(&ModelArch) -> Vec<f32>,
+    ) -> Net {
+        let init = init(&cfg.arch);
         let coord = Coordinator::new(cfg, aggregator, init, 42).unwrap();
         let n = identities.len();
         let mut net = Net {
@@ -256,7 +266,7 @@ fn tampered_replayed_duplicate_oversize_and_bad_updates_are_refused() {
     // Oversize as reported by the driver, and garbage bytes.
     let err = net.coord.handle_oversize(net.now, conn, net.coord.max_message_bytes() + 1);
     assert!(matches!(err, Error::Malformed(Malformed::Oversize { .. })));
-    assert!(matches!(net.coord.handle_message(net.now, conn, b"TLY\x01\xff\xff"), Err(Error::Malformed(_))));
+    assert!(matches!(net.coord.handle_message(net.now, conn, b"TLY\x02\xff\xff"), Err(Error::Malformed(_))));
 
     // Another client's report relayed on our connection fails its signature check.
     let other = Participant::new(ident(1), None).sign_report(&good(1, vec![0.5; dim]));
@@ -441,6 +451,7 @@ fn participant_refuses_a_hostile_welcome() {
         train: train.clone(),
         update_kind: UpdateKind::DenseDelta,
         spsa: None,
+        frl: None,
     };
     let bad_model = Misbehaviour::Unexpected("Welcome with an invalid model");
     let bad_train = Misbehaviour::Unexpected("Welcome with invalid training parameters");

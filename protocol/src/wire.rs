@@ -17,8 +17,9 @@ use crate::model::{MAX_PARAMETERS, ModelArch};
 use crate::spsa::{LogEntry, SpsaConfig};
 
 /// Version of the wire format. A peer with another version is refused as
-/// incompatible before its message body is decoded.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// incompatible before its message body is decoded. Version 2 added FRL runs
+/// (`RunConfig::frl`, `ModelSync::Ranking`, `ModelArch::Supermask`).
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// Slack on top of a dense model for the envelope, signature and report
 /// fields: generous (64 KiB) because none of them is large, tight enough to
@@ -144,6 +145,10 @@ pub struct RunConfig {
     /// SPSA settings; present exactly when `update_kind` is `Spsa`. Such a
     /// run is *replicated*: clients hold the model and replay round logs.
     pub spsa: Option<SpsaConfig>,
+    /// FRL settings; present exactly when `update_kind` is `Ranking` (and
+    /// then `arch` is a [`ModelArch::Supermask`]). Rounds ship the global
+    /// ranking ([`ModelSync::Ranking`]), not floats.
+    pub frl: Option<crate::frl::FrlRun>,
 }
 
 impl RunConfig {
@@ -175,6 +180,10 @@ pub enum ModelSync {
         /// Hash of the global model at the start of the round.
         model_hash: [u8; 32],
     },
+    /// FRL run: the global ranking, bit-packed ([`crate::frl::encode`]). The
+    /// client rebuilds the global scores `S[G[j]] = s̄[j]` from it and the
+    /// sorted initial scores it regenerates from the run's FRL seed.
+    Ranking(Vec<u8>),
 }
 
 /// Server → every joined client of a replicated run when a round closes: the

@@ -129,7 +129,8 @@ fn materialise(input: &Input, corpus: &[Vec<u8>]) -> Vec<u8> {
         }
         Input::Raw(bytes) => bytes.clone(),
         Input::Framed(bytes) => {
-            let mut out = b"TLY\x01".to_vec();
+            let mut out = b"TLY".to_vec();
+            out.push(crate::wire::PROTOCOL_VERSION);
             out.extend_from_slice(bytes);
             out
         }
@@ -137,7 +138,7 @@ fn materialise(input: &Input, corpus: &[Vec<u8>]) -> Vec<u8> {
 }
 
 fn run_config(run_id: RunId, arch: ModelArch, train: TrainSpec) -> RunConfig {
-    RunConfig { run_id, arch, rounds: 2, train, update_kind: UpdateKind::DenseDelta, spsa: None }
+    RunConfig { run_id, arch, rounds: 2, train, update_kind: UpdateKind::DenseDelta, spsa: None, frl: None }
 }
 
 fn train_spec() -> TrainSpec {
