@@ -94,6 +94,10 @@ pub fn input_size(arch: &ModelArch) -> (usize, String) {
     match arch {
         ModelArch::Mlp { input, .. } => (*input as usize, input.to_string()),
         ModelArch::LeNet5 { .. } => (LENET_SIDE * LENET_SIDE, format!("1x{LENET_SIDE}x{LENET_SIDE}")),
+        ModelArch::Supermask(net) => {
+            let (c, side) = net.input_shape();
+            (c.saturating_mul(side).saturating_mul(side), format!("{c}x{side}x{side}"))
+        }
     }
 }
 
@@ -103,6 +107,10 @@ pub fn check_image_size(arch: &ModelArch, rows: usize, cols: usize) -> Result<()
     let ok = match arch {
         ModelArch::Mlp { .. } => rows.checked_mul(cols) == Some(expected),
         ModelArch::LeNet5 { .. } => rows == LENET_SIDE && cols == LENET_SIDE,
+        ModelArch::Supermask(net) => {
+            let (c, side) = net.input_shape();
+            c == 1 && rows == side && cols == side
+        }
     };
     if ok { Ok(()) } else { Err(KernelError::ImageSize { arch_input, expected, rows, cols }) }
 }
@@ -220,6 +228,9 @@ impl Model {
                     prev = h as usize;
                 }
                 Model::Mlp(Mlp { layers })
+            }
+            ModelArch::Supermask(_) => {
+                return Err(ModelError::InvalidArch("a supermask network is trained by crate::supermask").into());
             }
             ModelArch::LeNet5 { classes } => Model::LeNet5(LeNet5 {
                 conv1: r.conv(1, 6, 5, 2, device)?,
