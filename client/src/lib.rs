@@ -331,7 +331,7 @@ pub fn do_task(
     device: &Device,
 ) -> Result<(Option<EvalReport>, Option<ClientUpdate>), tally_kernels::KernelError> {
     let eval = match eval {
-        Some(data) => Some(tally_kernels::evaluate(&run.arch, model, data, device, EVAL_BATCH)?),
+        Some(data) => Some(tally_kernels::update::evaluate_run(run, model, data, device, EVAL_BATCH)?),
         None => None,
     };
     let update = match task {

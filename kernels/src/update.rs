@@ -1,12 +1,16 @@
 //! A client's round of local work, whatever the run's update kind: the one
 //! function the client binary and the simulator both call.
 
+use std::sync::{Arc, Mutex};
+
+use tally_protocol::frl::{FrlRun, MaskRule, Ranking};
 use tally_protocol::model::ModelArch;
 use tally_protocol::participant::local_seed;
 use tally_protocol::spsa::SpsaConfig;
-use tally_protocol::wire::{ClientUpdate, RunConfig, UpdatePayload};
+use tally_protocol::wire::{ClientUpdate, EvalReport, RunConfig, UpdatePayload};
 
 use crate::data::Dataset;
+use crate::supermask::{FrlArch, FrlTrainConfig, InputNorm, RankMode, Supermask, SupermaskConfig};
 use crate::train::{TrainConfig, train_local};
 use crate::{Device, KernelError};
 
@@ -23,6 +27,9 @@ pub fn local_update(
     device: &Device,
 ) -> Result<ClientUpdate, KernelError> {
     let seed = local_seed(round_seed, client_id);
+    if let Some(frl) = &run.frl {
+        return frl_update(run, frl, round, seed, model, data, device);
+    }
     match &run.spsa {
         Some(spsa) => spsa_update(&run.arch, spsa, client_id, round, seed, model, data, device),
         None => {
@@ -71,4 +78,127 @@ fn spsa_update(
         train_loss: steps.mean_loss,
         payload: UpdatePayload::Spsa(steps.bytes),
     })
+}
+
+/// Loss and accuracy of the run's global `model` on `data`: a dense model
+/// as it is, an FRL model (scores) through its supermask.
+pub fn evaluate_run(
+    run: &RunConfig,
+    model: &[f32],
+    data: &Dataset,
+    device: &Device,
+    batch_size: usize,
+) -> Result<EvalReport, KernelError> {
+    match &run.frl {
+        Some(frl) => {
+            let net = frl_network(&run.arch, frl)?;
+            let scores = split_layers(&net, model)?;
+            net.evaluate_scores(&scores, data, device, batch_size)
+        }
+        None => crate::train::evaluate(&run.arch, model, data, device, batch_size),
+    }
+}
+
+/// FRL's local round: the global scores `model` trained on `data` with the
+/// run's settings (round `r` at `lr · lr_decay^(r−1)`), returned as the
+/// client's packed ranking.
+pub fn frl_update(
+    run: &RunConfig,
+    frl: &FrlRun,
+    round: u32,
+    seed: u64,
+    model: &[f32],
+    data: &Dataset,
+    device: &Device,
+) -> Result<ClientUpdate, KernelError> {
+    let net = frl_network(&run.arch, frl)?;
+    let cfg = frl_train_config(run, frl, round, seed);
+    let scores = split_layers(&net, model)?;
+    let (scores, report) = net.train(scores, data, &cfg, device)?;
+    let ranking = Ranking::new(net.rankings(&scores), &frl.vote.layer_sizes)
+        .map_err(|e| KernelError::BadRanking(e.to_string()))?;
+    Ok(ClientUpdate {
+        num_samples: data.len() as u64,
+        train_loss: report.mean_loss,
+        payload: UpdatePayload::Ranking(tally_protocol::frl::encode(&ranking)),
+    })
+}
+
+/// The local training settings of round `round` (from 1) of an FRL run.
+pub fn frl_train_config(run: &RunConfig, frl: &FrlRun, round: u32, seed: u64) -> FrlTrainConfig {
+    FrlTrainConfig {
+        lr: f64::from(run.train.lr),
+        lr_decay: frl.lr_decay,
+        // FRL's rounds count from 0; ours from 1.
+        round: round.saturating_sub(1),
+        momentum: frl.momentum,
+        weight_decay: frl.weight_decay,
+        batch_size: run.train.batch_size as usize,
+        epochs: run.train.epochs,
+        seed,
+    }
+}
+
+/// Networks built so far: deriving one (1.6 M frozen weights and the sorted
+/// initial scores for LeNet) costs about a tenth of a second, far more than
+/// a simulated client's round of bookkeeping, and every client of a run
+/// shares it. A process serves one run at a time; two entries cover a
+/// simulation comparing rules.
+static NETWORKS: Mutex<Vec<(SupermaskConfig, Arc<Supermask>)>> = Mutex::new(Vec::new());
+const NETWORK_CACHE_ENTRIES: usize = 2;
+
+/// The supermask network of an FRL run (cached).
+pub fn frl_network(arch: &ModelArch, frl: &FrlRun) -> Result<Arc<Supermask>, KernelError> {
+    let ModelArch::Supermask(net) = arch else {
+        return Err(KernelError::InvalidConfig("an FRL run needs a supermask model".into()));
+    };
+    let config = SupermaskConfig {
+        arch: kernel_arch(net),
+        run_seed: frl.seed,
+        keep_fraction: frl.vote.k_fraction,
+        rank_mode: match frl.vote.mask {
+            MaskRule::TwoSided => RankMode::Signed,
+            MaskRule::OneSidedTopK => RankMode::Magnitude,
+        },
+        input_norm: InputNorm { mean: frl.input_mean, std: frl.input_std },
+    };
+    // A poisoned lock means a thread panicked while holding it; the entries
+    // are whole `Arc`s either way.
+    let mut cache = NETWORKS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, n)) = cache.iter().find(|(c, _)| *c == config) {
+        return Ok(n.clone());
+    }
+    let built = Arc::new(Supermask::new(&config)?);
+    if cache.len() >= NETWORK_CACHE_ENTRIES {
+        cache.remove(0);
+    }
+    cache.push((config, built.clone()));
+    Ok(built)
+}
+
+fn kernel_arch(net: &tally_protocol::supermask::FrlArch) -> FrlArch {
+    use tally_protocol::supermask::FrlArch as P;
+    match *net {
+        P::LeNet { classes } => FrlArch::LeNet { classes },
+        P::Conv2 { channels, side, classes } => FrlArch::Conv2 { channels, side, classes },
+        P::Conv4 { channels, side, classes } => FrlArch::Conv4 { channels, side, classes },
+        P::Conv8 { channels, side, classes } => FrlArch::Conv8 { channels, side, classes },
+    }
+}
+
+/// The flat score vector cut into the network's layers.
+fn split_layers(net: &Supermask, model: &[f32]) -> Result<Vec<Vec<f32>>, KernelError> {
+    let sizes = net.layer_sizes();
+    let total: usize = sizes.iter().sum();
+    if model.len() != total {
+        return Err(KernelError::InvalidConfig(format!("{} scores for a network of {total} edges", model.len())));
+    }
+    let mut out = Vec::with_capacity(sizes.len());
+    let mut rest = model;
+    for n in sizes {
+        let (layer, tail) = rest.split_at(n);
+        out.push(layer.to_vec());
+        rest = tail;
+    }
+    Ok(out)
 }

@@ -85,8 +85,33 @@ pub struct RawConfig {
     pub train: Option<TrainSpec>,
     /// One-byte SPSA instead of FedAvg (see `tally_protocol::spsa`).
     pub spsa: Option<RawSpsa>,
+    /// FRL rank voting (see `tally_protocol::frl`). Implied by a supermask
+    /// model (`model = { kind = "supermask", net = "lenet", classes = 10 }`);
+    /// every field defaults to FRL's MNIST settings.
+    pub frl: Option<RawFrl>,
     /// TLS certificate.
     pub tls: Option<RawTls>,
+}
+
+/// FRL settings beyond `[train]` (FRL: lr 0.4, batch 8, 2 epochs). The
+/// network seed is the run's `seed`.
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawFrl {
+    /// Per-round learning-rate decay. Default 0.999.
+    pub lr_decay: Option<f64>,
+    /// SGD momentum on the scores. Default 0.9.
+    pub momentum: Option<f32>,
+    /// Weight decay on the scores. Default 1e-4.
+    pub weight_decay: Option<f32>,
+    /// Fraction of each layer's edges kept. Default 0.5.
+    pub k_fraction: Option<f64>,
+    /// `two-sided` (as published, default) or `one-sided-top-k`.
+    pub mask: Option<tally_protocol::frl::MaskRule>,
+    /// Input normalisation mean. Default 0.1307 (MNIST; Fashion-MNIST 0.2860).
+    pub input_mean: Option<f32>,
+    /// Input normalisation std. Default 0.3081 (MNIST; Fashion-MNIST 0.3530).
+    pub input_std: Option<f32>,
 }
 
 /// SPSA settings. Present: the run uses one-byte SPSA.
@@ -176,6 +201,9 @@ pub struct ServerConfig {
     pub train: TrainSpec,
     /// SPSA settings, for an SPSA run.
     pub spsa: Option<tally_protocol::spsa::SpsaConfig>,
+    /// FRL settings, for an FRL run; `seed` is the run's seed (and follows
+    /// it when a saved run is resumed).
+    pub frl: Option<tally_protocol::frl::FrlRun>,
     /// Certificate source.
     pub tls: TlsSource,
 }
@@ -231,6 +259,28 @@ impl RawConfig {
             }
             None => None,
         };
+        let frl = match (&arch, self.frl) {
+            (ModelArch::Supermask(net), raw) => {
+                let r = raw.unwrap_or_default();
+                let mut run = tally_protocol::frl::FrlRun::new(seed, net.layer_sizes());
+                run.lr_decay = r.lr_decay.unwrap_or(run.lr_decay);
+                run.momentum = r.momentum.unwrap_or(run.momentum);
+                run.weight_decay = r.weight_decay.unwrap_or(run.weight_decay);
+                run.vote.k_fraction = r.k_fraction.unwrap_or(run.vote.k_fraction);
+                run.vote.mask = r.mask.unwrap_or(run.vote.mask);
+                run.input_mean = r.input_mean.unwrap_or(run.input_mean);
+                run.input_std = r.input_std.unwrap_or(run.input_std);
+                run.validate(&arch).map_err(|e| invalid(format!("frl: {e}")))?;
+                if spsa.is_some() {
+                    return Err(invalid("frl and spsa exclude each other".into()));
+                }
+                Some(run)
+            }
+            (_, Some(_)) => {
+                return Err(invalid("frl needs model = { kind = \"supermask\", net = ..., classes = ... }".into()));
+            }
+            (_, None) => None,
+        };
         let tls = match self.tls.unwrap_or_default() {
             RawTls { self_signed: Some(true), cert: None, key: None } => TlsSource::SelfSigned,
             RawTls { self_signed: Some(true), .. } => {
@@ -264,6 +314,7 @@ impl RawConfig {
             arch,
             train,
             spsa,
+            frl,
             tls,
         })
     }

@@ -186,9 +186,17 @@ impl Server {
             schedule: None,
             final_evaluation: config.final_evaluation,
         };
-        let aggregator: Box<dyn tally_protocol::Aggregator> = match &config.spsa {
-            Some(z) => Box::new(tally_protocol::spsa::Spsa::new(z.clone())),
-            None => Box::new(FedAvg::new()),
+        if let Some(run) = config.frl.as_mut() {
+            // The network is the run's: a resumed run keeps its saved seed.
+            run.seed = config.seed;
+        }
+        let aggregator: Box<dyn tally_protocol::Aggregator> = match (&config.spsa, &config.frl) {
+            (Some(z), _) => Box::new(tally_protocol::spsa::Spsa::new(z.clone())),
+            (None, Some(run)) => Box::new(
+                tally_protocol::frl::FrlVote::for_run(run.clone(), &config.arch)
+                    .map_err(|e| ServerError::Config(config::ConfigError::Invalid(format!("frl: {e}"))))?,
+            ),
+            (None, None) => Box::new(FedAvg::new()),
         };
         let coordinator = match recovered {
             Some(r) => {

@@ -27,12 +27,13 @@ use serde::Serialize;
 use sha2_free::hash_seed;
 use tally_kernels::data::{self, Split};
 use tally_kernels::{Dataset, Device};
-use tally_protocol::wire::{RunId, Task};
+use tally_protocol::frl::{FrlVote, Ranking};
+use tally_protocol::wire::{ClientUpdate, RunConfig, RunId, Task, UpdatePayload};
 use tally_protocol::{
     ConnectionHandle, Coordinator, CoordinatorConfig, Event, FedAvg, Identity, Participant, ParticipantEvent,
 };
 
-pub use scenario::{Algorithm, NetworkSpec, PartitionSpec, Scenario, ScenarioError};
+pub use scenario::{Algorithm, AttackSpec, FrlSpec, NetworkSpec, PartitionSpec, Scenario, ScenarioError};
 
 /// Errors that stop a simulation.
 #[derive(Debug, thiserror::Error)]
@@ -83,8 +84,12 @@ pub struct RoundRecord {
     pub bytes_down: u64,
     /// Virtual time at the end of the round, seconds.
     pub virtual_secs: f64,
-    /// SHA-256 of the global parameters after the round.
+    /// SHA-256 of the global parameters after the round (for FRL, the
+    /// global scores, a function of the global ranking).
     pub model_hash: String,
+    /// Malicious clients among the sampled (attack scenarios only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub malicious: Option<usize>,
     /// The scenario seed.
     pub seed: u64,
 }
@@ -130,6 +135,7 @@ const TAG_DROPOUT: u64 = 2;
 const TAG_STRAGGLER: u64 = 3;
 const TAG_RUN: u64 = 4;
 const TAG_CHALLENGE: u64 = 5;
+const TAG_ATTACK: u64 = 6;
 
 /// The identity of simulated client `i`: a secret derived from the seed.
 pub fn sim_identity(seed: u64, i: usize) -> Identity {
@@ -264,13 +270,26 @@ pub fn run_on(
         schedule,
         final_evaluation: false,
     };
-    let aggregator: Box<dyn tally_protocol::Aggregator> = match s.spsa_config() {
-        Some(z) => Box::new(tally_protocol::spsa::Spsa::new(z)),
-        None => Box::new(FedAvg::new()),
+    let aggregator: Box<dyn tally_protocol::Aggregator> = match (s.spsa_config(), s.frl_run()) {
+        (Some(z), _) => Box::new(tally_protocol::spsa::Spsa::new(z)),
+        (None, Some(run)) => {
+            Box::new(FrlVote::for_run(run, &arch).map_err(|e| SimError::Protocol(format!("frl: {e}")))?)
+        }
+        (None, None) => Box::new(FedAvg::new()),
     };
     let mut coord =
         Coordinator::new(config, aggregator, initial, s.seed).map_err(|e| SimError::Protocol(e.to_string()))?;
-    let mut clients: Vec<Participant> = identities.into_iter().map(|id| Participant::new(id, None)).collect();
+    let run_config = coord.run_config();
+    // One copy of FRL's sorted initial scores for every simulated client.
+    let frl_cache = Arc::new(tally_protocol::frl::ReferenceCache::default());
+    let mut clients: Vec<Participant> =
+        identities.into_iter().map(|id| Participant::new(id, None).with_frl_cache(frl_cache.clone())).collect();
+    let malicious = s.attack.as_ref().map_or(0, |a| a.malicious(s.clients));
+    let threads = match s.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let mut malicious_sampled = std::collections::BTreeMap::new();
     let stragglers: Vec<bool> =
         (0..s.clients).map(|i| unit(s.seed, TAG_STRAGGLER, i as u64) < s.network.straggler_fraction).collect();
 
@@ -316,7 +335,7 @@ pub fn run_on(
     let mut extensions = 0u32;
 
     // Round 0: the initial model.
-    let e = tally_kernels::evaluate(&arch, coord.model(), &split.test, device, 1000)?;
+    let e = tally_kernels::update::evaluate_run(&run_config, coord.model(), &split.test, device, 1000)?;
     let r0 = RoundRecord {
         round: 0,
         sampled: 0,
@@ -330,6 +349,7 @@ pub fn run_on(
         bytes_down: 0,
         virtual_secs: 0.0,
         model_hash: hex::encode(tally_protocol::identity::params_hash(coord.model())),
+        malicious: s.attack.as_ref().map(|_| 0),
         seed: s.seed,
     };
     on_record(&r0);
@@ -339,28 +359,17 @@ pub fn run_on(
         // Run local training for tasks that arrived at `now` once every
         // message of this instant is delivered.
         if !jobs.is_empty() && queue.peek().is_none_or(|q| q.0.at > now) {
-            for job in jobs.drain(..) {
-                if unit(s.seed, TAG_DROPOUT, u64::from(job.round) << 32 | job.slot as u64) < net.dropout {
-                    continue; // silently drops out of this round
-                }
-                let client_id = clients[job.slot].client_id().unwrap_or(job.slot as u32);
-                let run = clients[job.slot]
-                    .run_config()
-                    .cloned()
-                    .ok_or_else(|| SimError::Protocol("task before Welcome".into()))?;
-                let update = tally_kernels::update::local_update(
-                    &run,
-                    client_id,
-                    job.round,
-                    job.seed,
-                    &job.model,
-                    &shards[job.slot],
-                    device,
-                )?;
+            let batch: Vec<Job> = jobs
+                .drain(..)
+                // Dropped clients silently leave this round.
+                .filter(|job| unit(s.seed, TAG_DROPOUT, u64::from(job.round) << 32 | job.slot as u64) >= net.dropout)
+                .collect();
+            let updates = round_updates(s, &run_config, &batch, &shards, malicious, threads, device)?;
+            for (job, update) in batch.iter().zip(updates) {
                 let slow = if stragglers[job.slot] { net.straggler_slowdown } else { 1.0 };
                 // Virtual compute: examples processed (an SPSA step is two
                 // forward passes, counted as one training example each).
-                let work = match &run.spsa {
+                let work = match &run_config.spsa {
                     Some(z) => f64::from(z.steps_per_client) * f64::from(z.batch_size),
                     None => shards[job.slot].len() as f64 * f64::from(s.train.epochs),
                 };
@@ -441,7 +450,13 @@ pub fn run_on(
                     let evaluate = summary.round % s.eval_every == 0 || summary.round == s.rounds;
                     let (acc, loss) = if evaluate {
                         let t = std::time::Instant::now();
-                        let e = tally_kernels::evaluate(&arch, coord.model(), &split.test, device, 1000)?;
+                        let e = tally_kernels::update::evaluate_run(
+                            &run_config,
+                            coord.model(),
+                            &split.test,
+                            device,
+                            1000,
+                        )?;
                         wall_eval.push(t.elapsed().as_secs_f64());
                         (Some(e.accuracy()), Some(e.mean_loss()))
                     } else {
@@ -460,6 +475,7 @@ pub fn run_on(
                         bytes_down,
                         virtual_secs: now.as_secs_f64(),
                         model_hash: hex::encode(summary.model_hash),
+                        malicious: s.attack.as_ref().map(|_| malicious_sampled.remove(&summary.round).unwrap_or(0)),
                         seed: s.seed,
                     };
                     bytes_up = 0;
@@ -476,6 +492,9 @@ pub fn run_on(
                         return Err(SimError::Stalled(round));
                     }
                 }
+                Event::RoundOpened { round, sampled, .. } => {
+                    malicious_sampled.insert(round, sampled.iter().filter(|&&c| (c as usize) < malicious).count());
+                }
                 Event::Finished { .. } => finished = true,
                 _ => {}
             }
@@ -487,6 +506,129 @@ pub fn run_on(
         wall_secs_per_round: wall_rounds,
         wall_secs_eval: wall_eval,
     })
+}
+
+/// The updates of a batch of jobs (tasks that arrived at the same virtual
+/// instant), in job order: honest clients train locally (on `threads`
+/// workers), malicious ones send what the scenario's attack crafts.
+fn round_updates(
+    s: &Scenario,
+    run: &RunConfig,
+    batch: &[Job],
+    shards: &[Dataset],
+    malicious: usize,
+    threads: usize,
+    device: &Device,
+) -> Result<Vec<ClientUpdate>, SimError> {
+    let train = |slot: usize, job: &Job| {
+        tally_kernels::update::local_update(run, slot as u32, job.round, job.seed, &job.model, &shards[slot], device)
+    };
+    let honest: Vec<&Job> = batch.iter().filter(|j| j.slot >= malicious).collect();
+    let mut trained = par_map(threads, &honest, |job| train(job.slot, job)).into_iter();
+    // One crafted payload per round, shared by that round's malicious clients.
+    let mut crafted: std::collections::BTreeMap<u32, UpdatePayload> = std::collections::BTreeMap::new();
+    let mut out = Vec::with_capacity(batch.len());
+    for job in batch {
+        if job.slot >= malicious {
+            // `honest` holds exactly the jobs of this branch, in order.
+            out.push(trained.next().ok_or(SimError::Protocol("missing honest update".into()))??);
+            continue;
+        }
+        let payload = match crafted.get(&job.round) {
+            Some(p) => p.clone(),
+            None => {
+                let p = craft_attack(s, run, job, shards, malicious, threads, device)?;
+                crafted.insert(job.round, p.clone());
+                p
+            }
+        };
+        out.push(ClientUpdate { num_samples: shards[job.slot].len().max(1) as u64, train_loss: 0.0, payload });
+    }
+    Ok(out)
+}
+
+/// The malicious payload of `job`'s round.
+fn craft_attack(
+    s: &Scenario,
+    run: &RunConfig,
+    job: &Job,
+    shards: &[Dataset],
+    malicious: usize,
+    threads: usize,
+    device: &Device,
+) -> Result<UpdatePayload, SimError> {
+    match &s.attack {
+        Some(AttackSpec::Scale { scale, .. }) => {
+            Ok(UpdatePayload::DenseDelta(job.model.iter().map(|v| v * scale).collect()))
+        }
+        Some(AttackSpec::FrlReverse { pool, .. }) => {
+            let frl = run.frl.as_ref().ok_or(SimError::Protocol("frl-reverse attack in a run without FRL".into()))?;
+            // Up to `pool` attackers drawn from all malicious clients (not
+            // only this round's), each training benignly on its own data.
+            let ids: Vec<usize> = (0..malicious).collect();
+            let mut rng = tally_protocol::rng::LocalRng::new(hash_seed(s.seed, TAG_ATTACK, u64::from(job.round)));
+            let attackers = rng.sample(&ids, (*pool).min(malicious));
+            let rankings = par_map(threads, &attackers, |&a| {
+                tally_kernels::update::local_update(run, a as u32, job.round, job.seed, &job.model, &shards[a], device)
+            });
+            let sizes = &frl.vote.layer_sizes;
+            let mut sums = vec![0u64; frl.vote.num_edges()];
+            for update in rankings {
+                let UpdatePayload::Ranking(bytes) = update?.payload else {
+                    return Err(SimError::Protocol("an FRL client produced no ranking".into()));
+                };
+                let ranking =
+                    tally_protocol::frl::decode(&bytes, sizes).map_err(|e| SimError::Protocol(e.to_string()))?;
+                let mut offset = 0;
+                for l in 0..ranking.num_layers() {
+                    for (position, &edge) in ranking.layer(l).iter().enumerate() {
+                        sums[offset + edge as usize] += position as u64;
+                    }
+                    offset += sizes[l];
+                }
+            }
+            // R_mal = argsort_desc(A): the attackers' consensus, reversed.
+            let mut layers = Vec::with_capacity(sizes.len());
+            let mut offset = 0;
+            for &n in sizes {
+                let a = &sums[offset..offset + n];
+                let mut order: Vec<u32> = (0..n as u32).collect();
+                order.sort_unstable_by_key(|&e| (Reverse(a[e as usize]), e));
+                layers.push(order);
+                offset += n;
+            }
+            let ranking = Ranking::new(layers, sizes).map_err(|e| SimError::Protocol(e.to_string()))?;
+            Ok(UpdatePayload::Ranking(tally_protocol::frl::encode(&ranking)))
+        }
+        None => Err(SimError::Protocol("a malicious client without an attack".into())),
+    }
+}
+
+/// `f` over `items` on up to `threads` scoped workers, results in item order.
+fn par_map<T: Sync, R: Send>(threads: usize, items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if threads <= 1 || items.len() <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<R>>> = items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(items.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let r = f(item);
+                    *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                }
+            });
+        }
+    });
+    // Every index below `items.len()` was claimed by exactly one worker, and
+    // the scope joined them all (a worker's panic propagates out of `scope`).
+    slots
+        .into_iter()
+        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()).expect("every item was processed"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -536,6 +678,58 @@ mod tests {
         let r = run_on(&s, &split, &tally_kernels::cpu_device(), &mut |_| {}).unwrap();
         assert_eq!(r.records.len(), 4);
         assert!(r.records[1..].iter().any(|x| x.accepted < 3), "some client should miss a deadline");
+    }
+
+    fn tiny_frl() -> (Scenario, Split) {
+        let (mut s, split) = tiny();
+        s.model = tally_protocol::model::ModelArch::Supermask(tally_protocol::supermask::FrlArch::MNIST_LENET);
+        s.algorithm = Algorithm::Frl(FrlSpec::default());
+        s.train = tally_protocol::wire::TrainSpec { lr: 0.4, batch_size: 8, epochs: 1 };
+        s.rounds = 2;
+        (s, split)
+    }
+
+    #[test]
+    fn frl_rounds_vote_rankings_and_replay_identically() {
+        let (s, split) = tiny_frl();
+        let dev = tally_kernels::cpu_device();
+        let a = run_on(&s, &split, &dev, &mut |_| {}).unwrap();
+        let b = run_on(&Scenario { threads: 1, ..s.clone() }, &split, &dev, &mut |_| {}).unwrap();
+        // Same seed ⇒ same global ranking (hash of the scores) every round,
+        // whatever the number of training threads.
+        assert_eq!(a.records, b.records);
+        assert_eq!(a.records.len(), 3);
+        assert!(a.records[1..].iter().all(|r| r.accepted == 3 && r.rejected == 0));
+        // Uploads: three packed LeNet rankings (4.25 MB each) plus a small envelope.
+        let packed = tally_protocol::frl::packed_len(&tally_protocol::frl::LENET_MNIST_LAYER_SIZES).unwrap() as u64;
+        let up = a.records[1].bytes_up;
+        assert!(up > 3 * packed && up < 3 * (packed + 200), "{up}");
+        assert!(a.final_accuracy().unwrap() > a.records[0].test_accuracy.unwrap() + 0.2, "{:?}", a.records);
+    }
+
+    #[test]
+    fn frl_reverse_attack_is_sent_by_the_malicious_clients_only() {
+        let (mut s, split) = tiny_frl();
+        s.rounds = 1;
+        s.attack = Some(AttackSpec::FrlReverse { fraction: 0.5, pool: 2 });
+        let r = run_on(&s, &split, &tally_kernels::cpu_device(), &mut |_| {}).unwrap();
+        let m = r.records[1].malicious.unwrap();
+        assert!(m > 0, "seed 1 samples a malicious client: {:?}", r.records[1]);
+        // Well-formed permutations: accepted like any other vote.
+        assert_eq!((r.records[1].accepted, r.records[1].rejected), (3, 0));
+    }
+
+    #[test]
+    fn scaling_attack_ruins_fedavg() {
+        let (mut s, split) = tiny();
+        s.rounds = 2;
+        let dev = tally_kernels::cpu_device();
+        let clean = run_on(&s, &split, &dev, &mut |_| {}).unwrap();
+        s.attack = Some(AttackSpec::Scale { fraction: 0.5, scale: 1e5 });
+        let attacked = run_on(&s, &split, &dev, &mut |_| {}).unwrap();
+        assert!(attacked.records.iter().skip(1).any(|r| r.malicious.unwrap() > 0));
+        assert!(clean.final_accuracy().unwrap() > 0.6);
+        assert!(attacked.final_accuracy().unwrap() < 0.3, "{:?}", attacked.records);
     }
 
     #[test]

@@ -147,6 +147,97 @@ pub struct Scenario {
     /// Use only training examples `start..end` (e.g. to fine-tune on clients
     /// whose data the pre-training never saw). Default: all.
     pub train_range: Option<[usize; 2]>,
+    /// Poisoning: which clients are malicious and what they send. Default none.
+    pub attack: Option<AttackSpec>,
+    /// Worker threads for the clients' local training. Each client's
+    /// training is single-threaded and its result does not depend on the
+    /// thread, so the metrics are identical for any value. Default 0: one per
+    /// available core.
+    pub threads: usize,
+}
+
+/// FRL's settings beyond `train` (lr, batch size, epochs). Defaults are the
+/// paper's MNIST settings (`docs/algorithms.md` §1.10).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FrlSpec {
+    /// Per-round learning-rate decay (0.999).
+    pub lr_decay: f64,
+    /// SGD momentum on the scores (0.9).
+    pub momentum: f32,
+    /// Weight decay on the scores (1e-4).
+    pub weight_decay: f32,
+    /// Fraction of each layer's edges kept (0.5).
+    pub k_fraction: f64,
+    /// `two-sided` (as published) or `one-sided-top-k`.
+    pub mask: tally_protocol::frl::MaskRule,
+    /// Input normalisation mean (MNIST 0.1307; Fashion-MNIST 0.2860).
+    pub input_mean: f32,
+    /// Input normalisation std (MNIST 0.3081; Fashion-MNIST 0.3530).
+    pub input_std: f32,
+}
+
+impl Default for FrlSpec {
+    fn default() -> Self {
+        FrlSpec {
+            lr_decay: 0.999,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            k_fraction: 0.5,
+            mask: tally_protocol::frl::MaskRule::TwoSided,
+            input_mean: 0.1307,
+            input_std: 0.3081,
+        }
+    }
+}
+
+/// A poisoning attack. Malicious clients are ids `0..⌊fraction·clients⌋`
+/// (as in FRL's code); they still sign and send well-formed reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AttackSpec {
+    /// FRL's attack (`docs/algorithms.md` §1.7): up to `pool` attackers
+    /// drawn from all malicious clients train benignly from the global
+    /// model; every malicious client in the round submits the ranking that
+    /// reverses the sum of their positions.
+    FrlReverse {
+        /// Fraction of malicious clients, in `[0, 1)`.
+        fraction: f64,
+        /// Attackers whose benign rankings form the consensus (FRL: 25).
+        #[serde(default = "default_pool")]
+        pool: usize,
+    },
+    /// The FedAvg attack of FRL's code (§1.8): every malicious client
+    /// sends `scale · θ` (the current global parameters, scaled) as its update.
+    Scale {
+        /// Fraction of malicious clients, in `[0, 1)`.
+        fraction: f64,
+        /// The factor (FRL: 1e5).
+        #[serde(default = "default_scale")]
+        scale: f32,
+    },
+}
+
+fn default_pool() -> usize {
+    25
+}
+
+fn default_scale() -> f32 {
+    1e5
+}
+
+impl AttackSpec {
+    /// The malicious fraction.
+    pub fn fraction(&self) -> f64 {
+        match self {
+            AttackSpec::FrlReverse { fraction, .. } | AttackSpec::Scale { fraction, .. } => *fraction,
+        }
+    }
+
+    /// Number of malicious clients among `clients`: `⌊fraction·clients⌋`.
+    pub fn malicious(&self, clients: usize) -> usize {
+        ((self.fraction() * clients as f64) as usize).min(clients)
+    }
 }
 
 /// The update rule of a scenario.
@@ -167,6 +258,9 @@ pub enum Algorithm {
         /// Minibatch of each loss evaluation.
         batch_size: u32,
     },
+    /// FRL rank voting on a supermask model (`model = { kind = "supermask",
+    /// net = "lenet", classes = 10 }`); the network seed is the scenario seed.
+    Frl(FrlSpec),
 }
 
 impl Default for Scenario {
@@ -189,6 +283,8 @@ impl Default for Scenario {
             out: PathBuf::from("runs/sim/metrics.jsonl"),
             algorithm: Algorithm::Fedavg,
             train_range: None,
+            attack: None,
+            threads: 0,
         }
     }
 }
@@ -197,11 +293,29 @@ impl Scenario {
     /// The SPSA settings of an SPSA scenario (stream seed = scenario seed).
     pub fn spsa_config(&self) -> Option<tally_protocol::spsa::SpsaConfig> {
         match self.algorithm {
-            Algorithm::Fedavg => None,
+            Algorithm::Fedavg | Algorithm::Frl(_) => None,
             Algorithm::Spsa { steps_per_client, eps, lr, batch_size } => {
                 Some(tally_protocol::spsa::SpsaConfig { stream_seed: self.seed, steps_per_client, eps, lr, batch_size })
             }
         }
+    }
+
+    /// The FRL run settings of an FRL scenario (network seed = scenario seed).
+    pub fn frl_run(&self) -> Option<tally_protocol::frl::FrlRun> {
+        let (Algorithm::Frl(f), ModelArch::Supermask(net)) = (&self.algorithm, &self.model) else { return None };
+        Some(tally_protocol::frl::FrlRun {
+            seed: self.seed,
+            vote: tally_protocol::frl::FrlConfig {
+                layer_sizes: net.layer_sizes(),
+                k_fraction: f.k_fraction,
+                mask: f.mask,
+            },
+            lr_decay: f.lr_decay,
+            momentum: f.momentum,
+            weight_decay: f.weight_decay,
+            input_mean: f.input_mean,
+            input_std: f.input_std,
+        })
     }
 
     /// Reads a TOML scenario.
@@ -264,6 +378,33 @@ impl Scenario {
             return bad("eval_every must be at least 1");
         }
         self.model.validate().map_err(|e| ScenarioError::Invalid(e.to_string()))?;
+        match (&self.algorithm, &self.model) {
+            (Algorithm::Frl(_), ModelArch::Supermask(_)) => {
+                let run = self.frl_run().ok_or_else(|| ScenarioError::Invalid("frl needs a supermask model".into()))?;
+                run.validate(&self.model).map_err(|e| ScenarioError::Invalid(format!("frl: {e}")))?;
+            }
+            (Algorithm::Frl(_), _) => return bad("algorithm frl needs model = { kind = \"supermask\", ... }"),
+            (_, ModelArch::Supermask(_)) => return bad("a supermask model needs algorithm frl"),
+            _ => {}
+        }
+        if let Some(a) = &self.attack {
+            if !(a.fraction().is_finite() && (0.0..1.0).contains(&a.fraction())) {
+                return bad("attack.fraction must be in [0, 1)");
+            }
+            match (a, &self.algorithm) {
+                (AttackSpec::FrlReverse { pool, .. }, Algorithm::Frl(_)) => {
+                    if *pool == 0 {
+                        return bad("attack.pool must be at least 1");
+                    }
+                }
+                (AttackSpec::Scale { scale, .. }, Algorithm::Fedavg) => {
+                    if !scale.is_finite() {
+                        return bad("attack.scale must be finite");
+                    }
+                }
+                _ => return bad("attack frl-reverse needs algorithm frl; attack scale needs fedavg"),
+            }
+        }
         Ok(())
     }
 }

@@ -369,6 +369,55 @@ fn spsa_run_over_quic_keeps_every_replica_bit_identical() {
     }
 }
 
+#[test]
+fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<_> = (0..3).map(|i| keygen(dir.path(), &format!("f{i}"))).collect();
+    let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "model = { kind = \"supermask\", net = \"lenet\", classes = 10 }\n\
+         train = { lr = 0.4, batch_size = 8, epochs = 1 }\n[frl]\n",
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap().to_string();
+    let mut server =
+        start_server(dir.path(), &enrolled, &["--config", &cfg, "--rounds", "2", "--min-clients", "3", "--seed", "5"]);
+    // Small shards (1/30 of the embedded 10k each) keep the test quick.
+    let mut clients: Vec<Proc> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| start_client(dir.path(), &format!("f{i}"), key, &server, &["--shard", &format!("{i}/30")]))
+        .collect();
+    for c in &mut clients {
+        assert!(c.wait().success(), "{} failed:\n{}", c.name, c.stderr());
+    }
+    assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
+    let m = metrics(&server.out_dir);
+    assert_eq!(m.len(), 3, "{m:?}");
+    let packed =
+        tally_protocol::frl::packed_len(&tally_protocol::frl::LENET_MNIST_LAYER_SIZES).unwrap() as u64;
+    for line in &m[1..=2] {
+        assert_eq!(line["accepted"], 3);
+        assert_eq!(line["rejected"], 0);
+        // Three packed rankings (4.25 MB each) plus a small signed envelope.
+        let got = line["bytes_received"].as_u64().unwrap();
+        assert!(got > 3 * packed && got < 3 * (packed + 200), "{got}");
+    }
+    let acc = |r: usize| m[r]["test_accuracy"].as_f64().unwrap();
+    assert!(acc(2) > acc(0) + 0.3, "FRL should learn: {} -> {}", acc(0), acc(2));
+    // The saved model is the global scores; its hash is the one every client saw.
+    let arch = ModelArch::Supermask(tally_protocol::supermask::FrlArch::MNIST_LENET);
+    let scores = arch.from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap()).unwrap();
+    let hash = hex::encode(tally_protocol::identity::params_hash(&scores));
+    assert_eq!(m[2]["model_hash"], hash.as_str());
+    for c in &clients {
+        let done = c.drain_lines().into_iter().find(|l| l.starts_with("finished")).expect("client summary line");
+        assert!(done.contains(&format!("model_hash={hash}")), "{done}");
+    }
+}
+
 /// Runs a 3-round FedAvg federation whose server is stopped at each of
 /// `crashes` in turn (a `TALLY_FAULT` abort, or a SIGKILL from here when the
 /// server logs the given text) and restarted on the same state directory and
