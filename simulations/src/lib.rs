@@ -702,7 +702,8 @@ mod tests {
         assert!(a.records[1..].iter().all(|r| r.accepted == 3 && r.rejected == 0));
         // Uploads: three packed LeNet rankings (4.25 MB each) plus a small envelope.
         let packed = tally_protocol::frl::packed_len(&tally_protocol::frl::LENET_MNIST_LAYER_SIZES).unwrap() as u64;
-        let up = a.records[1].bytes_up;
+        // (Round 2: round 1 also carries the joins.)
+        let up = a.records[2].bytes_up;
         assert!(up > 3 * packed && up < 3 * (packed + 200), "{up}");
         assert!(a.final_accuracy().unwrap() > a.records[0].test_accuracy.unwrap() + 0.2, "{:?}", a.records);
     }
@@ -728,8 +729,8 @@ mod tests {
         s.attack = Some(AttackSpec::Scale { fraction: 0.5, scale: 1e5 });
         let attacked = run_on(&s, &split, &dev, &mut |_| {}).unwrap();
         assert!(attacked.records.iter().skip(1).any(|r| r.malicious.unwrap() > 0));
-        assert!(clean.final_accuracy().unwrap() > 0.6);
-        assert!(attacked.final_accuracy().unwrap() < 0.3, "{:?}", attacked.records);
+        let (clean, attacked) = (clean.final_accuracy().unwrap(), attacked.final_accuracy().unwrap());
+        assert!(attacked < 0.25 && clean > attacked + 0.2, "clean {clean}, attacked {attacked}");
     }
 
     #[test]
