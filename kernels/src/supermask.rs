@@ -116,6 +116,8 @@ use crate::data::Dataset;
 use crate::model::read_tensor;
 use crate::train::{EvalReport, train_rng};
 
+mod native;
+
 /// FRL's default keep fraction `k` (`args.sparsity = 0.5`): half of every
 /// layer's edges are in the mask.
 pub const DEFAULT_KEEP_FRACTION: f64 = 0.5;
@@ -911,11 +913,33 @@ impl Supermask {
     /// Trains `scores` (one vector per layer) on `data`; returns the new
     /// scores. Only the scores change; weights and mask rule are fixed.
     ///
+    /// Runs on the native single-threaded CPU kernels (`native.rs`); `device`
+    /// is not used by them (it is kept so callers need not change, and
+    /// [`Supermask::train_burn`] computes the same function on it).
+    ///
     /// Refuses scores that don't fit the network or aren't finite, an empty
     /// dataset, images of the wrong size, labels beyond the model's classes
     /// and invalid settings; stops with [`KernelError::Diverged`] on a
     /// non-finite loss or score.
     pub fn train(
+        &self,
+        scores: Vec<Vec<f32>>,
+        data: &Dataset,
+        cfg: &FrlTrainConfig,
+        device: &Device,
+    ) -> Result<(Vec<Vec<f32>>, FrlTrainReport), KernelError> {
+        let _ = device;
+        cfg.validate()?;
+        self.check_scores(&scores)?;
+        self.check_data(data)?;
+        native::train(self, scores, data, cfg)
+    }
+
+    /// [`Supermask::train`] computed by burn on `device` (autodiff over the
+    /// effective weights): the reference the native kernels are tested
+    /// against. Same inputs, same checks, same sample order and update; the
+    /// results agree up to f32 rounding (summation order).
+    pub fn train_burn(
         &self,
         scores: Vec<Vec<f32>>,
         data: &Dataset,
@@ -980,8 +1004,27 @@ impl Supermask {
     }
 
     /// Cross-entropy and accuracy of the network masked by `scores`, in
-    /// batches of `batch_size` (only memory use depends on it). No autodiff.
+    /// batches of `batch_size` (only memory use depends on it). Runs on the
+    /// native CPU kernels; `device` is unused (see [`Supermask::train`]).
     pub fn evaluate_scores(
+        &self,
+        scores: &[Vec<f32>],
+        data: &Dataset,
+        device: &Device,
+        batch_size: usize,
+    ) -> Result<EvalReport, KernelError> {
+        let _ = device;
+        if batch_size == 0 {
+            return Err(KernelError::InvalidConfig("batch_size must be > 0".into()));
+        }
+        self.check_scores(scores)?;
+        self.check_data(data)?;
+        native::evaluate(self, scores, data, batch_size)
+    }
+
+    /// [`Supermask::evaluate_scores`] computed by burn on `device` (the
+    /// reference of the native kernels). No autodiff.
+    pub fn evaluate_scores_burn(
         &self,
         scores: &[Vec<f32>],
         data: &Dataset,
