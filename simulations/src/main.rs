@@ -161,7 +161,7 @@ fn main() -> anyhow::Result<()> {
         report.final_accuracy().map_or("not evaluated".into(), |a| format!("{:.2}%", a * 100.0))
     );
     println!(
-        "rounds: {} · wall time {:.1} s · mean round {:.3} s (of which central evaluation {:.3} s) · upload {:.1} MB · metrics {}",
+        "rounds: {} · wall time {:.1} s · mean round {:.3} s without evaluation · central evaluation {:.3} s each · upload {:.1} MB · metrics {}",
         last.map_or(0, |r| r.round),
         started.elapsed().as_secs_f64(),
         mean_round,
