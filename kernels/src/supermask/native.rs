@@ -33,11 +33,12 @@
 //!   output is stored sparsely (per position and per output channel), and the
 //!   weight and input gradients loop over the non-zeros only (≈1/8 of a dense
 //!   backward pass).
-//! * Linear layers never materialise `W_eff` in training: the mask is applied
-//!   on the fly from the scores and the threshold, and the backward pass of a
-//!   linear layer is fused with the SGD update of its scores and with the
-//!   search for the next step's mask threshold ([`Window`]): one pass over
-//!   the 1.6 M scores of LeNet's fc1 per step instead of four.
+//! * Linear layers never materialise `W_eff` in training. Each edge has a
+//!   code byte ([`Codes`]: weight sign, mask bit), so the forward pass reads
+//!   1 byte per edge; the backward pass of a linear layer is fused with the
+//!   SGD update of its scores, with the search for the next step's mask
+//!   threshold ([`Window`]) and with writing the next mask bits: one pass
+//!   over the 1.6 M scores of LeNet's fc1 per step.
 //! * Each layer's scores are updated as soon as its gradient is known; the
 //!   lower layers only use the activations and the old (pre-update) effective
 //!   weights of the layers above, which the fused passes read before they
@@ -57,7 +58,7 @@ const GROUP: usize = 8;
 /// Output positions per convolution tile (eight AVX2 registers).
 const CT: usize = 64;
 /// Inputs per block of the linear kernels (a block of 8 input rows is 32 KB).
-const LIN_BLOCK: usize = 1024;
+const LIN_BLOCK: usize = 512;
 /// Elements per block of the fused linear backward/update pass.
 const FUSED_BLOCK: usize = 64;
 /// Samples per chunk in evaluation (bounds memory; results don't depend on it).
@@ -162,16 +163,6 @@ impl Keep {
         let all = u32::from(self.keeps(score, index)).wrapping_neg();
         f32::from_bits(w.to_bits() & all)
     }
-
-    /// `out[j] = apply(s[j], base + j, w[j])`.
-    #[inline(always)]
-    fn fill(self, s: &[f32], w: &[f32], base: usize, out: &mut [f32]) {
-        let n = out.len();
-        let (s, w) = (&s[..n], &w[..n]);
-        for j in 0..n {
-            out[j] = self.apply(s[j], (base + j) as u32, w[j]);
-        }
-    }
 }
 
 /// Settings of one SGD step (see `Trainer::update`).
@@ -230,15 +221,19 @@ impl Window {
         self.cand.clear();
     }
 
-    /// Counts and collects a block of updated scores starting at edge `base`.
+    /// Counts and collects a block of updated scores starting at edge
+    /// `base`, and sets their [`KEPT`] bits as far as the window decides
+    /// them (keys at or above the window: kept; the pairs inside are fixed
+    /// by [`Self::mark`] once the threshold is known).
     #[inline(always)]
-    fn scan(&mut self, s: &[f32], base: usize) {
-        let (lo, span) = (self.lo, self.hi.wrapping_sub(self.lo));
+    fn scan(&mut self, s: &[f32], base: usize, code: &mut [u8]) {
+        let (lo, hi, span) = (self.lo, self.hi, self.hi.wrapping_sub(self.lo));
         let (mut below, mut inside) = (0u32, 0u32);
-        for &v in s {
+        for (&v, c) in s.iter().zip(code.iter_mut()) {
             let k = v.to_bits() & 0x7fff_ffff;
             below += u32::from(k < lo);
             inside += u32::from(k.wrapping_sub(lo) < span);
+            *c = (*c & NEG) | (u8::from(k >= hi) << 1);
         }
         self.below += below as usize;
         if inside > 0 {
@@ -264,6 +259,23 @@ impl Window {
         let rank = prune.checked_sub(self.below).filter(|&r| r < self.cand.len())?;
         let (_, &mut (key, index), _) = self.cand.select_nth_unstable(rank);
         Some(MaskThreshold { key, index: index as usize })
+    }
+
+    /// Sets the [`KEPT`] bits of the collected pairs for threshold `t`
+    /// (after a successful [`Self::finish`]).
+    fn mark(&self, t: MaskThreshold, code: &mut [u8]) {
+        for &(k, i) in &self.cand {
+            if (k, i as usize) >= (t.key, t.index) {
+                code[i as usize] |= KEPT;
+            }
+        }
+    }
+}
+
+/// Every edge's [`KEPT`] bit from scratch.
+fn mark_all(s: &[f32], keep: Keep, code: &mut [u8]) {
+    for (i, (&v, c)) in s.iter().zip(code.iter_mut()).enumerate() {
+        *c = (*c & NEG) | (u8::from(keep.keeps(v, i as u32)) << 1);
     }
 }
 
@@ -459,11 +471,55 @@ fn conv_activation(
     }
 }
 
-/// The effective weights of a linear layer: on the fly from scores and mask
-/// (training), or materialised (evaluation, where they serve many batches).
+/// A linear layer's edges as one byte each: bit 0 = the frozen weight is
+/// `−σ` (else `+σ`), bit 1 = the edge is in the current mask. The passes over
+/// LeNet's 1.6 M fc1 edges are bound by memory bandwidth: the forward pass
+/// reads 1 byte per edge instead of a score and a weight (8 bytes), and the
+/// fused backward pass writes the next step's mask bits as it goes (see
+/// [`Window::scan`]).
+#[derive(Clone, Copy, Debug)]
+struct Codes<'a> {
+    code: &'a [u8],
+    sigma: u32,
+}
+
+/// Bit of [`Codes`]: weight is `−σ`.
+const NEG: u8 = 1;
+/// Bit of [`Codes`]: edge kept.
+const KEPT: u8 = 2;
+
+impl Codes<'_> {
+    /// Frozen weights (`w`) and effective weights (`weff`) of edges
+    /// `at..at + w.len()`, exactly `±σ` and `±σ` or 0.
+    #[inline(always)]
+    fn fill(self, at: usize, w: &mut [f32], weff: &mut [f32]) {
+        let n = w.len();
+        let (code, weff) = (&self.code[at..at + n], &mut weff[..n]);
+        for j in 0..n {
+            let c = u32::from(code[j]);
+            let bits = self.sigma | (c << 31);
+            w[j] = f32::from_bits(bits);
+            weff[j] = f32::from_bits(bits & 0u32.wrapping_sub(c >> 1));
+        }
+    }
+
+    /// Effective weights only.
+    #[inline(always)]
+    fn fill_eff(self, at: usize, weff: &mut [f32]) {
+        let n = weff.len();
+        let code = &self.code[at..at + n];
+        for j in 0..n {
+            let c = u32::from(code[j]);
+            weff[j] = f32::from_bits((self.sigma | (c << 31)) & 0u32.wrapping_sub(c >> 1));
+        }
+    }
+}
+
+/// The effective weights of a linear layer: from the edge codes (training),
+/// or materialised (evaluation, where they serve many batches).
 #[derive(Clone, Copy, Debug)]
 enum LinearWeights<'a> {
-    Masked { s: &'a [f32], w: &'a [f32], keep: Keep },
+    Coded(Codes<'a>),
     Dense(&'a [f32]),
 }
 
@@ -496,8 +552,8 @@ fn linear_forward(
         for o in 0..outputs {
             let row = o * inputs + i0;
             let wseg: &[f32] = match weights {
-                LinearWeights::Masked { s, w, keep } => {
-                    keep.fill(&s[row..], &w[row..], row, &mut seg[..n]);
+                LinearWeights::Coded(c) => {
+                    c.fill_eff(row, &mut seg[..n]);
                     &seg[..n]
                 }
                 LinearWeights::Dense(d) => &d[row..row + n],
@@ -548,8 +604,8 @@ fn linear_backward_update(
     sh: LinShape,
     s: &mut [f32],
     buf: &mut [f32],
-    w: &[f32],
-    keep: Keep,
+    code: &mut [u8],
+    sigma: u32,
     mut gx: Option<&mut [f32]>,
     p: Sgd,
     window: &mut Window,
@@ -562,8 +618,8 @@ fn linear_backward_update(
         while i0 < inputs {
             let n = (inputs - i0).min(FUSED_BLOCK);
             let at = row + i0;
-            let mut weff = [0f32; FUSED_BLOCK];
-            keep.fill(&s[at..], &w[at..], at, &mut weff[..n]);
+            let (mut wv, mut weff) = ([0f32; FUSED_BLOCK], [0f32; FUSED_BLOCK]);
+            Codes { code, sigma }.fill(at, &mut wv[..n], &mut weff[..n]);
             let mut g = [0f32; FUSED_BLOCK];
             let mut b0 = 0;
             while b0 < nb {
@@ -589,8 +645,8 @@ fn linear_backward_update(
                 }
                 b0 += m;
             }
-            sgd_block(&mut s[at..at + n], &mut buf[at..at + n], &w[at..at + n], &g[..n], p);
-            window.scan(&s[at..at + n], at);
+            sgd_block(&mut s[at..at + n], &mut buf[at..at + n], &wv[..n], &g[..n], p);
+            window.scan(&s[at..at + n], at, &mut code[at..at + n]);
             i0 += n;
         }
     }
@@ -921,6 +977,8 @@ pub(super) struct Runner<'n> {
     wt_bwd: Vec<Vec<f32>>,
     /// Per linear layer, evaluation only: the materialised `W_eff`.
     dense: Vec<Vec<f32>>,
+    /// Per linear layer: the edge codes ([`Codes`]) and `σ`'s bits.
+    codes: Vec<(Vec<u8>, u32)>,
     /// Per layer: the current mask.
     keep: Vec<Keep>,
     labels: Vec<u8>,
@@ -973,6 +1031,7 @@ impl<'n> Runner<'n> {
             lists: vec![ConvLists::default(); stages.len()],
             wt_bwd: vec![Vec::new(); stages.len()],
             dense: vec![Vec::new(); stages.len()],
+            codes: Vec::new(),
             keep: Vec::new(),
             stages,
             labels: Vec::with_capacity(cap),
@@ -985,6 +1044,20 @@ impl<'n> Runner<'n> {
             width: vec![1.0 / 256.0; n_layers],
         };
         r.keep = scores.iter().zip(&net.keep).map(|(s, &k)| Keep::new(mask_threshold(s, k))).collect();
+        for (l, w) in net.weights.iter().enumerate() {
+            let sigma = net.layers[l].weight_scale();
+            if !w.iter().all(|v| v.abs().to_bits() == sigma.to_bits()) {
+                return Err(KernelError::InvalidConfig(format!("layer {l}: frozen weights are not ±σ")));
+            }
+            let mut code = match r.stages[l] {
+                Stage::Linear { .. } => w.iter().map(|v| u8::from(v.is_sign_negative())).collect(),
+                Stage::Conv { .. } => Vec::new(),
+            };
+            if !code.is_empty() {
+                mark_all(&scores[l], r.keep[l], &mut code);
+            }
+            r.codes.push((code, sigma.to_bits()));
+        }
         Ok(r)
     }
 
@@ -1048,14 +1121,14 @@ impl<'n> Runner<'n> {
 
     /// Forward pass of the loaded batch; logits end up in `pre[last]`.
     /// `dense`: read the materialised linear weights (see [`Self::prepare`]).
-    fn forward(&mut self, scores: &[Vec<f32>], dense: bool) {
+    fn forward(&mut self, dense: bool) {
         for l in 0..self.stages.len() {
-            self.forward_layer(l, scores, dense);
+            self.forward_layer(l, dense);
         }
     }
 
     /// Layer `l` of [`Self::forward`], with its activation.
-    fn forward_layer(&mut self, l: usize, scores: &[Vec<f32>], dense: bool) {
+    fn forward_layer(&mut self, l: usize, dense: bool) {
         let nb = self.nb;
         let groups = nb.div_ceil(GROUP);
         let arch = self.arch;
@@ -1081,7 +1154,7 @@ impl<'n> Runner<'n> {
                     let weights = if dense {
                         LinearWeights::Dense(&self.dense[l])
                     } else {
-                        LinearWeights::Masked { s: &scores[l], w: &self.net.weights[l], keep: self.keep[l] }
+                        LinearWeights::Coded(Codes { code: &self.codes[l].0, sigma: self.codes[l].1 })
                     };
                     let (x, y, acc) = (&self.input[l], &mut self.pre[l], &mut self.acc);
                     simd_call!(
@@ -1161,13 +1234,15 @@ impl<'n> Runner<'n> {
                 } else {
                     None
                 };
-                let (x, delta, keep) = (&self.input[l], &self.delta, self.keep[l]);
+                let (x, delta) = (&self.input[l], &self.delta);
+                let sigma = self.codes[l].1;
+                let code = &mut self.codes[l].0;
                 self.window.reset(old.threshold, self.width[l]);
                 let window = &mut self.window;
                 let sh = LinShape { inputs, outputs };
                 simd_call!(
                     arch,
-                    linear_backward_update(x: &'a [f32], delta: &'a [f32], nb: usize, sh: LinShape, s: &'a mut [f32], buf: &'a mut [f32], w: &'a [f32], keep: Keep, gx_slice: Option<&'a mut [f32]>, p: Sgd, window: &'a mut Window)
+                    linear_backward_update(x: &'a [f32], delta: &'a [f32], nb: usize, sh: LinShape, s: &'a mut [f32], buf: &'a mut [f32], code: &'a mut [u8], sigma: u32, gx_slice: Option<&'a mut [f32]>, p: Sgd, window: &'a mut Window)
                 );
                 self.gin[l] = gx;
             }
@@ -1205,7 +1280,20 @@ impl<'n> Runner<'n> {
         }
         let keep = self.net.keep[l];
         let new = match self.stages[l] {
-            Stage::Linear { .. } => self.window.finish(s.len(), keep).unwrap_or_else(|| mask_threshold(s, keep)),
+            Stage::Linear { .. } => {
+                let code = &mut self.codes[l].0;
+                match self.window.finish(s.len(), keep) {
+                    Some(t) if t != MaskThreshold::ALL && t != MaskThreshold::NONE => {
+                        self.window.mark(t, code);
+                        t
+                    }
+                    found => {
+                        let t = found.unwrap_or_else(|| mask_threshold(s, keep));
+                        mark_all(s, Keep::new(t), code);
+                        t
+                    }
+                }
+            }
             Stage::Conv { .. } => mask_threshold(s, keep),
         };
         self.width[l] = next_width(old.threshold, new);
@@ -1235,7 +1323,7 @@ pub(super) fn train(
         for idx in order.chunks(cfg.batch_size) {
             runner.load(data, idx, &table);
             runner.prepare(&scores, false);
-            runner.forward(&scores, false);
+            runner.forward(false);
             let value = runner.loss();
             if !value.is_finite() {
                 return Err(KernelError::Diverged { step: steps, loss: value });
@@ -1272,7 +1360,7 @@ pub(super) fn evaluate(
     let mut logits = Vec::with_capacity(chunk * classes);
     for idx in all.chunks(chunk) {
         runner.load(data, idx, &table);
-        runner.forward(scores, true);
+        runner.forward(true);
         logits.clear();
         for b in 0..runner.nb {
             logits.extend_from_slice(runner.logits(b));
@@ -1457,7 +1545,7 @@ mod tests {
             let idx: Vec<usize> = (0..8).map(|k| (step * 8 + k) % data.len()).collect();
             r.load(data, &idx, &table);
             r.prepare(&scores, false);
-            r.forward(&scores, false);
+            r.forward(false);
             assert!(r.loss().is_finite());
             r.backward_update(&mut scores, &mut momentum, Sgd { lr: 0.4, wd: 1e-4, mu: 0.9, first: step == 0 });
         }
@@ -1491,7 +1579,7 @@ mod tests {
             let idx: Vec<usize> = (step * 8..step * 8 + 8).collect();
             r.load(&data, &idx, &table);
             r.prepare(&scores, false);
-            r.forward(&scores, false);
+            r.forward(false);
             r.loss();
             r.backward_update(&mut scores, &mut momentum, Sgd { lr: 0.4, wd: 1e-4, mu: 0.9, first: step == 0 });
             for (l, s) in scores.iter().enumerate() {
@@ -1515,11 +1603,19 @@ mod tests {
                 for (center, width) in [(want, 1.0 / 2048.0), (want, 0.0), (MaskThreshold::ALL, 0.5), (want, 0.5)] {
                     let mut w = Window::default();
                     w.reset(center, width);
+                    let mut code = vec![NEG; n];
                     for (k, chunk) in scores.chunks(64).enumerate() {
-                        w.scan(chunk, k * 64);
+                        w.scan(chunk, k * 64, &mut code[k * 64..k * 64 + chunk.len()]);
                     }
                     match w.finish(n, keep) {
-                        Some(t) => assert_eq!(t, want, "keep {keep}"),
+                        Some(t) => {
+                            assert_eq!(t, want, "keep {keep}");
+                            if keep > 0 && keep < n {
+                                w.mark(t, &mut code);
+                                let m = mask(scores, keep);
+                                assert!(code.iter().zip(&m).all(|(&c, &k)| c == NEG | (u8::from(k) << 1)));
+                            }
+                        }
                         None => assert!(center != want || keep == 0 || keep >= n, "window at the answer declined"),
                     }
                 }
@@ -1562,7 +1658,7 @@ mod tests {
             row[0] = t0.elapsed().as_secs_f64();
             for l in 0..layers {
                 let c = Instant::now();
-                r.forward_layer(l, &scores, false);
+                r.forward_layer(l, false);
                 row[1 + l] = c.elapsed().as_secs_f64();
             }
             let c = Instant::now();
@@ -1585,13 +1681,14 @@ mod tests {
         };
         let fmt = |i: usize| {
             let (med, min) = stat(&t[i]);
-            format!("{med:.2} ({min:.2})")
+            let mean = t[i].iter().sum::<f64>() * 1e3 / t[i].len() as f64;
+            format!("{med:.2}/{mean:.2} ({min:.2})")
         };
         let fwd: Vec<String> = (0..layers).map(|l| format!("L{l} {}", fmt(1 + l))).collect();
         let bwd: Vec<String> = (0..layers).map(|l| format!("L{l} {}", fmt(2 + layers + l))).collect();
         let (step_med, step_min) = stat(&t[phases - 1]);
         println!(
-            "native LeNet step (bs 8), median (min) ms: step {}; load+conv weights {}; forward [{}]; loss {}; \
+            "native LeNet step (bs 8), median/mean (min) ms: step {}; load+conv weights {}; forward [{}]; loss {}; \
              backward+update [{}]",
             fmt(phases - 1),
             fmt(0),
