@@ -105,6 +105,10 @@ pub struct SimReport {
     pub wall_secs_per_round: Vec<f64>,
     /// Wall-clock seconds of central evaluation per evaluated round.
     pub wall_secs_eval: Vec<f64>,
+    /// Set when the run stopped early because honest local training
+    /// diverged (the global model was ruined, e.g. by a scaling attack): the
+    /// round whose training failed. FRL's reference code stops such runs too.
+    pub diverged_at: Option<u32>,
 }
 
 impl SimReport {
@@ -333,6 +337,7 @@ pub fn run_on(
     let mut round_wall = std::time::Instant::now();
     let mut finished = false;
     let mut extensions = 0u32;
+    let mut diverged_at = None;
 
     // Round 0: the initial model.
     let e = tally_kernels::update::evaluate_run(&run_config, coord.model(), &split.test, device, 1000)?;
@@ -364,7 +369,13 @@ pub fn run_on(
                 // Dropped clients silently leave this round.
                 .filter(|job| unit(s.seed, TAG_DROPOUT, u64::from(job.round) << 32 | job.slot as u64) >= net.dropout)
                 .collect();
-            let updates = round_updates(s, &run_config, &batch, &shards, malicious, threads, device)?;
+            let updates = match round_updates(s, &run_config, &batch, &shards, malicious, threads, device) {
+                Err(SimError::Kernel(tally_kernels::KernelError::Diverged { .. })) => {
+                    diverged_at = batch.first().map(|j| j.round);
+                    break;
+                }
+                other => other?,
+            };
             for (job, update) in batch.iter().zip(updates) {
                 let slow = if stragglers[job.slot] { net.straggler_slowdown } else { 1.0 };
                 // Virtual compute: examples processed (an SPSA step is two
@@ -447,16 +458,15 @@ pub fn run_on(
                 Event::RoundCompleted(summary) => {
                     extensions = 0;
                     wall_rounds.push(round_wall.elapsed().as_secs_f64());
-                    let evaluate = summary.round % s.eval_every == 0 || summary.round == s.rounds;
+                    // Attacked runs are evaluated every round: a collapse shows
+                    // in the round it happens.
+                    let evaluate = summary.round % s.eval_every == 0
+                        || summary.round == s.rounds
+                        || (malicious > 0 && s.attack.as_ref().is_some_and(|a| matches!(a, AttackSpec::Scale { .. })));
                     let (acc, loss) = if evaluate {
                         let t = std::time::Instant::now();
-                        let e = tally_kernels::update::evaluate_run(
-                            &run_config,
-                            coord.model(),
-                            &split.test,
-                            device,
-                            1000,
-                        )?;
+                        let e =
+                            tally_kernels::update::evaluate_run(&run_config, coord.model(), &split.test, device, 1000)?;
                         wall_eval.push(t.elapsed().as_secs_f64());
                         (Some(e.accuracy()), Some(e.mean_loss()))
                     } else {
@@ -505,6 +515,7 @@ pub fn run_on(
         final_model: coord.model().to_vec(),
         wall_secs_per_round: wall_rounds,
         wall_secs_eval: wall_eval,
+        diverged_at,
     })
 }
 

@@ -156,6 +156,9 @@ fn main() -> anyhow::Result<()> {
     let mean_eval = report.wall_secs_eval.iter().sum::<f64>() / report.wall_secs_eval.len().max(1) as f64;
     let last = report.records.last();
     let up: u64 = report.records.iter().map(|r| r.bytes_up).sum();
+    if let Some(round) = report.diverged_at {
+        println!("stopped: honest local training diverged in round {round} (the global model is ruined)");
+    }
     println!(
         "final test accuracy: {}",
         report.final_accuracy().map_or("not evaluated".into(), |a| format!("{:.2}%", a * 100.0))
