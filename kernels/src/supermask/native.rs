@@ -747,26 +747,38 @@ fn pooled_delta(sd: &mut SparseDelta, up: Upstream<'_>, arg: &[u8], nb: usize, s
 
 /// The dense output gradient of a convolution without pooling,
 /// `dense[b][p][o]`, and (if `sparse`) the same by position.
-fn plain_delta(
-    dense: &mut Vec<f32>,
-    sd: Option<&mut SparseDelta>,
-    up: Upstream<'_>,
-    pre: &[f32],
-    nb: usize,
-    sh: ConvShape,
-) {
+fn plain_delta(dense: &mut Vec<f32>, sd: Option<&mut SparseDelta>, up: Upstream<'_>, nb: usize, sh: ConvShape) {
     let (cout, side) = (sh.cout, sh.side);
-    let (p, plane) = (side + 2, conv_plane(side));
     dense.clear();
     dense.resize(nb * side * side * cout, 0.0);
-    for b in 0..nb {
-        for r in 0..side {
-            for c in 0..side {
-                let base = ((b * side + r) * side + c) * cout;
-                for o in 0..cout {
-                    // ReLU passes where pre > 0 (`up.at` checks the stored activation).
-                    let pre = pre[(b * cout + o) * plane + r * p + c];
-                    dense[base + o] = if pre > 0.0 { up.at(b, o, r, c, side, cout) } else { 0.0 };
+    // The ReLU passes the gradient where the stored activation is > 0.
+    match up.to {
+        NextInput::Conv => {
+            // Both the gradient and the activation are channels-last: one
+            // contiguous, vectorisable run of channels per position.
+            let np = side + 2;
+            for b in 0..nb {
+                for r in 0..side {
+                    for c in 0..side {
+                        let gi = ((b * side + r) * side + c) * cout;
+                        let ai = (b * np * np + (r + 1) * np + c + 1) * cout;
+                        let (g, a) = (&up.grad[gi..gi + cout], &up.act[ai..ai + cout]);
+                        for ((d, &g), &a) in dense[gi..gi + cout].iter_mut().zip(g).zip(a) {
+                            *d = if a > 0.0 { g } else { 0.0 };
+                        }
+                    }
+                }
+            }
+        }
+        NextInput::Flat => {
+            for b in 0..nb {
+                for r in 0..side {
+                    for c in 0..side {
+                        let base = ((b * side + r) * side + c) * cout;
+                        for o in 0..cout {
+                            dense[base + o] = up.at(b, o, r, c, side, cout);
+                        }
+                    }
                 }
             }
         }
@@ -1264,7 +1276,7 @@ impl<'n> Runner<'n> {
                     simd_call!(arch, conv_wgrad_sparse(inp: &'a [f32], sd: &'a SparseDelta, g: &'a mut [f32], sh: ConvShape));
                 } else {
                     let sd = if l > 0 { Some(&mut self.sparse) } else { None };
-                    plain_delta(&mut self.delta, sd, up, &self.pre[l], nb, sh);
+                    plain_delta(&mut self.delta, sd, up, nb, sh);
                     let dense = &self.delta;
                     let g = &mut grad[..];
                     simd_call!(arch, conv_wgrad_dense(inp: &'a [f32], dense: &'a [f32], g: &'a mut [f32], nb: usize, sh: ConvShape));
