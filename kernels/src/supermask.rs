@@ -1700,8 +1700,10 @@ mod tests {
         assert_eq!((s, r.steps), (net.initial_scores(), 0));
     }
 
-    /// Timing of the pieces of a LeNet step at FRL's batch size; run with
-    /// `cargo test --release -p tally-kernels -- --ignored --nocapture speed_frl`.
+    /// Timing of the pieces of a LeNet step at FRL's batch size on the burn
+    /// path (the reference; `native::tests::speed_frl_lenet_native` times the
+    /// native kernels); run with
+    /// `cargo test --release -p tally-kernels -- --ignored --nocapture --test-threads 1 speed_frl`.
     #[cfg(feature = "embedded-data")]
     #[test]
     #[ignore = "timing only"]
@@ -1777,10 +1779,11 @@ mod tests {
         let global = net.initial_ranking();
         for _ in 0..2 {
             let t = Instant::now();
-            let (_, rep) = net.train_round(&global, &data, &cfg, &device).unwrap();
+            let scores = net.scores_from_rankings(&global).unwrap();
+            let (_, rep) = net.train_burn(scores, &data, &cfg, &device).unwrap();
             let secs = t.elapsed().as_secs_f64();
             println!(
-                "train_round 480 samples x 1 epoch: {} steps in {secs:.2} s = {:.1} steps/s, {:.2} ms/sample",
+                "burn: train 480 samples x 1 epoch: {} steps in {secs:.2} s = {:.1} steps/s, {:.2} ms/sample",
                 rep.steps,
                 rep.steps as f64 / secs,
                 secs * 1e3 / rep.samples as f64
@@ -1789,10 +1792,12 @@ mod tests {
         let client = split.train.subset(&(0..60).collect::<Vec<_>>()).unwrap();
         let cfg = FrlTrainConfig::mnist(0, 0);
         let t = Instant::now();
-        let (_, rep) = net.train_round(&global, &client, &cfg, &device).unwrap();
+        let scores = net.scores_from_rankings(&global).unwrap();
+        let (scores, rep) = net.train_burn(scores, &client, &cfg, &device).unwrap();
+        std::hint::black_box(net.rankings(&scores));
         let secs = t.elapsed().as_secs_f64();
         println!(
-            "one FRL MNIST client (60 samples, 2 epochs, incl. rebuild + ranking): {} steps, {secs:.3} s \
+            "burn: one FRL MNIST client (60 samples, 2 epochs, incl. rebuild + ranking): {} steps, {secs:.3} s \
              -> 25 clients/round: {:.1} s",
             rep.steps,
             secs * 25.0
@@ -1800,9 +1805,9 @@ mod tests {
         let test = split.test.subset(&(0..512).collect::<Vec<_>>()).unwrap();
         for bs in [8usize, 32, 128, 512] {
             let t = Instant::now();
-            let e = net.evaluate_ranking(&global, &test, &device, bs).unwrap();
+            let e = net.evaluate_scores_burn(&net.scores_from_rankings(&global).unwrap(), &test, &device, bs).unwrap();
             println!(
-                "evaluate_ranking 512 test images, batch {bs}: {:.3} ms/image",
+                "burn: evaluate 512 test images, batch {bs}: {:.3} ms/image",
                 t.elapsed().as_secs_f64() * 1e3 / 512.0
             );
             assert_eq!(e.total, 512);
