@@ -9,59 +9,17 @@
 //! *What's Hidden in a Randomly Weighted Neural Network?* (CVPR 2020), code
 //! `allenai/hidden-networks`. The team's notes: `docs/algorithms.md` §1.
 //!
-//! # Network
+//! # Network, edge order, frozen weights, initial scores
 //!
-//! Every layer is *masked*: convolutions (3×3, stride 1, padding 1) and
-//! "linear" layers (FRL writes them as 1×1 convolutions; here they are
-//! matrix products with the same `[out, in]` weight). No layer has a bias and
-//! there is no batch norm, exactly as in FRL (`bias=False` in `Builder.conv`).
-//! ReLU follows every layer but the last; 2×2 max pooling (stride 2, floor)
-//! follows the ReLU of the convolutions marked so in [`FrlArch::layers`]
-//! (computed as pool-then-ReLU, which is exactly the same function); the feature map
-//! is flattened in `(channel, row, col)` order (PyTorch's `view`) before the
-//! first linear layer. Inputs are `(pixel/255 − mean)/std` ([`InputNorm`];
-//! FRL's MNIST transform uses mean 0.1307, std 0.3081).
-//!
-//! # Canonical edge order (part of the protocol)
-//!
-//! Layers are numbered `0..L` in forward order: convolutions first, then linear
-//! layers, the order of PyTorch's `named_modules()` on FRL's models. Within a
-//! layer, edge `i` is the `i`-th element of the weight in row-major PyTorch
-//! layout: `[out, in, 3, 3]` for a convolution, `[out, in]` for a linear layer
-//! (`[out, in, 1, 1]` in FRL, the same order). A ranking of layer `l` is a
-//! permutation of `0..n_l` over these indices. [`FrlArch::layer_sizes`] lists
-//! `n_l`.
-//!
-//! # Frozen weights (specification)
-//!
-//! For layer `l` with fan-in `f_l` (`in·9` for a 3×3 convolution, `in` for a
-//! linear layer), FRL's "signed constant" initialisation is
-//! `W_l[i] = sign(u_i)·gain/√f_l` with gain `√2` (ReLU, fan-in mode). Here:
-//!
-//! * `σ_l = f32( √2 / √f_l )`: both square roots and the division in IEEE
-//!   binary64 (each correctly rounded), then rounded once to binary32. This is
-//!   what Python computes for `std` before PyTorch stores the f32 weight.
-//! * `z_i` = element `i` of the Rademacher sequence of the
-//!   [`tally_protocol::prng`] stream `(run_seed, Purpose::FrlWeights,
-//!   round 0, client 0, step l)`: bit `i mod 32` of word `i / 32`, 1 → `+1`,
-//!   0 → `−1` (see [`tally_protocol::prng::rademacher`]).
-//! * `W_l[i] = z_i · σ_l`, i.e. exactly `+σ_l` or `−σ_l` (sign flip is exact).
-//!
-//! FRL draws the sign from PyTorch's default (uniform) init; only its sign
-//! matters, so a Rademacher draw has the same distribution.
-//!
-//! # Initial scores (specification)
-//!
-//! FRL draws `S_l ~ U(−b_l, b_l)`, `b_l = 1/√f_l` (`kaiming_uniform_` with
-//! `a = √5`). Here, from the stream `(run_seed, Purpose::FrlScores, round 0,
-//! client 0, step l)`:
-//!
-//! * `b_l = f32( 1 / √f_l )` (binary64 square root and division, one rounding
-//!   to binary32);
-//! * `S_l[i] = (2·u_i − 1) · b_l` in binary32, where `u_i = (w_i >> 8)·2⁻²⁴` is
-//!   the 24-bit uniform of word `i` ([`tally_protocol::prng::uniform24`]).
-//!   `2·u_i − 1` is exact in binary32, so the only rounding is the final
-//!   multiplication (round to nearest even). Values lie in `[−b_l, b_l)`.
+//! Defined once, in [`tally_protocol::supermask`] (re-exported here): the
+//! layer list of each [`FrlArch`], the canonical edge order rankings index,
+//! `W_l[i] = ±σ_l` from the Rademacher stream `(run_seed, FrlWeights, 0, 0, l)`
+//! and `S_l[i] = (2·u_i − 1)·b_l` from the stream `(run_seed, FrlScores, 0, 0,
+//! l)`. The server builds the initial global ranking from the same
+//! definition without linking burn. Inputs are `(pixel/255 − mean)/std`
+//! ([`InputNorm`]; FRL's MNIST transform uses mean 0.1307, std 0.3081).
+//! 2×2 max pooling is computed as pool-then-ReLU, which is the same function
+//! as FRL's ReLU-then-pool.
 //!
 //! The server keeps `s̄_l = sort_asc(S_l)` ([`sorted_initial_scores`]); every
 //! later global score vector is a permutation of it.
@@ -109,7 +67,6 @@ use burn::tensor::activation::relu;
 use burn::tensor::module::{conv2d, max_pool2d};
 use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use tally_protocol::prng::{Purpose, StreamId, uniform24};
 
 use crate::KernelError;
 use crate::data::Dataset;
@@ -122,219 +79,12 @@ mod native;
 /// layer's edges are in the mask.
 pub const DEFAULT_KEEP_FRACTION: f64 = 0.5;
 
-/// What a masked layer computes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LayerKind {
-    /// 3×3 convolution, stride 1, padding 1, no bias. Weight `[out, in, 3, 3]`.
-    Conv3x3,
-    /// Fully connected, no bias. Weight `[out, in]`.
-    Linear,
-}
-
-/// One masked layer of an [`FrlArch`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct MaskedLayer {
-    /// Convolution or linear.
-    pub kind: LayerKind,
-    /// Input channels (convolution) or features (linear).
-    pub inputs: usize,
-    /// Output channels or features.
-    pub outputs: usize,
-    /// A 2×2 max pooling (stride 2) follows this layer's ReLU.
-    pub pool_after: bool,
-}
-
-impl MaskedLayer {
-    const fn conv(inputs: usize, outputs: usize, pool_after: bool) -> Self {
-        MaskedLayer { kind: LayerKind::Conv3x3, inputs, outputs, pool_after }
-    }
-
-    const fn linear(inputs: usize, outputs: usize) -> Self {
-        MaskedLayer { kind: LayerKind::Linear, inputs, outputs, pool_after: false }
-    }
-
-    /// Fan-in of one output unit: `in·9` for a convolution, `in` for linear.
-    pub fn fan_in(&self) -> usize {
-        match self.kind {
-            LayerKind::Conv3x3 => self.inputs.saturating_mul(9),
-            LayerKind::Linear => self.inputs,
-        }
-    }
-
-    /// Number of weights (= ranked edges) of the layer.
-    pub fn edges(&self) -> usize {
-        self.outputs.saturating_mul(self.fan_in())
-    }
-
-    /// The weight's shape in PyTorch layout.
-    pub fn shape(&self) -> Vec<usize> {
-        match self.kind {
-            LayerKind::Conv3x3 => vec![self.outputs, self.inputs, 3, 3],
-            LayerKind::Linear => vec![self.outputs, self.inputs],
-        }
-    }
-
-    /// `σ_l = f32(√2/√f_l)`, the magnitude of every frozen weight.
-    pub fn weight_scale(&self) -> f32 {
-        (2f64.sqrt() / (self.fan_in() as f64).sqrt()) as f32
-    }
-
-    /// `b_l = f32(1/√f_l)`, the bound of the initial scores.
-    pub fn score_bound(&self) -> f32 {
-        (1.0 / (self.fan_in() as f64).sqrt()) as f32
-    }
-}
-
-/// FRL's architectures. Layer lists, in the canonical order, are given by
-/// [`FrlArch::layers`]; every convolution is 3×3 with padding 1.
-///
-/// Sources: `LeNet` is `models/small.py::LeNet` of `SPIN-UMass/FRL`; `Conv2`,
-/// `Conv4` and `Conv8` are `models/frankle.py` of `allenai/hidden-networks`
-/// (edge-popup; FRL's `Conv8` is the same network), with the input shape made
-/// a parameter so they also run on 28×28 greyscale images (the flatten width
-/// becomes `channels_last · (side/2^pools)²`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum FrlArch {
-    /// For 1×28×28 images (MNIST, Fashion-MNIST): conv(1→32) → conv(32→64) →
-    /// pool → fc(12544→128) → fc(128→classes). With 10 classes: 1,625,632
-    /// edges in 4 layers (288 / 18,432 / 1,605,632 / 1,280).
-    LeNet {
-        /// Output classes (10 in FRL).
-        classes: usize,
-    },
-    /// conv(c→64) → conv(64→64) → pool → fc(64·(s/2)²→256) → fc(256→256) →
-    /// fc(256→classes).
-    Conv2 {
-        /// Input channels (1 for the greyscale datasets of this project).
-        channels: usize,
-        /// Input height = width.
-        side: usize,
-        /// Output classes.
-        classes: usize,
-    },
-    /// conv(c→64) → conv(64→64) → pool → conv(64→128) → conv(128→128) → pool →
-    /// fc(128·(s/4)²→256) → fc(256→256) → fc(256→classes).
-    Conv4 {
-        /// Input channels.
-        channels: usize,
-        /// Input height = width.
-        side: usize,
-        /// Output classes.
-        classes: usize,
-    },
-    /// Four conv pairs (64, 128, 256, 512 channels), each followed by a pool,
-    /// then fc(512·(s/16)²→256) → fc(256→256) → fc(256→classes). FRL's CIFAR-10
-    /// model (`channels 3, side 32`: 5,275,840 edges in 11 layers).
-    Conv8 {
-        /// Input channels.
-        channels: usize,
-        /// Input height = width.
-        side: usize,
-        /// Output classes.
-        classes: usize,
-    },
-}
-
-/// The side of a LeNet input image.
-pub const LENET_SIDE: usize = 28;
-
-impl FrlArch {
-    /// FRL's MNIST model.
-    pub const MNIST_LENET: FrlArch = FrlArch::LeNet { classes: 10 };
-
-    /// `(channels, side)` of an input image.
-    pub fn input_shape(&self) -> (usize, usize) {
-        match *self {
-            FrlArch::LeNet { .. } => (1, LENET_SIDE),
-            FrlArch::Conv2 { channels, side, .. }
-            | FrlArch::Conv4 { channels, side, .. }
-            | FrlArch::Conv8 { channels, side, .. } => (channels, side),
-        }
-    }
-
-    /// Output classes.
-    pub fn classes(&self) -> usize {
-        match *self {
-            FrlArch::LeNet { classes }
-            | FrlArch::Conv2 { classes, .. }
-            | FrlArch::Conv4 { classes, .. }
-            | FrlArch::Conv8 { classes, .. } => classes,
-        }
-    }
-
-    /// The masked layers in canonical order (see the module docs).
-    pub fn layers(&self) -> Vec<MaskedLayer> {
-        let (c, side) = self.input_shape();
-        let classes = self.classes();
-        let conv_stack = |widths: &[usize]| {
-            // Pairs of convolutions, a pool after each pair.
-            let mut layers = Vec::new();
-            let mut prev = c;
-            for &w in widths {
-                layers.push(MaskedLayer::conv(prev, w, false));
-                layers.push(MaskedLayer::conv(w, w, true));
-                prev = w;
-            }
-            let s = side >> widths.len();
-            (layers, prev * s * s)
-        };
-        let head = |layers: &mut Vec<MaskedLayer>, flat: usize| {
-            layers.push(MaskedLayer::linear(flat, 256));
-            layers.push(MaskedLayer::linear(256, 256));
-            layers.push(MaskedLayer::linear(256, classes));
-        };
-        match self {
-            FrlArch::LeNet { .. } => vec![
-                MaskedLayer::conv(1, 32, false),
-                MaskedLayer::conv(32, 64, true),
-                MaskedLayer::linear(64 * 14 * 14, 128),
-                MaskedLayer::linear(128, classes),
-            ],
-            FrlArch::Conv2 { .. } => {
-                let (mut l, flat) = conv_stack(&[64]);
-                head(&mut l, flat);
-                l
-            }
-            FrlArch::Conv4 { .. } => {
-                let (mut l, flat) = conv_stack(&[64, 128]);
-                head(&mut l, flat);
-                l
-            }
-            FrlArch::Conv8 { .. } => {
-                let (mut l, flat) = conv_stack(&[64, 128, 256, 512]);
-                head(&mut l, flat);
-                l
-            }
-        }
-    }
-
-    /// Number of ranked edges per layer, in canonical order.
-    pub fn layer_sizes(&self) -> Vec<usize> {
-        self.layers().iter().map(MaskedLayer::edges).collect()
-    }
-
-    /// Total number of edges (weights) over all layers.
-    pub fn num_edges(&self) -> usize {
-        self.layer_sizes().iter().sum()
-    }
-
-    /// Refuses zero sizes, inputs too small for the pooling, and layers whose
-    /// edges a `u32` ranking can't index.
-    pub fn validate(&self) -> Result<(), KernelError> {
-        let (c, side) = self.input_shape();
-        let pools = self.layers().iter().filter(|l| l.pool_after).count();
-        if c == 0 || self.classes() == 0 {
-            return Err(KernelError::InvalidConfig(format!("{self:?}: zero channels or classes")));
-        }
-        if (side >> pools) == 0 {
-            return Err(KernelError::InvalidConfig(format!("{self:?}: side {side} too small for {pools} poolings")));
-        }
-        if self.layers().iter().any(|l| l.edges() == 0 || l.edges() > u32::MAX as usize) {
-            return Err(KernelError::InvalidConfig(format!("{self:?}: a layer has 0 or more than 2^32-1 edges")));
-        }
-        Ok(())
-    }
-}
+// The network definitions (layers, canonical edge order, seed-derived
+// weights and scores) are the protocol's, so the server knows them without
+// burn and no party can derive a different network.
+pub use tally_protocol::supermask::{
+    FrlArch, LENET_SIDE, LayerKind, MaskedLayer, frozen_layer_weights, initial_layer_scores,
+};
 
 /// Which order the ranking follows (`algorithms.md` §1.4).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -484,40 +234,9 @@ pub struct FrlTrainReport {
 // Seed-derived tensors (the specification in the module docs).
 // ---------------------------------------------------------------------------
 
-fn stream(run_seed: u64, purpose: Purpose, layer: usize) -> StreamId {
-    StreamId { run_seed, purpose, round: 0, client: 0, step: layer as u32 }
-}
-
-/// The frozen weights of layer `layer` (its index in canonical order):
-/// `W[i] = z_i · σ_l` with `z` the Rademacher sequence of stream
-/// `(run_seed, FrlWeights, 0, 0, layer)`.
-pub fn frozen_layer_weights(run_seed: u64, layer: usize, spec: &MaskedLayer) -> Vec<f32> {
-    let n = spec.edges();
-    let sigma = spec.weight_scale();
-    let mut words = vec![0u32; n.div_ceil(32)];
-    stream(run_seed, Purpose::FrlWeights, layer).words_from(0).fill(&mut words);
-    let (plus, minus) = (sigma, -sigma);
-    let mut out = Vec::with_capacity(n);
-    for (i, &w) in words.iter().enumerate() {
-        let take = (n - i * 32).min(32);
-        out.extend((0..take).map(|j| if (w >> j) & 1 == 1 { plus } else { minus }));
-    }
-    out
-}
-
 /// The frozen weights of every layer of `arch`, in canonical order.
 pub fn frozen_weights(arch: &FrlArch, run_seed: u64) -> Vec<Vec<f32>> {
     arch.layers().iter().enumerate().map(|(l, spec)| frozen_layer_weights(run_seed, l, spec)).collect()
-}
-
-/// The initial scores of layer `layer`: `S[i] = (2·u_i − 1)·b_l` with `u_i`
-/// the 24-bit uniform of word `i` of stream `(run_seed, FrlScores, 0, 0, layer)`.
-pub fn initial_layer_scores(run_seed: u64, layer: usize, spec: &MaskedLayer) -> Vec<f32> {
-    let n = spec.edges();
-    let b = spec.score_bound();
-    let mut words = vec![0u32; n];
-    stream(run_seed, Purpose::FrlScores, layer).words_from(0).fill(&mut words);
-    words.iter().map(|&w| (2.0 * uniform24(w) - 1.0) * b).collect()
 }
 
 /// The initial scores `S⁰` of every layer of `arch`.
@@ -1161,7 +880,7 @@ fn forward(layers: &[MaskedLayer], (c, side): (usize, usize), x: Tensor<2>, weig
 mod tests {
     use super::*;
     use crate::train::cpu_device;
-    use tally_protocol::prng::rademacher;
+    use tally_protocol::prng::{Purpose, StreamId, rademacher};
 
     #[test]
     fn layer_sizes_match_the_spec() {

@@ -10,7 +10,7 @@ use tally_protocol::spsa::SpsaConfig;
 use tally_protocol::wire::{ClientUpdate, EvalReport, RunConfig, UpdatePayload};
 
 use crate::data::Dataset;
-use crate::supermask::{FrlArch, FrlTrainConfig, InputNorm, RankMode, Supermask, SupermaskConfig};
+use crate::supermask::{FrlTrainConfig, InputNorm, RankMode, Supermask, SupermaskConfig};
 use crate::train::{TrainConfig, train_local};
 use crate::{Device, KernelError};
 
@@ -153,7 +153,7 @@ pub fn frl_network(arch: &ModelArch, frl: &FrlRun) -> Result<Arc<Supermask>, Ker
         return Err(KernelError::InvalidConfig("an FRL run needs a supermask model".into()));
     };
     let config = SupermaskConfig {
-        arch: kernel_arch(net),
+        arch: *net,
         run_seed: frl.seed,
         keep_fraction: frl.vote.k_fraction,
         rank_mode: match frl.vote.mask {
@@ -174,16 +174,6 @@ pub fn frl_network(arch: &ModelArch, frl: &FrlRun) -> Result<Arc<Supermask>, Ker
     }
     cache.push((config, built.clone()));
     Ok(built)
-}
-
-fn kernel_arch(net: &tally_protocol::supermask::FrlArch) -> FrlArch {
-    use tally_protocol::supermask::FrlArch as P;
-    match *net {
-        P::LeNet { classes } => FrlArch::LeNet { classes },
-        P::Conv2 { channels, side, classes } => FrlArch::Conv2 { channels, side, classes },
-        P::Conv4 { channels, side, classes } => FrlArch::Conv4 { channels, side, classes },
-        P::Conv8 { channels, side, classes } => FrlArch::Conv8 { channels, side, classes },
-    }
 }
 
 /// The flat score vector cut into the network's layers.

@@ -85,11 +85,13 @@ pub struct MaskedLayer {
 }
 
 impl MaskedLayer {
-    const fn conv(inputs: usize, outputs: usize, pool_after: bool) -> Self {
+    /// A 3×3 convolution layer.
+    pub const fn conv(inputs: usize, outputs: usize, pool_after: bool) -> Self {
         MaskedLayer { kind: LayerKind::Conv3x3, inputs, outputs, pool_after }
     }
 
-    const fn linear(inputs: usize, outputs: usize) -> Self {
+    /// A linear layer.
+    pub const fn linear(inputs: usize, outputs: usize) -> Self {
         MaskedLayer { kind: LayerKind::Linear, inputs, outputs, pool_after: false }
     }
 

@@ -535,7 +535,7 @@ fn round_updates(
         tally_kernels::update::local_update(run, slot as u32, job.round, job.seed, &job.model, &shards[slot], device)
     };
     let honest: Vec<&Job> = batch.iter().filter(|j| j.slot >= malicious).collect();
-    let mut trained = par_map(threads, &honest, |job| train(job.slot, job)).into_iter();
+    let mut trained = par_map(threads, &honest, |job| train(job.slot, job))?.into_iter();
     // One crafted payload per round, shared by that round's malicious clients.
     let mut crafted: std::collections::BTreeMap<u32, UpdatePayload> = std::collections::BTreeMap::new();
     let mut out = Vec::with_capacity(batch.len());
@@ -581,7 +581,7 @@ fn craft_attack(
             let attackers = rng.sample(&ids, (*pool).min(malicious));
             let rankings = par_map(threads, &attackers, |&a| {
                 tally_kernels::update::local_update(run, a as u32, job.round, job.seed, &job.model, &shards[a], device)
-            });
+            })?;
             let sizes = &frl.vote.layer_sizes;
             let mut sums = vec![0u64; frl.vote.num_edges()];
             for update in rankings {
@@ -591,11 +591,11 @@ fn craft_attack(
                 let ranking =
                     tally_protocol::frl::decode(&bytes, sizes).map_err(|e| SimError::Protocol(e.to_string()))?;
                 let mut offset = 0;
-                for l in 0..ranking.num_layers() {
-                    for (position, &edge) in ranking.layer(l).iter().enumerate() {
+                for (layer, &n) in ranking.layers().zip(sizes) {
+                    for (position, &edge) in layer.iter().enumerate() {
                         sums[offset + edge as usize] += position as u64;
                     }
-                    offset += sizes[l];
+                    offset += n;
                 }
             }
             // R_mal = argsort_desc(A): the attackers' consensus, reversed.
@@ -616,9 +616,9 @@ fn craft_attack(
 }
 
 /// `f` over `items` on up to `threads` scoped workers, results in item order.
-fn par_map<T: Sync, R: Send>(threads: usize, items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+fn par_map<T: Sync, R: Send>(threads: usize, items: &[T], f: impl Fn(&T) -> R + Sync) -> Result<Vec<R>, SimError> {
     if threads <= 1 || items.len() <= 1 {
-        return items.iter().map(f).collect();
+        return Ok(items.iter().map(f).collect());
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let slots: Vec<std::sync::Mutex<Option<R>>> = items.iter().map(|_| std::sync::Mutex::new(None)).collect();
@@ -638,7 +638,9 @@ fn par_map<T: Sync, R: Send>(threads: usize, items: &[T], f: impl Fn(&T) -> R + 
     // the scope joined them all (a worker's panic propagates out of `scope`).
     slots
         .into_iter()
-        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()).expect("every item was processed"))
+        .map(|m| {
+            m.into_inner().unwrap_or_else(|p| p.into_inner()).ok_or(SimError::Protocol("a worker lost an item".into()))
+        })
         .collect()
 }
 
