@@ -396,8 +396,7 @@ fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
     assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
     let m = metrics(&server.out_dir);
     assert_eq!(m.len(), 3, "{m:?}");
-    let packed =
-        tally_protocol::frl::packed_len(&tally_protocol::frl::LENET_MNIST_LAYER_SIZES).unwrap() as u64;
+    let packed = tally_protocol::frl::packed_len(&tally_protocol::frl::LENET_MNIST_LAYER_SIZES).unwrap() as u64;
     for line in &m[1..=2] {
         assert_eq!(line["accepted"], 3);
         assert_eq!(line["rejected"], 0);
@@ -409,7 +408,8 @@ fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
     assert!(acc(2) > acc(0) + 0.3, "FRL should learn: {} -> {}", acc(0), acc(2));
     // The saved model is the global scores; its hash is the one every client saw.
     let arch = ModelArch::Supermask(tally_protocol::supermask::FrlArch::MNIST_LENET);
-    let scores = arch.from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap()).unwrap();
+    let scores =
+        arch.from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap()).unwrap();
     let hash = hex::encode(tally_protocol::identity::params_hash(&scores));
     assert_eq!(m[2]["model_hash"], hash.as_str());
     for c in &clients {
@@ -549,4 +549,166 @@ fn connection_limit_and_join_timeout_keep_slots_for_real_clients() {
     let mut c = start_client(dir.path(), "real", &key, &server, &["--shard", "0/8"]);
     assert!(c.wait().success(), "{}", c.stderr());
     assert!(server.proc.wait().success(), "{}", server.proc.stderr());
+}
+
+/// Load: thousands of concurrent QUIC clients (real TLS 1.3 handshakes, real
+/// signatures; a tiny model so that the server's per-client work, not
+/// training, is what is measured) against one `tally-server` on loopback.
+/// Every client is sampled every round (the worst case for a round).
+/// Reports per-client round latency (RoundStart received → Ack received)
+/// p50/p99, the round span (first RoundStart → last Ack), and the server's
+/// CPU time and peak memory. Bounded: `TALLY_LOAD_CLIENTS` (default 2000),
+/// `TALLY_LOAD_ROUNDS` (default 3), ten minutes. Run:
+/// `TALLY_LOAD_CLIENTS=10000 cargo nextest run --release -p tally-e2e --run-ignored only load_`
+/// (or `cargo test --release -p tally-e2e -- --ignored --nocapture load_`).
+#[test]
+#[ignore = "load test: minutes of CPU; run by hand, figures in BENCHMARKS.md"]
+fn load_thousands_of_concurrent_clients_complete_rounds() {
+    let n: usize = std::env::var("TALLY_LOAD_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let rounds: u32 = std::env::var("TALLY_LOAD_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<Identity> = (0..n)
+        .map(|i| {
+            let mut secret = [0u8; 32];
+            secret[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+            secret[8] = 0x10;
+            Identity::from_secret(secret)
+        })
+        .collect();
+    let enrolled: Vec<String> = ids.iter().map(|id| id.public_key().to_string()).collect();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "model = { kind = \"mlp\", input = 4, hidden = [4], classes = 2 }\n").unwrap();
+    let (cfg, n_s, r_s) = (config.to_str().unwrap().to_string(), n.to_string(), rounds.to_string());
+    let server = start_server(
+        dir.path(),
+        &enrolled,
+        &[
+            "--config",
+            &cfg,
+            "--rounds",
+            &r_s,
+            "--min-clients",
+            &n_s,
+            "--clients-per-round",
+            &n_s,
+            "--quorum",
+            &n_s,
+            "--join-timeout-secs",
+            "600",
+            "--round-timeout-secs",
+            "600",
+        ],
+    );
+    let pid = server.proc.pid().unwrap();
+    // The server's CPU time (ticks) and peak RSS, sampled until it exits.
+    let sampler = std::thread::spawn(move || {
+        let mut last = (0u64, 0u64);
+        loop {
+            let (Ok(stat), Ok(status)) = (
+                std::fs::read_to_string(format!("/proc/{pid}/stat")),
+                std::fs::read_to_string(format!("/proc/{pid}/status")),
+            ) else {
+                return last;
+            };
+            // Fields after the parenthesised command name: utime is field 14, stime 15.
+            let rest = stat.rsplit(')').next().unwrap_or("");
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let hwm = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            if ticks > 0 || hwm > 0 {
+                last = (ticks, hwm);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let addr: std::net::SocketAddr = server.addr.parse().unwrap();
+    let trust = tally_client::ServerTrust::fingerprint(&server.fingerprint).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let started = Instant::now();
+    // (client, round, RoundStart received, Ack received)
+    let samples: Vec<(usize, u32, Instant, Instant)> = rt.block_on(async move {
+        // One UDP socket for every client: connections multiplex on it.
+        let endpoint = tally_client::endpoint(addr, &trust).unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, id) in ids.into_iter().enumerate() {
+            let endpoint = endpoint.clone();
+            tasks.spawn(async move {
+                let conn = tally_client::connect(&endpoint, addr, "localhost").await.map_err(|e| e.to_string())?;
+                let mut p = Participant::new(id, None);
+                let mut out = Vec::new();
+                let mut pending: Option<(u32, Instant)> = None;
+                loop {
+                    while let Some(f) = p.poll_transmit() {
+                        tally_client::send_message(&conn, &f).await?;
+                    }
+                    let Ok(bytes) = tally_client::recv_message(&conn, 1 << 20).await else { return Ok(out) };
+                    p.handle_message(Instant::now(), &bytes).map_err(|e| e.to_string())?;
+                    while let Some(ev) = p.poll_event() {
+                        match ev {
+                            ParticipantEvent::TaskRequested { round, task, model, .. } => {
+                                // The final evaluation round is acknowledged too; only
+                                // training rounds are measured.
+                                pending = (task == Task::Train).then(|| (round, Instant::now()));
+                                let update = (task == Task::Train).then(|| ClientUpdate {
+                                    num_samples: 1,
+                                    train_loss: 0.0,
+                                    payload: UpdatePayload::DenseDelta(vec![0.0; model.len()]),
+                                });
+                                p.submit(Instant::now(), None, update).map_err(|e| e.to_string())?;
+                            }
+                            ParticipantEvent::Accepted { round } => {
+                                if let Some((r, t)) = pending.take().filter(|(r, _)| *r == round) {
+                                    out.push((i, r, t, Instant::now()));
+                                }
+                            }
+                            ParticipantEvent::Finished { .. } => return Ok::<_, String>(out),
+                            _ => {}
+                        }
+                    }
+                }
+            });
+        }
+        let mut all = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+        while let Ok(Some(joined)) = tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            all.extend(joined.expect("client task").expect("client session"));
+        }
+        assert!(tasks.is_empty(), "{} clients still running after ten minutes", tasks.len());
+        all
+    });
+    let wall = started.elapsed();
+    let mut server = server;
+    assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
+    let (ticks, hwm_kb) = sampler.join().unwrap();
+    let m = metrics(&server.out_dir);
+    for line in &m[1..=rounds as usize] {
+        assert_eq!(line["accepted"], n as u64, "{line}");
+    }
+    let mut lat: Vec<f64> = samples.iter().map(|(_, _, s, a)| a.duration_since(*s).as_secs_f64()).collect();
+    lat.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+    let mut spans = Vec::new();
+    for r in 1..=rounds {
+        let of_round: Vec<_> = samples.iter().filter(|s| s.1 == r).collect();
+        let first = of_round.iter().map(|s| s.2).min().unwrap();
+        let last = of_round.iter().map(|s| s.3).max().unwrap();
+        spans.push(last.duration_since(first).as_secs_f64());
+    }
+    assert_eq!(samples.len(), n * rounds as usize, "every client acknowledged every round");
+    println!(
+        "load: {n} clients × {rounds} rounds in {:.1} s wall; per-client RoundStart→Ack p50 {:.3} s p99 {:.3} s; \
+         round span {:?} s; server CPU {:.1} s; server peak RSS {:.1} MB",
+        wall.as_secs_f64(),
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        spans.iter().map(|s| (s * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
+        ticks as f64 / 100.0,
+        hwm_kb as f64 / 1024.0
+    );
 }

@@ -74,6 +74,11 @@ impl Proc {
         Proc { name: name.to_string(), child: Some(child), lines, stderr_path }
     }
 
+    /// The OS process id, while the child is running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Waits for a stdout line starting with `prefix`; returns the rest.
     pub fn expect_line(&self, prefix: &str) -> String {
         loop {
