@@ -212,12 +212,27 @@ impl RawConfig {
     /// Reads a TOML file.
     pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+        RawConfig::parse(path, &text)
+    }
+
+    /// Parses TOML text (`path` only names it in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
     }
 
     /// Validates, filling defaults. `os_seed` supplies randomness for the
     /// seed and run id when they are not configured.
     pub fn validate(self, os_seed: [u8; 24]) -> Result<ServerConfig, ConfigError> {
+        self.validate_with(os_seed, read_enrolled)
+    }
+
+    /// [`RawConfig::validate`] with the enrolment file read by `read_keys`
+    /// (the fuzz target validates without touching the file system).
+    pub fn validate_with(
+        self,
+        os_seed: [u8; 24],
+        read_keys: impl FnOnce(&Path) -> Result<Vec<PublicKeyBytes>, ConfigError>,
+    ) -> Result<ServerConfig, ConfigError> {
         let invalid = |s: String| ConfigError::Invalid(s);
         let rounds = self.rounds.unwrap_or(5);
         if rounds == 0 {
@@ -241,7 +256,7 @@ impl RawConfig {
             None => RunId(os_seed[8..24].try_into().unwrap_or([0; 16])),
         };
         let keys_path = self.enrolled_keys.ok_or_else(|| invalid("enrolled_keys is required".into()))?;
-        let enrolled = read_enrolled(&keys_path)?;
+        let enrolled = read_keys(&keys_path)?;
         let arch = self.model.unwrap_or_else(ModelArch::mnist_mlp);
         arch.validate().map_err(|e| invalid(e.to_string()))?;
         let train = self.train.unwrap_or(TrainSpec { lr: 0.05, batch_size: 32, epochs: 1 });
@@ -324,6 +339,11 @@ impl RawConfig {
 /// blank lines are ignored.
 pub fn read_enrolled(path: &Path) -> Result<Vec<PublicKeyBytes>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+    parse_enrolled(path, &text)
+}
+
+/// Parses the text of an enrolment file (`path` only names it in errors).
+pub fn parse_enrolled(path: &Path, text: &str) -> Result<Vec<PublicKeyBytes>, ConfigError> {
     let mut keys = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();

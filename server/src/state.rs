@@ -121,12 +121,7 @@ impl StateDir {
                 self.generation = generation;
             }
             Persist::Append(r) => {
-                let payload = durable::encode_record(r);
-                let len = u32::try_from(payload.len()).map_err(|_| corrupted(&self.dir, "record too large"))?;
-                let mut frame = Vec::with_capacity(8 + payload.len());
-                frame.extend_from_slice(&len.to_le_bytes());
-                frame.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-                frame.extend_from_slice(&payload);
+                let frame = wal_frame(r).ok_or_else(|| corrupted(&self.dir, "record too large"))?;
                 let wal_path = self.dir.join("wal.bin");
                 self.wal.write_all(&frame).map_err(io(&wal_path))?;
                 self.wal.sync_data().map_err(io(&wal_path))?;
@@ -137,18 +132,12 @@ impl StateDir {
 }
 
 fn write_snapshot(dir: &Path, generation: u64, s: &Snapshot) -> Result<(), StateError> {
-    let payload = durable::encode_snapshot(s);
+    let bytes = snapshot_file(generation, s);
     let tmp = dir.join("snapshot.tmp");
     let path = dir.join("snapshot.bin");
     {
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        let mut head = Vec::with_capacity(SNAP_HEADER);
-        head.extend_from_slice(SNAP_MAGIC);
-        head.extend_from_slice(&generation.to_le_bytes());
-        head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        head.extend_from_slice(&Sha256::digest(&payload));
-        f.write_all(&head).map_err(io(&tmp))?;
-        f.write_all(&payload).map_err(io(&tmp))?;
+        f.write_all(&bytes).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
     }
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
@@ -157,11 +146,29 @@ fn write_snapshot(dir: &Path, generation: u64, s: &Snapshot) -> Result<(), State
     Ok(())
 }
 
+/// The bytes of `snapshot.bin` for snapshot `s` of `generation`.
+pub fn snapshot_file(generation: u64, s: &Snapshot) -> Vec<u8> {
+    let payload = durable::encode_snapshot(s);
+    let mut out = Vec::with_capacity(SNAP_HEADER + payload.len());
+    out.extend_from_slice(SNAP_MAGIC);
+    out.extend_from_slice(&generation.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&Sha256::digest(&payload));
+    out.extend_from_slice(&payload);
+    out
+}
+
 fn read_snapshot(path: &Path) -> Result<(u64, Snapshot), StateError> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|f| f.take(MAX_SNAPSHOT_BYTES as u64 + SNAP_HEADER as u64 + 1).read_to_end(&mut bytes))
         .map_err(io(path))?;
+    parse_snapshot(path, &bytes)
+}
+
+/// Checks and decodes the bytes of a snapshot file (`path` only names it in
+/// errors): the generation and the snapshot.
+pub fn parse_snapshot(path: &Path, bytes: &[u8]) -> Result<(u64, Snapshot), StateError> {
     let (head, payload) = bytes.split_at_checked(SNAP_HEADER).ok_or_else(|| corrupted(path, "truncated header"))?;
     if &head[..8] != SNAP_MAGIC {
         return Err(corrupted(path, "not a Tally snapshot (bad magic)"));
@@ -187,8 +194,7 @@ fn wal_generation(path: &Path) -> Option<u64> {
 
 fn new_wal(path: &Path, generation: u64) -> Result<File, StateError> {
     let mut f = File::create(path).map_err(io(path))?;
-    f.write_all(WAL_MAGIC).map_err(io(path))?;
-    f.write_all(&generation.to_le_bytes()).map_err(io(path))?;
+    f.write_all(&wal_header(generation)).map_err(io(path))?;
     f.sync_all().map_err(io(path))?;
     if let Some(dir) = path.parent() {
         File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
@@ -202,6 +208,33 @@ fn read_wal(path: &Path, generation: u64) -> Result<Option<Vec<Record>>, StateEr
     let Ok(mut f) = File::open(path) else { return Ok(None) };
     let mut bytes = Vec::new();
     f.read_to_end(&mut bytes).map_err(io(path))?;
+    parse_wal(path, &bytes, generation)
+}
+
+/// The header of a log of `generation` (the bytes before its first frame).
+pub fn wal_header(generation: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(WAL_HEADER);
+    out.extend_from_slice(WAL_MAGIC);
+    out.extend_from_slice(&generation.to_le_bytes());
+    out
+}
+
+/// One log frame: payload length, CRC-32, the encoded record; `None` for a
+/// record whose length does not fit the u32 length field.
+pub fn wal_frame(r: &Record) -> Option<Vec<u8>> {
+    let payload = durable::encode_record(r);
+    let len = u32::try_from(payload.len()).ok()?;
+    let mut frame = Vec::with_capacity(8 + payload.len());
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    frame.extend_from_slice(&payload);
+    Some(frame)
+}
+
+/// Checks and decodes the bytes of a log file (`path` only names it in
+/// errors and warnings): its records, or `None` if it holds nothing of
+/// `generation` (see [`read_wal`]).
+pub fn parse_wal(path: &Path, bytes: &[u8], generation: u64) -> Result<Option<Vec<Record>>, StateError> {
     let Some((head, mut rest)) = bytes.split_at_checked(WAL_HEADER) else {
         // The header is written and fsynced before any record: a short file
         // is a log that never got its header, holding nothing.
