@@ -17,6 +17,10 @@ pub mod coordinator;
 pub mod durable;
 pub mod error;
 pub mod frl;
+// Entry points of the cargo-fuzz targets in `fuzz/`, here so stable tests can
+// run them over the checked-in corpus.
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod identity;
 pub mod model;
 pub mod participant;

@@ -10,6 +10,9 @@
 //! and quick to build. Accuracy figures come from the clients' evaluations.
 
 pub mod config;
+// Entry points of the cargo-fuzz targets in `fuzz/` for the server's readers.
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod metrics;
 pub mod state;
 pub mod tls;
