@@ -122,7 +122,7 @@ pub fn decode_report(bytes: &[u8]) -> Result<Report, Malformed> {
     decode_exact(bytes)
 }
 
-fn decode_exact<T: bincode::Decode<()>>(bytes: &[u8]) -> Result<T, Malformed> {
+fn decode_exact<T: bincode::Decode<()> + bincode::Encode>(bytes: &[u8]) -> Result<T, Malformed> {
     let limit = decode_limit_for(bytes.len());
     let decoded = match limit {
         DECODE_LIMIT_SMALL => bincode::decode_from_slice::<T, _>(bytes, cfg::<DECODE_LIMIT_SMALL>()),
@@ -140,7 +140,26 @@ fn decode_exact<T: bincode::Decode<()>>(bytes: &[u8]) -> Result<T, Malformed> {
     if used != bytes.len() {
         return Err(Malformed::TrailingBytes { extra: bytes.len().saturating_sub(used) });
     }
+    // bincode also reads integers written in more bytes than needed (varint
+    // prefix 251 before a value below 251, and so on), which would give one
+    // message several encodings and one report several signed byte strings.
+    // The canonical encoding is the only one of minimal length, so a value
+    // whose encoding is shorter than what it was decoded from is refused.
+    if encoded_len(&value) != bytes.len() {
+        return Err(Malformed::NonCanonical);
+    }
     Ok(value)
+}
+
+/// Length of the canonical encoding of `value`, without writing it.
+fn encoded_len<T: bincode::Encode>(value: &T) -> usize {
+    let mut encoder =
+        bincode::enc::EncoderImpl::new(bincode::enc::write::SizeWriter::default(), cfg::<MAX_MESSAGE_BYTES>());
+    // Counting bytes can't fail, and the limit applies to decoding only.
+    match value.encode(&mut encoder) {
+        Ok(()) => encoder.into_writer().bytes_written,
+        Err(e) => panic!("invariant: sizing an encoding is infallible: {e}"),
+    }
 }
 
 fn truncate(mut s: String) -> String {
@@ -167,6 +186,26 @@ mod tests {
 
     fn sample_report() -> Message {
         Message::Report(SignedReport { body: vec![1, 2, 3], signature: SignatureBytes([7; 64]) })
+    }
+
+    /// Found by the `envelope` and `report` fuzz targets: bincode accepts a
+    /// varint written in more bytes than needed, so an Ack of round 0 (or any
+    /// report) had several encodings.
+    #[test]
+    fn non_minimal_varints_are_refused() {
+        let canonical = encode(&Message::Ack(Ack { round: 0 }));
+        assert_eq!(canonical, [b'T', b'L', b'Y', PROTOCOL_VERSION, 5, 0]);
+        // Round 0 as a u16 varint (prefix 251) and as a u32 varint (252).
+        for body in [&[5u8, 251, 0, 0][..], &[5, 252, 0, 0, 0, 0]] {
+            let frame = [&canonical[..HEADER_BYTES], body].concat();
+            assert_eq!(decode(&frame, MAX_MESSAGE_BYTES), Err(Malformed::NonCanonical.into()));
+        }
+        let report = encode_report(&Report { run_id: RunId([1; 16]), round: 3, eval: None, update: None });
+        let mut padded = report.clone();
+        // The round (after the 16-byte run id) as a u16 varint.
+        padded.splice(16..17, [251, 3, 0]);
+        assert_eq!(decode_report(&padded), Err(Malformed::NonCanonical));
+        assert!(decode_report(&report).is_ok());
     }
 
     #[test]

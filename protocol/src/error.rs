@@ -44,6 +44,10 @@ pub enum Malformed {
         /// Size of the frame (or report body) being decoded.
         len: usize,
     },
+    /// A valid value in a non-canonical encoding (an integer written in more
+    /// bytes than needed): every message has exactly one encoding.
+    #[error("non-canonical encoding (an integer in more bytes than needed)")]
+    NonCanonical,
     /// A field longer than its wire limit (e.g. [`crate::wire::MAX_DETAIL_BYTES`]).
     #[error("{field} is {len} bytes, the limit is {limit}")]
     FieldTooLong {

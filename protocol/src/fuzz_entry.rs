@@ -198,7 +198,7 @@ pub fn spsa_update(data: &[u8]) {
         finish_round(&mut agg, &mut global);
         // Every replica applies the same log; it must be the accepted bytes.
         if let Some(log) = agg.take_log() {
-            assert!(log.iter().all(|e| e.bytes.len() == steps_per_client as usize));
+            assert!(log.iter().all(|e| (1..=steps_per_client as usize).contains(&e.bytes.len())));
         }
     }
 }
@@ -276,17 +276,23 @@ pub fn frl_vote(data: &[u8]) {
     }
 }
 
-/// Durable snapshot bytes ([`durable::decode_snapshot`]); canonical.
+/// Durable snapshot bytes ([`durable::decode_snapshot`]). What decodes
+/// survives a round trip. (Unlike the wire, durable state may come in a
+/// non-canonical encoding: only our own checksummed files reach it, and
+/// nothing is signed over its bytes.)
 pub fn durable_snapshot(data: &[u8]) {
     if let Ok(s) = durable::decode_snapshot(data) {
-        assert_eq!(durable::encode_snapshot(&s), data, "a decoded snapshot has another encoding");
+        // Compared as bytes: a snapshot may hold NaN, which is not equal to itself.
+        let once = durable::encode_snapshot(&s);
+        assert_eq!(durable::decode_snapshot(&once).map(|s| durable::encode_snapshot(&s)), Ok(once));
     }
 }
 
-/// Durable WAL record bytes ([`durable::decode_record`]); canonical.
+/// Durable WAL record bytes ([`durable::decode_record`]); round trip as above.
 pub fn durable_record(data: &[u8]) {
     if let Ok(r) = durable::decode_record(data) {
-        assert_eq!(durable::encode_record(&r), data, "a decoded record has another encoding");
+        let once = durable::encode_record(&r);
+        assert_eq!(durable::decode_record(&once).map(|r| durable::encode_record(&r)), Ok(once));
     }
 }
 
