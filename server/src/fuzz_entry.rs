@@ -12,7 +12,7 @@ use crate::config::{self, RawConfig};
 use crate::state;
 
 /// Every server target, by name (= cargo-fuzz target = corpus directory).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[tally_protocol::fuzz_entry::Target] = &[
     ("state_snapshot", state_snapshot),
     ("state_wal", state_wal),
     ("server_config", server_config),
