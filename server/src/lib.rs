@@ -54,6 +54,24 @@ pub const FINISH_LINGER: Duration = Duration::from_secs(20);
 /// How long to wait at the end of a run for clients to read the last messages.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Bytes of client messages the server holds at once, read but not yet
+/// handled, over all connections: each connection reads one stream at a time
+/// and first reserves its current size limit from this budget, and the
+/// reservation is released once the coordinator has handled the message.
+/// So inbound memory is bounded whatever the number of clients, and the
+/// budget is shared first come, first served (tokio's semaphore is fair): a
+/// connection that floods holds at most one reservation and cannot starve
+/// the others. 512 MiB is ~80 FRL LeNet reports (6.6 MB limit each) or
+/// ~650 MNIST-MLP deltas at once.
+pub const MAX_INBOUND_BYTES_IN_FLIGHT: usize = 512 * 1024 * 1024;
+
+/// QUIC flow-control window of one connection (all its streams together):
+/// what a client can make the server buffer below the application before
+/// it reads. 2 MiB is above the bandwidth-delay product of a 100 Mbit/s,
+/// 150 ms path, so it doesn't throttle honest uploads, and with the
+/// connection limit it bounds the transport's buffers (max_connections × 2 MiB).
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
+
 /// Capacity of the channel from connection tasks to the driver. Readers block
 /// when it is full, which back-pressures clients through QUIC flow control.
 const INBOUND_CAPACITY: usize = 1024;
@@ -121,7 +139,9 @@ pub struct RunOutcome {
 
 enum Inbound {
     Connected(ConnectionHandle, quinn::Connection, Arc<AtomicUsize>),
-    Message(ConnectionHandle, Vec<u8>),
+    /// A message, with its share of [`MAX_INBOUND_BYTES_IN_FLIGHT`] (released
+    /// when dropped, after the coordinator has handled it).
+    Message(ConnectionHandle, Vec<u8>, tokio::sync::OwnedSemaphorePermit),
     Oversize(ConnectionHandle, usize),
     Closed(ConnectionHandle),
 }
@@ -154,6 +174,8 @@ impl Server {
         transport
             .max_concurrent_uni_streams(MAX_CONCURRENT_UNI_STREAMS.into())
             .max_concurrent_bidi_streams(0u32.into())
+            .receive_window(CONNECTION_RECEIVE_WINDOW.into())
+            .stream_receive_window(CONNECTION_RECEIVE_WINDOW.into())
             .keep_alive_interval(Some(KEEP_ALIVE))
             .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().unwrap_or(quinn::VarInt::from_u32(30_000).into())));
         server_config.transport_config(Arc::new(transport));
@@ -309,10 +331,11 @@ impl Server {
                         }
                         coordinator.handle_connect(now(Instant::now()), conn, challenge);
                     }
-                    Some(Inbound::Message(conn, bytes)) => {
+                    Some(Inbound::Message(conn, bytes, reservation)) => {
                         if let Err(e) = coordinator.handle_message(now(Instant::now()), conn, &bytes) {
                             debug!(conn = conn.0, error = %e, "message refused");
                         }
+                        drop((bytes, reservation));
                         // Raise the limit before the Welcome goes out: the
                         // client's next stream follows it.
                         if coordinator.client_of(conn).is_some() {
@@ -456,6 +479,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 
 async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, max_connections: usize) {
     let mut next_id = 0u64;
+    let budget = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_BYTES_IN_FLIGHT));
     let open = Arc::new(AtomicUsize::new(0));
     while let Some(incoming) = endpoint.accept().await {
         if open.load(Ordering::Relaxed) >= max_connections {
@@ -468,6 +492,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, max_c
         next_id += 1;
         let tx = tx.clone();
         let open = open.clone();
+        let budget = budget.clone();
         tokio::spawn(async move {
             // Released when this task ends, however it ends.
             let _slot = Slot(open);
@@ -483,7 +508,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, max_c
             if tx.send(Inbound::Connected(id, connection.clone(), limit.clone())).await.is_err() {
                 return;
             }
-            reader(id, connection, tx, limit).await;
+            reader(id, connection, tx, limit, budget).await;
         });
     }
 }
@@ -494,6 +519,7 @@ async fn reader(
     connection: quinn::Connection,
     tx: mpsc::Sender<Inbound>,
     limit: Arc<AtomicUsize>,
+    budget: Arc<tokio::sync::Semaphore>,
 ) {
     loop {
         let mut recv = match connection.accept_uni().await {
@@ -505,8 +531,15 @@ async fn reader(
             }
         };
         let limit = limit.load(Ordering::Relaxed);
+        // Reserve the worst case before reading: the stream's size is only
+        // known once it is read. Limits are below the budget (the largest
+        // message is 64 MiB), and the semaphore is never closed.
+        let want = u32::try_from(limit.min(MAX_INBOUND_BYTES_IN_FLIGHT)).unwrap_or(u32::MAX);
+        let Ok(reservation) = budget.clone().acquire_many_owned(want).await else {
+            return;
+        };
         let inbound = match recv.read_to_end(limit).await {
-            Ok(bytes) => Inbound::Message(id, bytes),
+            Ok(bytes) => Inbound::Message(id, bytes, reservation),
             Err(quinn::ReadToEndError::TooLong) => {
                 // Tell the peer to stop sending; we won't buffer the rest.
                 let _ = recv.stop(1u32.into());
