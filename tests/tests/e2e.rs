@@ -722,3 +722,140 @@ fn load_thousands_of_concurrent_clients_complete_rounds() {
         hwm_kb as f64 / 1024.0
     );
 }
+
+/// Two network namespaces joined by a veth pair, removed on drop.
+struct NetnsPair {
+    server_ns: String,
+    client_ns: String,
+}
+
+impl NetnsPair {
+    /// Creates the pair, or says why not (no privileges, no `ip`).
+    fn create() -> Result<NetnsPair, String> {
+        let tag = std::process::id();
+        let pair = NetnsPair { server_ns: format!("tally-s{tag}"), client_ns: format!("tally-c{tag}") };
+        let (s, c) = (pair.server_ns.clone(), pair.client_ns.clone());
+        let (vs, vc) = (format!("vs{tag}"), format!("vc{tag}"));
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), s.clone()],
+            vec!["netns".into(), "add".into(), c.clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                vs.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                vc.clone(),
+            ],
+            vec!["link".into(), "set".into(), vs.clone(), "netns".into(), s.clone()],
+            vec!["link".into(), "set".into(), vc.clone(), "netns".into(), c.clone()],
+            vec!["-n".into(), s.clone(), "addr".into(), "add".into(), "10.231.0.1/24".into(), "dev".into(), vs.clone()],
+            vec!["-n".into(), c.clone(), "addr".into(), "add".into(), "10.231.0.2/24".into(), "dev".into(), vc.clone()],
+            vec!["-n".into(), s.clone(), "link".into(), "set".into(), vs, "up".into()],
+            vec!["-n".into(), c.clone(), "link".into(), "set".into(), vc, "up".into()],
+            vec!["-n".into(), s, "link".into(), "set".into(), "lo".into(), "up".into()],
+            vec!["-n".into(), c, "link".into(), "set".into(), "lo".into(), "up".into()],
+        ];
+        for args in steps {
+            let out = std::process::Command::new("ip").args(&args).output().map_err(|e| format!("ip: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+            }
+        }
+        Ok(pair)
+    }
+
+    /// Takes the client side's link down (`up = false`) or back up.
+    fn set_client_link(&self, up: bool) {
+        let dev = format!("vc{}", std::process::id());
+        let state = if up { "up" } else { "down" };
+        let ok = std::process::Command::new("ip")
+            .args(["-n", &self.client_ns, "link", "set", &dev, state])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip link set {dev} {state}");
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth, and so the pair.
+        for ns in [&self.server_ns, &self.client_ns] {
+            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Server and clients on two "hosts" (network namespaces joined by a veth
+/// link, created by the test); the clients' link is cut in the middle of a
+/// round and restored; the run completes with every client's update in
+/// every round, and every client ends with the server's final model. Skips,
+/// saying so, where the test may not create namespaces (needs CAP_NET_ADMIN).
+#[test]
+fn multi_host_run_survives_a_link_cut_mid_round() {
+    let pair = match NetnsPair::create() {
+        Ok(p) => p,
+        Err(why) => {
+            println!("SKIPPED multi_host_run_survives_a_link_cut_mid_round: cannot create network namespaces ({why})");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<_> = (0..3).map(|i| keygen(dir.path(), &format!("n{i}"))).collect();
+    let enrolled = dir.path().join("enrolled.txt");
+    std::fs::write(&enrolled, keys.iter().map(|(_, pk)| format!("{pk}\n")).collect::<String>()).unwrap();
+    let out_dir = dir.path().join("out");
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &pair.server_ns])
+        .arg(bin("tally-server"))
+        .args(["--self-signed", "--listen", "10.231.0.1:4433", "--rounds", "4", "--min-clients", "3", "--seed", "3"])
+        .arg("--enrolled-keys")
+        .arg(&enrolled)
+        .arg("--out-dir")
+        .arg(&out_dir);
+    let mut server = Proc::spawn("ns-server", &mut cmd, dir.path());
+    server.expect_line("listening on ");
+    let fingerprint = server.expect_line("fingerprint ");
+    let mut clients: Vec<Proc> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| {
+            let mut cmd = std::process::Command::new("ip");
+            cmd.args(["netns", "exec", &pair.client_ns])
+                .arg(bin("tally-client"))
+                .args(["run", "--server", "10.231.0.1:4433", "--fingerprint", &fingerprint, "--key"])
+                .arg(key)
+                .args(["--shard", &format!("{i}/3"), "--max-retries", "60", "--connect-timeout-secs", "2"]);
+            Proc::spawn(&format!("ns-client{i}"), &mut cmd, dir.path())
+        })
+        .collect();
+    // Cut the link as soon as round 2 is open (its tasks are on their way
+    // or being trained), hold it down past a few keep-alives, restore it.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !server.stderr().lines().any(|l| l.contains("round opened") && l.contains("round=2 ")) {
+        assert!(Instant::now() < deadline, "round 2 never opened:\n{}", server.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pair.set_client_link(false);
+    std::thread::sleep(Duration::from_secs(8)); // the fault's duration, not a wait for an outcome
+    // The cut really held the round up: no report could reach the server.
+    let completed_2 = |log: &str| log.lines().any(|l| l.contains("round completed") && l.contains("round=2 "));
+    assert!(!completed_2(&server.stderr()), "round 2 completed before the link came back; the cut tested nothing");
+    pair.set_client_link(true);
+    for c in &mut clients {
+        assert!(c.wait().success(), "{} failed:\n{}", c.name, c.stderr());
+    }
+    assert!(server.wait().success(), "server:\n{}", server.stderr());
+    let m = metrics(&out_dir);
+    assert_eq!(m.len(), 5, "rounds 0..=4: {m:?}");
+    for line in &m[1..=4] {
+        assert_eq!(line["accepted"], 3, "{line}");
+    }
+    let hash = m[4]["model_hash"].as_str().unwrap().to_string();
+    for c in &clients {
+        let done = c.drain_lines().into_iter().find(|l| l.starts_with("finished")).expect("client summary line");
+        assert!(done.contains(&format!("model_hash={hash}")), "{done}");
+    }
+}
