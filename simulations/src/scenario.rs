@@ -89,6 +89,21 @@ pub struct NetworkSpec {
     pub straggler_fraction: f64,
     /// How much slower a straggler computes. Default 10.
     pub straggler_slowdown: f64,
+    /// A network partition: for a window of virtual time, every message to
+    /// or from the first `⌊fraction·clients⌋` clients is lost. Default none.
+    pub partition: Option<PartitionFault>,
+}
+
+/// A window of virtual time during which some clients are cut off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionFault {
+    /// Fraction of clients cut off (ids `0..⌊fraction·clients⌋`), in `[0, 1]`.
+    pub fraction: f64,
+    /// Start of the cut, virtual seconds.
+    pub from_secs: f64,
+    /// End of the cut (exclusive), virtual seconds.
+    pub to_secs: f64,
 }
 
 impl Default for NetworkSpec {
@@ -100,6 +115,7 @@ impl Default for NetworkSpec {
             dropout: 0.0,
             straggler_fraction: 0.0,
             straggler_slowdown: 10.0,
+            partition: None,
         }
     }
 }
@@ -370,6 +386,11 @@ impl Scenario {
         }
         if !(1.0..=MAX_STRAGGLER_SLOWDOWN).contains(&n.straggler_slowdown) {
             return bad("network.straggler_slowdown must be in 1..=MAX_STRAGGLER_SLOWDOWN (1e4)");
+        }
+        if let Some(p) = &n.partition
+            && !((0.0..=1.0).contains(&p.fraction) && p.from_secs.is_finite() && p.to_secs.is_finite())
+        {
+            return bad("network.partition: fraction in [0, 1] and finite from_secs, to_secs");
         }
         if n.latency_ms > MAX_LATENCY_MS {
             return bad("network.latency_ms must be at most MAX_LATENCY_MS (one hour)");
