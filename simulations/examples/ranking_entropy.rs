@@ -66,11 +66,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let g = global.positions(l);
             let q: Vec<i64> = ranking.layer(l).iter().map(|&e| i64::from(g[e as usize])).collect();
             let d: Vec<i64> = q.iter().enumerate().map(|(i, &v)| v - i as i64).collect();
-            let s: Vec<i64> = q.iter().scan(-1i64, |prev, &v| {
-                let x = v - *prev;
-                *prev = v;
-                Some(x)
-            }).collect();
+            let s: Vec<i64> = q
+                .iter()
+                .scan(-1i64, |prev, &v| {
+                    let x = v - *prev;
+                    *prev = v;
+                    Some(x)
+                })
+                .collect();
             same += d.iter().filter(|&&x| x == 0).count();
             disp += d.iter().map(|&x| varint_len(zigzag(x))).sum::<usize>();
             step += s.iter().map(|&x| varint_len(zigzag(x))).sum::<usize>();
@@ -107,8 +110,11 @@ fn entropy_bits(xs: &[i64]) -> f64 {
         *counts.entry(x).or_insert(0u64) += 1;
     }
     let n = xs.len() as f64;
-    counts.values().map(|&c| {
-        let p = c as f64 / n;
-        -(c as f64) * p.log2()
-    }).sum()
+    counts
+        .values()
+        .map(|&c| {
+            let p = c as f64 / n;
+            -(c as f64) * p.log2()
+        })
+        .sum()
 }
