@@ -70,12 +70,12 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::activation::relu;
 use burn::tensor::module::{conv2d, max_pool2d};
 use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::KernelError;
 use crate::data::Dataset;
 use crate::model::read_tensor;
-use crate::train::{EvalReport, train_rng};
+use crate::train::{EvalReport, batch, train_rng};
 
 mod native;
 
@@ -705,12 +705,7 @@ impl Supermask {
                 loss_sum += f64::from(value) * idx.len() as f64;
             }
         }
-        // A finite loss with a non-finite score is possible on the last step.
-        if let Some(&v) = scores.iter().flatten().find(|v| !v.is_finite()) {
-            return Err(KernelError::Diverged { step: steps, loss: v });
-        }
-        let mean_loss = (loss_sum / samples.max(1) as f64) as f32;
-        Ok((scores, FrlTrainReport { mean_loss, steps, samples }))
+        finish_training(scores, steps, samples, loss_sum)
     }
 
     /// A benign client's round: rebuild the scores from the global ranking,
@@ -806,6 +801,22 @@ impl Trainer {
     }
 }
 
+/// The end of a training call, shared by the native and burn paths: a finite
+/// loss with a non-finite score is possible on the last step, so the scores
+/// are checked once more; then the report (mean per-sample loss).
+fn finish_training(
+    scores: Vec<Vec<f32>>,
+    steps: u64,
+    samples: u64,
+    loss_sum: f64,
+) -> Result<(Vec<Vec<f32>>, FrlTrainReport), KernelError> {
+    if let Some(&v) = scores.iter().flatten().find(|v| !v.is_finite()) {
+        return Err(KernelError::Diverged { step: steps, loss: v });
+    }
+    let mean_loss = (loss_sum / samples.max(1) as f64) as f32;
+    Ok((scores, FrlTrainReport { mean_loss, steps, samples }))
+}
+
 /// `sign(s)·(w·g)`: the score gradient of edge-popup through `|s|`.
 #[inline]
 fn straight_through(s: f32, w: f32, g: f32) -> f32 {
@@ -817,21 +828,6 @@ fn straight_through(s: f32, w: f32, g: f32) -> f32 {
     } else {
         0.0
     }
-}
-
-/// Builds the normalised `[b, pixels]` image tensor and `[b]` label tensor.
-fn batch(data: &Dataset, indices: &[usize], table: &[f32; 256], device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
-    let size = data.image_size();
-    let mut x = Vec::with_capacity(indices.len() * size);
-    let mut y = Vec::with_capacity(indices.len());
-    for &i in indices {
-        if let (Some(img), Some(&l)) = (data.image(i), data.labels.get(i)) {
-            x.extend(img.iter().map(|&p| table[usize::from(p)]));
-            y.push(i64::from(l));
-        }
-    }
-    let b = y.len();
-    (Tensor::from_data(TensorData::new(x, [b, size]), device), Tensor::from_data(TensorData::new(y, [b]), device))
 }
 
 /// The forward pass of a layer list (see the module docs).
@@ -885,6 +881,7 @@ fn forward(layers: &[MaskedLayer], (c, side): (usize, usize), x: Tensor<2>, weig
 mod tests {
     use super::*;
     use crate::train::cpu_device;
+    use burn::tensor::Int;
     use tally_protocol::prng::{Purpose, StreamId, rademacher};
 
     #[test]

@@ -94,8 +94,14 @@ fn check_data(arch: &ModelArch, data: &Dataset) -> Result<(), KernelError> {
 }
 
 /// Builds the `[b, pixels]` image tensor and `[b]` label tensor for the
-/// samples at `indices` (already validated to be in range).
-fn batch(data: &Dataset, indices: &[usize], table: &[f32; 256], device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
+/// samples at `indices` (already validated to be in range). Shared with
+/// the supermask models' burn path.
+pub(crate) fn batch(
+    data: &Dataset,
+    indices: &[usize],
+    table: &[f32; 256],
+    device: &Device,
+) -> (Tensor<2>, Tensor<1, Int>) {
     let size = data.image_size();
     // One allocation per batch, handed to burn without a copy.
     let mut x = Vec::with_capacity(indices.len() * size);

@@ -1347,12 +1347,7 @@ pub(super) fn train(
             loss_sum += f64::from(value) * idx.len() as f64;
         }
     }
-    // A finite loss with a non-finite score is possible on the last step.
-    if let Some(&v) = scores.iter().flatten().find(|v| !v.is_finite()) {
-        return Err(KernelError::Diverged { step: steps, loss: v });
-    }
-    let mean_loss = (loss_sum / samples.max(1) as f64) as f32;
-    Ok((scores, FrlTrainReport { mean_loss, steps, samples }))
+    super::finish_training(scores, steps, samples, loss_sum)
 }
 
 /// [`Supermask::evaluate_scores`] on the native kernels (inputs checked).
