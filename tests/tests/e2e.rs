@@ -32,10 +32,7 @@ fn fedavg_three_clients_three_rounds_over_quic_improves_accuracy() {
             start_client(dir.path(), &format!("client{i}"), key, &server, &["--shard", &shard, "--save-model", &save])
         })
         .collect();
-    for c in &mut clients {
-        let status = c.wait();
-        assert!(status.success(), "{} failed:\n{}", c.name, c.stderr());
-    }
+    wait_all_succeed(&mut clients);
     let status = server.proc.wait();
     assert!(status.success(), "server failed:\n{}", server.proc.stderr());
 
@@ -56,9 +53,8 @@ fn fedavg_three_clients_three_rounds_over_quic_improves_accuracy() {
     let params = arch.from_safetensors(&bytes).unwrap();
     let hash = hex::encode(tally_protocol::identity::params_hash(&params));
     assert_eq!(m[3]["model_hash"], hash.as_str());
-    for (i, c) in clients.iter().enumerate() {
-        let done = c.drain_lines().into_iter().find(|l| l.starts_with("finished")).expect("client summary line");
-        assert!(done.contains(&format!("model_hash={hash}")), "client {i}: {done}");
+    assert_clients_finished_with(&clients, &hash);
+    for i in 0..clients.len() {
         let saved = std::fs::read(dir.path().join(format!("c{i}-final.safetensors"))).unwrap();
         assert_eq!(arch.from_safetensors(&saved).unwrap(), params);
     }
@@ -221,9 +217,7 @@ fn hostile_inputs_are_rejected_with_typed_errors_while_honest_clients_finish() {
         }
     });
 
-    for c in &mut clients {
-        assert!(c.wait().success(), "{} failed:\n{}", c.name, c.stderr());
-    }
+    wait_all_succeed(&mut clients);
     assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
     let m = metrics(&server.out_dir);
     assert_eq!(m.len(), 3);
@@ -345,9 +339,7 @@ fn spsa_run_over_quic_keeps_every_replica_bit_identical() {
         .enumerate()
         .map(|(i, (key, _))| start_client(dir.path(), &format!("z{i}"), key, &server, &["--shard", &format!("{i}/3")]))
         .collect();
-    for c in &mut clients {
-        assert!(c.wait().success(), "{} failed:\n{}", c.name, c.stderr());
-    }
+    wait_all_succeed(&mut clients);
     assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
     let m = metrics(&server.out_dir);
     assert_eq!(m.len(), 4);
@@ -363,10 +355,7 @@ fn spsa_run_over_quic_keeps_every_replica_bit_identical() {
     assert_eq!(m[3]["model_hash"], hash.as_str());
     // Each client checked its replica against the server's hash after every
     // round; the run finishing proves it, and the final hash agrees.
-    for c in &clients {
-        let done = c.drain_lines().into_iter().find(|l| l.starts_with("finished")).expect("client summary line");
-        assert!(done.contains(&format!("model_hash={hash}")), "{done}");
-    }
+    assert_clients_finished_with(&clients, &hash);
 }
 
 #[test]
@@ -390,9 +379,7 @@ fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
         .enumerate()
         .map(|(i, (key, _))| start_client(dir.path(), &format!("f{i}"), key, &server, &["--shard", &format!("{i}/30")]))
         .collect();
-    for c in &mut clients {
-        assert!(c.wait().success(), "{} failed:\n{}", c.name, c.stderr());
-    }
+    wait_all_succeed(&mut clients);
     assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
     let m = metrics(&server.out_dir);
     assert_eq!(m.len(), 3, "{m:?}");
@@ -412,10 +399,7 @@ fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
         arch.from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap()).unwrap();
     let hash = hex::encode(tally_protocol::identity::params_hash(&scores));
     assert_eq!(m[2]["model_hash"], hash.as_str());
-    for c in &clients {
-        let done = c.drain_lines().into_iter().find(|l| l.starts_with("finished")).expect("client summary line");
-        assert!(done.contains(&format!("model_hash={hash}")), "{done}");
-    }
+    assert_clients_finished_with(&clients, &hash);
 }
 
 /// Runs a 3-round FedAvg federation whose server is stopped at each of
@@ -492,9 +476,7 @@ fn federation_with_crashes(dir: &std::path::Path, crashes: &[&str]) -> String {
         let next = crashes.get(n + 1).and_then(|c| fault_of(c));
         srv = server(&format!("server{}", n + 1), next);
     }
-    for c in &mut clients {
-        assert!(c.wait().success(), "{} failed:\n{}", c.name, c.stderr());
-    }
+    wait_all_succeed(&mut clients);
     assert!(srv.wait().success(), "final server:\n{}", srv.stderr());
     let params = ModelArch::mnist_mlp()
         .from_safetensors(&std::fs::read(dir.join("out/final_model.safetensors")).unwrap())
@@ -844,9 +826,7 @@ fn multi_host_run_survives_a_link_cut_mid_round() {
     let completed_2 = |log: &str| log.lines().any(|l| l.contains("round completed") && l.contains("round=2 "));
     assert!(!completed_2(&server.stderr()), "round 2 completed before the link came back; the cut tested nothing");
     pair.set_client_link(true);
-    for c in &mut clients {
-        assert!(c.wait().success(), "{} failed:\n{}", c.name, c.stderr());
-    }
+    wait_all_succeed(&mut clients);
     assert!(server.wait().success(), "server:\n{}", server.stderr());
     let m = metrics(&out_dir);
     assert_eq!(m.len(), 5, "rounds 0..=4: {m:?}");
@@ -854,8 +834,5 @@ fn multi_host_run_survives_a_link_cut_mid_round() {
         assert_eq!(line["accepted"], 3, "{line}");
     }
     let hash = m[4]["model_hash"].as_str().unwrap().to_string();
-    for c in &clients {
-        let done = c.drain_lines().into_iter().find(|l| l.starts_with("finished")).expect("client summary line");
-        assert!(done.contains(&format!("model_hash={hash}")), "{done}");
-    }
+    assert_clients_finished_with(&clients, &hash);
 }

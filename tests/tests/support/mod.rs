@@ -177,3 +177,19 @@ pub fn metrics(out_dir: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).expect("metrics.jsonl");
     text.lines().map(|l| serde_json::from_str(l).expect("metrics line is JSON")).collect()
 }
+
+/// Waits for every process and fails the test, with its stderr, for the
+/// first that did not exit successfully.
+pub fn wait_all_succeed(procs: &mut [Proc]) {
+    for p in procs {
+        assert!(p.wait().success(), "{} failed:\n{}", p.name, p.stderr());
+    }
+}
+
+/// Every client printed its summary line naming the final model `hash`.
+pub fn assert_clients_finished_with(clients: &[Proc], hash: &str) {
+    for c in clients {
+        let done = c.drain_lines().into_iter().find(|l| l.starts_with("finished")).expect("client summary line");
+        assert!(done.contains(&format!("model_hash={hash}")), "{}: {done}", c.name);
+    }
+}
