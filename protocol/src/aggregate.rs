@@ -8,12 +8,15 @@
 //! associative; arrival order must not change the model), while a vote tally
 //! can fold each update into integer counters as it arrives.
 //!
+//! Each update kind ([`crate::kind`]) makes its own aggregator; the
+//! aggregation rule over vectors is a separate choice ([`crate::rule`]).
+//!
 //! `absorb` validates the payload (kind, dimension, finiteness) and must leave
 //! the aggregator unchanged when it returns an error; `finish` must leave the
 //! global model unchanged when it returns an error.
 
 use crate::error::Misbehaviour;
-use crate::wire::{ClientUpdate, MAX_SAMPLES_PER_UPDATE, UpdateKind, UpdatePayload};
+use crate::wire::{ClientUpdate, LogEntry, MAX_SAMPLES_PER_UPDATE, ModelSync};
 
 /// Stable identity of a client: its index in the enrolment list.
 pub type ClientIndex = u32;
@@ -45,46 +48,111 @@ pub enum AggregateError {
     },
 }
 
-/// Combines a round's updates into the next global model.
+/// An aggregator's state that lives across rounds (server momentum, DP
+/// trees, running tallies), as kept in the server's durable snapshot. The
+/// aggregator owns the bytes' format and versions it; the coordinator only
+/// stores and hands them back.
+#[derive(Clone, Debug, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct AggregatorState {
+    /// The aggregator that wrote it ([`Aggregator::name`]).
+    pub name: String,
+    /// Its format version, chosen by the aggregator.
+    pub version: u32,
+    /// The state.
+    pub bytes: Vec<u8>,
+}
+
+impl AggregatorState {
+    /// Checks the state was written by `name` in format `version`.
+    pub fn expect(&self, name: &'static str, version: u32) -> Result<(), StateError> {
+        if self.name != name {
+            return Err(StateError::WrongAggregator { expected: name, found: self.name.clone() });
+        }
+        if self.version != version {
+            return Err(StateError::Version { name, expected: version, found: self.version });
+        }
+        Ok(())
+    }
+}
+
+/// Why saved state can't be restored into an aggregator.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum StateError {
+    /// State written by another aggregator.
+    #[error("saved aggregator state belongs to {found}, this run aggregates with {expected}")]
+    WrongAggregator {
+        /// This run's aggregator.
+        expected: &'static str,
+        /// The state's.
+        found: String,
+    },
+    /// State in another format version.
+    #[error("saved {name} state is format {found}, this build reads {expected}")]
+    Version {
+        /// The aggregator.
+        name: &'static str,
+        /// The version it reads.
+        expected: u32,
+        /// The state's.
+        found: u32,
+    },
+    /// A stateful aggregator restored without its state, or the reverse.
+    #[error("saved state {0}")]
+    Presence(&'static str),
+    /// State that fails the aggregator's checks.
+    #[error("saved {name} state is invalid: {reason}")]
+    Invalid {
+        /// The aggregator.
+        name: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A restored model that can't be this aggregator's.
+    #[error("the restored model does not fit {name}: {reason}")]
+    Model {
+        /// The aggregator.
+        name: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Combines a round's updates into the next global model: the server side of
+/// an update kind ([`crate::kind::UpdateKind::aggregator`]). Nothing here
+/// names a particular kind.
 pub trait Aggregator: Send + std::fmt::Debug {
-    /// Name for logs and metrics.
+    /// Name for logs, metrics and saved state.
     fn name(&self) -> &'static str;
-    /// The update kind clients must send.
-    fn update_kind(&self) -> UpdateKind;
     /// Starts a round over the current global parameters.
     fn begin_round(&mut self, round: u32, global: &[f32]);
     /// Validates and takes one update. On error nothing is kept.
     fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour>;
     /// Closes the round, writing the new model into `global` (untouched on error).
     fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError>;
-    /// For replicated update kinds: the log of the round just finished, which
-    /// every replica applies to reach the new model. `None` for kinds whose
-    /// model is sent in full.
-    fn take_log(&mut self) -> Option<Vec<crate::spsa::LogEntry>> {
+    /// What a `RoundStart` carries for the model `global`: the model in
+    /// full, the hash a replica must hold, or a kind-specific encoding.
+    fn publish(&self, global: &[f32]) -> ModelSync;
+    /// For replicated kinds: the log of the round just finished, which every
+    /// replica applies to reach the new model. `None` for kinds whose model
+    /// is published otherwise.
+    fn take_log(&mut self) -> Option<Vec<LogEntry>> {
         None
     }
-    /// The SPSA settings clients need, for SPSA aggregators.
-    fn spsa_config(&self) -> Option<&crate::spsa::SpsaConfig> {
+    /// State that lives across rounds, for the durable snapshot (taken when
+    /// a round closes). `None`: the aggregator derives everything from the
+    /// global model.
+    fn state(&self) -> Option<AggregatorState> {
         None
     }
-    /// The FRL settings clients need, for FRL aggregators.
-    fn frl_config(&self) -> Option<&crate::frl::FrlConfig> {
-        None
-    }
-    /// The FRL run settings clients receive ([`crate::wire::RunConfig::frl`]).
-    fn frl_run(&self) -> Option<&crate::frl::FrlRun> {
-        None
-    }
-    /// For FRL aggregators: the current global ranking, which is FRL's global
-    /// model (clients rebuild the scores from it and the sorted initial
-    /// scores).
-    fn frl_global_ranking(&self) -> Option<&crate::frl::Ranking> {
-        None
+    /// After a restart: takes back what [`Aggregator::state`] saved. The
+    /// default refuses any state, since a stateless aggregator never writes one.
+    fn restore_state(&mut self, _state: &AggregatorState) -> Result<(), StateError> {
+        Err(StateError::Presence("found for an aggregator that keeps none"))
     }
     /// After a restart: aligns whatever state the aggregator derives from the
     /// global model with the restored `global` (FRL's global ranking). An
     /// error means the restored model can't be this aggregator's.
-    fn restore_model(&mut self, _global: &[f32]) -> Result<(), String> {
+    fn restore_model(&mut self, _global: &[f32]) -> Result<(), StateError> {
         Ok(())
     }
 }
@@ -109,146 +177,4 @@ pub fn check_common(update: &ClientUpdate) -> Result<(), Misbehaviour> {
         return Err(Misbehaviour::NonFinite(0));
     }
     Ok(())
-}
-
-/// Federated averaging (McMahan et al., 2017): the new model is
-/// `global + Σ nᵢ·δᵢ / Σ nᵢ` over the round's accepted deltas `δᵢ`, weighted by
-/// the sample counts `nᵢ`. Sums are taken in f64 in ascending client order and
-/// rounded to f32 once, so the result does not depend on arrival order.
-#[derive(Debug, Default)]
-pub struct FedAvg {
-    dim: usize,
-    pending: Vec<(ClientIndex, u64, f32, Vec<f32>)>,
-}
-
-impl FedAvg {
-    /// A FedAvg aggregator.
-    pub fn new() -> Self {
-        Self::default()
-    }
-}
-
-impl Aggregator for FedAvg {
-    fn name(&self) -> &'static str {
-        "fedavg"
-    }
-
-    fn update_kind(&self) -> UpdateKind {
-        UpdateKind::DenseDelta
-    }
-
-    fn begin_round(&mut self, _round: u32, global: &[f32]) {
-        self.dim = global.len();
-        self.pending.clear();
-    }
-
-    fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour> {
-        check_common(update)?;
-        let UpdatePayload::DenseDelta(delta) = &update.payload else {
-            return Err(Misbehaviour::WrongKind("this run takes dense deltas"));
-        };
-        check_dense(delta, self.dim)?;
-        self.pending.push((client, update.num_samples, update.train_loss, delta.clone()));
-        Ok(())
-    }
-
-    fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError> {
-        if self.pending.is_empty() {
-            return Err(AggregateError::Empty);
-        }
-        self.pending.sort_by_key(|(c, ..)| *c);
-        // Each count is at most MAX_SAMPLES_PER_UPDATE (2^32) and a round has
-        // at most MAX_ENROLLED (2^20) updates, so this can't saturate; it is
-        // saturating so that no caller can make it wrap.
-        let total: u64 = self.pending.iter().fold(0u64, |t, (_, n, ..)| t.saturating_add(*n));
-        let mut acc = vec![0f64; global.len()];
-        let mut loss = 0f64;
-        for (_, n, l, delta) in &self.pending {
-            let w = *n as f64;
-            loss += w * *l as f64;
-            for (a, d) in acc.iter_mut().zip(delta) {
-                *a += w * *d as f64;
-            }
-        }
-        let total_f = total as f64;
-        // Compute the new model aside and commit it only if every value is
-        // finite: deltas are checked finite, but `g + mean` can still round
-        // to infinity in f32 (say a client sends f32::MAX twice in a row).
-        let next: Vec<f32> = global.iter().zip(&acc).map(|(g, a)| (*g as f64 + a / total_f) as f32).collect();
-        if let Some(index) = next.iter().position(|v| !v.is_finite()) {
-            self.pending.clear();
-            return Err(AggregateError::NonFinite { index });
-        }
-        global.copy_from_slice(&next);
-        let stats = AggregateStats { updates: self.pending.len(), samples: total, train_loss: loss / total_f };
-        self.pending.clear();
-        Ok(stats)
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::*;
-
-    fn upd(n: u64, d: Vec<f32>) -> ClientUpdate {
-        ClientUpdate { num_samples: n, train_loss: 1.0, payload: UpdatePayload::DenseDelta(d) }
-    }
-
-    #[test]
-    fn weighted_mean() {
-        let mut agg = FedAvg::new();
-        let mut g = vec![1.0, 1.0];
-        agg.begin_round(1, &g);
-        agg.absorb(0, &upd(1, vec![1.0, 0.0])).unwrap();
-        agg.absorb(1, &upd(3, vec![-1.0, 4.0])).unwrap();
-        let s = agg.finish(&mut g).unwrap();
-        assert_eq!(g, vec![1.0 + (1.0 - 3.0) / 4.0, 1.0 + 12.0 / 4.0]);
-        assert_eq!(s.samples, 4);
-    }
-
-    #[test]
-    fn order_independent() {
-        let a = upd(3, vec![0.1, 1e-8, 3.3]);
-        let b = upd(5, vec![1e7, -0.7, 2.2]);
-        let c = upd(7, vec![-1e7, 0.3, 1e-3]);
-        let run = |order: &[(u32, &ClientUpdate)]| {
-            let mut agg = FedAvg::new();
-            let mut g = vec![0.5, 0.25, 0.125];
-            agg.begin_round(1, &g);
-            for (i, u) in order {
-                agg.absorb(*i, u).unwrap();
-            }
-            agg.finish(&mut g).unwrap();
-            g.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-        };
-        assert_eq!(run(&[(0, &a), (1, &b), (2, &c)]), run(&[(2, &c), (0, &a), (1, &b)]));
-    }
-
-    #[test]
-    fn rejects_bad_updates_without_state_change() {
-        let mut agg = FedAvg::new();
-        let mut g = vec![0.0; 3];
-        agg.begin_round(1, &g);
-        assert_eq!(agg.absorb(0, &upd(1, vec![0.0; 2])), Err(Misbehaviour::WrongDimension { expected: 3, got: 2 }));
-        assert_eq!(agg.absorb(0, &upd(1, vec![0.0, f32::NAN, 0.0])), Err(Misbehaviour::NonFinite(1)));
-        assert_eq!(agg.absorb(0, &upd(0, vec![0.0; 3])), Err(Misbehaviour::BadSampleCount(0)));
-        assert_eq!(agg.finish(&mut g), Err(AggregateError::Empty));
-    }
-
-    #[test]
-    fn overflowing_round_is_refused_and_model_kept() {
-        // Finite deltas whose mean pushes a large weight past f32::MAX.
-        let mut agg = FedAvg::new();
-        let mut g = vec![f32::MAX, 1.0];
-        agg.begin_round(1, &g);
-        agg.absorb(0, &upd(1, vec![f32::MAX, 0.0])).unwrap();
-        assert_eq!(agg.finish(&mut g), Err(AggregateError::NonFinite { index: 0 }));
-        assert_eq!(g, vec![f32::MAX, 1.0]);
-        // The aggregator is usable again afterwards.
-        agg.begin_round(2, &g);
-        agg.absorb(0, &upd(1, vec![-1.0, 1.0])).unwrap();
-        agg.finish(&mut g).unwrap();
-        assert_eq!(g[1], 2.0);
-    }
 }

@@ -21,15 +21,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::aggregate::{AggregateStats, Aggregator, ClientIndex};
+use crate::aggregate::{AggregateStats, Aggregator, ClientIndex, StateError};
 use crate::codec;
 use crate::durable::{DURABLE_VERSION, DurableError, Persist, Record, Snapshot};
 use crate::error::{Error, Malformed, Misbehaviour, Misuse};
 use crate::identity::{join_transcript, params_hash, report_transcript, verify};
+use crate::kind::{KindSettings, RuleSpec, RunShape, UpdateKind};
 use crate::model::ModelArch;
 use crate::rng::LocalRng;
 use crate::wire::{
-    self, Ack, EvalReport, Finished, Hello, Join, Message, ModelSync, PublicKeyBytes, RejectCode, Rejected, RoundLog,
+    self, Ack, EvalReport, Finished, Hello, Join, LogEntry, Message, PublicKeyBytes, RejectCode, Rejected, RoundLog,
     RoundStart, RunConfig, RunId, SignedReport, Sync, Task, TrainSpec, Welcome,
 };
 
@@ -81,6 +82,10 @@ pub struct CoordinatorConfig {
     pub round_timeout: Duration,
     /// Local training hyper-parameters.
     pub train: TrainSpec,
+    /// The update kind and its settings ([`crate::kind`]).
+    pub kind: KindSettings,
+    /// How the kind combines a round's payloads (when it supports a choice).
+    pub rule: RuleSpec,
     /// Protocol violations tolerated per client before its connection is closed.
     pub max_violations: u32,
     /// Optional fixed schedule: the client ids of each round (round `r` uses
@@ -274,6 +279,7 @@ struct OpenRound {
 #[derive(Debug)]
 pub struct Coordinator {
     config: CoordinatorConfig,
+    kind: std::sync::Arc<dyn UpdateKind>,
     aggregator: Box<dyn Aggregator>,
     /// Seed of sampling and round seeds: both are pure functions of it and
     /// the round, so a restored coordinator samples exactly as before.
@@ -294,7 +300,7 @@ pub struct Coordinator {
     max_message: usize,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
-    /// Replicated runs (SPSA): the checkpoint new clients start from, and the
+    /// Replicated kinds: the checkpoint new clients start from, and the
     /// logs of the rounds after it.
     checkpoint: Option<Checkpoint>,
 }
@@ -310,36 +316,18 @@ struct Checkpoint {
 impl Coordinator {
     /// A coordinator for `config` starting from `initial` parameters, with
     /// all its local randomness (sampling, challenges) drawn from `rng_seed`.
-    pub fn new(
-        config: CoordinatorConfig,
-        mut aggregator: Box<dyn Aggregator>,
-        initial: Vec<f32>,
-        rng_seed: u64,
-    ) -> Result<Self, Misuse> {
+    /// The run's kind and aggregator come from the registry
+    /// ([`KindSettings::build`]), checked against the model and the rule.
+    pub fn new(config: CoordinatorConfig, initial: Vec<f32>, rng_seed: u64) -> Result<Self, Misuse> {
         config.validate()?;
         config.arch.check_params(&initial).map_err(|e| Misuse::Config(format!("initial model: {e}")))?;
-        let checkpoint = match aggregator.spsa_config() {
-            Some(spsa) => {
-                spsa.validate().map_err(|e| Misuse::Config(format!("spsa: {e}")))?;
-                // One round's log must leave room in the catch-up budget.
-                let per_round = config.clients_per_round.saturating_mul(spsa.steps_per_client as usize + 16);
-                if per_round > wire::SYNC_LOG_BUDGET_BYTES / 2 {
-                    return Err(Misuse::Config(
-                        "spsa: clients_per_round × steps_per_client exceeds half the sync log budget".into(),
-                    ));
-                }
-                Some(Checkpoint { round: 0, params: initial.clone(), logs: Vec::new(), log_bytes: 0 })
-            }
-            None => None,
-        };
-        if let Some(run) = aggregator.frl_run() {
-            run.validate(&config.arch).map_err(|e| Misuse::Config(format!("frl: {e}")))?;
-            if run.vote.num_edges() != initial.len() {
-                return Err(Misuse::Config("frl: the model is not the network's score vector".into()));
-            }
-        } else if matches!(config.arch, ModelArch::Supermask(_)) {
-            return Err(Misuse::Config("a supermask model needs the FRL aggregator".into()));
-        }
+        let kind = config.kind.build(&config.arch).map_err(|e| Misuse::Config(e.to_string()))?;
+        let shape = RunShape { arch: &config.arch, clients_per_round: config.clients_per_round };
+        let mut aggregator =
+            kind.aggregator(&shape, &config.rule, &initial).map_err(|e| Misuse::Config(e.to_string()))?;
+        let checkpoint = kind
+            .replicated()
+            .then(|| Checkpoint { round: 0, params: initial.clone(), logs: Vec::new(), log_bytes: 0 });
         // A fresh run's initial model, or a restored one: the aggregator
         // derives its state (FRL's global ranking) from it.
         aggregator.restore_model(&initial).map_err(|e| Misuse::Config(format!("initial model: {e}")))?;
@@ -347,6 +335,7 @@ impl Coordinator {
         let max_message = wire::max_message_bytes_for(&config.arch);
         Ok(Coordinator {
             config,
+            kind,
             aggregator,
             rng_seed,
             durable: false,
@@ -374,10 +363,13 @@ impl Coordinator {
             arch: self.config.arch.clone(),
             rounds: self.config.rounds,
             train: self.config.train.clone(),
-            update_kind: self.aggregator.update_kind(),
-            spsa: self.aggregator.spsa_config().cloned(),
-            frl: self.aggregator.frl_run().cloned(),
+            kind: self.kind.settings(),
         }
+    }
+
+    /// The run's update kind.
+    pub fn kind(&self) -> &dyn UpdateKind {
+        self.kind.as_ref()
     }
 
     /// The largest message a client may send in this run: drivers read
@@ -740,11 +732,7 @@ impl Coordinator {
             self.aggregator.begin_round(round, &self.model);
         }
         let seed = self.round_rng(round, u32::MAX).next_u64();
-        let model = match (&self.checkpoint, self.aggregator.frl_global_ranking()) {
-            (Some(_), _) => ModelSync::Replica { model_hash: params_hash(&self.model) },
-            (None, Some(ranking)) => ModelSync::Ranking(crate::frl::encode(ranking)),
-            (None, None) => ModelSync::Full(self.model.clone()),
-        };
+        let model = self.aggregator.publish(&self.model);
         let start = Message::RoundStart(RoundStart { round, task, seed, model });
         let start_msg: Arc<[u8]> = codec::encode(&start).into();
         self.phase = Phase::AwaitingReports { round, task };
@@ -882,6 +870,7 @@ impl Coordinator {
             model: self.model.clone(),
             violations: self.violations.clone(),
             replica_checkpoint: self.checkpoint.as_ref().map(|c| (c.round, c.params.clone(), c.logs.clone())),
+            aggregator_state: self.aggregator.state(),
         }
     }
 
@@ -922,7 +911,6 @@ impl Coordinator {
     /// deadline (from `now`) for its sampled clients to reconnect.
     pub fn restore(
         config: CoordinatorConfig,
-        aggregator: Box<dyn Aggregator>,
         snapshot: Snapshot,
         records: &[Record],
         now: Instant,
@@ -933,8 +921,12 @@ impl Coordinator {
         if snapshot.enrolled_hash != enrolled_hash(&config.enrolled) {
             return Err(DurableError::Mismatch("enrolled keys"));
         }
-        let mut c = Coordinator::new(config, aggregator, snapshot.model, snapshot.rng_seed)
-            .map_err(|e| DurableError::Replay { index: 0, reason: e.to_string() })?;
+        let mut c = Coordinator::new(config, snapshot.model, snapshot.rng_seed).map_err(DurableError::Config)?;
+        match (snapshot.aggregator_state, c.aggregator.state()) {
+            (Some(state), _) => c.aggregator.restore_state(&state)?,
+            (None, Some(_)) => return Err(StateError::Presence("missing for an aggregator that keeps some").into()),
+            (None, None) => {}
+        }
         c.completed_rounds = snapshot.completed_rounds;
         c.evaluated = snapshot.evaluated;
         c.violations = snapshot.violations;
@@ -985,7 +977,7 @@ impl Coordinator {
     /// Broadcasts a round's log to every joined client and files it behind
     /// the checkpoint, taking a new checkpoint when the logs outgrow their
     /// budget.
-    fn publish_log(&mut self, round: u32, entries: Vec<crate::spsa::LogEntry>) {
+    fn publish_log(&mut self, round: u32, entries: Vec<LogEntry>) {
         let log = RoundLog { round, entries, model_hash: params_hash(&self.model) };
         let msg: Arc<[u8]> = codec::encode(&Message::RoundLog(log.clone())).into();
         for &conn in self.by_client.values() {

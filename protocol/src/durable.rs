@@ -22,11 +22,13 @@ use std::collections::BTreeMap;
 
 use bincode::{Decode, Encode};
 
-use crate::aggregate::ClientIndex;
+use crate::aggregate::{AggregatorState, ClientIndex, StateError};
 use crate::wire::{MAX_MESSAGE_BYTES, RoundLog, RunId, SignatureBytes, Task};
 
-/// Format version of snapshots and records; bumped on any change.
-pub const DURABLE_VERSION: u32 = 1;
+/// Format version of snapshots and records; bumped on any change. Version 2
+/// added [`Snapshot::aggregator_state`] and kind-tagged payloads inside the
+/// recorded reports (wire v3).
+pub const DURABLE_VERSION: u32 = 2;
 
 /// Largest snapshot accepted when decoding: a full model, a replicated run's
 /// checkpoint (another model) and its logs, and the per-client counters.
@@ -57,6 +59,9 @@ pub struct Snapshot {
     pub violations: BTreeMap<ClientIndex, u32>,
     /// Replicated runs: checkpoint round, parameters and the logs since.
     pub replica_checkpoint: Option<(u32, Vec<f32>, Vec<RoundLog>)>,
+    /// The aggregator's cross-round state (server momentum, …), in its own
+    /// versioned format ([`crate::aggregate::Aggregator::state`]).
+    pub aggregator_state: Option<AggregatorState>,
 }
 
 /// One write-ahead-log entry.
@@ -125,6 +130,12 @@ pub enum DurableError {
     /// The state belongs to another run or enrolment list.
     #[error("saved state does not match this run: {0}")]
     Mismatch(&'static str),
+    /// The run's configuration can't be used (its kind, rule or model).
+    #[error("the run's configuration is invalid: {0}")]
+    Config(crate::error::Misuse),
+    /// The aggregator's saved state can't be restored.
+    #[error("{0}")]
+    State(#[from] StateError),
     /// A record that cannot follow the state before it.
     #[error("write-ahead log record {index} cannot be replayed: {reason}")]
     Replay {

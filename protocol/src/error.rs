@@ -126,22 +126,86 @@ pub enum Misbehaviour {
         /// Update size.
         got: usize,
     },
-    /// Update kind the run's aggregator doesn't take, or missing/extra update.
+    /// A missing update in a training round, or one in an evaluation round.
     #[error("wrong update kind: {0}")]
     WrongKind(&'static str),
+    /// A payload tagged for another update kind than the run's.
+    #[error("payload of kind {} in a {run} run", got.0)]
+    KindMismatch {
+        /// The run's kind.
+        run: &'static str,
+        /// The payload's tag.
+        got: crate::kind::KindId,
+    },
     /// NaN or infinity.
     #[error("non-finite value at index {0}")]
     NonFinite(usize),
-    /// An FRL ranking that does not decode for the run's layers: wrong
-    /// length, not a permutation, non-zero padding.
-    #[error("bad ranking: {0}")]
-    BadRanking(crate::frl::FrlError),
+    /// A payload (or published model) the run's update kind refused.
+    #[error("bad {kind} payload: {fault}")]
+    BadPayload {
+        /// The kind that refused it.
+        kind: &'static str,
+        /// Why.
+        fault: PayloadFault,
+    },
     /// Sample count of zero or above the limit.
     #[error("sample count {0} out of range")]
     BadSampleCount(u64),
     /// A message kind that is not valid in the receiver's state.
     #[error("unexpected {0}")]
     Unexpected(&'static str),
+}
+
+/// Why an update kind refused a payload, in terms every kind can use: the
+/// core's error type names no particular kind.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum PayloadFault {
+    /// The payload (or one of its parts, e.g. a layer) has the wrong size.
+    #[error("{} has {got} entries, expected {expected}", part.map_or("payload".to_string(), |p| format!("part {p}")))]
+    Length {
+        /// The part, if the payload has parts.
+        part: Option<usize>,
+        /// The size the run expects.
+        expected: usize,
+        /// The size received.
+        got: usize,
+    },
+    /// Bytes after the end of the payload.
+    #[error("{extra} trailing bytes")]
+    Trailing {
+        /// How many.
+        extra: usize,
+    },
+    /// An entry outside its part's range: not a permutation.
+    #[error("part {part}: entry {index} is out of range (not a permutation)")]
+    NotAPermutation {
+        /// The part.
+        part: usize,
+        /// Position of the entry.
+        index: usize,
+    },
+    /// An entry repeating an earlier one: not a permutation.
+    #[error("part {part}: entry {index} repeats an earlier one (not a permutation)")]
+    Repeated {
+        /// The part.
+        part: usize,
+        /// Position of the entry.
+        index: usize,
+    },
+    /// A non-canonical encoding (non-zero padding bits): a second encoding
+    /// of the same value, or a covert channel.
+    #[error("part {part}: non-canonical encoding")]
+    NonCanonical {
+        /// The part.
+        part: usize,
+    },
+}
+
+impl PayloadFault {
+    /// Whether the content, not the shape, is at fault.
+    pub fn is_content_fault(&self) -> bool {
+        matches!(self, PayloadFault::NotAPermutation { .. } | PayloadFault::Repeated { .. } | PayloadFault::NonCanonical { .. })
+    }
 }
 
 /// The host called the state machine in a way the protocol forbids.
@@ -205,12 +269,13 @@ impl Error {
                 Misbehaviour::WrongRound { .. } => RejectCode::WrongRound,
                 Misbehaviour::Duplicate(_) => RejectCode::Duplicate,
                 Misbehaviour::NotSampled(_) => RejectCode::NotSampled,
-                Misbehaviour::WrongDimension { .. } | Misbehaviour::WrongKind(_) | Misbehaviour::BadSampleCount(_) => {
-                    RejectCode::WrongShape
-                }
+                Misbehaviour::WrongDimension { .. }
+                | Misbehaviour::WrongKind(_)
+                | Misbehaviour::KindMismatch { .. }
+                | Misbehaviour::BadSampleCount(_) => RejectCode::WrongShape,
                 Misbehaviour::NonFinite(_) => RejectCode::NonFinite,
-                Misbehaviour::BadRanking(e) if e.is_permutation_error() => RejectCode::NotAPermutation,
-                Misbehaviour::BadRanking(_) => RejectCode::WrongShape,
+                Misbehaviour::BadPayload { fault, .. } if fault.is_content_fault() => RejectCode::NotAPermutation,
+                Misbehaviour::BadPayload { .. } => RejectCode::WrongShape,
             },
             Error::Misuse(_) => return None,
         })

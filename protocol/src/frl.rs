@@ -43,7 +43,7 @@
 //!
 //! # Wire payload
 //!
-//! `UpdatePayload::Ranking(bytes)`: the client's ranking, bit-packed.
+//! The client's ranking, bit-packed, tagged [`ID`] ([`payload`]).
 //! Nothing in the payload says how many layers or edges there are; the
 //! receiver decodes with the run's layer sizes `n_0..n_{L−1}` ([`decode`]).
 //!
@@ -88,10 +88,13 @@ use std::ops::Range;
 use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::{AggregateError, AggregateStats, Aggregator, ClientIndex, check_common};
+use crate::aggregate::{AggregateError, AggregateStats, Aggregator, ClientIndex, StateError, check_common};
 use crate::error::Misbehaviour;
 use crate::model::MAX_PARAMETERS;
-use crate::wire::{ClientUpdate, MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD_BYTES, UpdateKind, UpdatePayload};
+use crate::wire::{ClientUpdate, MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD_BYTES, ModelSync};
+
+mod kind;
+pub use kind::{FrlKind, FrlSpec, ID, NAME, bad_payload, payload};
 
 /// Most edges a ranking may cover, over all layers: every ranked edge is a
 /// weight of the model, so the model bound [`MAX_PARAMETERS`] (2^24) applies.
@@ -1226,11 +1229,7 @@ fn accumulate<W: SumWord>(
 
 impl Aggregator for FrlVote {
     fn name(&self) -> &'static str {
-        "frl"
-    }
-
-    fn update_kind(&self) -> UpdateKind {
-        UpdateKind::Ranking
+        NAME
     }
 
     /// Opens a round; `global` is not used (the state is the ranking).
@@ -1244,9 +1243,7 @@ impl Aggregator for FrlVote {
 
     fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour> {
         check_common(update)?;
-        let UpdatePayload::Ranking(bytes) = &update.payload else {
-            return Err(Misbehaviour::WrongKind("this run takes FRL rankings"));
-        };
+        let bytes = crate::kind::payload_of(update, ID, NAME)?;
         if self.votes.contains_key(&client) {
             // Sums can't take a vote back; the coordinator refuses duplicates
             // before this, so this only guards direct callers.
@@ -1255,7 +1252,7 @@ impl Aggregator for FrlVote {
         if self.votes.len() + 1 > self.narrow_votes {
             self.widen();
         }
-        self.add_packed(bytes).map_err(Misbehaviour::BadRanking)?;
+        self.add_packed(bytes).map_err(bad_payload)?;
         self.votes.insert(client, (update.num_samples, update.train_loss));
         Ok(())
     }
@@ -1283,30 +1280,24 @@ impl Aggregator for FrlVote {
         Ok(stats)
     }
 
-    fn frl_config(&self) -> Option<&FrlConfig> {
-        Some(&self.cfg)
-    }
-
-    fn frl_run(&self) -> Option<&FrlRun> {
-        Some(&self.run)
-    }
-
-    fn frl_global_ranking(&self) -> Option<&Ranking> {
-        Some(&self.global)
+    /// Rounds publish the global ranking, bit-packed.
+    fn publish(&self, _global: &[f32]) -> ModelSync {
+        ModelSync::Published(encode(&self.global))
     }
 
     /// The global ranking becomes the ranking of the restored scores. Edges
     /// with equal scores may come out in another order than before the
     /// restart; that changes neither the scores clients rebuild nor any
     /// later vote (which starts from the clients' rankings only).
-    fn restore_model(&mut self, global: &[f32]) -> Result<(), String> {
+    fn restore_model(&mut self, global: &[f32]) -> Result<(), StateError> {
+        let model = |reason: String| StateError::Model { name: NAME, reason };
         let ranking =
-            Ranking::from_scores(global, &self.cfg.layer_sizes, MaskRule::TwoSided).map_err(|e| e.to_string())?;
+            Ranking::from_scores(global, &self.cfg.layer_sizes, MaskRule::TwoSided).map_err(|e| model(e.to_string()))?;
         let mut scores = vec![0f32; global.len()];
         self.global = ranking;
         self.write_global_scores(&mut scores);
         if scores != global {
-            return Err("the restored model is not a permutation of the sorted initial scores".into());
+            return Err(model("not a permutation of the sorted initial scores".into()));
         }
         Ok(())
     }
@@ -1362,7 +1353,7 @@ mod tests {
     }
 
     fn upd(bytes: Vec<u8>) -> ClientUpdate {
-        ClientUpdate { num_samples: 10, train_loss: 0.5, payload: UpdatePayload::Ranking(bytes) }
+        ClientUpdate { num_samples: 10, train_loss: 0.5, payload: crate::wire::UpdatePayload { kind: ID, data: bytes } }
     }
 
     fn sums_of(v: &FrlVote) -> Vec<u64> {
@@ -1668,13 +1659,17 @@ mod tests {
         let before = sums_of(&v);
         for (bytes, want) in cases {
             assert_eq!(decode(&bytes, &sizes), Err(want.clone()));
-            assert_eq!(v.absorb(1, &upd(bytes)), Err(Misbehaviour::BadRanking(want.clone())), "{want}");
+            assert_eq!(v.absorb(1, &upd(bytes)), Err(bad_payload(want.clone())), "{want}");
             assert_eq!(sums_of(&v), before, "{want}: sums changed");
             assert_eq!(v.votes(), 1);
         }
         // Wrong kind, bad sample count and a duplicate client are refused too.
-        let dense = ClientUpdate { num_samples: 1, train_loss: 0.0, payload: UpdatePayload::DenseDelta(vec![0.0]) };
-        assert!(matches!(v.absorb(1, &dense), Err(Misbehaviour::WrongKind(_))));
+        let dense = ClientUpdate {
+            num_samples: 1,
+            train_loss: 0.0,
+            payload: crate::fedavg::encode_delta(crate::fedavg::ID, &[0.0]),
+        };
+        assert!(matches!(v.absorb(1, &dense), Err(Misbehaviour::KindMismatch { .. })));
         let mut zero = upd(encode(&good_b));
         zero.num_samples = 0;
         assert_eq!(v.absorb(1, &zero), Err(Misbehaviour::BadSampleCount(0)));
@@ -1706,7 +1701,7 @@ mod tests {
 
     #[test]
     fn reject_codes() {
-        let code = |e: FrlError| crate::Error::from(Misbehaviour::BadRanking(e)).reject_code();
+        let code = |e: FrlError| crate::Error::from(bad_payload(e)).reject_code();
         use crate::wire::RejectCode;
         assert_eq!(code(FrlError::DuplicateIndex { layer: 0, index: 1 }), Some(RejectCode::NotAPermutation));
         assert_eq!(code(FrlError::NotAPermutation { layer: 0, index: 1 }), Some(RejectCode::NotAPermutation));

@@ -2,9 +2,11 @@
 //!
 //! What it does: the wire types and their codec ([`wire`], [`codec`]), client
 //! identities and signatures ([`identity`]), the server's [`Coordinator`] and
-//! the client's [`Participant`] state machines, aggregation ([`aggregate`],
-//! and the update kinds [`spsa`] and [`frl`]), and model shapes shared by
-//! every party ([`model`], and FRL's seed-derived networks in [`supermask`]).
+//! the client's [`Participant`] state machines, aggregation ([`aggregate`]),
+//! update kinds as plug-ins ([`kind`]: one module each, [`fedavg`],
+//! [`fedavgm`], [`spsa`], [`frl`]) and aggregation rules over vectors
+//! ([`rule`]), and model shapes shared by every party ([`model`], and FRL's
+//! seed-derived networks in [`supermask`]).
 //!
 //! What it never does: open sockets, read the clock (every input carries the
 //! host's `now`), draw OS randomness (every generator is seeded by the host),
@@ -16,16 +18,23 @@ pub mod codec;
 pub mod coordinator;
 pub mod durable;
 pub mod error;
+pub mod fedavg;
+pub mod fedavgm;
 pub mod frl;
 // Entry points of the cargo-fuzz targets in `fuzz/`, here so stable tests can
-// run them over the checked-in corpus.
+// run them over the checked-in corpus. They read files and the clock, so
+// they are compiled only for tests and for the fuzzer (feature `fuzz`),
+// never into the sans-IO core that the binaries link.
+#[cfg(any(test, feature = "fuzz"))]
 #[doc(hidden)]
 pub mod fuzz_entry;
 pub mod identity;
+pub mod kind;
 pub mod model;
 pub mod participant;
 pub mod prng;
 pub mod rng;
+pub mod rule;
 pub mod spsa;
 pub mod supermask;
 pub mod wire;
@@ -34,7 +43,9 @@ pub mod wire;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;
 
-pub use aggregate::{Aggregator, ClientIndex, FedAvg};
+pub use aggregate::{Aggregator, ClientIndex};
+pub use fedavg::FedAvg;
+pub use kind::{AlgorithmSpec, KindSettings, RuleSpec, UpdateKind};
 pub use coordinator::{ConnectionHandle, Coordinator, CoordinatorConfig, Event, Phase, RoundSummary, Transmit};
 pub use error::Error;
 pub use identity::Identity;

@@ -8,11 +8,13 @@
 //! the same identity; the server re-sends an unfinished task.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::codec;
 use crate::error::{Error, Misbehaviour, Misuse};
 use crate::identity::{Identity, join_transcript, report_transcript};
+use crate::kind::{Publication, UpdateKind};
 use crate::wire::{
     self, ClientUpdate, EvalReport, Join, MAX_HANDSHAKE_BYTES, Message, RejectCode, Report, RunConfig, RunId,
     SignedReport, Task,
@@ -93,6 +95,8 @@ pub struct Participant {
     hello_run: Option<RunId>,
     state: State,
     run: Option<RunConfig>,
+    /// The run's update kind, built from the `Welcome`.
+    kind: Option<Arc<dyn UpdateKind>>,
     client_id: Option<u32>,
     max_message: usize,
     transmits: VecDeque<Vec<u8>>,
@@ -100,9 +104,6 @@ pub struct Participant {
     /// Replicated runs: our copy of the global model and the round it is the
     /// result of.
     replica: Option<(u32, Vec<f32>)>,
-    /// FRL runs: where `s̄` comes from, and `s̄` once the run is known.
-    frl_cache: std::sync::Arc<crate::frl::ReferenceCache>,
-    frl_sorted: Option<std::sync::Arc<[f32]>>,
 }
 
 impl Participant {
@@ -115,22 +116,19 @@ impl Participant {
             hello_run: None,
             state: State::AwaitingHello,
             run: None,
+            kind: None,
             client_id: None,
             // Until the Welcome names the model, only small messages are due.
             max_message: MAX_HANDSHAKE_BYTES,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             replica: None,
-            frl_cache: Default::default(),
-            frl_sorted: None,
         }
     }
 
-    /// Shares `cache` for FRL's sorted initial scores with other participants
-    /// (a simulation's clients, or a client's successive connections).
-    pub fn with_frl_cache(mut self, cache: std::sync::Arc<crate::frl::ReferenceCache>) -> Self {
-        self.frl_cache = cache;
-        self
+    /// The run's update kind, once joined.
+    pub fn kind(&self) -> Option<&dyn UpdateKind> {
+        self.kind.as_deref()
     }
 
     /// Replicated runs: the round our replica is at and its parameters.
@@ -141,19 +139,16 @@ impl Participant {
     /// Applies `log` to the replica after checking it follows our round,
     /// then checks the server's hash.
     fn apply_log(&mut self, log: &wire::RoundLog) -> Result<(), Error> {
-        let spsa = self
-            .run
-            .as_ref()
-            .and_then(|r| r.spsa.clone())
+        let kind = self
+            .kind
+            .clone()
+            .filter(|k| k.replicated())
             .ok_or(Misbehaviour::Unexpected("RoundLog in a run that is not replicated"))?;
         let (round, params) = self.replica.as_mut().ok_or(Misbehaviour::Unexpected("RoundLog before Sync"))?;
         if log.round != round.saturating_add(1) {
             return Err(Misbehaviour::OutOfOrderLog { have: *round, got: log.round }.into());
         }
-        if log.entries.windows(2).any(|w| w[0].client >= w[1].client) {
-            return Err(Misbehaviour::Unexpected("RoundLog entries not in ascending client order").into());
-        }
-        crate::spsa::apply_round(params, &spsa, log.round, &log.entries);
+        kind.apply_log(params, log)?;
         *round = log.round;
         if crate::identity::params_hash(params) != log.model_hash {
             // Our replica can no longer be trusted; the host reconnects and
@@ -223,27 +218,13 @@ impl Participant {
                     .train
                     .validate()
                     .map_err(|_| Misbehaviour::Unexpected("Welcome with invalid training parameters"))?;
-                if w.config.spsa.as_ref().is_some_and(|s| s.validate().is_err())
-                    || w.config.spsa.is_some() != (w.config.update_kind == wire::UpdateKind::Spsa)
-                {
-                    return Err(Misbehaviour::Unexpected("Welcome with invalid SPSA settings").into());
-                }
-                if w.config.frl.is_some() != (w.config.update_kind == wire::UpdateKind::Ranking) {
-                    return Err(Misbehaviour::Unexpected("Welcome with invalid FRL settings").into());
-                }
-                if let Some(frl) = &w.config.frl {
-                    frl.validate(&w.config.arch)
-                        .map_err(|_| Misbehaviour::Unexpected("Welcome with invalid FRL settings"))?;
-                    let crate::model::ModelArch::Supermask(net) = &w.config.arch else {
-                        return Err(Misbehaviour::Unexpected("Welcome with invalid FRL settings").into());
-                    };
-                    let sorted = self
-                        .frl_cache
-                        .sorted_scores(net, frl)
-                        .map_err(|_| Misbehaviour::Unexpected("Welcome with invalid FRL settings"))?;
-                    self.frl_sorted = Some(sorted);
-                }
-                self.max_message = w.config.max_inbound_bytes();
+                let kind = w
+                    .config
+                    .kind
+                    .build(&w.config.arch)
+                    .map_err(|_| Misbehaviour::Unexpected("Welcome with invalid update-kind settings"))?;
+                self.max_message = w.config.max_inbound_bytes(kind.as_ref());
+                self.kind = Some(kind);
                 self.client_id = Some(w.client_id);
                 self.run = Some(w.config.clone());
                 self.state = State::Ready;
@@ -252,7 +233,7 @@ impl Participant {
             }
             (State::Ready | State::Working { .. }, Message::Sync(sync)) => {
                 let run = self.run.as_ref().ok_or(Misbehaviour::Unexpected("Sync before Welcome"))?;
-                if run.spsa.is_none() {
+                if !self.kind.as_ref().is_some_and(|k| k.replicated()) {
                     return Err(Misbehaviour::Unexpected("Sync in a run that is not replicated").into());
                 }
                 crate::aggregate::check_dense(&sync.params, run.arch.num_params())?;
@@ -267,26 +248,19 @@ impl Participant {
             (State::Ready | State::Working { .. }, Message::RoundLog(log)) => self.apply_log(&log),
             (State::Ready | State::Working { .. }, Message::RoundStart(start)) => {
                 let run = self.run.as_ref().ok_or(Misbehaviour::Unexpected("RoundStart before Welcome"))?;
+                let kind = self.kind.as_ref().ok_or(Misbehaviour::Unexpected("RoundStart before Welcome"))?;
                 let arch = &run.arch;
-                let model = match start.model {
-                    wire::ModelSync::Ranking(bytes) => {
-                        let (Some(frl), Some(sorted)) = (&run.frl, &self.frl_sorted) else {
-                            return Err(Misbehaviour::Unexpected("a ranking in a run that is not FRL").into());
-                        };
-                        let ranking =
-                            crate::frl::decode(&bytes, &frl.vote.layer_sizes).map_err(Misbehaviour::BadRanking)?;
-                        let mut scores = vec![0f32; sorted.len()];
-                        ranking.write_scores(sorted, &mut scores).map_err(Misbehaviour::BadRanking)?;
-                        scores
-                    }
-                    wire::ModelSync::Full(_) if run.frl.is_some() => {
-                        return Err(Misbehaviour::Unexpected("dense model in an FRL run").into());
-                    }
-                    wire::ModelSync::Full(model) => {
+                let model = match (kind.publication(), start.model) {
+                    (Publication::Encoded, wire::ModelSync::Published(bytes)) => {
+                        let model = kind.decode_published(&bytes)?;
                         crate::aggregate::check_dense(&model, arch.num_params())?;
                         model
                     }
-                    wire::ModelSync::Replica { model_hash } => {
+                    (Publication::Full, wire::ModelSync::Full(model)) => {
+                        crate::aggregate::check_dense(&model, arch.num_params())?;
+                        model
+                    }
+                    (Publication::Replica, wire::ModelSync::Replica { model_hash }) => {
                         let (round, params) =
                             self.replica.as_ref().ok_or(Misbehaviour::Unexpected("RoundStart before Sync"))?;
                         if crate::identity::params_hash(params) != model_hash {
@@ -296,6 +270,7 @@ impl Participant {
                         }
                         params.clone()
                     }
+                    _ => return Err(Misbehaviour::Unexpected("a RoundStart model of another form than the run's").into()),
                 };
                 // A new task replaces an unfinished one (the server moved on).
                 self.state = State::Working { round: start.round, task: start.task };

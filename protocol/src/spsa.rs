@@ -11,7 +11,7 @@
 //! parameters are written into an evaluation buffer), so nothing has to be
 //! "restored" by floating-point arithmetic, which is not exact.
 //!
-//! **Wire payload:** `UpdatePayload::Spsa(bytes)`, byte `j` for step `j`,
+//! **Wire payload:** the bytes, byte `j` for step `j`, tagged [`ID`],
 //! `1 ≤ len ≤ steps_per_client`. The server checks the round (signature,
 //! replay, duplicate as for every report), the step range and each byte's
 //! validity, and broadcasts the round's ordered log.
@@ -41,8 +41,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{AggregateError, AggregateStats, Aggregator, ClientIndex, check_common};
 use crate::error::Misbehaviour;
+use crate::kind::{self, KindError, KindId, KindSettings, RuleSpec, RunShape, UpdateKind};
+use crate::model::ModelArch;
 use crate::prng::{Purpose, StreamId, apply_rademacher};
-use crate::wire::{ClientUpdate, UpdateKind, UpdatePayload};
+pub use crate::wire::LogEntry;
+use crate::wire::{ClientUpdate, ModelSync, RoundLog, UpdatePayload};
+
+/// The kind's name in configuration files.
+pub const NAME: &str = "spsa";
+/// Tag of SPSA payloads.
+pub const ID: KindId = KindId(1);
 
 /// Most SPSA steps one client may report per round: the byte vector's length
 /// bound on the wire. 4,096 steps is minutes of forward passes on an edge CPU
@@ -51,6 +59,43 @@ pub const MAX_SPSA_STEPS: u32 = 4096;
 
 /// The non-canonical "negative zero" byte, refused on the wire.
 pub const NEGATIVE_ZERO: u8 = 0x80;
+
+/// SPSA in a configuration file: `{ kind = "spsa", steps_per_client = 32,
+/// eps = 1e-3, lr = 0.01, batch_size = 64 }` (defaults shown); the
+/// directions' seed defaults to the run seed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpsaSpec {
+    /// Estimates (= bytes) per client per round (32).
+    pub steps_per_client: u32,
+    /// Perturbation size ε (1e-3).
+    pub eps: f32,
+    /// Learning rate η of the replayed update (0.01).
+    pub lr: f32,
+    /// Minibatch of each loss evaluation (64).
+    pub batch_size: u32,
+    /// Seed of the shared directions. Default: the run seed.
+    pub stream_seed: Option<u64>,
+}
+
+impl Default for SpsaSpec {
+    fn default() -> Self {
+        SpsaSpec { steps_per_client: 32, eps: 1e-3, lr: 0.01, batch_size: 64, stream_seed: None }
+    }
+}
+
+impl SpsaSpec {
+    /// The settings of a run seeded `seed`.
+    pub fn resolve(&self, seed: u64) -> SpsaConfig {
+        SpsaConfig {
+            stream_seed: self.stream_seed.unwrap_or(seed),
+            steps_per_client: self.steps_per_client,
+            eps: self.eps,
+            lr: self.lr,
+            batch_size: self.batch_size,
+        }
+    }
+}
 
 /// Configuration of an SPSA run, agreed in the run configuration.
 #[derive(Clone, Debug, PartialEq, Encode, Decode, Serialize, Deserialize)]
@@ -133,15 +178,6 @@ pub fn decode(byte: u8) -> Option<f32> {
     Some(if byte & 0x80 != 0 { -m } else { m })
 }
 
-/// One client's accepted bytes in a round's log.
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
-pub struct LogEntry {
-    /// Client id.
-    pub client: ClientIndex,
-    /// Byte `j` for step `j`.
-    pub bytes: Vec<u8>,
-}
-
 /// Applies a round's log to `params`: the replicated update rule (module
 /// docs). `entries` must be in ascending client order (as logs are built).
 pub fn apply_round(params: &mut [f32], cfg: &SpsaConfig, round: u32, entries: &[LogEntry]) {
@@ -162,18 +198,90 @@ pub fn apply_round(params: &mut [f32], cfg: &SpsaConfig, round: u32, entries: &[
     apply_rademacher(params, &dirs);
 }
 
+/// An SPSA payload: the step bytes.
+pub fn payload(bytes: Vec<u8>) -> UpdatePayload {
+    UpdatePayload { kind: ID, data: bytes }
+}
+
 /// Checks an SPSA payload; returns its bytes.
 pub fn check_payload<'a>(update: &'a ClientUpdate, cfg: &SpsaConfig) -> Result<&'a [u8], Misbehaviour> {
-    let UpdatePayload::Spsa(bytes) = &update.payload else {
-        return Err(Misbehaviour::WrongKind("this run takes SPSA bytes"));
-    };
+    let bytes = kind::payload_of(update, ID, NAME)?;
+    check_bytes(bytes, cfg)?;
+    Ok(bytes)
+}
+
+/// Checks one client's step bytes: `1..=steps_per_client` of them, none the
+/// non-canonical `0x80`.
+pub fn check_bytes(bytes: &[u8], cfg: &SpsaConfig) -> Result<(), Misbehaviour> {
     if bytes.is_empty() || bytes.len() > cfg.steps_per_client as usize {
         return Err(Misbehaviour::WrongDimension { expected: cfg.steps_per_client as usize, got: bytes.len() });
     }
     if let Some(i) = bytes.iter().position(|&b| b == NEGATIVE_ZERO) {
         return Err(Misbehaviour::NonFinite(i));
     }
-    Ok(bytes)
+    Ok(())
+}
+
+/// The SPSA kind: a replicated run.
+#[derive(Debug, Clone)]
+pub struct SpsaKind {
+    cfg: SpsaConfig,
+}
+
+impl SpsaKind {
+    /// SPSA with `cfg` over `arch`.
+    pub fn new(cfg: SpsaConfig, arch: &ModelArch) -> Result<Self, KindError> {
+        cfg.validate().map_err(|e| KindError::invalid(NAME, e))?;
+        crate::fedavg::dense_model(NAME, arch)?;
+        Ok(SpsaKind { cfg })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SpsaConfig {
+        &self.cfg
+    }
+}
+
+impl UpdateKind for SpsaKind {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+    fn id(&self) -> KindId {
+        ID
+    }
+    fn settings(&self) -> KindSettings {
+        KindSettings::Spsa(self.cfg.clone())
+    }
+    fn publication(&self) -> kind::Publication {
+        kind::Publication::Replica
+    }
+    fn aggregator(
+        &self,
+        run: &RunShape<'_>,
+        rule: &RuleSpec,
+        _initial: &[f32],
+    ) -> Result<Box<dyn Aggregator>, KindError> {
+        kind::check_rule(self, rule)?;
+        // One round's log must leave room in the catch-up budget.
+        let per_round = run.clients_per_round.saturating_mul(self.cfg.steps_per_client as usize + 16);
+        if per_round > crate::wire::SYNC_LOG_BUDGET_BYTES / 2 {
+            return Err(KindError::invalid(
+                NAME,
+                "clients_per_round × steps_per_client exceeds half the sync log budget",
+            ));
+        }
+        Ok(Box::new(Spsa::new(self.cfg.clone())))
+    }
+    fn apply_log(&self, params: &mut [f32], log: &RoundLog) -> Result<(), Misbehaviour> {
+        if log.entries.windows(2).any(|w| w[0].client >= w[1].client) {
+            return Err(Misbehaviour::Unexpected("RoundLog entries not in ascending client order"));
+        }
+        for e in &log.entries {
+            check_bytes(&e.bytes, &self.cfg)?;
+        }
+        apply_round(params, &self.cfg, log.round, &log.entries);
+        Ok(())
+    }
 }
 
 /// The SPSA aggregator: collects each client's bytes, and at the end of the
@@ -202,10 +310,6 @@ impl Spsa {
 impl Aggregator for Spsa {
     fn name(&self) -> &'static str {
         "spsa"
-    }
-
-    fn update_kind(&self) -> UpdateKind {
-        UpdateKind::Spsa
     }
 
     fn begin_round(&mut self, round: u32, _global: &[f32]) {
@@ -240,8 +344,8 @@ impl Aggregator for Spsa {
         Some(std::mem::take(&mut self.last_log))
     }
 
-    fn spsa_config(&self) -> Option<&SpsaConfig> {
-        Some(&self.cfg)
+    fn publish(&self, global: &[f32]) -> ModelSync {
+        ModelSync::Replica { model_hash: crate::identity::params_hash(global) }
     }
 }
 
@@ -302,7 +406,7 @@ mod tests {
     }
 
     fn upd(bytes: Vec<u8>) -> ClientUpdate {
-        ClientUpdate { num_samples: 8, train_loss: 1.0, payload: UpdatePayload::Spsa(bytes) }
+        ClientUpdate { num_samples: 8, train_loss: 1.0, payload: payload(bytes) }
     }
 
     #[test]
@@ -313,8 +417,12 @@ mod tests {
         assert!(matches!(a.absorb(0, &upd(vec![])), Err(Misbehaviour::WrongDimension { .. })));
         assert!(matches!(a.absorb(0, &upd(vec![1; 5])), Err(Misbehaviour::WrongDimension { .. })));
         assert!(matches!(a.absorb(0, &upd(vec![1, 0x80])), Err(Misbehaviour::NonFinite(1))));
-        let dense = ClientUpdate { num_samples: 1, train_loss: 0.0, payload: UpdatePayload::DenseDelta(vec![0.0]) };
-        assert!(matches!(a.absorb(0, &dense), Err(Misbehaviour::WrongKind(_))));
+        let dense = ClientUpdate {
+            num_samples: 1,
+            train_loss: 0.0,
+            payload: crate::fedavg::encode_delta(crate::fedavg::ID, &[0.0]),
+        };
+        assert!(matches!(a.absorb(0, &dense), Err(Misbehaviour::KindMismatch { .. })));
         a.absorb(2, &upd(vec![70, 200])).unwrap();
         a.absorb(1, &upd(vec![64, 65, 0, 190])).unwrap();
         a.finish(&mut g).unwrap();

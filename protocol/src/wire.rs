@@ -13,13 +13,16 @@
 use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 
+use crate::aggregate::ClientIndex;
+use crate::kind::{KindId, KindSettings, UpdateKind};
 use crate::model::{MAX_PARAMETERS, ModelArch};
-use crate::spsa::{LogEntry, SpsaConfig};
 
 /// Version of the wire format. A peer with another version is refused as
-/// incompatible before its message body is decoded. Version 2 added FRL runs
-/// (`RunConfig::frl`, `ModelSync::Ranking`, `ModelArch::Supermask`).
-pub const PROTOCOL_VERSION: u8 = 2;
+/// incompatible before its message body is decoded. Version 2 added FRL runs;
+/// version 3 made update kinds plug-ins: `RunConfig::kind` holds one kind's
+/// settings, payloads and round logs are kind-tagged bytes, and a kind's
+/// published model is `ModelSync::Published`.
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// Slack on top of a dense model for the envelope, signature and report
 /// fields: generous (64 KiB) because none of them is large, tight enough to
@@ -116,19 +119,6 @@ impl TrainSpec {
     }
 }
 
-/// How clients express their update; the aggregator of the run decides.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum UpdateKind {
-    /// A dense f32 delta `local - global` ([`UpdatePayload::DenseDelta`]).
-    DenseDelta,
-    /// One byte per SPSA step ([`UpdatePayload::Spsa`], see [`crate::spsa`]).
-    Spsa,
-    /// An FRL ranking of every maskable edge ([`UpdatePayload::Ranking`], see
-    /// [`crate::frl`]).
-    Ranking,
-}
-
 /// Everything a client needs to know about the run, sent in [`Welcome`].
 #[derive(Clone, Debug, PartialEq, Encode, Decode)]
 pub struct RunConfig {
@@ -140,24 +130,18 @@ pub struct RunConfig {
     pub rounds: u32,
     /// Local training hyper-parameters.
     pub train: TrainSpec,
-    /// Update kind the aggregator accepts.
-    pub update_kind: UpdateKind,
-    /// SPSA settings; present exactly when `update_kind` is `Spsa`. Such a
-    /// run is *replicated*: clients hold the model and replay round logs.
-    pub spsa: Option<SpsaConfig>,
-    /// FRL settings; present exactly when `update_kind` is `Ranking` (and
-    /// then `arch` is a [`ModelArch::Supermask`]). Rounds ship the global
-    /// ranking ([`ModelSync::Ranking`]), not floats.
-    pub frl: Option<crate::frl::FrlRun>,
+    /// The update kind and its settings ([`crate::kind`]): what clients
+    /// send, and how rounds convey the model.
+    pub kind: KindSettings,
 }
 
 impl RunConfig {
     /// Largest message a client of this run accepts from the server: the
     /// dense model (sent in full by FedAvg rounds and in a replicated run's
-    /// [`Sync`]) plus overhead, plus for replicated runs the log budget that
-    /// a [`Sync`] may carry.
-    pub fn max_inbound_bytes(&self) -> usize {
-        let log = if self.spsa.is_some() { SYNC_LOG_BUDGET_BYTES } else { 0 };
+    /// [`Sync`]) plus overhead, plus for replicated kinds the log budget
+    /// that a [`Sync`] may carry.
+    pub fn max_inbound_bytes(&self, kind: &dyn UpdateKind) -> usize {
+        let log = if kind.replicated() { SYNC_LOG_BUDGET_BYTES } else { 0 };
         (max_message_bytes_for(&self.arch) + log).min(MAX_MESSAGE_BYTES)
     }
 }
@@ -180,14 +164,24 @@ pub enum ModelSync {
         /// Hash of the global model at the start of the round.
         model_hash: [u8; 32],
     },
-    /// FRL run: the global ranking, bit-packed ([`crate::frl::encode`]). The
-    /// client rebuilds the global scores `S[G[j]] = s̄[j]` from it and the
-    /// sorted initial scores it regenerates from the run's FRL seed.
-    Ranking(Vec<u8>),
+    /// The model in the run's kind's own encoding, decoded by
+    /// [`crate::kind::UpdateKind::decode_published`] (FRL: the bit-packed
+    /// global ranking, from which clients rebuild the global scores).
+    Published(Vec<u8>),
+}
+
+/// One client's accepted payload in a replicated round's log.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct LogEntry {
+    /// Client id.
+    pub client: ClientIndex,
+    /// The payload's bytes, in the run's kind's format (SPSA: byte `j` for
+    /// step `j`).
+    pub bytes: Vec<u8>,
 }
 
 /// Server → every joined client of a replicated run when a round closes: the
-/// round's accepted SPSA bytes in canonical order, and the hash every
+/// round's accepted payloads in ascending client order, and the hash every
 /// replica must reach after applying them.
 #[derive(Clone, Debug, PartialEq, Encode, Decode)]
 pub struct RoundLog {
@@ -290,29 +284,16 @@ impl EvalReport {
     }
 }
 
-/// The model update proper. New update kinds (SPSA bytes, FRL rankings,
-/// Ferret coefficients) are new variants; bincode encodes the variant index,
-/// so adding variants keeps old ones decodable.
+/// The model update proper: bytes in the format of the run's update kind,
+/// tagged with the kind they are for. Each kind decodes and validates its
+/// own payloads ([`crate::kind`]): dense deltas are little-endian f32, SPSA
+/// one byte per step, FRL a bit-packed ranking.
 #[derive(Clone, Debug, PartialEq, Encode, Decode)]
-pub enum UpdatePayload {
-    /// Dense `local - global`, canonical flat order.
-    DenseDelta(Vec<f32>),
-    /// One byte per SPSA step, step `j` at index `j` ([`crate::spsa`]).
-    Spsa(Vec<u8>),
-    /// An FRL ranking, bit-packed ([`crate::frl::encode`]); the aggregator
-    /// decodes it with the run's layer sizes ([`crate::frl::decode`]).
-    Ranking(Vec<u8>),
-}
-
-impl UpdatePayload {
-    /// The kind of this payload.
-    pub fn kind(&self) -> UpdateKind {
-        match self {
-            UpdatePayload::DenseDelta(_) => UpdateKind::DenseDelta,
-            UpdatePayload::Spsa(_) => UpdateKind::Spsa,
-            UpdatePayload::Ranking(_) => UpdateKind::Ranking,
-        }
-    }
+pub struct UpdatePayload {
+    /// The kind the payload is for.
+    pub kind: KindId,
+    /// The kind's encoding of the update.
+    pub data: Vec<u8>,
 }
 
 /// A client's training result for one round.
@@ -389,9 +370,27 @@ pub enum RejectCode {
     Superseded,
     /// Too many protocol violations; the connection is closed.
     TooManyViolations,
-    /// An FRL ranking that is not a permutation of the layer's edges (or
-    /// whose padding bits are not zero).
+    /// A payload whose content, not its shape, is invalid: an FRL ranking
+    /// that is not a permutation of the layer's edges, or whose padding bits
+    /// are not zero.
     NotAPermutation,
+}
+
+impl RejectCode {
+    /// Whether a client told this should give up rather than retry: it is
+    /// not enrolled, speaks another version, signs wrongly, was
+    /// disconnected for violations or replaced by a newer connection. The
+    /// protocol decides this, not each client.
+    pub fn is_fatal(self) -> bool {
+        matches!(
+            self,
+            RejectCode::UnknownClient
+                | RejectCode::IncompatibleVersion
+                | RejectCode::TooManyViolations
+                | RejectCode::Superseded
+                | RejectCode::BadSignature
+        )
+    }
 }
 
 /// Server → client: a message was refused.
@@ -458,5 +457,6 @@ impl Message {
 }
 
 /// ALPN protocol id on the QUIC/TLS handshake: a peer that doesn't speak
-/// Tally v1 fails the handshake instead of sending us garbage.
+/// Tally fails the handshake instead of sending us garbage. (Versions within
+/// Tally are told apart by the envelope's version byte.)
 pub const ALPN: &[u8] = b"tally/1";

@@ -1,0 +1,290 @@
+//! Federated averaging of dense deltas (McMahan et al., AISTATS 2017).
+//!
+//! **Wire payload:** the delta `local − global` as little-endian f32 in the
+//! model's canonical flat order ([`encode_delta`]), tagged [`ID`]. The
+//! server checks the length (the model's parameter count) and that every
+//! value is finite.
+//!
+//! **Combine:** the round's deltas, in ascending client order, go through the
+//! run's aggregation rule ([`crate::rule`]; the mean weighted by sample
+//! counts by default) in f64, and the new model is `global + combined`
+//! rounded to f32 once, so arrival order never changes the model. A round
+//! whose result would not be finite is refused and the model kept.
+//!
+//! **Publishes:** the full model in every `RoundStart`.
+
+use crate::aggregate::{AggregateError, AggregateStats, Aggregator, ClientIndex, check_common, check_dense};
+use crate::error::Misbehaviour;
+use crate::kind::{self, KindError, KindId, KindSettings, RuleSpec, RunShape, UpdateKind};
+use crate::model::ModelArch;
+use crate::rule::{VectorRule, Weighted, vector_rule};
+use crate::wire::{ClientUpdate, ModelSync, UpdatePayload};
+
+/// The kind's name in configuration files.
+pub const NAME: &str = "fedavg";
+/// Tag of FedAvg payloads.
+pub const ID: KindId = KindId(0);
+
+/// Rules a dense-delta kind can combine by: every vector rule.
+pub const DENSE_RULES: &[RuleSpec] = &[RuleSpec::Mean, RuleSpec::Median];
+
+/// The FedAvg kind.
+#[derive(Debug, Clone)]
+pub struct FedAvgKind;
+
+impl FedAvgKind {
+    /// FedAvg over `arch` (any dense model).
+    pub fn new(arch: &ModelArch) -> Result<Self, KindError> {
+        dense_model(NAME, arch)?;
+        Ok(FedAvgKind)
+    }
+}
+
+/// Refuses models whose parameters are not a dense vector to average.
+pub(crate) fn dense_model(kind: &'static str, arch: &ModelArch) -> Result<(), KindError> {
+    if matches!(arch, ModelArch::Supermask(_)) {
+        return Err(KindError::invalid(kind, "a supermask model needs the frl kind"));
+    }
+    Ok(())
+}
+
+impl UpdateKind for FedAvgKind {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+    fn id(&self) -> KindId {
+        ID
+    }
+    fn settings(&self) -> KindSettings {
+        KindSettings::FedAvg
+    }
+    fn rules(&self) -> &'static [RuleSpec] {
+        DENSE_RULES
+    }
+    fn aggregator(
+        &self,
+        _run: &RunShape<'_>,
+        rule: &RuleSpec,
+        _initial: &[f32],
+    ) -> Result<Box<dyn Aggregator>, KindError> {
+        kind::check_rule(self, rule)?;
+        Ok(Box::new(FedAvg::with_rule(rule)))
+    }
+}
+
+/// A dense delta as a payload of kind `kind` (little-endian f32).
+pub fn encode_delta(kind: KindId, delta: &[f32]) -> UpdatePayload {
+    let mut data = Vec::with_capacity(delta.len() * 4);
+    for v in delta {
+        data.extend_from_slice(&v.to_le_bytes());
+    }
+    UpdatePayload { kind, data }
+}
+
+/// Decodes a dense payload of `dim` values, all finite.
+pub fn decode_delta(data: &[u8], dim: usize) -> Result<Vec<f32>, Misbehaviour> {
+    if data.len() % 4 != 0 || data.len() / 4 != dim {
+        return Err(Misbehaviour::WrongDimension { expected: dim, got: data.len() / 4 });
+    }
+    let values: Vec<f32> =
+        data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    check_dense(&values, dim)?;
+    Ok(values)
+}
+
+/// A round of dense deltas: kept until the round closes, so they can be
+/// combined in ascending client order whatever the arrival order.
+#[derive(Debug, Default)]
+pub(crate) struct DenseRound {
+    dim: usize,
+    pending: Vec<(ClientIndex, u64, f32, Vec<f32>)>,
+}
+
+impl DenseRound {
+    pub(crate) fn begin(&mut self, dim: usize) {
+        self.dim = dim;
+        self.pending.clear();
+    }
+
+    pub(crate) fn absorb(
+        &mut self,
+        client: ClientIndex,
+        update: &ClientUpdate,
+        kind: KindId,
+        name: &'static str,
+    ) -> Result<(), Misbehaviour> {
+        check_common(update)?;
+        let data = kind::payload_of(update, kind, name)?;
+        let delta = decode_delta(data, self.dim)?;
+        self.pending.push((client, update.num_samples, update.train_loss, delta));
+        Ok(())
+    }
+
+    /// Combines the round by `rule` into `out` (length `dim`) and clears it.
+    pub(crate) fn combine(
+        &mut self,
+        rule: &dyn VectorRule,
+        out: &mut Vec<f64>,
+    ) -> Result<AggregateStats, AggregateError> {
+        if self.pending.is_empty() {
+            return Err(AggregateError::Empty);
+        }
+        self.pending.sort_by_key(|(c, ..)| *c);
+        let total: u64 = self.pending.iter().fold(0u64, |t, (_, n, ..)| t.saturating_add(*n));
+        let loss: f64 = self.pending.iter().map(|(_, n, l, _)| *n as f64 * *l as f64).sum();
+        let updates: Vec<Weighted<'_>> =
+            self.pending.iter().map(|(c, n, _, d)| Weighted { client: *c, weight: *n, values: d }).collect();
+        out.clear();
+        out.resize(self.dim, 0.0);
+        rule.combine(&updates, out);
+        let stats = AggregateStats { updates: self.pending.len(), samples: total, train_loss: loss / total as f64 };
+        self.pending.clear();
+        Ok(stats)
+    }
+}
+
+/// Adds `step` to `global` rounding once to f32, and commits only if every
+/// value is finite: deltas are checked finite, but `g + step` can still round
+/// to infinity in f32 (a client sending f32::MAX twice in a row).
+pub(crate) fn commit_step(global: &mut [f32], step: &[f64]) -> Result<(), AggregateError> {
+    let next: Vec<f32> = global.iter().zip(step).map(|(g, a)| (*g as f64 + a) as f32).collect();
+    if let Some(index) = next.iter().position(|v| !v.is_finite()) {
+        return Err(AggregateError::NonFinite { index });
+    }
+    global.copy_from_slice(&next);
+    Ok(())
+}
+
+/// FedAvg's aggregator: `global + rule(δ₁ … δₙ)`; with the default mean rule
+/// `global + Σ nᵢ·δᵢ / Σ nᵢ`.
+#[derive(Debug)]
+pub struct FedAvg {
+    round: DenseRound,
+    rule: Box<dyn VectorRule>,
+    scratch: Vec<f64>,
+}
+
+impl Default for FedAvg {
+    fn default() -> Self {
+        FedAvg::new()
+    }
+}
+
+impl FedAvg {
+    /// FedAvg with the sample-weighted mean.
+    pub fn new() -> Self {
+        FedAvg::with_rule(&RuleSpec::Mean)
+    }
+
+    /// FedAvg combining deltas by `rule`.
+    pub fn with_rule(rule: &RuleSpec) -> Self {
+        FedAvg { round: DenseRound::default(), rule: vector_rule(rule), scratch: Vec::new() }
+    }
+}
+
+impl Aggregator for FedAvg {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn begin_round(&mut self, _round: u32, global: &[f32]) {
+        self.round.begin(global.len());
+    }
+
+    fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour> {
+        self.round.absorb(client, update, ID, NAME)
+    }
+
+    fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError> {
+        let stats = self.round.combine(self.rule.as_ref(), &mut self.scratch)?;
+        commit_step(global, &self.scratch)?;
+        Ok(stats)
+    }
+
+    fn publish(&self, global: &[f32]) -> ModelSync {
+        kind::full_model(global)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn upd(n: u64, d: Vec<f32>) -> ClientUpdate {
+        ClientUpdate { num_samples: n, train_loss: 1.0, payload: encode_delta(ID, &d) }
+    }
+
+    #[test]
+    fn weighted_mean() {
+        let mut agg = FedAvg::new();
+        let mut g = vec![1.0, 1.0];
+        agg.begin_round(1, &g);
+        agg.absorb(0, &upd(1, vec![1.0, 0.0])).unwrap();
+        agg.absorb(1, &upd(3, vec![-1.0, 4.0])).unwrap();
+        let s = agg.finish(&mut g).unwrap();
+        assert_eq!(g, vec![1.0 + (1.0 - 3.0) / 4.0, 1.0 + 12.0 / 4.0]);
+        assert_eq!(s.samples, 4);
+    }
+
+    #[test]
+    fn order_independent() {
+        let a = upd(3, vec![0.1, 1e-8, 3.3]);
+        let b = upd(5, vec![1e7, -0.7, 2.2]);
+        let c = upd(7, vec![-1e7, 0.3, 1e-3]);
+        let run = |order: &[(u32, &ClientUpdate)]| {
+            let mut agg = FedAvg::new();
+            let mut g = vec![0.5, 0.25, 0.125];
+            agg.begin_round(1, &g);
+            for (i, u) in order {
+                agg.absorb(*i, u).unwrap();
+            }
+            agg.finish(&mut g).unwrap();
+            g.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(run(&[(0, &a), (1, &b), (2, &c)]), run(&[(2, &c), (0, &a), (1, &b)]));
+    }
+
+    #[test]
+    fn rejects_bad_updates_without_state_change() {
+        let mut agg = FedAvg::new();
+        let mut g = vec![0.0; 3];
+        agg.begin_round(1, &g);
+        assert_eq!(agg.absorb(0, &upd(1, vec![0.0; 2])), Err(Misbehaviour::WrongDimension { expected: 3, got: 2 }));
+        assert_eq!(agg.absorb(0, &upd(1, vec![0.0, f32::NAN, 0.0])), Err(Misbehaviour::NonFinite(1)));
+        assert_eq!(agg.absorb(0, &upd(0, vec![0.0; 3])), Err(Misbehaviour::BadSampleCount(0)));
+        let spsa = ClientUpdate { num_samples: 1, train_loss: 0.0, payload: UpdatePayload { kind: KindId(1), data: vec![0; 12] } };
+        assert!(matches!(agg.absorb(0, &spsa), Err(Misbehaviour::WrongKind { .. })));
+        let ragged = ClientUpdate { num_samples: 1, train_loss: 0.0, payload: UpdatePayload { kind: ID, data: vec![0; 13] } };
+        assert!(matches!(agg.absorb(0, &ragged), Err(Misbehaviour::WrongDimension { .. })));
+        assert_eq!(agg.finish(&mut g), Err(AggregateError::Empty));
+    }
+
+    #[test]
+    fn overflowing_round_is_refused_and_model_kept() {
+        // Finite deltas whose mean pushes a large weight past f32::MAX.
+        let mut agg = FedAvg::new();
+        let mut g = vec![f32::MAX, 1.0];
+        agg.begin_round(1, &g);
+        agg.absorb(0, &upd(1, vec![f32::MAX, 0.0])).unwrap();
+        assert_eq!(agg.finish(&mut g), Err(AggregateError::NonFinite { index: 0 }));
+        assert_eq!(g, vec![f32::MAX, 1.0]);
+        // The aggregator is usable again afterwards.
+        agg.begin_round(2, &g);
+        agg.absorb(0, &upd(1, vec![-1.0, 1.0])).unwrap();
+        agg.finish(&mut g).unwrap();
+        assert_eq!(g[1], 2.0);
+    }
+
+    #[test]
+    fn median_rule_resists_a_scaled_update() {
+        let mut agg = FedAvg::with_rule(&RuleSpec::Median);
+        let mut g = vec![0.0, 0.0];
+        agg.begin_round(1, &g);
+        agg.absorb(0, &upd(1, vec![1.0, 1.0])).unwrap();
+        agg.absorb(1, &upd(1, vec![1.0, 2.0])).unwrap();
+        agg.absorb(2, &upd(1000, vec![1e30, -1e30])).unwrap();
+        agg.finish(&mut g).unwrap();
+        assert_eq!(g, vec![1.0, 1.0]);
+    }
+}

@@ -1,0 +1,260 @@
+//! Update kinds and aggregation rules as plug-ins.
+//!
+//! An **update kind** is what a run's clients send and how every party turns
+//! a round into the next model: its settings (sent to clients in the run
+//! configuration), its payload's decoding and validation, how the server
+//! combines the accepted payloads, what a round publishes (the full model, a
+//! replicated log every replica applies, or a kind-specific encoding such as
+//! FRL's global ranking) and how a replica applies it. Each kind is one
+//! module implementing [`UpdateKind`]: [`crate::fedavg`] (dense deltas),
+//! [`crate::fedavgm`] (dense deltas with server momentum), [`crate::spsa`]
+//! (one byte per zeroth-order step, replicated) and [`crate::frl`] (rankings).
+//!
+//! An **aggregation rule** ([`RuleSpec`]) is a second, independent choice for
+//! kinds whose payload is a vector: how the round's vectors are combined
+//! ([`crate::rule`]). A kind says which rules it supports; asking for another
+//! is a configuration error, not a silent fallback.
+//!
+//! The coordinator, the participant and the drivers see only these traits and
+//! the registry ([`KindSettings::build`]); the one `match` over kinds is there.
+//! Adding a kind is its module, one variant of [`KindSettings`] with its arm
+//! in `build`, one arm in [`AlgorithmSpec::resolve`] for the configuration
+//! files, and its client side in `tally-kernels`.
+
+use std::sync::Arc;
+
+use bincode::{Decode, Encode};
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::Aggregator;
+use crate::error::Misbehaviour;
+use crate::model::ModelArch;
+use crate::wire::{ClientUpdate, ModelSync, RoundLog, UpdatePayload};
+
+/// Which kind a payload is for: one byte in every update, so that a client
+/// speaking another kind than the run's gets a clear `WrongKind` rather than
+/// a confusing length or content error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Encode, Decode)]
+pub struct KindId(pub u8);
+
+/// A run's update kind and its settings, as clients receive them in the run
+/// configuration: one kind's settings, never one `Option` per kind. Bincode
+/// encodes the variant index, so new kinds are appended at the end.
+#[derive(Clone, Debug, PartialEq, Encode, Decode)]
+pub enum KindSettings {
+    /// Federated averaging of dense deltas ([`crate::fedavg`]).
+    FedAvg,
+    /// One-byte SPSA ([`crate::spsa`]): a replicated run.
+    Spsa(crate::spsa::SpsaConfig),
+    /// FRL rank voting ([`crate::frl`]): rounds publish the global ranking.
+    Frl(crate::frl::FrlRun),
+    /// FedAvg with server momentum ([`crate::fedavgm`]).
+    FedAvgM(crate::fedavgm::FedAvgMConfig),
+}
+
+impl KindSettings {
+    /// The registry: the kind these settings configure, checked against the
+    /// run's model. Servers call it on their configuration, participants on
+    /// what a (possibly hostile) server sent.
+    pub fn build(&self, arch: &ModelArch) -> Result<Arc<dyn UpdateKind>, KindError> {
+        Ok(match self {
+            KindSettings::FedAvg => Arc::new(crate::fedavg::FedAvgKind::new(arch)?),
+            KindSettings::Spsa(cfg) => Arc::new(crate::spsa::SpsaKind::new(cfg.clone(), arch)?),
+            KindSettings::Frl(run) => Arc::new(crate::frl::FrlKind::new(run.clone(), arch)?),
+            KindSettings::FedAvgM(cfg) => Arc::new(crate::fedavgm::FedAvgMKind::new(cfg.clone(), arch)?),
+        })
+    }
+
+    /// The kind's name in configuration files and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            KindSettings::FedAvg => crate::fedavg::NAME,
+            KindSettings::Spsa(_) => crate::spsa::NAME,
+            KindSettings::Frl(_) => crate::frl::NAME,
+            KindSettings::FedAvgM(_) => crate::fedavgm::NAME,
+        }
+    }
+}
+
+/// How a kind's rounds convey the model ([`ModelSync`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Publication {
+    /// The full model in every `RoundStart` ([`ModelSync::Full`]).
+    Full,
+    /// A replicated run: clients keep the model, apply each round's log and
+    /// check its hash ([`ModelSync::Replica`]).
+    Replica,
+    /// The kind's own encoding ([`ModelSync::Published`]).
+    Encoded,
+}
+
+/// What the coordinator tells an aggregator about the run it serves.
+#[derive(Clone, Copy, Debug)]
+pub struct RunShape<'a> {
+    /// The model.
+    pub arch: &'a ModelArch,
+    /// Clients sampled per round (bounds a replicated round's log).
+    pub clients_per_round: usize,
+}
+
+/// One update kind (see the module docs). Implementations are immutable
+/// descriptions of a run's kind; the mutable server side is the
+/// [`Aggregator`] they make.
+pub trait UpdateKind: Send + Sync + std::fmt::Debug {
+    /// Name in configuration files and logs.
+    fn name(&self) -> &'static str;
+    /// Tag of this kind's payloads.
+    fn id(&self) -> KindId;
+    /// The settings clients receive.
+    fn settings(&self) -> KindSettings;
+    /// How rounds convey the model to clients.
+    fn publication(&self) -> Publication {
+        Publication::Full
+    }
+    /// Whether runs of this kind are replicated: clients keep the model and
+    /// apply each round's [`RoundLog`] ([`UpdateKind::apply_log`]); joining
+    /// clients get a checkpoint plus the logs since.
+    fn replicated(&self) -> bool {
+        self.publication() == Publication::Replica
+    }
+    /// The aggregation rules this kind can combine its payloads by.
+    fn rules(&self) -> &'static [RuleSpec] {
+        &[RuleSpec::Mean]
+    }
+    /// The server side of a run starting from `initial`, combining by `rule`
+    /// (refused with [`KindError::UnsupportedRule`] when not in
+    /// [`UpdateKind::rules`]; implementations call [`check_rule`] first).
+    fn aggregator(
+        &self,
+        run: &RunShape<'_>,
+        rule: &RuleSpec,
+        initial: &[f32],
+    ) -> Result<Box<dyn Aggregator>, KindError>;
+    /// A replica's model from a round's [`ModelSync::Published`] bytes.
+    fn decode_published(&self, _bytes: &[u8]) -> Result<Vec<f32>, Misbehaviour> {
+        Err(Misbehaviour::Unexpected("a published model in a run that sends the model in full"))
+    }
+    /// Applies a round's log to a replica's `params` (replicated kinds). The
+    /// entries are checked (ascending clients, valid payloads) before any
+    /// parameter changes.
+    fn apply_log(&self, _params: &mut [f32], _log: &RoundLog) -> Result<(), Misbehaviour> {
+        Err(Misbehaviour::Unexpected("RoundLog in a run that is not replicated"))
+    }
+}
+
+/// Checks that `update` is tagged for `kind` and returns its payload bytes.
+pub fn payload_of<'a>(update: &'a ClientUpdate, kind: KindId, name: &'static str) -> Result<&'a [u8], Misbehaviour> {
+    let UpdatePayload { kind: got, data } = &update.payload;
+    if *got != kind {
+        return Err(Misbehaviour::KindMismatch { run: name, got: *got });
+    }
+    Ok(data)
+}
+
+/// How a round's vectors are combined (for kinds whose payload is a vector).
+/// Chosen independently of the kind, in scenarios and in the server config.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuleSpec {
+    /// Sample-weighted mean (FedAvg's rule; for FRL, the sum of positions).
+    #[default]
+    Mean,
+    /// Coordinate-wise median, unweighted (Yin et al., ICML 2018).
+    Median,
+}
+
+impl RuleSpec {
+    /// Name in configuration files and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RuleSpec::Mean => "mean",
+            RuleSpec::Median => "median",
+        }
+    }
+}
+
+impl std::fmt::Display for RuleSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a kind's settings, model or rule can't make a run.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum KindError {
+    /// A setting out of range, or settings that don't fit the model.
+    #[error("{kind}: {reason}")]
+    Invalid {
+        /// The kind.
+        kind: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The kind can't combine its payloads by this rule.
+    #[error("update kind {kind} does not support the aggregation rule {rule} (it supports: {supported})")]
+    UnsupportedRule {
+        /// The kind.
+        kind: &'static str,
+        /// The rule asked for.
+        rule: RuleSpec,
+        /// The rules it does support, comma-separated.
+        supported: String,
+    },
+}
+
+impl KindError {
+    /// An [`KindError::Invalid`] for `kind`.
+    pub fn invalid(kind: &'static str, reason: impl std::fmt::Display) -> Self {
+        KindError::Invalid { kind, reason: reason.to_string() }
+    }
+}
+
+/// The algorithm part of a configuration file (server TOML, simulator
+/// scenario): the kind by name and its settings, each with a default. One
+/// factory for the server, the simulator and the fuzz entry points:
+/// [`AlgorithmSpec::resolve`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AlgorithmSpec {
+    /// Federated averaging of dense deltas.
+    #[default]
+    Fedavg,
+    /// FedAvg with server momentum.
+    Fedavgm(crate::fedavgm::FedAvgMSpec),
+    /// One-byte SPSA.
+    Spsa(crate::spsa::SpsaSpec),
+    /// FRL rank voting (needs a supermask model).
+    Frl(crate::frl::FrlSpec),
+}
+
+impl AlgorithmSpec {
+    /// The run's kind settings: `seed` is the run seed (FRL's network and
+    /// SPSA's directions derive from it unless the spec names another).
+    pub fn resolve(&self, seed: u64, arch: &ModelArch) -> Result<KindSettings, KindError> {
+        let settings = match self {
+            AlgorithmSpec::Fedavg => KindSettings::FedAvg,
+            AlgorithmSpec::Fedavgm(s) => KindSettings::FedAvgM(s.resolve()),
+            AlgorithmSpec::Spsa(s) => KindSettings::Spsa(s.resolve(seed)),
+            AlgorithmSpec::Frl(s) => KindSettings::Frl(s.resolve(seed, arch)?),
+        };
+        // Validates the settings against the model.
+        settings.build(arch)?;
+        Ok(settings)
+    }
+}
+
+/// Refuses a rule the kind does not support, naming the ones it does: a
+/// kind with a rule it can't apply is a configuration error before any
+/// round runs, never a silent fallback.
+pub fn check_rule(kind: &dyn UpdateKind, rule: &RuleSpec) -> Result<(), KindError> {
+    if kind.rules().contains(rule) {
+        return Ok(());
+    }
+    let supported = kind.rules().iter().map(RuleSpec::name).collect::<Vec<_>>().join(", ");
+    Err(KindError::UnsupportedRule { kind: kind.name(), rule: *rule, supported })
+}
+
+/// The [`ModelSync`] of runs that send the model in full.
+pub fn full_model(global: &[f32]) -> ModelSync {
+    ModelSync::Full(global.to_vec())
+}
