@@ -7,7 +7,8 @@ use tally_protocol::frl::{FrlRun, MaskRule, Ranking};
 use tally_protocol::model::ModelArch;
 use tally_protocol::participant::local_seed;
 use tally_protocol::spsa::SpsaConfig;
-use tally_protocol::wire::{ClientUpdate, EvalReport, RunConfig, UpdatePayload};
+use tally_protocol::kind::{KindId, KindSettings};
+use tally_protocol::wire::{ClientUpdate, EvalReport, RunConfig};
 
 use crate::data::Dataset;
 use crate::supermask::{FrlTrainConfig, InputNorm, RankMode, Supermask, SupermaskConfig};
@@ -27,25 +28,22 @@ pub fn local_update(
     device: &Device,
 ) -> Result<ClientUpdate, KernelError> {
     let seed = local_seed(round_seed, client_id);
-    if let Some(frl) = &run.frl {
-        return frl_update(run, frl, round, seed, model, data, device);
-    }
-    match &run.spsa {
-        Some(spsa) => spsa_update(&run.arch, spsa, client_id, round, seed, model, data, device),
-        None => {
-            let cfg = TrainConfig {
-                lr: run.train.lr,
-                batch_size: run.train.batch_size as usize,
-                epochs: run.train.epochs,
-                seed,
-            };
-            dense_update(&run.arch, model, data, &cfg, device)
-        }
+    let dense = |kind: KindId| {
+        let cfg =
+            TrainConfig { lr: run.train.lr, batch_size: run.train.batch_size as usize, epochs: run.train.epochs, seed };
+        dense_update(kind, &run.arch, model, data, &cfg, device)
+    };
+    match &run.kind {
+        KindSettings::Frl(frl) => frl_update(run, frl, round, seed, model, data, device),
+        KindSettings::Spsa(spsa) => spsa_update(&run.arch, spsa, client_id, round, seed, model, data, device),
+        KindSettings::FedAvg => dense(tally_protocol::fedavg::ID),
+        KindSettings::FedAvgM(_) => dense(tally_protocol::fedavgm::ID),
     }
 }
 
-/// Local SGD, returning `trained − model`.
+/// Local SGD, returning `trained − model` as a payload of `kind`.
 pub fn dense_update(
+    kind: KindId,
     arch: &ModelArch,
     model: &[f32],
     data: &Dataset,
@@ -53,11 +51,11 @@ pub fn dense_update(
     device: &Device,
 ) -> Result<ClientUpdate, KernelError> {
     let (trained, report) = train_local(arch, model, data, cfg, device)?;
-    let delta = trained.iter().zip(model).map(|(t, m)| t - m).collect();
+    let delta: Vec<f32> = trained.iter().zip(model).map(|(t, m)| t - m).collect();
     Ok(ClientUpdate {
         num_samples: data.len() as u64,
         train_loss: report.mean_loss,
-        payload: UpdatePayload::DenseDelta(delta),
+        payload: tally_protocol::fedavg::encode_delta(kind, &delta),
     })
 }
 
@@ -76,7 +74,7 @@ fn spsa_update(
     Ok(ClientUpdate {
         num_samples: u64::from(spsa.steps_per_client) * u64::from(spsa.batch_size),
         train_loss: steps.mean_loss,
-        payload: UpdatePayload::Spsa(steps.bytes),
+        payload: tally_protocol::spsa::payload(steps.bytes),
     })
 }
 
@@ -89,13 +87,13 @@ pub fn evaluate_run(
     device: &Device,
     batch_size: usize,
 ) -> Result<EvalReport, KernelError> {
-    match &run.frl {
-        Some(frl) => {
+    match &run.kind {
+        KindSettings::Frl(frl) => {
             let net = frl_network(&run.arch, frl)?;
             let scores = split_layers(&net, model)?;
             net.evaluate_scores(&scores, data, device, batch_size)
         }
-        None => crate::train::evaluate(&run.arch, model, data, device, batch_size),
+        _ => crate::train::evaluate(&run.arch, model, data, device, batch_size),
     }
 }
 
@@ -120,7 +118,7 @@ pub fn frl_update(
     Ok(ClientUpdate {
         num_samples: data.len() as u64,
         train_loss: report.mean_loss,
-        payload: UpdatePayload::Ranking(tally_protocol::frl::encode(&ranking)),
+        payload: tally_protocol::frl::payload(&ranking),
     })
 }
 
