@@ -248,7 +248,7 @@ mod tests {
             update: Some(ClientUpdate {
                 num_samples: 10,
                 train_loss: 0.25,
-                payload: UpdatePayload::DenseDelta(vec![0.5, -0.25, 0.0]),
+                payload: crate::fedavg::encode_delta(crate::fedavg::ID, &[0.5, -0.25, 0.0]),
             }),
         };
         let body = encode_report(&report);
@@ -258,17 +258,15 @@ mod tests {
             arch,
             rounds: 5,
             train: TrainSpec { lr: 0.05, batch_size: 32, epochs: 2 },
-            update_kind: UpdateKind::DenseDelta,
-            spsa: None,
-            frl: None,
+            kind: crate::kind::KindSettings::FedAvg,
         };
         let spsa =
             crate::spsa::SpsaConfig { stream_seed: 3, steps_per_client: 32, eps: 1e-3, lr: 0.01, batch_size: 64 };
         let log = |round: u32| RoundLog {
             round,
             entries: vec![
-                crate::spsa::LogEntry { client: 0, bytes: vec![0x00, 0x40, 0xc1] },
-                crate::spsa::LogEntry { client: 9, bytes: vec![0x7f] },
+                crate::wire::LogEntry { client: 0, bytes: vec![0x00, 0x40, 0xc1] },
+                crate::wire::LogEntry { client: 9, bytes: vec![0x7f] },
             ],
             model_hash: [round as u8; 32],
         };
@@ -316,8 +314,7 @@ mod tests {
                 Message::Welcome(Welcome {
                     client_id: 1,
                     config: RunConfig {
-                        update_kind: UpdateKind::Spsa,
-                        spsa: Some(spsa),
+                        kind: crate::kind::KindSettings::Spsa(spsa),
                         ..run_config(ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 })
                     },
                 }),
@@ -336,21 +333,36 @@ mod tests {
                 Message::Welcome(Welcome {
                     client_id: 2,
                     config: RunConfig {
-                        update_kind: UpdateKind::Ranking,
-                        frl: Some(crate::frl::FrlRun::new(9, crate::frl::LENET_MNIST_LAYER_SIZES.to_vec())),
+                        kind: crate::kind::KindSettings::Frl(crate::frl::FrlRun::new(
+                            9,
+                            crate::frl::LENET_MNIST_LAYER_SIZES.to_vec(),
+                        )),
                         ..run_config(ModelArch::Supermask(crate::supermask::FrlArch::MNIST_LENET))
                     },
                 }),
             ),
             frame(
-                "RoundStart/ranking",
+                "RoundStart/published",
                 Message::RoundStart(RoundStart {
                     round: 5,
                     task: Task::Train,
                     seed: 3,
-                    model: ModelSync::Ranking(crate::frl::encode(
+                    model: ModelSync::Published(crate::frl::encode(
                         &crate::frl::Ranking::new(vec![vec![2, 0, 1], vec![4, 1, 3, 0, 2]], &[3, 5]).unwrap(),
                     )),
+                }),
+            ),
+            frame(
+                "Welcome/fedavgm",
+                Message::Welcome(Welcome {
+                    client_id: 3,
+                    config: RunConfig {
+                        kind: crate::kind::KindSettings::FedAvgM(crate::fedavgm::FedAvgMConfig {
+                            momentum: 0.9,
+                            server_lr: 1.0,
+                        }),
+                        ..run_config(ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 })
+                    },
                 }),
             ),
             frame("RoundLog", Message::RoundLog(log(4))),
@@ -364,7 +376,7 @@ mod tests {
                     update: Some(ClientUpdate {
                         num_samples: 2048,
                         train_loss: 0.5,
-                        payload: UpdatePayload::Spsa(vec![0x41, 0xbf, 0x00, 0x7f]),
+                        payload: crate::spsa::payload(vec![0x41, 0xbf, 0x00, 0x7f]),
                     }),
                 }),
             ),
@@ -378,9 +390,9 @@ mod tests {
                         num_samples: 58,
                         train_loss: 0.75,
                         // The example of crate::frl's docs: packs to 12 cc 20.
-                        payload: UpdatePayload::Ranking(crate::frl::encode(
+                        payload: crate::frl::payload(
                             &crate::frl::Ranking::new(vec![vec![2, 0, 1], vec![4, 1, 3, 0, 2]], &[3, 5]).unwrap(),
-                        )),
+                        ),
                     }),
                 }),
             ),
@@ -415,7 +427,7 @@ mod tests {
     }
 
     const GOLDEN_HEADER: &str = "\
-# Golden encodings of the Tally wire format, version 2: one `name hex` per line.
+# Golden encodings of the Tally wire format, version 3: one `name hex` per line.
 # Checked by codec::tests::golden_messages_match_checked_in_file. A change here
 # is a wire change: bump PROTOCOL_VERSION or justify it. To regenerate after an
 # intentional change:
@@ -466,7 +478,7 @@ mod tests {
         assert_eq!(decode(b"XLY\x01\x05\x00", MAX_MESSAGE_BYTES), Err(Malformed::BadMagic.into()));
         assert_eq!(
             decode(b"TLY\x01\x05\x00", MAX_MESSAGE_BYTES),
-            Err(Incompatibility::Version { ours: 2, theirs: 1 }.into())
+            Err(Incompatibility::Version { ours: PROTOCOL_VERSION, theirs: 1 }.into())
         );
         assert!(matches!(decode(&[0u8; 100], 50), Err(DecodeError::Malformed(Malformed::Oversize { .. }))));
     }

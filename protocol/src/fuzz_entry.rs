@@ -16,7 +16,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::aggregate::{Aggregator, ClientIndex, FedAvg};
+use crate::aggregate::{Aggregator, ClientIndex};
+use crate::fedavg::FedAvg;
+use crate::kind::{KindSettings, RuleSpec};
 use crate::codec;
 use crate::coordinator::{ConnectionHandle, Coordinator, CoordinatorConfig, Event, Phase};
 use crate::durable::{self, Persist, Record, Snapshot};
@@ -29,7 +31,7 @@ use crate::supermask::FrlArch;
 use crate::wire::{
     Ack, ClientUpdate, EvalReport, Finished, Hello, Join, MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, Message, ModelSync,
     PROTOCOL_VERSION, RejectCode, Rejected, Report, RoundStart, RunConfig, RunId, SignedReport, Task, TrainSpec,
-    UpdateKind, UpdatePayload, Welcome,
+    UpdatePayload, Welcome,
 };
 
 /// A fuzz target: its name and entry point.
@@ -168,7 +170,7 @@ pub fn dense_update(data: &[u8]) {
         for client in 0..clients {
             let update = fuzz_update(&mut c, |c| {
                 let len = usize::from(c.u8() % 16);
-                UpdatePayload::DenseDelta(f32s(c.take(len * 4)))
+                crate::fedavg::encode_delta(crate::fedavg::ID, &f32s(c.take(len * 4)))
             });
             let _ = agg.absorb(client, &update);
         }
@@ -194,7 +196,7 @@ pub fn spsa_update(data: &[u8]) {
         for client in 0..clients {
             let update = fuzz_update(&mut c, |c| {
                 let len = usize::from(c.u8() % 24);
-                UpdatePayload::Spsa(c.take(len).to_vec())
+                crate::spsa::payload(c.take(len).to_vec())
             });
             let _ = agg.absorb(client, &update);
         }
@@ -267,7 +269,7 @@ pub fn frl_vote(data: &[u8]) {
                         *b ^= 1 << (at >> 13);
                     }
                 }
-                UpdatePayload::Ranking(bytes)
+                UpdatePayload { kind: crate::frl::ID, data: bytes }
             });
             let _ = vote.absorb(client, &update);
         }
@@ -353,9 +355,18 @@ fn frl_fixture() -> &'static FrlFixture {
     })
 }
 
+impl FrlFixture {
+    fn arch_sizes(&self) -> Vec<usize> {
+        self.vote.config().layer_sizes.clone()
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Dense,
+    /// Dense deltas with server momentum: cross-round aggregator state,
+    /// which crash-and-restore must bring back.
+    Momentum,
     Spsa,
     Frl,
 }
@@ -364,11 +375,14 @@ fn spsa_config() -> SpsaConfig {
     SpsaConfig { stream_seed: 77, steps_per_client: 8, eps: 1e-3, lr: 0.05, batch_size: 8 }
 }
 
-fn aggregator(kind: Kind) -> Box<dyn Aggregator> {
+fn kind_settings(kind: Kind) -> KindSettings {
     match kind {
-        Kind::Dense => Box::new(FedAvg::new()),
-        Kind::Spsa => Box::new(Spsa::new(spsa_config())),
-        Kind::Frl => Box::new(frl_fixture().vote.clone()),
+        Kind::Dense => KindSettings::FedAvg,
+        Kind::Momentum => {
+            KindSettings::FedAvgM(crate::fedavgm::FedAvgMConfig { momentum: 0.9, server_lr: 1.0 })
+        }
+        Kind::Spsa => KindSettings::Spsa(spsa_config()),
+        Kind::Frl => KindSettings::Frl(FrlRun::new(5, frl_fixture().arch_sizes())),
     }
 }
 
@@ -437,9 +451,10 @@ impl Seen {
 /// A valid payload of `kind` for the 23-parameter MLP or the FRL fixture.
 fn good_payload(kind: Kind, dim: usize) -> UpdatePayload {
     match kind {
-        Kind::Dense => UpdatePayload::DenseDelta(vec![0.25; dim]),
-        Kind::Spsa => UpdatePayload::Spsa(vec![0x41; spsa_config().steps_per_client as usize]),
-        Kind::Frl => UpdatePayload::Ranking(frl_fixture().ranking.clone()),
+        Kind::Dense => crate::fedavg::encode_delta(crate::fedavg::ID, &vec![0.25; dim]),
+        Kind::Momentum => crate::fedavg::encode_delta(crate::fedavgm::ID, &vec![0.25; dim]),
+        Kind::Spsa => crate::spsa::payload(vec![0x41; spsa_config().steps_per_client as usize]),
+        Kind::Frl => UpdatePayload { kind: crate::frl::ID, data: frl_fixture().ranking.clone() },
     }
 }
 
@@ -459,7 +474,8 @@ pub fn coordinator_ops(data: &[u8]) {
     // FRL inputs are rare on purpose: every FRL report signs, verifies and
     // votes a 120k-edge ranking, some hundred times the cost of a dense one.
     let kind = match setup >> 5 {
-        0..=3 => Kind::Dense,
+        0..=2 => Kind::Dense,
+        3 => Kind::Momentum,
         4..=6 => Kind::Spsa,
         _ => Kind::Frl,
     };
@@ -478,6 +494,8 @@ pub fn coordinator_ops(data: &[u8]) {
         quorum: usize::from((setup >> 2) & 1) + 1,
         round_timeout: Duration::from_secs(10),
         train: TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 },
+        kind: kind_settings(kind),
+        rule: RuleSpec::Mean,
         max_violations: 3,
         schedule: None,
         // Replicated and FRL runs are set up without the evaluation round in
@@ -490,7 +508,7 @@ pub fn coordinator_ops(data: &[u8]) {
         Kind::Frl => frl_fixture().initial.clone(),
         _ => cfg.arch.init_params(1),
     };
-    let mut coord = match Coordinator::new(cfg.clone(), aggregator(kind), initial, 7) {
+    let mut coord = match Coordinator::new(cfg.clone(), initial, 7) {
         Ok(coord) => coord,
         Err(e) => panic!("invariant: the fixed coordinator config is valid: {e}"),
     };
@@ -562,7 +580,7 @@ pub fn coordinator_ops(data: &[u8]) {
                 if op & 0x80 == 0 {
                     let _ = coord.handle_oversize(now, conn, c.u32() as usize);
                 } else {
-                    coord = crash_and_restore(&coord, &cfg, kind, &persisted, now);
+                    coord = crash_and_restore(&coord, &cfg, &persisted, now);
                     challenges.clear();
                 }
             }
@@ -607,18 +625,15 @@ fn fuzz_report(c: &mut Cursor<'_>, coord: &Coordinator, kind: Kind, dim: usize, 
         4 => (task == Task::Evaluate).then(|| good_payload(kind, dim)),
         5 => {
             let len = usize::from(c.u8() % 32);
-            Some(UpdatePayload::DenseDelta(f32s(c.take(len * 4))))
+            Some(crate::fedavg::encode_delta(crate::fedavg::ID, &f32s(c.take(len * 4))))
         }
         6 => {
             let len = usize::from(c.u8() % 32);
-            Some(UpdatePayload::Spsa(c.take(len).to_vec()))
+            Some(crate::spsa::payload(c.take(len).to_vec()))
         }
         _ => {
             // A valid payload with a few bits flipped.
-            let mut bytes = match good_payload(kind, dim) {
-                UpdatePayload::Ranking(b) | UpdatePayload::Spsa(b) => b,
-                UpdatePayload::DenseDelta(d) => d.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            };
+            let UpdatePayload { kind: tag, data: mut bytes } = good_payload(kind, dim);
             for _ in 0..c.u8() % 4 {
                 let at = c.u32() as usize;
                 let len = bytes.len().max(1);
@@ -626,11 +641,9 @@ fn fuzz_report(c: &mut Cursor<'_>, coord: &Coordinator, kind: Kind, dim: usize, 
                     *b ^= 1 << (at >> 29);
                 }
             }
-            Some(match kind {
-                Kind::Dense => UpdatePayload::DenseDelta(f32s(&bytes)),
-                Kind::Spsa => UpdatePayload::Spsa(bytes),
-                Kind::Frl => UpdatePayload::Ranking(bytes),
-            })
+            // Sometimes under another kind's tag.
+            let tag = if c.u8() < 0x20 { crate::kind::KindId(c.u8() % 5) } else { tag };
+            Some(UpdatePayload { kind: tag, data: bytes })
         }
     };
     let update = payload.map(|payload| {
@@ -648,17 +661,21 @@ fn fuzz_report(c: &mut Cursor<'_>, coord: &Coordinator, kind: Kind, dim: usize, 
 fn crash_and_restore(
     coord: &Coordinator,
     cfg: &CoordinatorConfig,
-    kind: Kind,
     (snapshot, records): &(Snapshot, Vec<Record>),
     now: Instant,
 ) -> Coordinator {
-    let restored = match Coordinator::restore(cfg.clone(), aggregator(kind), snapshot.clone(), records, now) {
+    let restored = match Coordinator::restore(cfg.clone(), snapshot.clone(), records, now) {
         Ok(c) => c,
         Err(e) => panic!("the coordinator's own state does not restore: {e}"),
     };
     let bits = |m: &[f32]| m.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(restored.model()), bits(coord.model()), "restore changed the model");
     assert_eq!(restored.completed_rounds(), coord.completed_rounds(), "restore changed the completed rounds");
+    assert_eq!(
+        restored.snapshot().aggregator_state,
+        coord.snapshot().aggregator_state,
+        "restore changed the aggregator's cross-round state"
+    );
     assert_eq!(restored.phase() == Phase::Finished, coord.phase() == Phase::Finished);
     restored
 }
@@ -679,9 +696,7 @@ pub fn participant_frames(data: &[u8]) {
         arch: arch.clone(),
         rounds: 2,
         train: TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 },
-        update_kind: UpdateKind::DenseDelta,
-        spsa: None,
-        frl: None,
+        kind: KindSettings::FedAvg,
     };
     let corpus = [
         Message::Hello(Hello { run_id: RUN, challenge: [7; 32] }),
@@ -735,7 +750,7 @@ pub fn participant_frames(data: &[u8]) {
                 let update = ClientUpdate {
                     num_samples: 4,
                     train_loss: 0.5,
-                    payload: UpdatePayload::DenseDelta(vec![0.25; dim]),
+                    payload: crate::fedavg::encode_delta(crate::fedavg::ID, &vec![0.25; dim]),
                 };
                 let eval = Some(EvalReport { loss_sum: 1.0, correct: 1, total: 2 });
                 let _ = p.submit(now, eval, (op & 4 != 0).then_some(update));
@@ -852,9 +867,9 @@ mod seeds {
         }
         let eval = Some(EvalReport { loss_sum: 1.0, correct: 1, total: 2 });
         let reports = [
-            ("dense", Some(UpdatePayload::DenseDelta(vec![0.25, -1.0, 3.5]))),
-            ("spsa", Some(UpdatePayload::Spsa(vec![1, 0x7f, 0x81, 0xff]))),
-            ("ranking", Some(UpdatePayload::Ranking(vec![0x12, 0xcc, 0x20]))),
+            ("dense", Some(crate::fedavg::encode_delta(crate::fedavg::ID, &vec![0.25, -1.0, 3.5]))),
+            ("spsa", Some(crate::spsa::payload(vec![1, 0x7f, 0x81, 0xff]))),
+            ("ranking", Some(UpdatePayload { kind: crate::frl::ID, data: vec![0x12, 0xcc, 0x20] })),
             ("eval-only", None),
         ];
         for (name, payload) in reports {
@@ -913,6 +928,11 @@ mod seeds {
             model: vec![0.5; 23],
             violations: [(1, 2)].into_iter().collect(),
             replica_checkpoint: None,
+            aggregator_state: Some(crate::aggregate::AggregatorState {
+                name: crate::fedavgm::NAME.into(),
+                version: crate::fedavgm::STATE_VERSION,
+                bytes: vec![0; 8],
+            }),
         };
         write("durable_snapshot", "dense", &durable::encode_snapshot(&snap));
         let log =

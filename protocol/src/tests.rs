@@ -4,7 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use crate::aggregate::FedAvg;
 use crate::codec;
 use crate::coordinator::{ConnectionHandle, Coordinator, CoordinatorConfig, Event, Phase};
 use crate::error::{Error, Malformed, Misbehaviour};
@@ -54,6 +53,8 @@ fn config(n: usize, rounds: u32) -> CoordinatorConfig {
         quorum: n,
         round_timeout: Duration::from_secs(10),
         train: TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 },
+        kind: crate::kind::KindSettings::FedAvg,
+        rule: crate::kind::RuleSpec::Mean,
         max_violations: 5,
         schedule: None,
         final_evaluation: true,
@@ -62,25 +63,16 @@ fn config(n: usize, rounds: u32) -> CoordinatorConfig {
 
 impl Net {
     fn new(cfg: CoordinatorConfig, identities: Vec<Identity>) -> Net {
-        Net::with_aggregator(cfg, identities, Box::new(FedAvg::new()))
+        Net::with_init(cfg, identities, |a| a.init_params(1))
     }
 
-    fn with_aggregator(
+    fn with_init(
         cfg: CoordinatorConfig,
         identities: Vec<Identity>,
-        aggregator: Box<dyn crate::aggregate::Aggregator>,
-    ) -> Net {
-        Net::with_aggregator_and_init(cfg, identities, aggregator, |a| a.init_params(1))
-    }
-
-    fn with_aggregator_and_init(
-        cfg: CoordinatorConfig,
-        identities: Vec<Identity>,
-        aggregator: Box<dyn crate::aggregate::Aggregator>,
         init: impl FnOnce(&ModelArch) -> Vec<f32>,
     ) -> Net {
         let init = init(&cfg.arch);
-        let coord = Coordinator::new(cfg, aggregator, init, 42).unwrap();
+        let coord = Coordinator::new(cfg, init, 42).unwrap();
         let n = identities.len();
         let mut net = Net {
             now: Instant::now(),
@@ -159,7 +151,7 @@ impl Net {
             let update = (task == Task::Train).then(|| ClientUpdate {
                 num_samples: 10,
                 train_loss: 0.5,
-                payload: UpdatePayload::DenseDelta(vec![1.0; dim]),
+                payload: crate::fedavg::encode_delta(crate::fedavg::ID, &vec![1.0; dim]),
             });
             let _ = self.clients[slot].1.submit(self.now, eval, update);
         }
@@ -236,7 +228,7 @@ fn tampered_replayed_duplicate_oversize_and_bad_updates_are_refused() {
         run_id: RUN,
         round,
         eval: None,
-        update: Some(ClientUpdate { num_samples: 5, train_loss: 0.1, payload: UpdatePayload::DenseDelta(payload) }),
+        update: Some(ClientUpdate { num_samples: 5, train_loss: 0.1, payload: crate::fedavg::encode_delta(crate::fedavg::ID, &payload) }),
     };
     let signer = Participant::new(me.clone(), None);
 
@@ -439,7 +431,7 @@ fn longest_round_timeout_runs_through_deadlines() {
 
 #[test]
 fn participant_refuses_a_hostile_welcome() {
-    use crate::wire::{Hello, MAX_HANDSHAKE_BYTES, RunConfig, UpdateKind, Welcome, max_message_bytes_for};
+    use crate::wire::{Hello, MAX_HANDSHAKE_BYTES, RunConfig, Welcome, max_message_bytes_for};
     let t = Instant::now();
     let hello = codec::encode(&Message::Hello(Hello { run_id: RUN, challenge: [0; 32] }));
     let welcome = |config: RunConfig| codec::encode(&Message::Welcome(Welcome { client_id: 0, config }));
@@ -449,9 +441,7 @@ fn participant_refuses_a_hostile_welcome() {
         arch: arch(),
         rounds: 2,
         train: train.clone(),
-        update_kind: UpdateKind::DenseDelta,
-        spsa: None,
-        frl: None,
+        kind: crate::kind::KindSettings::FedAvg,
     };
     let bad_model = Misbehaviour::Unexpected("Welcome with an invalid model");
     let bad_train = Misbehaviour::Unexpected("Welcome with invalid training parameters");
@@ -514,7 +504,7 @@ fn reports_for_another_run_or_from_unsampled_clients_are_refused() {
         update: Some(ClientUpdate {
             num_samples: 1,
             train_loss: 0.0,
-            payload: UpdatePayload::DenseDelta(vec![0.0; dim]),
+            payload: crate::fedavg::encode_delta(crate::fedavg::ID, &vec![0.0; dim]),
         }),
     };
     let frame = |who: u8, run_id: RunId| Participant::new(ident(who), None).sign_report(&report(run_id));

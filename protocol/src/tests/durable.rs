@@ -36,7 +36,7 @@ impl Disk {
 /// and membership matter for the final model.
 fn update_for(client: usize, round: u32, dim: usize) -> ClientUpdate {
     let d: Vec<f32> = (0..dim).map(|i| ((i + 7 * client) as f32 * 0.01 + round as f32 * 0.1).sin()).collect();
-    ClientUpdate { num_samples: 10 + client as u64, train_loss: 0.5, payload: UpdatePayload::DenseDelta(d) }
+    ClientUpdate { num_samples: 10 + client as u64, train_loss: 0.5, payload: crate::fedavg::encode_delta(crate::fedavg::ID, &d) }
 }
 
 impl Net {
@@ -92,7 +92,7 @@ fn durable_net() -> (Net, Disk) {
     let mut cfg = config(3, 3);
     cfg.final_evaluation = false;
     let init = cfg.arch.init_params(1);
-    let mut coord = Coordinator::new(cfg, Box::new(FedAvg::new()), init, 42).unwrap();
+    let mut coord = Coordinator::new(cfg, init, 42).unwrap();
     coord.enable_persistence();
     let mut disk = Disk::default();
     disk.absorb(&mut coord);
@@ -131,7 +131,7 @@ fn crash_at_any_point_of_a_round_then_restore_gives_the_same_model() {
         let mut cfg = config(3, 3);
         cfg.final_evaluation = false;
         let later = net.now + Duration::from_secs(5);
-        let coord = Coordinator::restore(cfg, Box::new(FedAvg::new()), snapshot, &records, later).unwrap();
+        let coord = Coordinator::restore(cfg, snapshot, &records, later).unwrap();
         // The same clients reconnect on new connections.
         let mut net2 = connect_three(coord, later, 10, 0x55);
         disk.absorb(&mut net2.coord);
@@ -158,7 +158,7 @@ fn restore_refuses_another_run_or_enrolment_and_bad_logs() {
     let mut other = config(3, 3);
     other.run_id = RunId([1; 16]);
     assert!(matches!(
-        Coordinator::restore(other, Box::new(FedAvg::new()), snapshot.clone(), &records, Instant::now()),
+        Coordinator::restore(other, snapshot.clone(), &records, Instant::now()),
         Err(crate::durable::DurableError::Mismatch("run id"))
     ));
     let mut fewer = config(3, 3);
@@ -167,13 +167,13 @@ fn restore_refuses_another_run_or_enrolment_and_bad_logs() {
     fewer.clients_per_round = 2;
     fewer.quorum = 2;
     assert!(matches!(
-        Coordinator::restore(fewer, Box::new(FedAvg::new()), snapshot.clone(), &records, Instant::now()),
+        Coordinator::restore(fewer, snapshot.clone(), &records, Instant::now()),
         Err(crate::durable::DurableError::Mismatch("enrolled keys"))
     ));
     // A log that opens round 5 after 0 completed rounds cannot be replayed.
     let bad = vec![Record::RoundOpened { round: 5, task: Task::Train, sampled: vec![0] }];
     assert!(matches!(
-        Coordinator::restore(config(3, 3), Box::new(FedAvg::new()), snapshot, &bad, Instant::now()),
+        Coordinator::restore(config(3, 3), snapshot, &bad, Instant::now()),
         Err(crate::durable::DurableError::Replay { index: 0, .. })
     ));
     assert!(decode_snapshot(b"junk").is_err());

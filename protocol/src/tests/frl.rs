@@ -5,7 +5,7 @@
 //! ranking every round; a restored coordinator carries on identically.
 
 use super::*;
-use crate::frl::{FrlError, FrlRun, FrlVote, MaskRule, Ranking, encode};
+use crate::frl::{FrlRun, FrlVote, MaskRule, Ranking, encode};
 use crate::identity::params_hash;
 use crate::rng::LocalRng;
 use crate::supermask::FrlArch;
@@ -19,12 +19,11 @@ fn frl_net(n: usize, rounds: u32) -> Net {
     cfg.arch = ModelArch::Supermask(NET);
     cfg.final_evaluation = false;
     cfg.max_violations = 20;
-    let run = FrlRun::new(5, NET.layer_sizes());
-    let vote = FrlVote::for_run(run, &cfg.arch).unwrap();
+    cfg.kind = crate::kind::KindSettings::Frl(FrlRun::new(5, NET.layer_sizes()));
     let ids = (0..n as u8).map(ident).collect();
     // `Net` builds the initial model with `init_params(1)`: FRL's initial
     // scores must come from the run's seed instead.
-    let mut net = Net::with_aggregator_and_init(cfg, ids, Box::new(vote), |a| a.init_params(5));
+    let mut net = Net::with_init(cfg, ids, |a| a.init_params(5));
     net.pump();
     net
 }
@@ -50,7 +49,7 @@ impl Net {
             }
             let ranking = Ranking::from_scores(&scores, &NET.layer_sizes(), MaskRule::TwoSided).unwrap();
             let update =
-                ClientUpdate { num_samples: 58, train_loss: 0.3, payload: UpdatePayload::Ranking(encode(&ranking)) };
+                ClientUpdate { num_samples: 58, train_loss: 0.3, payload: UpdatePayload { kind: crate::frl::ID, data: encode(&ranking) } };
             self.clients[slot].1.submit(self.now, None, Some(update)).unwrap();
         }
         self.pump();
@@ -88,8 +87,8 @@ fn rounds_ship_the_ranking_and_clients_rebuild_the_global_scores() {
     let initial = net.coord.model().to_vec();
     assert_eq!(initial, NET_initial());
     let config = net.coord.run_config();
-    assert_eq!(config.update_kind, crate::wire::UpdateKind::Ranking);
-    assert_eq!(config.frl.as_ref().unwrap().seed, 5);
+    let crate::kind::KindSettings::Frl(run) = &config.kind else { panic!("an FRL run") };
+    assert_eq!(run.seed, 5);
     for r in 1..=3 {
         // Every client received exactly the coordinator's scores.
         let before = net.coord.model().to_vec();
@@ -145,11 +144,11 @@ fn malformed_rankings_are_refused_and_the_round_completes() {
     let mut trailing = good_bytes.clone();
     trailing.push(0);
     let payloads = [
-        (UpdatePayload::Ranking(dup_bytes), "duplicate"),
-        (UpdatePayload::Ranking(out_of_range), "not a permutation"),
-        (UpdatePayload::Ranking(truncated), "truncated"),
-        (UpdatePayload::Ranking(trailing), "trailing"),
-        (UpdatePayload::DenseDelta(vec![0.0; NET.num_edges()]), "dense"),
+        (UpdatePayload { kind: crate::frl::ID, data: dup_bytes }, "duplicate"),
+        (UpdatePayload { kind: crate::frl::ID, data: out_of_range }, "not a permutation"),
+        (UpdatePayload { kind: crate::frl::ID, data: truncated }, "truncated"),
+        (UpdatePayload { kind: crate::frl::ID, data: trailing }, "trailing"),
+        (crate::fedavg::encode_delta(crate::fedavg::ID, &vec![0.0; NET.num_edges()]), "dense"),
     ];
     // Client 3 sends every bad payload in turn, each signed and for the open round.
     let conn = net.clients[3].0;
@@ -162,15 +161,31 @@ fn malformed_rankings_are_refused_and_the_round_completes() {
         };
         let frame = net.clients[3].1.sign_report(&report);
         let err = net.coord.handle_message(net.now, conn, &frame).unwrap_err();
+        use crate::error::PayloadFault;
         match (what, &err) {
-            (&"duplicate", Error::Misbehaving(Misbehaviour::BadRanking(FrlError::DuplicateIndex { layer: 0, .. }))) => {
-            }
             (
-                &"not a permutation",
-                Error::Misbehaving(Misbehaviour::BadRanking(FrlError::NotAPermutation { layer: 0, .. })),
+                &"duplicate",
+                Error::Misbehaving(Misbehaviour::BadPayload {
+                    kind: "frl",
+                    fault: PayloadFault::Repeated { part: 0, .. },
+                }),
             )
-            | (&"truncated" | &"trailing", Error::Misbehaving(Misbehaviour::BadRanking(_)))
-            | (&"dense", Error::Misbehaving(Misbehaviour::WrongKind(_))) => {}
+            | (
+                &"not a permutation",
+                Error::Misbehaving(Misbehaviour::BadPayload {
+                    kind: "frl",
+                    fault: PayloadFault::NotAPermutation { part: 0, .. },
+                }),
+            )
+            | (
+                &"truncated",
+                Error::Misbehaving(Misbehaviour::BadPayload { kind: "frl", fault: PayloadFault::Length { .. } }),
+            )
+            | (
+                &"trailing",
+                Error::Misbehaving(Misbehaviour::BadPayload { kind: "frl", fault: PayloadFault::Trailing { .. } }),
+            )
+            | (&"dense", Error::Misbehaving(Misbehaviour::KindMismatch { run: "frl", .. })) => {}
             _ => panic!("{what}: unexpected {err:?}"),
         }
     }
@@ -183,7 +198,7 @@ fn malformed_rankings_are_refused_and_the_round_completes() {
         run_id: RUN,
         round: 1,
         eval: None,
-        update: Some(ClientUpdate { num_samples: 5, train_loss: 0.1, payload: UpdatePayload::Ranking(good_bytes) }),
+        update: Some(ClientUpdate { num_samples: 5, train_loss: 0.1, payload: UpdatePayload { kind: crate::frl::ID, data: good_bytes } }),
     };
     let frame = net.clients[3].1.sign_report(&report);
     net.coord.handle_message(net.now, conn, &frame).unwrap();
@@ -202,8 +217,8 @@ fn restored_coordinator_ships_the_same_scores() {
     cfg.arch = ModelArch::Supermask(NET);
     cfg.final_evaluation = false;
     cfg.max_violations = 20;
-    let vote = FrlVote::for_run(FrlRun::new(5, NET.layer_sizes()), &cfg.arch).unwrap();
-    let mut restored = Coordinator::restore(cfg, Box::new(vote), snap, &[], net.now).unwrap();
+    cfg.kind = crate::kind::KindSettings::Frl(FrlRun::new(5, NET.layer_sizes()));
+    let mut restored = Coordinator::restore(cfg, snap, &[], net.now).unwrap();
     assert_eq!(restored.model(), &model[..]);
     // Round 2 opens once the clients are back; its ranking rebuilds the same scores.
     for (i, (conn, _)) in net.clients.iter().enumerate() {
@@ -226,10 +241,12 @@ fn a_supermask_model_needs_the_frl_aggregator_and_its_seed() {
     let mut cfg = config(3, 1);
     cfg.arch = ModelArch::Supermask(NET);
     let init = cfg.arch.init_params(5);
-    assert!(Coordinator::new(cfg.clone(), Box::new(FedAvg::new()), init.clone(), 1).is_err());
+    assert!(Coordinator::new(cfg.clone(), init.clone(), 1).is_err());
     // Initial scores of another seed are not a permutation of this run's s̄.
-    let vote = FrlVote::for_run(FrlRun::new(6, NET.layer_sizes()), &cfg.arch).unwrap();
-    assert!(Coordinator::new(cfg.clone(), Box::new(vote), init.clone(), 1).is_err());
+    cfg.kind = crate::kind::KindSettings::Frl(FrlRun::new(6, NET.layer_sizes()));
+    assert!(Coordinator::new(cfg.clone(), init.clone(), 1).is_err());
+    cfg.kind = crate::kind::KindSettings::Frl(FrlRun::new(5, NET.layer_sizes()));
+    assert!(Coordinator::new(cfg.clone(), init.clone(), 1).is_ok());
     // Layer sizes that are not the model's are refused.
     let mut run = FrlRun::new(5, NET.layer_sizes());
     run.vote.layer_sizes[0] += 1;

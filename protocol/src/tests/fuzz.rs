@@ -23,7 +23,7 @@ use crate::codec::HEADER_BYTES;
 use crate::identity::{join_transcript, report_transcript};
 use crate::wire::{
     Ack, Finished, Hello, Join, MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, ModelSync, Rejected, RoundStart, RunConfig,
-    SignedReport, UpdateKind, Welcome,
+    SignedReport, Welcome,
 };
 
 /// The raw connection an attacker holds next to the honest clients.
@@ -138,7 +138,7 @@ fn materialise(input: &Input, corpus: &[Vec<u8>]) -> Vec<u8> {
 }
 
 fn run_config(run_id: RunId, arch: ModelArch, train: TrainSpec) -> RunConfig {
-    RunConfig { run_id, arch, rounds: 2, train, update_kind: UpdateKind::DenseDelta, spsa: None, frl: None }
+    RunConfig { run_id, arch, rounds: 2, train, kind: crate::kind::KindSettings::FedAvg }
 }
 
 fn train_spec() -> TrainSpec {
@@ -150,7 +150,7 @@ fn report(round: u32, update: Option<Vec<f32>>) -> Report {
         run_id: RUN,
         round,
         eval: Some(EvalReport { loss_sum: 1.0, correct: 1, total: 2 }),
-        update: update.map(|d| ClientUpdate { num_samples: 3, train_loss: 0.5, payload: UpdatePayload::DenseDelta(d) }),
+        update: update.map(|d| ClientUpdate { num_samples: 3, train_loss: 0.5, payload: crate::fedavg::encode_delta(crate::fedavg::ID, &d) }),
     }
 }
 
@@ -521,7 +521,7 @@ proptest! {
         cfg.final_evaluation = final_evaluation;
         let rounds = cfg.rounds;
         let dim = cfg.arch.num_params();
-        let mut coord = Coordinator::new(cfg, Box::new(FedAvg::new()), arch().init_params(1), 7).unwrap();
+        let mut coord = Coordinator::new(cfg, arch().init_params(1), 7).unwrap();
         let ids: Vec<Identity> = (0..4).map(ident).chain([Identity::from_secret([200; 32])]).collect();
         let mut now = Instant::now();
         let mut seen = Seen::default();
@@ -558,7 +558,7 @@ proptest! {
                         RoundPick::Any(r) => *r,
                     };
                     let update = |delta: Vec<f32>, n: u64| {
-                        Some(ClientUpdate { num_samples: n, train_loss: 0.5, payload: UpdatePayload::DenseDelta(delta) })
+                        Some(ClientUpdate { num_samples: n, train_loss: 0.5, payload: crate::fedavg::encode_delta(crate::fedavg::ID, &delta) })
                     };
                     let update = match payload {
                         Payload::Good if task == Task::Train => update(vec![0.25; dim], 4),

@@ -6,7 +6,7 @@
 use super::*;
 use crate::identity::params_hash;
 use crate::rng::LocalRng;
-use crate::spsa::{Spsa, SpsaConfig};
+use crate::spsa::SpsaConfig;
 use crate::wire::RoundLog;
 
 fn spsa_cfg() -> SpsaConfig {
@@ -21,8 +21,9 @@ fn spsa_net(enrolled: usize, connected: usize, rounds: u32) -> Net {
     cfg.quorum = connected;
     cfg.final_evaluation = false;
     cfg.max_violations = 20;
+    cfg.kind = crate::kind::KindSettings::Spsa(spsa_cfg());
     let ids = (0..connected as u8).map(ident).collect();
-    Net::with_aggregator(cfg, ids, Box::new(Spsa::new(spsa_cfg())))
+    Net::new(cfg, ids)
 }
 
 /// Valid SPSA bytes (never the refused 0x80), as a client's gradients would be.
@@ -54,7 +55,7 @@ impl Net {
                 continue;
             }
             let update =
-                ClientUpdate { num_samples: 256, train_loss: 1.0, payload: UpdatePayload::Spsa(bytes(rng, 32)) };
+                ClientUpdate { num_samples: 256, train_loss: 1.0, payload: crate::spsa::payload(bytes(rng, 32)) };
             if self.clients[slot].1.submit(self.now, None, Some(update)).is_ok() {
                 steps += 32;
             }
@@ -152,34 +153,34 @@ fn malformed_spsa_reports_are_refused_and_the_round_completes() {
     let send = |net: &mut Net, r: Report| net.coord.handle_message(net.now, conn, &signer.sign_report(&r));
     // Step out of range: 33 bytes for 32 steps; no bytes at all.
     assert_eq!(
-        send(&mut net, report(1, UpdatePayload::Spsa(vec![1; 33]))),
+        send(&mut net, report(1, crate::spsa::payload(vec![1; 33]))),
         Err(Error::Misbehaving(Misbehaviour::WrongDimension { expected: 32, got: 33 }))
     );
     assert!(matches!(
-        send(&mut net, report(1, UpdatePayload::Spsa(vec![]))),
+        send(&mut net, report(1, crate::spsa::payload(vec![]))),
         Err(Error::Misbehaving(Misbehaviour::WrongDimension { .. }))
     ));
     // The non-canonical byte, and a dense update in an SPSA run.
     assert_eq!(
-        send(&mut net, report(1, UpdatePayload::Spsa(vec![1, 0x80]))),
+        send(&mut net, report(1, crate::spsa::payload(vec![1, 0x80]))),
         Err(Error::Misbehaving(Misbehaviour::NonFinite(1)))
     );
     assert!(matches!(
-        send(&mut net, report(1, UpdatePayload::DenseDelta(vec![0.0; 3]))),
+        send(&mut net, report(1, crate::fedavg::encode_delta(crate::fedavg::ID, &vec![0.0; 3]))),
         Err(Error::Misbehaving(Misbehaviour::WrongKind(_)))
     ));
     // Wrong round; then a valid report and its duplicate.
     assert!(matches!(
-        send(&mut net, report(2, UpdatePayload::Spsa(vec![1]))),
+        send(&mut net, report(2, crate::spsa::payload(vec![1]))),
         Err(Error::Misbehaving(Misbehaviour::WrongRound { .. }))
     ));
-    send(&mut net, report(1, UpdatePayload::Spsa(vec![65, 190]))).unwrap();
+    send(&mut net, report(1, crate::spsa::payload(vec![65, 190]))).unwrap();
     assert_eq!(
-        send(&mut net, report(1, UpdatePayload::Spsa(vec![65, 190]))),
+        send(&mut net, report(1, crate::spsa::payload(vec![65, 190]))),
         Err(Error::Misbehaving(Misbehaviour::Duplicate(1)))
     );
     // Bad signature: another key signs for our connection.
-    let other = Participant::new(ident(2), None).sign_report(&report(1, UpdatePayload::Spsa(vec![1])));
+    let other = Participant::new(ident(2), None).sign_report(&report(1, crate::spsa::payload(vec![1])));
     assert_eq!(net.coord.handle_message(net.now, conn, &other), Err(Error::Misbehaving(Misbehaviour::BadSignature)));
     // The honest clients finish the round and every replica agrees.
     net.pump();
