@@ -27,7 +27,7 @@
 //! # Mask, gradient, ranking
 //!
 //! * **Mask** (per layer): keep the `n − ⌊(1−k)·n⌋` edges of largest `|S|`
-//!   ([`keep_count`]; `(1−k)·n` computed in binary64 as Python's
+//!   ([`keep_count`], the protocol's; `(1−k)·n` computed in binary64 as Python's
 //!   `int((1 - k) * numel)` does). Ties in `|S|` are broken by index: among
 //!   equal `|S|`, lower indices are pruned first (FRL's `torch.sort` leaves
 //!   ties unspecified). See [`MaskThreshold`].
@@ -37,9 +37,11 @@
 //!   `sign(0) = 0` (PyTorch's `abs` backward). burn computes `∂L/∂W_eff`; the
 //!   product is formed here.
 //! * **Ranking** (`utils.py::Find_rank`): `R = argsort_asc(S)` on the signed
-//!   scores ([`RankMode::Signed`]), or on `|S|` ([`RankMode::Magnitude`], the
-//!   one-sided reading of the paper, `algorithms.md` §1.4). The sort is stable:
-//!   ties in value keep ascending index order; `−0.0` and `+0.0` are equal.
+//!   scores ([`MaskRule::TwoSided`]), or on `|S|` ([`MaskRule::OneSidedTopK`],
+//!   the one-sided reading of the paper, `algorithms.md` §1.4). The sort is
+//!   stable: ties in value keep ascending index order; `−0.0` and `+0.0` are
+//!   equal. Defined once, in the protocol ([`rank_layer`], re-exported here),
+//!   which the server's [`tally_protocol::frl::Ranking::from_scores`] uses too.
 //! * **Scores from a ranking** (`utils.py::FRL_Vote`): `S[R[j]] = s̄[j]`
 //!   ([`scores_from_ranking`]); in magnitude mode `s̄` is `sort_asc(|S⁰|)`.
 //!
@@ -90,16 +92,11 @@ pub use tally_protocol::supermask::{
     FrlArch, LENET_SIDE, LayerKind, MaskedLayer, frozen_layer_weights, initial_layer_scores,
 };
 
-/// Which order the ranking follows (`algorithms.md` §1.4).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum RankMode {
-    /// FRL's code: rank by signed `S`, mask by `|S|`. For reproduction.
-    #[default]
-    Signed,
-    /// Rank by `|S|` and rebuild from `sort_asc(|S⁰|)`: the mask is then the
-    /// top-k of the vote (the one-sided reading of the paper).
-    Magnitude,
-}
+// The ranking, its vocabulary ([`MaskRule`]: which order the ranking follows,
+// `algorithms.md` §1.4) and the keep count are the protocol's too: the one
+// definition the server's vote and every client use.
+use tally_protocol::frl::magnitude_key;
+pub use tally_protocol::frl::{MaskRule, keep_count, rank_layer, rank_value};
 
 /// Input normalisation: a pixel `p` becomes `(p/255 − mean)/std`, in f32.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -140,8 +137,9 @@ pub struct SupermaskConfig {
     /// Fraction of each layer's edges kept in the mask, in `[0, 1]`.
     /// Default [`DEFAULT_KEEP_FRACTION`].
     pub keep_fraction: f64,
-    /// Signed (FRL's code, default) or magnitude ranking.
-    pub rank_mode: RankMode,
+    /// Signed ranking ([`MaskRule::TwoSided`], FRL's code, default) or
+    /// magnitude ranking ([`MaskRule::OneSidedTopK`]).
+    pub mask_rule: MaskRule,
     /// Input normalisation. Default [`InputNorm::MNIST`].
     pub input_norm: InputNorm,
 }
@@ -153,7 +151,7 @@ impl SupermaskConfig {
             arch,
             run_seed,
             keep_fraction: DEFAULT_KEEP_FRACTION,
-            rank_mode: RankMode::Signed,
+            mask_rule: MaskRule::TwoSided,
             input_norm: InputNorm::MNIST,
         }
     }
@@ -248,45 +246,20 @@ pub fn initial_scores(arch: &FrlArch, run_seed: u64) -> Vec<Vec<f32>> {
     arch.layers().iter().enumerate().map(|(l, spec)| initial_layer_scores(run_seed, l, spec)).collect()
 }
 
-/// `s̄_l`: the initial scores of every layer sorted ascending (`|S⁰|` sorted in
-/// magnitude mode). The values a ranking is turned back into.
-pub fn sorted_initial_scores(arch: &FrlArch, run_seed: u64, mode: RankMode) -> Vec<Vec<f32>> {
+/// `s̄_l`: the initial scores of every layer sorted ascending (`|S⁰|` sorted
+/// for [`MaskRule::OneSidedTopK`]), i.e. [`rank_value`] in [`rank_layer`]
+/// order, as the server's [`tally_protocol::frl::reference`]. The values a
+/// ranking is turned back into.
+pub fn sorted_initial_scores(arch: &FrlArch, run_seed: u64, rule: MaskRule) -> Vec<Vec<f32>> {
     initial_scores(arch, run_seed)
         .into_iter()
-        .map(|s| {
-            let s = match mode {
-                RankMode::Signed => s,
-                RankMode::Magnitude => s.iter().map(|v| v.abs()).collect(),
-            };
-            let order = ranking_from_scores(&s, RankMode::Signed);
-            order.iter().map(|&i| s[i as usize]).collect()
-        })
+        .map(|s| rank_layer(&s, rule).iter().map(|&i| rank_value(s[i as usize], rule)).collect())
         .collect()
 }
 
 // ---------------------------------------------------------------------------
 // Mask: top-k of |S| by radix selection.
 // ---------------------------------------------------------------------------
-
-/// Edges kept in a layer of `n` edges: `n − ⌊(1 − k)·n⌋`, in binary64 like
-/// FRL's `int((1 - k) * numel)`. `k` outside `[0, 1]` is clamped.
-pub fn keep_count(n: usize, keep_fraction: f64) -> usize {
-    let k = if keep_fraction.is_nan() { 0.0 } else { keep_fraction.clamp(0.0, 1.0) };
-    let pruned = ((1.0 - k) * n as f64) as usize;
-    n - pruned.min(n)
-}
-
-/// `|v|` as an order-preserving integer: the bits of a non-negative f32 sort
-/// like the values (NaN above infinity).
-fn abs_key(v: f32) -> u32 {
-    v.to_bits() & 0x7fff_ffff
-}
-
-/// Signed f32 → u32 preserving numeric order (`−0.0` counted as `+0.0`).
-fn signed_key(v: f32) -> u32 {
-    let b = if v == 0.0 { 0 } else { v.to_bits() };
-    if b >> 31 == 1 { !b } else { b | 0x8000_0000 }
-}
 
 /// The boundary of a layer's mask: edge `i` with score `s` is kept iff
 /// `(|s|, i) ≥ (key, index)` in lexicographic order, `|s|` compared by its
@@ -307,7 +280,7 @@ impl MaskThreshold {
     /// Whether edge `index` with score `score` is in the mask.
     #[inline]
     pub fn keeps(&self, score: f32, index: usize) -> bool {
-        let k = abs_key(score);
+        let k = magnitude_key(score);
         k > self.key || (k == self.key && index >= self.index)
     }
 }
@@ -330,7 +303,7 @@ pub fn mask_threshold(scores: &[f32], keep: usize) -> MaskThreshold {
     let prune = n - keep;
     let mut hist = vec![0u32; 1 << (31 - SELECT_SHIFT)];
     for &s in scores {
-        hist[(abs_key(s) >> SELECT_SHIFT) as usize] += 1;
+        hist[(magnitude_key(s) >> SELECT_SHIFT) as usize] += 1;
     }
     let (mut below, mut bucket) = (0usize, 0u32);
     for (b, &c) in hist.iter().enumerate() {
@@ -343,8 +316,8 @@ pub fn mask_threshold(scores: &[f32], keep: usize) -> MaskThreshold {
     let mut cand: Vec<(u32, usize)> = scores
         .iter()
         .enumerate()
-        .filter(|&(_, &s)| abs_key(s) >> SELECT_SHIFT == bucket)
-        .map(|(i, &s)| (abs_key(s), i))
+        .filter(|&(_, &s)| magnitude_key(s) >> SELECT_SHIFT == bucket)
+        .map(|(i, &s)| (magnitude_key(s), i))
         .collect();
     let rank = prune - below;
     let (_, &mut (key, index), _) = cand.select_nth_unstable(rank);
@@ -360,28 +333,6 @@ pub fn mask(scores: &[f32], keep: usize) -> Vec<bool> {
 // ---------------------------------------------------------------------------
 // Ranking <-> scores.
 // ---------------------------------------------------------------------------
-
-/// Stable ascending argsort of `keys` (ties by index). Each key is packed
-/// with its index into one `u64` (key high, index low), so the packed values
-/// are distinct and any sort of them is the stable order. (An LSD radix sort
-/// was measured at the same speed, about 20 ms for LeNet's 1.6 M edges, and
-/// is not worth its code.)
-fn stable_argsort(keys: impl ExactSizeIterator<Item = u32>) -> Vec<u32> {
-    // The protocol's LSD radix sort (the vote's): stable, so ties keep index
-    // order. A comparison sort of 1.6 M keys cost ~100 ms per client round.
-    let keys: Vec<u32> = keys.collect();
-    tally_protocol::frl::vote_order(&keys)
-}
-
-/// A layer's ranking (`Find_rank`): edge indices in ascending order of score
-/// (signed, or `|S|` in magnitude mode), ties by ascending index. `R[0]` is
-/// the lowest edge. Scores must be finite (NaN sorts above everything).
-pub fn ranking_from_scores(scores: &[f32], mode: RankMode) -> Vec<u32> {
-    match mode {
-        RankMode::Signed => stable_argsort(scores.iter().map(|&v| signed_key(v))),
-        RankMode::Magnitude => stable_argsort(scores.iter().map(|&v| abs_key(v))),
-    }
-}
 
 /// The inverse of a ranking: `position[e]` = rank of edge `e` (0 = lowest).
 /// Refuses anything that is not a permutation of `0..n`.
@@ -474,7 +425,7 @@ impl Supermask {
         Ok(Supermask {
             keep: layers.iter().map(|l| keep_count(l.edges(), config.keep_fraction)).collect(),
             weights: frozen_weights(&config.arch, config.run_seed),
-            reference: sorted_initial_scores(&config.arch, config.run_seed, config.rank_mode),
+            reference: sorted_initial_scores(&config.arch, config.run_seed, config.mask_rule),
             layers,
             config: *config,
         })
@@ -520,9 +471,10 @@ impl Supermask {
         self.rankings(&self.initial_scores())
     }
 
-    /// Every layer's ranking of `scores` in this network's [`RankMode`].
+    /// Every layer's ranking of `scores` ([`rank_layer`]) under this
+    /// network's [`MaskRule`].
     pub fn rankings(&self, scores: &[Vec<f32>]) -> Vec<Vec<u32>> {
-        scores.iter().map(|s| ranking_from_scores(s, self.config.rank_mode)).collect()
+        scores.iter().map(|s| rank_layer(s, self.config.mask_rule)).collect()
     }
 
     /// Scores rebuilt from a (global) ranking of every layer.
@@ -976,14 +928,14 @@ mod tests {
                 assert!(s[l][i] >= -b && s[l][i] < b);
             }
         }
-        let sorted = sorted_initial_scores(&arch, 7, RankMode::Signed);
+        let sorted = sorted_initial_scores(&arch, 7, MaskRule::TwoSided);
         for (l, v) in sorted.iter().enumerate() {
             assert!(v.windows(2).all(|p| p[0] <= p[1]));
             let mut want = s[l].clone();
             want.sort_by(f32::total_cmp);
             assert_eq!(v, &want);
         }
-        let mag = sorted_initial_scores(&arch, 7, RankMode::Magnitude);
+        let mag = sorted_initial_scores(&arch, 7, MaskRule::OneSidedTopK);
         assert!(mag[1].iter().all(|&v| v >= 0.0) && mag[1].windows(2).all(|p| p[0] <= p[1]));
     }
 
@@ -1038,10 +990,10 @@ mod tests {
         assert_eq!(mask(&[], 0), Vec::<bool>::new());
     }
 
-    fn reference_ranking(scores: &[f32], mode: RankMode) -> Vec<u32> {
+    fn reference_ranking(scores: &[f32], mode: MaskRule) -> Vec<u32> {
         let key = |v: f32| match mode {
-            RankMode::Signed => f64::from(v),
-            RankMode::Magnitude => f64::from(v.abs()),
+            MaskRule::TwoSided => f64::from(v),
+            MaskRule::OneSidedTopK => f64::from(v.abs()),
         };
         let mut order: Vec<u32> = (0..scores.len() as u32).collect();
         // A stable sort on the value; -0.0 == 0.0 under partial_cmp.
@@ -1053,27 +1005,27 @@ mod tests {
     fn ranking_is_a_stable_argsort_and_inverts_with_scores_from_ranking() {
         let s = initial_scores(&FrlArch::MNIST_LENET, 11);
         for layer in [&s[0], &s[1], &s[3]] {
-            for mode in [RankMode::Signed, RankMode::Magnitude] {
-                let r = ranking_from_scores(layer, mode);
+            for mode in [MaskRule::TwoSided, MaskRule::OneSidedTopK] {
+                let r = rank_layer(layer, mode);
                 assert_eq!(r, reference_ranking(layer, mode));
                 positions(&r).unwrap(); // a permutation
             }
         }
-        let big = ranking_from_scores(&s[2], RankMode::Signed);
+        let big = rank_layer(&s[2], MaskRule::TwoSided);
         let pos = positions(&big).unwrap();
         assert!(big.windows(2).all(|p| (s[2][p[0] as usize], p[0]) < (s[2][p[1] as usize], p[1])));
         assert_eq!(pos[big[0] as usize], 0);
         // Ties, signed zeros and repeated values.
         let tied: Vec<f32> = (0..500).map(|i| [0.5f32, -0.5, 0.0, -0.0, 2.0][i % 5] * ((i % 3) as f32)).collect();
-        for mode in [RankMode::Signed, RankMode::Magnitude] {
-            assert_eq!(ranking_from_scores(&tied, mode), reference_ranking(&tied, mode));
+        for mode in [MaskRule::TwoSided, MaskRule::OneSidedTopK] {
+            assert_eq!(rank_layer(&tied, mode), reference_ranking(&tied, mode));
         }
 
         // Inversion: rebuilding from the ranking with the sorted values
         // gives the scores back; ranking the rebuilt scores gives the ranking
         // back (values here are distinct).
         let layer = &s[1];
-        let r = ranking_from_scores(layer, RankMode::Signed);
+        let r = rank_layer(layer, MaskRule::TwoSided);
         let mut sorted = layer.clone();
         sorted.sort_by(f32::total_cmp);
         let rebuilt = scores_from_ranking(&r, &sorted).unwrap();
@@ -1081,8 +1033,8 @@ mod tests {
         // Any permutation round-trips through scores_from_ranking when s̄ is
         // strictly increasing.
         let sbar: Vec<f32> = (0..layer.len()).map(|i| i as f32 - 100.0).collect();
-        let perm = ranking_from_scores(&initial_scores(&FrlArch::MNIST_LENET, 12)[1], RankMode::Signed);
-        let back = ranking_from_scores(&scores_from_ranking(&perm, &sbar).unwrap(), RankMode::Signed);
+        let perm = rank_layer(&initial_scores(&FrlArch::MNIST_LENET, 12)[1], MaskRule::TwoSided);
+        let back = rank_layer(&scores_from_ranking(&perm, &sbar).unwrap(), MaskRule::TwoSided);
         assert_eq!(back, perm);
 
         // Non-permutations are refused.
@@ -1366,7 +1318,7 @@ mod tests {
     fn magnitude_mode_rebuilds_non_negative_scores_and_trains() {
         let device = cpu_device();
         let mut cfg = SupermaskConfig::new(FrlArch::MNIST_LENET, 2);
-        cfg.rank_mode = RankMode::Magnitude;
+        cfg.mask_rule = MaskRule::OneSidedTopK;
         let net = Supermask::new(&cfg).unwrap();
         let r0 = net.initial_ranking();
         let s0 = net.scores_from_rankings(&r0).unwrap();

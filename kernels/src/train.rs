@@ -20,7 +20,6 @@
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use tally_protocol::model::ModelArch;
 
@@ -65,12 +64,10 @@ pub struct TrainReport {
 pub use tally_protocol::wire::EvalReport;
 
 /// The generator for the sample order: ChaCha20 with key
-/// `seed (8 bytes LE) || "tallytrain" || zeros`, stream 0.
+/// `seed (8 bytes LE) || "tallytrain" || zeros`, stream 0
+/// ([`tally_protocol::rng::keyed_chacha20`]).
 pub fn train_rng(seed: u64) -> ChaCha20Rng {
-    let mut key = [0u8; 32];
-    key[..8].copy_from_slice(&seed.to_le_bytes());
-    key[8..18].copy_from_slice(b"tallytrain");
-    ChaCha20Rng::from_seed(key)
+    tally_protocol::rng::keyed_chacha20(seed, b"tallytrain")
 }
 
 /// `pixel / 255` for every byte value, computed once (a lookup beats a divide

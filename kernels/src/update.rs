@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use tally_protocol::frl::{FrlRun, MaskRule, Ranking};
+use tally_protocol::frl::{FrlRun, Ranking};
 use tally_protocol::model::ModelArch;
 use tally_protocol::participant::local_seed;
 use tally_protocol::spsa::SpsaConfig;
@@ -11,7 +11,7 @@ use tally_protocol::kind::{KindId, KindSettings};
 use tally_protocol::wire::{ClientUpdate, EvalReport, RunConfig};
 
 use crate::data::Dataset;
-use crate::supermask::{FrlTrainConfig, InputNorm, RankMode, Supermask, SupermaskConfig};
+use crate::supermask::{FrlTrainConfig, InputNorm, Supermask, SupermaskConfig};
 use crate::train::{TrainConfig, train_local};
 use crate::{Device, KernelError};
 
@@ -154,10 +154,7 @@ pub fn frl_network(arch: &ModelArch, frl: &FrlRun) -> Result<Arc<Supermask>, Ker
         arch: *net,
         run_seed: frl.seed,
         keep_fraction: frl.vote.k_fraction,
-        rank_mode: match frl.vote.mask {
-            MaskRule::TwoSided => RankMode::Signed,
-            MaskRule::OneSidedTopK => RankMode::Magnitude,
-        },
+        mask_rule: frl.vote.mask,
         input_norm: InputNorm { mean: frl.input_mean, std: frl.input_std },
     };
     // A poisoned lock means a thread panicked while holding it; the entries

@@ -7,7 +7,7 @@
 //! so it needs no floating-point "restore" (which would not be exact); the
 //! memory beyond inference is that one buffer. `z` is never materialised.
 
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 use tally_protocol::model::ModelArch;
 use tally_protocol::prng::perturbed_into;
@@ -28,12 +28,9 @@ pub struct SpsaSteps {
 }
 
 /// The minibatch generator of a client's round: ChaCha20 keyed by `seed`
-/// (little endian) and `"tallyzo"`.
+/// (little endian) and `"tallyzo"` ([`tally_protocol::rng::keyed_chacha20`]).
 fn batch_rng(seed: u64) -> ChaCha20Rng {
-    let mut key = [0u8; 32];
-    key[..8].copy_from_slice(&seed.to_le_bytes());
-    key[8..15].copy_from_slice(b"tallyzo");
-    ChaCha20Rng::from_seed(key)
+    tally_protocol::rng::keyed_chacha20(seed, b"tallyzo")
 }
 
 /// Runs `steps` SPSA estimates for `client` in `round` at `params`.

@@ -81,14 +81,14 @@ pub struct StreamId {
 impl StreamId {
     /// The ChaCha key of the stream (see the module docs).
     pub fn key(&self) -> [u8; 32] {
-        let mut k = [0u8; 32];
-        k[0..8].copy_from_slice(&self.run_seed.to_le_bytes());
-        k[8..12].copy_from_slice(&(self.purpose as u32).to_le_bytes());
-        k[12..16].copy_from_slice(&self.round.to_le_bytes());
-        k[16..20].copy_from_slice(&self.client.to_le_bytes());
-        k[20..24].copy_from_slice(&self.step.to_le_bytes());
-        k[24..32].copy_from_slice(b"tally.v1");
-        k
+        crate::rng::chacha_key(&[
+            &self.run_seed.to_le_bytes(),
+            &(self.purpose as u32).to_le_bytes(),
+            &self.round.to_le_bytes(),
+            &self.client.to_le_bytes(),
+            &self.step.to_le_bytes(),
+            b"tally.v1",
+        ])
     }
 
     /// A generator positioned at word `word`.

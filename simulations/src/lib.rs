@@ -127,10 +127,9 @@ mod sha2_free {
     /// SplitMix64 finaliser over `(seed, tag, index)`: derives independent
     /// sub-seeds (identities, network draws) from the scenario seed.
     pub fn hash_seed(seed: u64, tag: u64, index: u64) -> u64 {
-        let mut z = seed ^ tag.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        tally_protocol::rng::splitmix64(
+            seed ^ tag.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        )
     }
 }
 

@@ -8,19 +8,17 @@
 //! sampling, so the result does not depend on how a `rand` version implements
 //! `shuffle` or `random_range`.
 
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::Distribution;
 
 use super::DataError;
 
 /// The generator behind the partitions: ChaCha20 with key
-/// `seed (8 bytes LE) || "tallypart" || zeros`, stream 0.
+/// `seed (8 bytes LE) || "tallypart" || zeros`, stream 0
+/// ([`tally_protocol::rng::keyed_chacha20`]).
 pub fn partition_rng(seed: u64) -> ChaCha20Rng {
-    let mut key = [0u8; 32];
-    key[..8].copy_from_slice(&seed.to_le_bytes());
-    key[8..17].copy_from_slice(b"tallypart");
-    ChaCha20Rng::from_seed(key)
+    tally_protocol::rng::keyed_chacha20(seed, b"tallypart")
 }
 
 /// Uniform in `0..n` (`n > 0`) by rejection, so it is unbiased and its
