@@ -325,9 +325,8 @@ impl Coordinator {
         let shape = RunShape { arch: &config.arch, clients_per_round: config.clients_per_round };
         let mut aggregator =
             kind.aggregator(&shape, &config.rule, &initial).map_err(|e| Misuse::Config(e.to_string()))?;
-        let checkpoint = kind
-            .replicated()
-            .then(|| Checkpoint { round: 0, params: initial.clone(), logs: Vec::new(), log_bytes: 0 });
+        let checkpoint =
+            kind.replicated().then(|| Checkpoint { round: 0, params: initial.clone(), logs: Vec::new(), log_bytes: 0 });
         // A fresh run's initial model, or a restored one: the aggregator
         // derives its state (FRL's global ranking) from it.
         aggregator.restore_model(&initial).map_err(|e| Misuse::Config(format!("initial model: {e}")))?;

@@ -204,7 +204,10 @@ pub enum PayloadFault {
 impl PayloadFault {
     /// Whether the content, not the shape, is at fault.
     pub fn is_content_fault(&self) -> bool {
-        matches!(self, PayloadFault::NotAPermutation { .. } | PayloadFault::Repeated { .. } | PayloadFault::NonCanonical { .. })
+        matches!(
+            self,
+            PayloadFault::NotAPermutation { .. } | PayloadFault::Repeated { .. } | PayloadFault::NonCanonical { .. }
+        )
     }
 }
 

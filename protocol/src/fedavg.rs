@@ -86,8 +86,7 @@ pub fn decode_delta(data: &[u8], dim: usize) -> Result<Vec<f32>, Misbehaviour> {
     if data.len() % 4 != 0 || data.len() / 4 != dim {
         return Err(Misbehaviour::WrongDimension { expected: dim, got: data.len() / 4 });
     }
-    let values: Vec<f32> =
-        data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let values: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     check_dense(&values, dim)?;
     Ok(values)
 }
@@ -253,9 +252,14 @@ mod tests {
         assert_eq!(agg.absorb(0, &upd(1, vec![0.0; 2])), Err(Misbehaviour::WrongDimension { expected: 3, got: 2 }));
         assert_eq!(agg.absorb(0, &upd(1, vec![0.0, f32::NAN, 0.0])), Err(Misbehaviour::NonFinite(1)));
         assert_eq!(agg.absorb(0, &upd(0, vec![0.0; 3])), Err(Misbehaviour::BadSampleCount(0)));
-        let spsa = ClientUpdate { num_samples: 1, train_loss: 0.0, payload: UpdatePayload { kind: KindId(1), data: vec![0; 12] } };
-        assert!(matches!(agg.absorb(0, &spsa), Err(Misbehaviour::WrongKind { .. })));
-        let ragged = ClientUpdate { num_samples: 1, train_loss: 0.0, payload: UpdatePayload { kind: ID, data: vec![0; 13] } };
+        let spsa = ClientUpdate {
+            num_samples: 1,
+            train_loss: 0.0,
+            payload: UpdatePayload { kind: KindId(1), data: vec![0; 12] },
+        };
+        assert!(matches!(agg.absorb(0, &spsa), Err(Misbehaviour::KindMismatch { .. })));
+        let ragged =
+            ClientUpdate { num_samples: 1, train_loss: 0.0, payload: UpdatePayload { kind: ID, data: vec![0; 13] } };
         assert!(matches!(agg.absorb(0, &ragged), Err(Misbehaviour::WrongDimension { .. })));
         assert_eq!(agg.finish(&mut g), Err(AggregateError::Empty));
     }

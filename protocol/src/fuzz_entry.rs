@@ -17,13 +17,13 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::aggregate::{Aggregator, ClientIndex};
-use crate::fedavg::FedAvg;
-use crate::kind::{KindSettings, RuleSpec};
 use crate::codec;
 use crate::coordinator::{ConnectionHandle, Coordinator, CoordinatorConfig, Event, Phase};
 use crate::durable::{self, Persist, Record, Snapshot};
+use crate::fedavg::FedAvg;
 use crate::frl::{self, FrlConfig, FrlRun, FrlVote, MaskRule, Ranking};
 use crate::identity::{Identity, join_transcript, report_transcript};
+use crate::kind::{KindSettings, RuleSpec};
 use crate::model::ModelArch;
 use crate::participant::{Participant, ParticipantEvent};
 use crate::spsa::{Spsa, SpsaConfig};
@@ -378,9 +378,7 @@ fn spsa_config() -> SpsaConfig {
 fn kind_settings(kind: Kind) -> KindSettings {
     match kind {
         Kind::Dense => KindSettings::FedAvg,
-        Kind::Momentum => {
-            KindSettings::FedAvgM(crate::fedavgm::FedAvgMConfig { momentum: 0.9, server_lr: 1.0 })
-        }
+        Kind::Momentum => KindSettings::FedAvgM(crate::fedavgm::FedAvgMConfig { momentum: 0.9, server_lr: 1.0 }),
         Kind::Spsa => KindSettings::Spsa(spsa_config()),
         Kind::Frl => KindSettings::Frl(FrlRun::new(5, frl_fixture().arch_sizes())),
     }

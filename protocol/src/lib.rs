@@ -44,9 +44,9 @@ pub mod wire;
 mod tests;
 
 pub use aggregate::{Aggregator, ClientIndex};
-pub use fedavg::FedAvg;
-pub use kind::{AlgorithmSpec, KindSettings, RuleSpec, UpdateKind};
 pub use coordinator::{ConnectionHandle, Coordinator, CoordinatorConfig, Event, Phase, RoundSummary, Transmit};
 pub use error::Error;
+pub use fedavg::FedAvg;
 pub use identity::Identity;
+pub use kind::{AlgorithmSpec, KindSettings, RuleSpec, UpdateKind};
 pub use participant::{Participant, ParticipantEvent};

@@ -66,11 +66,7 @@ impl Net {
         Net::with_init(cfg, identities, |a| a.init_params(1))
     }
 
-    fn with_init(
-        cfg: CoordinatorConfig,
-        identities: Vec<Identity>,
-        init: impl FnOnce(&ModelArch) -> Vec<f32>,
-    ) -> Net {
+    fn with_init(cfg: CoordinatorConfig, identities: Vec<Identity>, init: impl FnOnce(&ModelArch) -> Vec<f32>) -> Net {
         let init = init(&cfg.arch);
         let coord = Coordinator::new(cfg, init, 42).unwrap();
         let n = identities.len();
@@ -228,7 +224,11 @@ fn tampered_replayed_duplicate_oversize_and_bad_updates_are_refused() {
         run_id: RUN,
         round,
         eval: None,
-        update: Some(ClientUpdate { num_samples: 5, train_loss: 0.1, payload: crate::fedavg::encode_delta(crate::fedavg::ID, &payload) }),
+        update: Some(ClientUpdate {
+            num_samples: 5,
+            train_loss: 0.1,
+            payload: crate::fedavg::encode_delta(crate::fedavg::ID, &payload),
+        }),
     };
     let signer = Participant::new(me.clone(), None);
 
@@ -258,7 +258,7 @@ fn tampered_replayed_duplicate_oversize_and_bad_updates_are_refused() {
     // Oversize as reported by the driver, and garbage bytes.
     let err = net.coord.handle_oversize(net.now, conn, net.coord.max_message_bytes() + 1);
     assert!(matches!(err, Error::Malformed(Malformed::Oversize { .. })));
-    assert!(matches!(net.coord.handle_message(net.now, conn, b"TLY\x02\xff\xff"), Err(Error::Malformed(_))));
+    assert!(matches!(net.coord.handle_message(net.now, conn, b"TLY\x03\xff\xff"), Err(Error::Malformed(_))));
 
     // Another client's report relayed on our connection fails its signature check.
     let other = Participant::new(ident(1), None).sign_report(&good(1, vec![0.5; dim]));

@@ -36,7 +36,11 @@ impl Disk {
 /// and membership matter for the final model.
 fn update_for(client: usize, round: u32, dim: usize) -> ClientUpdate {
     let d: Vec<f32> = (0..dim).map(|i| ((i + 7 * client) as f32 * 0.01 + round as f32 * 0.1).sin()).collect();
-    ClientUpdate { num_samples: 10 + client as u64, train_loss: 0.5, payload: crate::fedavg::encode_delta(crate::fedavg::ID, &d) }
+    ClientUpdate {
+        num_samples: 10 + client as u64,
+        train_loss: 0.5,
+        payload: crate::fedavg::encode_delta(crate::fedavg::ID, &d),
+    }
 }
 
 impl Net {

@@ -48,8 +48,11 @@ impl Net {
                 *s += (rng.next_u64() % 1000) as f32 * 1e-5;
             }
             let ranking = Ranking::from_scores(&scores, &NET.layer_sizes(), MaskRule::TwoSided).unwrap();
-            let update =
-                ClientUpdate { num_samples: 58, train_loss: 0.3, payload: UpdatePayload { kind: crate::frl::ID, data: encode(&ranking) } };
+            let update = ClientUpdate {
+                num_samples: 58,
+                train_loss: 0.3,
+                payload: UpdatePayload { kind: crate::frl::ID, data: encode(&ranking) },
+            };
             self.clients[slot].1.submit(self.now, None, Some(update)).unwrap();
         }
         self.pump();
@@ -198,7 +201,11 @@ fn malformed_rankings_are_refused_and_the_round_completes() {
         run_id: RUN,
         round: 1,
         eval: None,
-        update: Some(ClientUpdate { num_samples: 5, train_loss: 0.1, payload: UpdatePayload { kind: crate::frl::ID, data: good_bytes } }),
+        update: Some(ClientUpdate {
+            num_samples: 5,
+            train_loss: 0.1,
+            payload: UpdatePayload { kind: crate::frl::ID, data: good_bytes },
+        }),
     };
     let frame = net.clients[3].1.sign_report(&report);
     net.coord.handle_message(net.now, conn, &frame).unwrap();

@@ -150,7 +150,11 @@ fn report(round: u32, update: Option<Vec<f32>>) -> Report {
         run_id: RUN,
         round,
         eval: Some(EvalReport { loss_sum: 1.0, correct: 1, total: 2 }),
-        update: update.map(|d| ClientUpdate { num_samples: 3, train_loss: 0.5, payload: crate::fedavg::encode_delta(crate::fedavg::ID, &d) }),
+        update: update.map(|d| ClientUpdate {
+            num_samples: 3,
+            train_loss: 0.5,
+            payload: crate::fedavg::encode_delta(crate::fedavg::ID, &d),
+        }),
     }
 }
 

@@ -166,8 +166,8 @@ fn malformed_spsa_reports_are_refused_and_the_round_completes() {
         Err(Error::Misbehaving(Misbehaviour::NonFinite(1)))
     );
     assert!(matches!(
-        send(&mut net, report(1, crate::fedavg::encode_delta(crate::fedavg::ID, &vec![0.0; 3]))),
-        Err(Error::Misbehaving(Misbehaviour::WrongKind(_)))
+        send(&mut net, report(1, crate::fedavg::encode_delta(crate::fedavg::ID, &[0.0; 3]))),
+        Err(Error::Misbehaving(Misbehaviour::KindMismatch { run: "spsa", .. }))
     ));
     // Wrong round; then a valid report and its duplicate.
     assert!(matches!(
