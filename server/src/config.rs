@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tally_protocol::coordinator::MAX_ROUND_TIMEOUT;
+use tally_protocol::kind::{AlgorithmSpec, KindSettings, RuleSpec};
 use tally_protocol::model::ModelArch;
 use tally_protocol::wire::{PublicKeyBytes, RunId, TrainSpec};
 
@@ -83,51 +84,19 @@ pub struct RawConfig {
     pub model: Option<ModelArch>,
     /// Local training. Default lr 0.05, batch 32, 1 epoch.
     pub train: Option<TrainSpec>,
-    /// One-byte SPSA instead of FedAvg (see `tally_protocol::spsa`).
-    pub spsa: Option<RawSpsa>,
-    /// FRL rank voting (see `tally_protocol::frl`). Implied by a supermask
-    /// model (`model = { kind = "supermask", net = "lenet", classes = 10 }`);
-    /// every field defaults to FRL's MNIST settings.
-    pub frl: Option<RawFrl>,
+    /// The update kind and its settings: `{ kind = "fedavg" }` (default),
+    /// `{ kind = "fedavgm", momentum = 0.9, server_lr = 1.0 }`, `{ kind =
+    /// "spsa", steps_per_client = 32, eps = 1e-3, lr = 0.01, batch_size = 64
+    /// }` or `{ kind = "frl", ... }` (see `tally_protocol::kind::AlgorithmSpec`;
+    /// every field has a default). A supermask model implies `frl`. Seeds
+    /// derived from the run (FRL's network, SPSA's directions) follow the
+    /// run's seed, also when a saved run is resumed.
+    pub algorithm: Option<AlgorithmSpec>,
+    /// How a round's updates are combined: `mean` (default) or `median`
+    /// (dense kinds only; a kind that can't use the rule is refused).
+    pub rule: Option<RuleSpec>,
     /// TLS certificate.
     pub tls: Option<RawTls>,
-}
-
-/// FRL settings beyond `[train]` (FRL: lr 0.4, batch 8, 2 epochs). The
-/// network seed is the run's `seed`.
-#[derive(Debug, Deserialize, Clone, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RawFrl {
-    /// Per-round learning-rate decay. Default 0.999.
-    pub lr_decay: Option<f64>,
-    /// SGD momentum on the scores. Default 0.9.
-    pub momentum: Option<f32>,
-    /// Weight decay on the scores. Default 1e-4.
-    pub weight_decay: Option<f32>,
-    /// Fraction of each layer's edges kept. Default 0.5.
-    pub k_fraction: Option<f64>,
-    /// `two-sided` (as published, default) or `one-sided-top-k`.
-    pub mask: Option<tally_protocol::frl::MaskRule>,
-    /// Input normalisation mean. Default 0.1307 (MNIST; Fashion-MNIST 0.2860).
-    pub input_mean: Option<f32>,
-    /// Input normalisation std. Default 0.3081 (MNIST; Fashion-MNIST 0.3530).
-    pub input_std: Option<f32>,
-}
-
-/// SPSA settings. Present: the run uses one-byte SPSA.
-#[derive(Debug, Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct RawSpsa {
-    /// Estimates per client per round. Default 32.
-    pub steps_per_client: Option<u32>,
-    /// Perturbation size ε. Default 1e-3.
-    pub eps: Option<f32>,
-    /// Learning rate of the replayed update. Default 0.01.
-    pub lr: Option<f32>,
-    /// Minibatch of each loss evaluation. Default 64.
-    pub batch_size: Option<u32>,
-    /// Seed of the shared direction streams. Default: the run's `seed`.
-    pub stream_seed: Option<u64>,
 }
 
 /// TLS settings.
@@ -199,11 +168,12 @@ pub struct ServerConfig {
     pub arch: ModelArch,
     /// Local training.
     pub train: TrainSpec,
-    /// SPSA settings, for an SPSA run.
-    pub spsa: Option<tally_protocol::spsa::SpsaConfig>,
-    /// FRL settings, for an FRL run; `seed` is the run's seed (and follows
-    /// it when a saved run is resumed).
-    pub frl: Option<tally_protocol::frl::FrlRun>,
+    /// The update kind, resolved against the run's seed when the run starts
+    /// ([`ServerConfig::kind_settings`]), so that a resumed run's saved seed
+    /// wins.
+    pub algorithm: AlgorithmSpec,
+    /// The aggregation rule.
+    pub rule: RuleSpec,
     /// Certificate source.
     pub tls: TlsSource,
 }
@@ -260,42 +230,16 @@ impl RawConfig {
         let arch = self.model.unwrap_or_else(ModelArch::mnist_mlp);
         arch.validate().map_err(|e| invalid(e.to_string()))?;
         let train = self.train.unwrap_or(TrainSpec { lr: 0.05, batch_size: 32, epochs: 1 });
-        let spsa = match self.spsa {
-            Some(r) => {
-                let cfg = tally_protocol::spsa::SpsaConfig {
-                    stream_seed: r.stream_seed.unwrap_or(seed),
-                    steps_per_client: r.steps_per_client.unwrap_or(32),
-                    eps: r.eps.unwrap_or(1e-3),
-                    lr: r.lr.unwrap_or(0.01),
-                    batch_size: r.batch_size.unwrap_or(64),
-                };
-                cfg.validate().map_err(|e| invalid(format!("spsa: {e}")))?;
-                Some(cfg)
-            }
-            None => None,
+        // A supermask model is only ever trained by FRL: implied, as before.
+        let algorithm = match (self.algorithm, &arch) {
+            (Some(a), _) => a,
+            (None, ModelArch::Supermask(_)) => AlgorithmSpec::Frl(Default::default()),
+            (None, _) => AlgorithmSpec::Fedavg,
         };
-        let frl = match (&arch, self.frl) {
-            (ModelArch::Supermask(net), raw) => {
-                let r = raw.unwrap_or_default();
-                let mut run = tally_protocol::frl::FrlRun::new(seed, net.layer_sizes());
-                run.lr_decay = r.lr_decay.unwrap_or(run.lr_decay);
-                run.momentum = r.momentum.unwrap_or(run.momentum);
-                run.weight_decay = r.weight_decay.unwrap_or(run.weight_decay);
-                run.vote.k_fraction = r.k_fraction.unwrap_or(run.vote.k_fraction);
-                run.vote.mask = r.mask.unwrap_or(run.vote.mask);
-                run.input_mean = r.input_mean.unwrap_or(run.input_mean);
-                run.input_std = r.input_std.unwrap_or(run.input_std);
-                run.validate(&arch).map_err(|e| invalid(format!("frl: {e}")))?;
-                if spsa.is_some() {
-                    return Err(invalid("frl and spsa exclude each other".into()));
-                }
-                Some(run)
-            }
-            (_, Some(_)) => {
-                return Err(invalid("frl needs model = { kind = \"supermask\", net = ..., classes = ... }".into()));
-            }
-            (_, None) => None,
-        };
+        let rule = self.rule.unwrap_or_default();
+        // Checked now with the configured seed, so a bad combination fails
+        // at start-up; resolved again with the run's seed when it starts.
+        checked_kind(&algorithm, &rule, seed, &arch)?;
         let tls = match self.tls.unwrap_or_default() {
             RawTls { self_signed: Some(true), cert: None, key: None } => TlsSource::SelfSigned,
             RawTls { self_signed: Some(true), .. } => {
@@ -328,11 +272,32 @@ impl RawConfig {
             initial_model: self.initial_model,
             arch,
             train,
-            spsa,
-            frl,
+            algorithm,
+            rule,
             tls,
         })
     }
+}
+
+impl ServerConfig {
+    /// The run's kind settings for the run seed `seed` (the configured one,
+    /// or a resumed run's saved one), with the rule checked.
+    pub fn kind_settings(&self, seed: u64) -> Result<KindSettings, ConfigError> {
+        checked_kind(&self.algorithm, &self.rule, seed, &self.arch)
+    }
+}
+
+/// Resolves `algorithm` for a run seeded `seed` and checks it takes `rule`.
+fn checked_kind(
+    algorithm: &AlgorithmSpec,
+    rule: &RuleSpec,
+    seed: u64,
+    arch: &ModelArch,
+) -> Result<KindSettings, ConfigError> {
+    let settings = algorithm.resolve(seed, arch).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let kind = settings.build(arch).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    tally_protocol::kind::check_rule(kind.as_ref(), rule).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    Ok(settings)
 }
 
 /// Reads an enrolment file: one hex public key per line; text after `#` and

@@ -165,21 +165,28 @@ mod seeds {
                 "spsa",
                 "enrolled_keys = \"k\"\nseed = 5\nrun_id = \"000102030405060708090a0b0c0d0e0f\"\n\
                  model = { kind = \"mlp\", input = 784, hidden = [200, 200], classes = 10 }\n\
-                 [spsa]\nsteps_per_client = 32\neps = 1e-3\nlr = 0.01\nbatch_size = 64\nstream_seed = 7\n\
+                 algorithm = { kind = \"spsa\", steps_per_client = 32, eps = 1e-3, lr = 0.01, batch_size = 64, \
+                 stream_seed = 7 }\n\
                  [tls]\nself_signed = true\n",
             ),
             (
                 "frl",
                 "enrolled_keys = \"k\"\nmodel = { kind = \"supermask\", net = \"lenet\", classes = 10 }\n\
                  train = { lr = 0.4, batch_size = 8, epochs = 1 }\n\
-                 [frl]\nk_fraction = 0.5\nmask = \"two-sided\"\nmomentum = 0.9\n[tls]\nself_signed = true\n",
+                 algorithm = { kind = \"frl\", k_fraction = 0.5, mask = \"two-sided\", momentum = 0.9 }\n\
+                 [tls]\nself_signed = true\n",
             ),
             (
                 "frl-conv2",
                 "enrolled_keys = \"k\"\nmodel = { kind = \"supermask\", net = \"conv2\", channels = 1, side = 2, \
                  classes = 2 }\nmax_violations = 3\nmax_connections = 9\njoin_timeout_secs = 5\n\
                  final_evaluation = false\nstate_dir = \"s\"\nout_dir = \"o\"\ninitial_model = \"m.safetensors\"\n\
-                 [frl]\n[tls]\nself_signed = true\n",
+                 [tls]\nself_signed = true\n",
+            ),
+            (
+                "fedavgm-median",
+                "enrolled_keys = \"k\"\nalgorithm = { kind = \"fedavgm\", momentum = 0.5 }\nrule = \"median\"\n\
+                 [tls]\nself_signed = true\n",
             ),
         ];
         for (name, text) in configs {

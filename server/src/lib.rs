@@ -10,7 +10,9 @@
 //! and quick to build. Accuracy figures come from the clients' evaluations.
 
 pub mod config;
-// Entry points of the cargo-fuzz targets in `fuzz/` for the server's readers.
+// Entry points of the cargo-fuzz targets in `fuzz/` for the server's readers
+// (tests and the fuzzer only: feature `fuzz`).
+#[cfg(any(test, feature = "fuzz"))]
 #[doc(hidden)]
 pub mod fuzz_entry;
 pub mod metrics;
@@ -26,7 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tally_protocol::wire::RejectCode;
-use tally_protocol::{ConnectionHandle, Coordinator, CoordinatorConfig, Event, FedAvg};
+use tally_protocol::{ConnectionHandle, Coordinator, CoordinatorConfig, Event};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -207,21 +209,14 @@ impl Server {
             quorum: config.quorum,
             round_timeout: config.round_timeout,
             train: config.train.clone(),
+            // Resolved with the run's seed: a resumed run's saved seed wins
+            // over a new default, so FRL's network and SPSA's directions are
+            // the ones the run started with.
+            kind: config.kind_settings(config.seed)?,
+            rule: config.rule,
             max_violations: config.max_violations,
             schedule: None,
             final_evaluation: config.final_evaluation,
-        };
-        if let Some(run) = config.frl.as_mut() {
-            // The network is the run's: a resumed run keeps its saved seed.
-            run.seed = config.seed;
-        }
-        let aggregator: Box<dyn tally_protocol::Aggregator> = match (&config.spsa, &config.frl) {
-            (Some(z), _) => Box::new(tally_protocol::spsa::Spsa::new(z.clone())),
-            (None, Some(run)) => Box::new(
-                tally_protocol::frl::FrlVote::for_run(run.clone(), &config.arch)
-                    .map_err(|e| ServerError::Config(config::ConfigError::Invalid(format!("frl: {e}"))))?,
-            ),
-            (None, None) => Box::new(FedAvg::new()),
         };
         let coordinator = match recovered {
             Some(r) => {
@@ -231,11 +226,11 @@ impl Server {
                     log_records = r.records.len(),
                     "resuming the run from saved state"
                 );
-                Coordinator::restore(coordinator_config, aggregator, r.snapshot, &r.records, std::time::Instant::now())
+                Coordinator::restore(coordinator_config, r.snapshot, &r.records, std::time::Instant::now())
                     .map_err(|source| ServerError::Restore { dir: config.state_dir.clone(), source })?
             }
             None => {
-                let mut c = Coordinator::new(coordinator_config, aggregator, initial, config.seed)?;
+                let mut c = Coordinator::new(coordinator_config, initial, config.seed)?;
                 c.enable_persistence();
                 c
             }

@@ -79,9 +79,13 @@ struct RunArgs {
     /// Initial parameters (safetensors or raw f32).
     #[arg(long)]
     initial_model: Option<PathBuf>,
-    /// Run one-byte SPSA instead of FedAvg (defaults, or the config's `[spsa]`).
+    /// Run one-byte SPSA with its defaults (shorthand for `algorithm = {
+    /// kind = "spsa" }` when the config names no algorithm).
     #[arg(long)]
     spsa: bool,
+    /// Aggregation rule: mean (default) or median.
+    #[arg(long, value_parser = parse_rule)]
+    rule: Option<tally_protocol::RuleSpec>,
     /// Dev mode: generate a self-signed certificate and print its fingerprint.
     #[arg(long)]
     self_signed: bool,
@@ -135,14 +139,11 @@ fn main() -> anyhow::Result<()> {
         raw.tls =
             Some(RawTls { cert: cli.cert.clone(), key: cli.key.clone(), self_signed: cli.self_signed.then_some(true) });
     }
-    if cli.spsa && raw.spsa.is_none() {
-        raw.spsa = Some(tally_server::config::RawSpsa {
-            steps_per_client: None,
-            eps: None,
-            lr: None,
-            batch_size: None,
-            stream_seed: None,
-        });
+    if cli.spsa && raw.algorithm.is_none() {
+        raw.algorithm = Some(tally_protocol::AlgorithmSpec::Spsa(Default::default()));
+    }
+    if cli.rule.is_some() {
+        raw.rule = cli.rule;
     }
     let mut os_seed = [0u8; 24];
     getrandom::fill(&mut os_seed).map_err(|e| anyhow::anyhow!("OS randomness unavailable: {e}"))?;
@@ -172,4 +173,9 @@ fn main() -> anyhow::Result<()> {
         );
         anyhow::Ok(())
     })
+}
+
+/// `--rule`: a rule name as in the config file.
+fn parse_rule(s: &str) -> Result<tally_protocol::RuleSpec, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("unknown rule {s:?} (mean, median)"))
 }
