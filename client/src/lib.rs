@@ -275,14 +275,8 @@ async fn session(
                     if outcome.rejections.len() < MAX_RECORDED_REJECTIONS {
                         outcome.rejections.push((code, detail.clone()));
                     }
-                    if matches!(
-                        code,
-                        RejectCode::UnknownClient
-                            | RejectCode::IncompatibleVersion
-                            | RejectCode::TooManyViolations
-                            | RejectCode::Superseded
-                            | RejectCode::BadSignature
-                    ) {
+                    // Which codes end the session is the protocol's decision.
+                    if code.is_fatal() {
                         return Err(SessionEnd::Fatal(ClientError::Refused { code, detail }));
                     }
                 }

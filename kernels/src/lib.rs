@@ -1,7 +1,9 @@
 //! Tally's machine-learning kernels: datasets and client partitions
 //! ([`data`]), burn models matching `tally_protocol::model::ModelArch`
-//! ([`model`]), local SGD training and evaluation ([`train`]), and parameter
-//! files ([`params_file`]).
+//! ([`model`]), local SGD training and evaluation ([`train`]), FRL's
+//! supermask networks ([`supermask`]), SPSA's zeroth-order steps ([`zo`]),
+//! parameter files ([`params_file`]), and each update kind's client side
+//! behind one trait and registry ([`update`]).
 //!
 //! This is the only crate of the workspace that names burn types. Everything
 //! crosses its boundary as plain Rust: parameters as a flat `Vec<f32>` in the

@@ -54,18 +54,26 @@
 //! [`FrlTrainConfig`]. Deterministic like [`crate::train`]: the sample order
 //! comes from [`crate::train::train_rng`].
 //!
-//! # Two implementations
+//! # Two implementations, chosen by the device
 //!
-//! [`Supermask::train`] and [`Supermask::evaluate_scores`] run on native
-//! single-threaded CPU kernels (`native.rs`: AVX2+FMA through `pulp`, sparse
-//! convolution backward after max-pool, fc backward fused with the SGD update
-//! and the next step's mask threshold; bit-identical on the SIMD and scalar
-//! paths, about 3× faster than burn here). [`Supermask::train_burn`] and
-//! [`Supermask::evaluate_scores_burn`] compute the same functions with burn
-//! (flex backend, single-threaded) and are the reference the native kernels'
-//! parity tests compare against. In both, the scores, the momentum buffer and
-//! the mask are plain `Vec<f32>` updated here, which keeps the per-step mask
-//! an `O(n)` radix selection ([`mask_threshold`]) and gives exact control over
+//! The native kernels (`native.rs`: single-threaded CPU, AVX2+FMA through
+//! `pulp`, sparse convolution backward after max-pool, fc backward fused with
+//! the SGD update and the next step's mask threshold; bit-identical on the
+//! SIMD and scalar paths, about 3× faster than burn's flex backend here) and
+//! burn ([`Supermask::train_burn`], [`Supermask::evaluate_scores_burn`]: the
+//! same functions on any burn device, and the reference the native kernels'
+//! parity tests compare against).
+//!
+//! [`Supermask::train`] and [`Supermask::evaluate_scores`] take the device
+//! the caller chose and pick the implementation through one seam,
+//! [`SupermaskBackend::for_device`]: the CPU device ([`crate::cpu_device`],
+//! burn's flex backend, with or without autodiff) gets the native kernels;
+//! any other device (a GPU, say) gets burn on that device. Both paths make
+//! the same checks and follow the same sample order and update, so a result
+//! depends on the device only through f32 rounding (summation order), as
+//! with [`crate::train`]. In both, the scores, the momentum buffer and the
+//! mask are plain `Vec<f32>` updated here, which keeps the per-step mask an
+//! `O(n)` radix selection ([`mask_threshold`]) and gives exact control over
 //! FRL's update order.
 
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -97,6 +105,28 @@ pub use tally_protocol::supermask::{
 // definition the server's vote and every client use.
 use tally_protocol::frl::magnitude_key;
 pub use tally_protocol::frl::{MaskRule, keep_count, rank_layer, rank_value};
+
+/// Which implementation of the supermask kernels runs on a device (see the
+/// module docs, "Two implementations, chosen by the device").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SupermaskBackend {
+    /// The native single-threaded CPU kernels (`native.rs`); the device is
+    /// not used.
+    Native,
+    /// burn on the caller's device ([`Supermask::train_burn`],
+    /// [`Supermask::evaluate_scores_burn`]).
+    Burn,
+}
+
+impl SupermaskBackend {
+    /// The implementation for `device`: [`SupermaskBackend::Native`] for the
+    /// CPU device (burn's flex backend, whether or not autodiff is enabled:
+    /// burn's device equality ignores autodiff), [`SupermaskBackend::Burn`]
+    /// for any other.
+    pub fn for_device(device: &Device) -> Self {
+        if *device == Device::flex() { SupermaskBackend::Native } else { SupermaskBackend::Burn }
+    }
+}
 
 /// Input normalisation: a pixel `p` becomes `(p/255 − mean)/std`, in f32.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -589,9 +619,9 @@ impl Supermask {
     /// Trains `scores` (one vector per layer) on `data`; returns the new
     /// scores. Only the scores change; weights and mask rule are fixed.
     ///
-    /// Runs on the native single-threaded CPU kernels (`native.rs`); `device`
-    /// is not used by them (it is kept so callers need not change, and
-    /// [`Supermask::train_burn`] computes the same function on it).
+    /// Runs on the implementation [`SupermaskBackend::for_device`] picks for
+    /// `device`: the native CPU kernels for the CPU device,
+    /// [`Supermask::train_burn`] on `device` for any other.
     ///
     /// Refuses scores that don't fit the network or aren't finite, an empty
     /// dataset, images of the wrong size, labels beyond the model's classes
@@ -604,11 +634,15 @@ impl Supermask {
         cfg: &FrlTrainConfig,
         device: &Device,
     ) -> Result<(Vec<Vec<f32>>, FrlTrainReport), KernelError> {
-        let _ = device;
-        cfg.validate()?;
-        self.check_scores(&scores)?;
-        self.check_data(data)?;
-        native::train(self, scores, data, cfg)
+        match SupermaskBackend::for_device(device) {
+            SupermaskBackend::Native => {
+                cfg.validate()?;
+                self.check_scores(&scores)?;
+                self.check_data(data)?;
+                native::train(self, scores, data, cfg)
+            }
+            SupermaskBackend::Burn => self.train_burn(scores, data, cfg, device),
+        }
     }
 
     /// [`Supermask::train`] computed by burn on `device` (autodiff over the
@@ -676,7 +710,8 @@ impl Supermask {
 
     /// Cross-entropy and accuracy of the network masked by `scores`, in
     /// batches of `batch_size` (only memory use depends on it). Runs on the
-    /// native CPU kernels; `device` is unused (see [`Supermask::train`]).
+    /// implementation [`SupermaskBackend::for_device`] picks for `device`
+    /// (see [`Supermask::train`]).
     pub fn evaluate_scores(
         &self,
         scores: &[Vec<f32>],
@@ -684,13 +719,17 @@ impl Supermask {
         device: &Device,
         batch_size: usize,
     ) -> Result<EvalReport, KernelError> {
-        let _ = device;
-        if batch_size == 0 {
-            return Err(KernelError::InvalidConfig("batch_size must be > 0".into()));
+        match SupermaskBackend::for_device(device) {
+            SupermaskBackend::Native => {
+                if batch_size == 0 {
+                    return Err(KernelError::InvalidConfig("batch_size must be > 0".into()));
+                }
+                self.check_scores(scores)?;
+                self.check_data(data)?;
+                native::evaluate(self, scores, data, batch_size)
+            }
+            SupermaskBackend::Burn => self.evaluate_scores_burn(scores, data, device, batch_size),
         }
-        self.check_scores(scores)?;
-        self.check_data(data)?;
-        native::evaluate(self, scores, data, batch_size)
     }
 
     /// [`Supermask::evaluate_scores`] computed by burn on `device` (the
@@ -1346,6 +1385,13 @@ mod tests {
         for r in &r1 {
             positions(r).unwrap();
         }
+    }
+
+    #[test]
+    fn the_cpu_device_gets_the_native_kernels() {
+        // Only the flex backend is compiled in; a GPU device would get burn.
+        assert_eq!(SupermaskBackend::for_device(&cpu_device()), SupermaskBackend::Native);
+        assert_eq!(SupermaskBackend::for_device(&cpu_device().autodiff()), SupermaskBackend::Native);
     }
 
     #[test]

@@ -83,7 +83,7 @@ pub fn encode_delta(kind: KindId, delta: &[f32]) -> UpdatePayload {
 
 /// Decodes a dense payload of `dim` values, all finite.
 pub fn decode_delta(data: &[u8], dim: usize) -> Result<Vec<f32>, Misbehaviour> {
-    if data.len() % 4 != 0 || data.len() / 4 != dim {
+    if !data.len().is_multiple_of(4) || data.len() / 4 != dim {
         return Err(Misbehaviour::WrongDimension { expected: dim, got: data.len() / 4 });
     }
     let values: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();

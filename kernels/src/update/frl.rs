@@ -1,99 +1,38 @@
-//! A client's round of local work, whatever the run's update kind: the one
-//! function the client binary and the simulator both call.
+//! FRL's client side: the global scores trained locally on the run's
+//! supermask network ([`crate::supermask`]) and returned as the client's
+//! packed ranking; evaluation goes through the supermask too.
 
 use std::sync::{Arc, Mutex};
 
 use tally_protocol::frl::{FrlRun, Ranking};
 use tally_protocol::model::ModelArch;
-use tally_protocol::participant::local_seed;
-use tally_protocol::spsa::SpsaConfig;
-use tally_protocol::kind::{KindId, KindSettings};
 use tally_protocol::wire::{ClientUpdate, EvalReport, RunConfig};
 
+use super::{LocalKind, LocalRound};
 use crate::data::Dataset;
 use crate::supermask::{FrlTrainConfig, InputNorm, Supermask, SupermaskConfig};
-use crate::train::{TrainConfig, train_local};
 use crate::{Device, KernelError};
 
-/// Trains from `model` on `data` for round `round` as the run asks: local
-/// SGD returning the dense delta, or SPSA steps returning one byte each.
-/// `round_seed` is the seed of the round's `RoundStart`.
-pub fn local_update(
-    run: &RunConfig,
-    client_id: u32,
-    round: u32,
-    round_seed: u64,
-    model: &[f32],
-    data: &Dataset,
-    device: &Device,
-) -> Result<ClientUpdate, KernelError> {
-    let seed = local_seed(round_seed, client_id);
-    let dense = |kind: KindId| {
-        let cfg =
-            TrainConfig { lr: run.train.lr, batch_size: run.train.batch_size as usize, epochs: run.train.epochs, seed };
-        dense_update(kind, &run.arch, model, data, &cfg, device)
-    };
-    match &run.kind {
-        KindSettings::Frl(frl) => frl_update(run, frl, round, seed, model, data, device),
-        KindSettings::Spsa(spsa) => spsa_update(&run.arch, spsa, client_id, round, seed, model, data, device),
-        KindSettings::FedAvg => dense(tally_protocol::fedavg::ID),
-        KindSettings::FedAvgM(_) => dense(tally_protocol::fedavgm::ID),
+/// FRL's local round and evaluation with the run's settings.
+#[derive(Clone, Copy, Debug)]
+pub struct FrlLocal<'a>(pub &'a FrlRun);
+
+impl LocalKind for FrlLocal<'_> {
+    fn train(&self, r: &LocalRound<'_>) -> Result<ClientUpdate, KernelError> {
+        frl_update(r.run, self.0, r.round, r.seed, r.model, r.data, r.device)
     }
-}
 
-/// Local SGD, returning `trained − model` as a payload of `kind`.
-pub fn dense_update(
-    kind: KindId,
-    arch: &ModelArch,
-    model: &[f32],
-    data: &Dataset,
-    cfg: &TrainConfig,
-    device: &Device,
-) -> Result<ClientUpdate, KernelError> {
-    let (trained, report) = train_local(arch, model, data, cfg, device)?;
-    let delta: Vec<f32> = trained.iter().zip(model).map(|(t, m)| t - m).collect();
-    Ok(ClientUpdate {
-        num_samples: data.len() as u64,
-        train_loss: report.mean_loss,
-        payload: tally_protocol::fedavg::encode_delta(kind, &delta),
-    })
-}
-
-#[allow(clippy::too_many_arguments, reason = "the protocol's named inputs, one to one")]
-fn spsa_update(
-    arch: &ModelArch,
-    spsa: &SpsaConfig,
-    client_id: u32,
-    round: u32,
-    seed: u64,
-    model: &[f32],
-    data: &Dataset,
-    device: &Device,
-) -> Result<ClientUpdate, KernelError> {
-    let steps = crate::zo::spsa_steps(arch, model, data, spsa, round, client_id, spsa.steps_per_client, seed, device)?;
-    Ok(ClientUpdate {
-        num_samples: u64::from(spsa.steps_per_client) * u64::from(spsa.batch_size),
-        train_loss: steps.mean_loss,
-        payload: tally_protocol::spsa::payload(steps.bytes),
-    })
-}
-
-/// Loss and accuracy of the run's global `model` on `data`: a dense model
-/// as it is, an FRL model (scores) through its supermask.
-pub fn evaluate_run(
-    run: &RunConfig,
-    model: &[f32],
-    data: &Dataset,
-    device: &Device,
-    batch_size: usize,
-) -> Result<EvalReport, KernelError> {
-    match &run.kind {
-        KindSettings::Frl(frl) => {
-            let net = frl_network(&run.arch, frl)?;
-            let scores = split_layers(&net, model)?;
-            net.evaluate_scores(&scores, data, device, batch_size)
-        }
-        _ => crate::train::evaluate(&run.arch, model, data, device, batch_size),
+    fn evaluate(
+        &self,
+        run: &RunConfig,
+        model: &[f32],
+        data: &Dataset,
+        device: &Device,
+        batch_size: usize,
+    ) -> Result<EvalReport, KernelError> {
+        let net = frl_network(&run.arch, self.0)?;
+        let scores = split_layers(&net, model)?;
+        net.evaluate_scores(&scores, data, device, batch_size)
     }
 }
 
