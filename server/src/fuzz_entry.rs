@@ -133,6 +133,7 @@ mod seeds {
             model: vec![0.5; 23],
             violations: [(0, 1)].into_iter().collect(),
             replica_checkpoint: None,
+            aggregator_state: None,
         };
         write("state_snapshot", "gen1", &state::snapshot_file(1, &snap));
         write("state_snapshot", "gen7", &state::snapshot_file(7, &Snapshot { evaluated: true, ..snap }));

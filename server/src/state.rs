@@ -297,6 +297,7 @@ mod tests {
             model: vec![0.5; 100],
             violations: Default::default(),
             replica_checkpoint: None,
+            aggregator_state: None,
         }
     }
 
