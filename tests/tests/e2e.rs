@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use support::*;
 use tally_protocol::model::ModelArch;
-use tally_protocol::wire::{ClientUpdate, RejectCode, Report, Task, UpdatePayload};
+use tally_protocol::wire::{ClientUpdate, RejectCode, Report, Task};
 use tally_protocol::{Identity, Participant, ParticipantEvent};
 
 #[test]
@@ -135,7 +135,11 @@ fn report(run: &Participant, round: u32, delta: Vec<f32>) -> Report {
         run_id: run.run_config().unwrap().run_id,
         round,
         eval: None,
-        update: Some(ClientUpdate { num_samples: 1, train_loss: 0.0, payload: UpdatePayload::DenseDelta(delta) }),
+        update: Some(ClientUpdate {
+            num_samples: 1,
+            train_loss: 0.0,
+            payload: tally_protocol::fedavg::encode_delta(tally_protocol::fedavg::ID, &delta),
+        }),
     }
 }
 
@@ -330,7 +334,7 @@ fn spsa_run_over_quic_keeps_every_replica_bit_identical() {
     let keys: Vec<_> = (0..3).map(|i| keygen(dir.path(), &format!("z{i}"))).collect();
     let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
     let config = dir.path().join("server.toml");
-    std::fs::write(&config, "[spsa]\nsteps_per_client = 16\nbatch_size = 32\nlr = 0.01\neps = 0.001\n").unwrap();
+    std::fs::write(&config, "algorithm = { kind = \"spsa\", steps_per_client = 16, batch_size = 32, lr = 0.01, eps = 0.001 }\n").unwrap();
     let cfg = config.to_str().unwrap().to_string();
     let mut server =
         start_server(dir.path(), &enrolled, &["--config", &cfg, "--rounds", "3", "--min-clients", "3", "--seed", "11"]);
@@ -367,7 +371,7 @@ fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
     std::fs::write(
         &config,
         "model = { kind = \"supermask\", net = \"lenet\", classes = 10 }\n\
-         train = { lr = 0.4, batch_size = 8, epochs = 1 }\n[frl]\n",
+         train = { lr = 0.4, batch_size = 8, epochs = 1 }\nalgorithm = { kind = \"frl\" }\n",
     )
     .unwrap();
     let cfg = config.to_str().unwrap().to_string();
@@ -402,12 +406,17 @@ fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
     assert_clients_finished_with(&clients, &hash);
 }
 
-/// Runs a 3-round FedAvg federation whose server is stopped at each of
-/// `crashes` in turn (a `TALLY_FAULT` abort, or a SIGKILL from here when the
-/// server logs the given text) and restarted on the same state directory and
-/// port; returns the final model's hash.
-fn federation_with_crashes(dir: &std::path::Path, crashes: &[&str]) -> String {
+/// Runs a 3-round federation (FedAvg, or the update kind of `config`, a
+/// server TOML) whose server is stopped at each of `crashes` in turn (a
+/// `TALLY_FAULT` abort, or a SIGKILL from here when the server logs the
+/// given text) and restarted on the same state directory and port; returns
+/// the final model's hash.
+fn federation_with_crashes(dir: &std::path::Path, crashes: &[&str], config: Option<&str>) -> String {
     std::fs::create_dir_all(dir).unwrap();
+    let config_file = dir.join("server.toml");
+    if let Some(text) = config {
+        std::fs::write(&config_file, text).unwrap();
+    }
     let keys: Vec<_> = (0..3).map(|i| keygen(dir, &format!("k{i}"))).collect();
     let enrolled = dir.join("enrolled.txt");
     std::fs::write(&enrolled, keys.iter().map(|(_, pk)| format!("{pk}\n")).collect::<String>()).unwrap();
@@ -432,6 +441,9 @@ fn federation_with_crashes(dir: &std::path::Path, crashes: &[&str]) -> String {
             .arg(&enrolled)
             .arg("--out-dir")
             .arg(dir.join("out"));
+        if config.is_some() {
+            cmd.arg("--config").arg(&config_file);
+        }
         if let Some(f) = fault {
             cmd.env("TALLY_FAULT", f);
         }
@@ -487,7 +499,7 @@ fn federation_with_crashes(dir: &std::path::Path, crashes: &[&str]) -> String {
 #[test]
 fn killed_server_resumes_the_run_to_the_bit_identical_model() {
     let dir = tempfile::tempdir().unwrap();
-    let reference = federation_with_crashes(&dir.path().join("reference"), &[]);
+    let reference = federation_with_crashes(&dir.path().join("reference"), &[], None);
     // Before any update of round 2, mid-acknowledgement (the 4th report is
     // durable, its Ack never sent), after round 2 closed, and a real SIGKILL.
     for (i, crashes) in
@@ -495,8 +507,24 @@ fn killed_server_resumes_the_run_to_the_bit_identical_model() {
             .iter()
             .enumerate()
     {
-        let got = federation_with_crashes(&dir.path().join(format!("crash{i}")), crashes);
+        let got = federation_with_crashes(&dir.path().join(format!("crash{i}")), crashes, None);
         assert_eq!(got, reference, "crashes at {crashes:?} changed the final model");
+    }
+}
+
+/// FedAvgM keeps a velocity across rounds (cross-round aggregator state in
+/// the durable snapshot): a server killed after round 2 closed must restore
+/// it, or round 3's step, and so the final model, differs.
+#[test]
+fn killed_server_restores_cross_round_aggregator_state_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let momentum = Some("algorithm = { kind = \"fedavgm\", momentum = 0.9 }\n");
+    let reference = federation_with_crashes(&dir.path().join("reference"), &[], momentum);
+    let fedavg = federation_with_crashes(&dir.path().join("fedavg"), &[], None);
+    assert_ne!(reference, fedavg, "server momentum should change the model");
+    for (i, crashes) in [vec!["closed:2", "accepted:2"], vec!["kill-at:round opened round=3"]].iter().enumerate() {
+        let got = federation_with_crashes(&dir.path().join(format!("crash{i}")), crashes, momentum);
+        assert_eq!(got, reference, "crashes at {crashes:?} changed the final FedAvgM model");
     }
 }
 
@@ -650,7 +678,10 @@ fn load_thousands_of_concurrent_clients_complete_rounds() {
                                 let update = (task == Task::Train).then(|| ClientUpdate {
                                     num_samples: 1,
                                     train_loss: 0.0,
-                                    payload: UpdatePayload::DenseDelta(vec![0.0; model.len()]),
+                                    payload: tally_protocol::fedavg::encode_delta(
+                                        tally_protocol::fedavg::ID,
+                                        &vec![0.0; model.len()],
+                                    ),
                                 });
                                 p.submit(Instant::now(), None, update).map_err(|e| e.to_string())?;
                             }
