@@ -372,6 +372,37 @@ mod tests {
         }
         assert_eq!(raw(MAX_ROUND_TIMEOUT.as_secs()).validate([0; 24]).unwrap().round_timeout, MAX_ROUND_TIMEOUT);
     }
+
+    #[test]
+    fn kind_and_rule_are_chosen_independently() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, format!("{}\n", tally_protocol::Identity::from_secret([3; 32]).public_key())).unwrap();
+        let parse = |extra: &str| {
+            let text =
+                format!("enrolled_keys = {keys:?}\nmin_clients = 1\nseed = 9\n{extra}\n[tls]\nself_signed = true\n");
+            RawConfig::parse(Path::new("t.toml"), &text).unwrap().validate([0; 24])
+        };
+        // FedAvg deltas combined by a median: the two axes are independent.
+        let cfg = parse("rule = \"median\"").unwrap();
+        assert_eq!((cfg.kind_settings(9).unwrap(), cfg.rule), (KindSettings::FedAvg, RuleSpec::Median));
+        let cfg = parse("rule = \"median\"\n[algorithm]\nkind = \"fedavgm\"\nmomentum = 0.5").unwrap();
+        assert!(matches!(cfg.kind_settings(9).unwrap(), KindSettings::FedAvgM(m) if m.momentum == 0.5));
+        // SPSA's directions follow the run seed it is resolved with (a
+        // resumed run's saved seed), unless the config names one.
+        let cfg = parse("algorithm = { kind = \"spsa\" }").unwrap();
+        assert!(matches!(cfg.kind_settings(11).unwrap(), KindSettings::Spsa(z) if z.stream_seed == 11));
+        // A kind that can't use the rule is refused with a message naming both.
+        let err = parse("rule = \"median\"\nalgorithm = { kind = \"spsa\" }").unwrap_err().to_string();
+        assert!(err.contains("spsa") && err.contains("median") && err.contains("supports: mean"), "{err}");
+        // A supermask model implies FRL; FRL needs one.
+        let cfg =
+            parse("model = { kind = \"supermask\", net = \"conv2\", channels = 1, side = 2, classes = 2 }").unwrap();
+        assert!(matches!(cfg.kind_settings(9).unwrap(), KindSettings::Frl(r) if r.seed == 9));
+        assert!(parse("algorithm = { kind = \"frl\" }").unwrap_err().to_string().contains("supermask"));
+        let unknown = RawConfig::parse(Path::new("t.toml"), "algorithm = { kind = \"nope\" }").unwrap_err();
+        assert!(unknown.to_string().contains("expected one of `fedavg`, `fedavgm`, `spsa`, `frl`"), "{unknown}");
+    }
 }
 
 /// Where a crash test makes the server abort (`TALLY_FAULT=<point>:<n>`),

@@ -177,5 +177,6 @@ fn main() -> anyhow::Result<()> {
 
 /// `--rule`: a rule name as in the config file.
 fn parse_rule(s: &str) -> Result<tally_protocol::RuleSpec, String> {
-    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("unknown rule {s:?} (mean, median)"))
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("unknown rule {s:?} (mean, median)"))
 }
