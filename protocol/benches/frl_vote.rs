@@ -15,7 +15,7 @@ use rand_core::{Rng, SeedableRng};
 use std::hint::black_box;
 use tally_protocol::Aggregator;
 use tally_protocol::frl::{self, FrlConfig, FrlVote, LENET_MNIST_LAYER_SIZES, Ranking};
-use tally_protocol::wire::{ClientUpdate, UpdatePayload};
+use tally_protocol::wire::ClientUpdate;
 
 const CLIENTS: usize = 25;
 
@@ -39,10 +39,8 @@ fn bench(c: &mut Criterion) {
     let edges: usize = sizes.iter().sum();
     let packed = frl::packed_len(&sizes).unwrap();
     let rankings: Vec<Ranking> = (0..CLIENTS).map(|_| random_ranking(&mut rng)).collect();
-    let updates: Vec<ClientUpdate> = rankings
-        .iter()
-        .map(|r| ClientUpdate { num_samples: 58, train_loss: 0.5, payload: UpdatePayload::Ranking(frl::encode(r)) })
-        .collect();
+    let updates: Vec<ClientUpdate> =
+        rankings.iter().map(|r| ClientUpdate { num_samples: 58, train_loss: 0.5, payload: frl::payload(r) }).collect();
     let initial: Vec<f32> = (0..edges).map(|_| (rng.next_u32() >> 8) as f32 / (1 << 23) as f32 - 1.0).collect();
     let base = FrlVote::new(FrlConfig::new(sizes.to_vec()), &initial).unwrap();
 

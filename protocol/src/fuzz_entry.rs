@@ -865,7 +865,7 @@ mod seeds {
         }
         let eval = Some(EvalReport { loss_sum: 1.0, correct: 1, total: 2 });
         let reports = [
-            ("dense", Some(crate::fedavg::encode_delta(crate::fedavg::ID, &vec![0.25, -1.0, 3.5]))),
+            ("dense", Some(crate::fedavg::encode_delta(crate::fedavg::ID, &[0.25, -1.0, 3.5]))),
             ("spsa", Some(crate::spsa::payload(vec![1, 0x7f, 0x81, 0xff]))),
             ("ranking", Some(UpdatePayload { kind: crate::frl::ID, data: vec![0x12, 0xcc, 0x20] })),
             ("eval-only", None),

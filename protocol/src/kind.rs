@@ -258,3 +258,77 @@ pub fn check_rule(kind: &dyn UpdateKind, rule: &RuleSpec) -> Result<(), KindErro
 pub fn full_model(global: &[f32]) -> ModelSync {
     ModelSync::Full(global.to_vec())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::supermask::FrlArch;
+
+    fn shape(arch: &ModelArch) -> RunShape<'_> {
+        RunShape { arch, clients_per_round: 10 }
+    }
+
+    #[test]
+    fn the_registry_builds_every_kind_and_refuses_rules_it_cannot_apply() {
+        let mlp = ModelArch::mnist_mlp();
+        let net = ModelArch::Supermask(FrlArch::Conv2 { channels: 1, side: 2, classes: 2 });
+        let init = mlp.init_params(1);
+        let cases = [
+            (AlgorithmSpec::Fedavg, &mlp, "fedavg", &[RuleSpec::Mean, RuleSpec::Median][..]),
+            (AlgorithmSpec::Fedavgm(Default::default()), &mlp, "fedavgm", &[RuleSpec::Mean, RuleSpec::Median]),
+            (AlgorithmSpec::Spsa(Default::default()), &mlp, "spsa", &[RuleSpec::Mean]),
+            (AlgorithmSpec::Frl(Default::default()), &net, "frl", &[RuleSpec::Mean]),
+        ];
+        for (spec, arch, name, rules) in cases {
+            let settings = spec.resolve(3, arch).unwrap();
+            let kind = settings.build(arch).unwrap();
+            assert_eq!((kind.name(), settings.name()), (name, name));
+            assert_eq!(kind.settings(), settings);
+            assert_eq!(kind.rules(), rules);
+            let init = if *arch == net { arch.init_params(3) } else { init.clone() };
+            for rule in [RuleSpec::Mean, RuleSpec::Median] {
+                let made = kind.aggregator(&shape(arch), &rule, &init);
+                match made {
+                    Ok(agg) => assert!(rules.contains(&rule), "{name} made a {rule} aggregator {agg:?}"),
+                    Err(KindError::UnsupportedRule { kind, rule: r, supported }) => {
+                        assert!(!rules.contains(&rule));
+                        assert_eq!((kind, r), (name, rule));
+                        assert_eq!(supported, "mean");
+                    }
+                    Err(e) => panic!("{name} with {rule}: {e}"),
+                }
+            }
+        }
+        // Kinds check the model: FRL needs a supermask, the others refuse one.
+        assert!(AlgorithmSpec::Frl(Default::default()).resolve(3, &mlp).is_err());
+        for spec in [AlgorithmSpec::Fedavg, AlgorithmSpec::Spsa(Default::default())] {
+            assert!(spec.resolve(3, &net).is_err());
+        }
+    }
+
+    #[test]
+    fn the_coordinator_refuses_an_unsupported_rule_with_a_clear_error() {
+        let arch = ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 };
+        let cfg = crate::CoordinatorConfig {
+            run_id: crate::wire::RunId([1; 16]),
+            arch: arch.clone(),
+            rounds: 1,
+            enrolled: vec![crate::Identity::from_secret([1; 32]).public_key()],
+            min_clients: 1,
+            clients_per_round: 1,
+            quorum: 1,
+            round_timeout: std::time::Duration::from_secs(1),
+            train: crate::wire::TrainSpec { lr: 0.1, batch_size: 1, epochs: 1 },
+            kind: KindSettings::Spsa(crate::spsa::SpsaSpec::default().resolve(1)),
+            rule: RuleSpec::Median,
+            max_violations: 1,
+            schedule: None,
+            final_evaluation: false,
+        };
+        let err = crate::Coordinator::new(cfg.clone(), arch.init_params(1), 1).unwrap_err().to_string();
+        assert!(err.contains("spsa does not support the aggregation rule median"), "{err}");
+        let ok = crate::CoordinatorConfig { kind: KindSettings::FedAvg, ..cfg };
+        assert!(crate::Coordinator::new(ok, arch.init_params(1), 1).is_ok());
+    }
+}

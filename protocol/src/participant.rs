@@ -271,7 +271,9 @@ impl Participant {
                         params.clone()
                     }
                     _ => {
-                        return Err(Misbehaviour::Unexpected("a RoundStart model of another form than the run's").into());
+                        return Err(
+                            Misbehaviour::Unexpected("a RoundStart model of another form than the run's").into()
+                        );
                     }
                 };
                 // A new task replaces an unfinished one (the server moved on).

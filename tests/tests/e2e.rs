@@ -334,7 +334,11 @@ fn spsa_run_over_quic_keeps_every_replica_bit_identical() {
     let keys: Vec<_> = (0..3).map(|i| keygen(dir.path(), &format!("z{i}"))).collect();
     let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
     let config = dir.path().join("server.toml");
-    std::fs::write(&config, "algorithm = { kind = \"spsa\", steps_per_client = 16, batch_size = 32, lr = 0.01, eps = 0.001 }\n").unwrap();
+    std::fs::write(
+        &config,
+        "algorithm = { kind = \"spsa\", steps_per_client = 16, batch_size = 32, lr = 0.01, eps = 0.001 }\n",
+    )
+    .unwrap();
     let cfg = config.to_str().unwrap().to_string();
     let mut server =
         start_server(dir.path(), &enrolled, &["--config", &cfg, "--rounds", "3", "--min-clients", "3", "--seed", "11"]);

@@ -34,13 +34,9 @@ impl Disk {
 
 /// A client's deterministic update for a round: depends on both, so order
 /// and membership matter for the final model.
-fn update_for(client: usize, round: u32, dim: usize) -> ClientUpdate {
+fn update_for(kind: crate::kind::KindId, client: usize, round: u32, dim: usize) -> ClientUpdate {
     let d: Vec<f32> = (0..dim).map(|i| ((i + 7 * client) as f32 * 0.01 + round as f32 * 0.1).sin()).collect();
-    ClientUpdate {
-        num_samples: 10 + client as u64,
-        train_loss: 0.5,
-        payload: crate::fedavg::encode_delta(crate::fedavg::ID, &d),
-    }
+    ClientUpdate { num_samples: 10 + client as u64, train_loss: 0.5, payload: crate::fedavg::encode_delta(kind, &d) }
 }
 
 impl Net {
@@ -57,7 +53,8 @@ impl Net {
             if self.seen[slot].iter().any(|e| matches!(e, ParticipantEvent::Accepted { round: r } if *r == round)) {
                 continue;
             }
-            let update = (task == Task::Train).then(|| update_for(slot, round, dim));
+            let kind = self.coord.kind().id();
+            let update = (task == Task::Train).then(|| update_for(kind, slot, round, dim));
             let _ = self.clients[slot].1.submit(self.now, None, update);
             // Deliver just this client's report, then persist.
             let (conn, p) = &mut self.clients[slot];
@@ -92,9 +89,23 @@ fn connect_three(coord: Coordinator, now: Instant, first_conn: u64, salt: u8) ->
     net
 }
 
-fn durable_net() -> (Net, Disk) {
+/// The run of the durable tests: FedAvg, or FedAvgM, whose server momentum
+/// is state across rounds that a restore must bring back.
+fn durable_config(momentum: bool) -> CoordinatorConfig {
     let mut cfg = config(3, 3);
     cfg.final_evaluation = false;
+    if momentum {
+        cfg.kind = crate::kind::KindSettings::FedAvgM(crate::fedavgm::FedAvgMConfig { momentum: 0.9, server_lr: 1.0 });
+    }
+    cfg
+}
+
+fn durable_net() -> (Net, Disk) {
+    durable_net_with(false)
+}
+
+fn durable_net_with(momentum: bool) -> (Net, Disk) {
+    let cfg = durable_config(momentum);
     let init = cfg.arch.init_params(1);
     let mut coord = Coordinator::new(cfg, init, 42).unwrap();
     coord.enable_persistence();
@@ -110,8 +121,8 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 /// The model of an uninterrupted run.
-fn reference() -> Vec<u32> {
-    let (mut net, mut disk) = durable_net();
+fn reference(momentum: bool) -> Vec<u32> {
+    let (mut net, mut disk) = durable_net_with(momentum);
     for _ in 0..3 {
         net.answer_slots(&[0, 1, 2], &mut disk);
     }
@@ -121,21 +132,42 @@ fn reference() -> Vec<u32> {
 
 #[test]
 fn crash_at_any_point_of_a_round_then_restore_gives_the_same_model() {
-    let want = reference();
+    crash_and_restore_at_every_point(false);
+}
+
+#[test]
+fn cross_round_aggregator_state_survives_a_crash_bit_for_bit() {
+    // Momentum changes the result: the test would not notice a lost
+    // velocity if it didn't.
+    assert_ne!(reference(true), reference(false));
+    crash_and_restore_at_every_point(true);
+    // A snapshot without the velocity is refused rather than silently
+    // restarting momentum from zero.
+    let (mut net, mut disk) = durable_net_with(true);
+    net.answer_slots(&[0, 1, 2], &mut disk);
+    let (mut snapshot, records) = disk.load();
+    assert!(snapshot.aggregator_state.is_some());
+    snapshot.aggregator_state = None;
+    assert!(matches!(
+        Coordinator::restore(durable_config(true), snapshot, &records, Instant::now()),
+        Err(crate::durable::DurableError::State(_))
+    ));
+}
+
+fn crash_and_restore_at_every_point(momentum: bool) {
+    let want = reference(momentum);
     // Crash in round 2 after 0, 1, 2 and 3 acknowledged reports (3 = the
     // round closed and round 3 opened), and once in round 1.
     for (round, acked) in [(2u32, 0usize), (2, 1), (2, 2), (2, 3), (1, 1)] {
-        let (mut net, mut disk) = durable_net();
+        let (mut net, mut disk) = durable_net_with(momentum);
         for _ in 1..round {
             net.answer_slots(&[0, 1, 2], &mut disk);
         }
         net.answer_slots(&(0..acked).collect::<Vec<_>>(), &mut disk);
         // Crash: everything not on the disk is gone, every connection drops.
         let (snapshot, records) = disk.load();
-        let mut cfg = config(3, 3);
-        cfg.final_evaluation = false;
         let later = net.now + Duration::from_secs(5);
-        let coord = Coordinator::restore(cfg, snapshot, &records, later).unwrap();
+        let coord = Coordinator::restore(durable_config(momentum), snapshot, &records, later).unwrap();
         // The same clients reconnect on new connections.
         let mut net2 = connect_three(coord, later, 10, 0x55);
         disk.absorb(&mut net2.coord);
