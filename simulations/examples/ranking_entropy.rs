@@ -5,9 +5,9 @@
 //! ranking_entropy -- [rounds] [clients]` (needs `data/mnist`).
 
 use tally_protocol::frl::{FrlRun, FrlVote, Ranking};
+use tally_protocol::kind::{KindSettings, payload_of};
 use tally_protocol::model::ModelArch;
 use tally_protocol::supermask::FrlArch;
-use tally_protocol::kind::{KindSettings, payload_of};
 use tally_protocol::wire::{RunConfig, RunId, TrainSpec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -20,8 +20,8 @@ use tally_protocol::{
 use crate::attack::{Attack, AttackEnv, RoundTask};
 use crate::net::{Delivery, VirtualNet};
 use crate::{
-    RoundRecord, Scenario, SimError, SimReport, TAG_CHALLENGE, TAG_DROPOUT, TAG_RUN, TAG_STRAGGLER, hash_seed,
-    par_map, partition, scenario, sim_identity, unit,
+    RoundRecord, Scenario, SimError, SimReport, TAG_CHALLENGE, TAG_DROPOUT, TAG_RUN, TAG_STRAGGLER, hash_seed, par_map,
+    partition, scenario, sim_identity, unit,
 };
 
 /// Deadline extensions of one round after which the simulator reports a
@@ -231,7 +231,7 @@ impl<'a> Sim<'a> {
         self.wall_rounds.push(self.round_wall.elapsed().as_secs_f64());
         // Some attacks have every round evaluated: a collapse shows in the
         // round it happens.
-        let evaluate = summary.round % self.s.eval_every == 0
+        let evaluate = summary.round.is_multiple_of(self.s.eval_every)
             || summary.round == self.s.rounds
             || (self.malicious > 0 && self.attack.as_ref().is_some_and(|a| a.evaluate_every_round()));
         let (accuracy, loss) = if evaluate {
@@ -306,7 +306,15 @@ impl<'a> Sim<'a> {
         let (run, shards, device) = (&self.run_config, &self.shards, self.device);
         let honest: Vec<&Job> = batch.iter().filter(|j| j.slot >= self.malicious).collect();
         let mut trained = par_map(self.threads, &honest, |job| {
-            tally_kernels::update::local_update(run, job.slot as u32, job.round, job.seed, &job.model, &shards[job.slot], device)
+            tally_kernels::update::local_update(
+                run,
+                job.slot as u32,
+                job.round,
+                job.seed,
+                &job.model,
+                &shards[job.slot],
+                device,
+            )
         })?
         .into_iter();
         let mut crafted: BTreeMap<u32, std::vec::IntoIter<tally_protocol::wire::UpdatePayload>> = BTreeMap::new();
@@ -392,7 +400,9 @@ impl<'a> Sim<'a> {
             Delivery::Connect(i) => {
                 let mut challenge = [0u8; 32];
                 for (k, chunk) in challenge.chunks_mut(8).enumerate() {
-                    chunk.copy_from_slice(&hash_seed(self.s.seed, TAG_CHALLENGE, (i as u64) << 2 | k as u64).to_le_bytes());
+                    chunk.copy_from_slice(
+                        &hash_seed(self.s.seed, TAG_CHALLENGE, (i as u64) << 2 | k as u64).to_le_bytes(),
+                    );
                 }
                 self.coord.handle_connect(self.net.clock()?, ConnectionHandle(i as u64), challenge);
             }

@@ -244,7 +244,11 @@ pub fn run_on(
 }
 
 /// `f` over `items` on up to `threads` scoped workers, results in item order.
-pub(crate) fn par_map<T: Sync, R: Send>(threads: usize, items: &[T], f: impl Fn(&T) -> R + Sync) -> Result<Vec<R>, SimError> {
+pub(crate) fn par_map<T: Sync, R: Send>(
+    threads: usize,
+    items: &[T],
+    f: impl Fn(&T) -> R + Sync,
+) -> Result<Vec<R>, SimError> {
     if threads <= 1 || items.len() <= 1 {
         return Ok(items.iter().map(f).collect());
     }
@@ -266,9 +270,7 @@ pub(crate) fn par_map<T: Sync, R: Send>(threads: usize, items: &[T], f: impl Fn(
     // the scope joined them all (a worker's panic propagates out of `scope`).
     slots
         .into_iter()
-        .map(|m| {
-            m.into_inner().unwrap_or_else(|p| p.into_inner()).ok_or(SimError::Invariant("a worker lost an item"))
-        })
+        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()).ok_or(SimError::Invariant("a worker lost an item")))
         .collect()
 }
 
@@ -372,6 +374,38 @@ mod tests {
         assert!(attacked.records.iter().skip(1).any(|r| r.malicious.unwrap() > 0));
         let (clean, attacked) = (clean.final_accuracy().unwrap(), attacked.final_accuracy().unwrap());
         assert!(attacked < 0.25 && clean > attacked + 0.2, "clean {clean}, attacked {attacked}");
+    }
+
+    #[test]
+    fn the_median_rule_and_fedavgm_run_and_differ_from_the_mean() {
+        let (s, split) = tiny();
+        let dev = tally_kernels::cpu_device();
+        let mean = run_on(&s, &split, &dev, &mut |_| {}).unwrap();
+        let median =
+            run_on(&Scenario { rule: tally_protocol::RuleSpec::Median, ..s.clone() }, &split, &dev, &mut |_| {})
+                .unwrap();
+        assert!(median.records[1..].iter().all(|r| r.accepted == 3 && r.rejected == 0), "{:?}", median.records);
+        assert_ne!(mean.records.last().unwrap().model_hash, median.records.last().unwrap().model_hash);
+        assert!(median.final_accuracy().unwrap() > median.records[0].test_accuracy.unwrap() + 0.2);
+        let fedavgm = Scenario {
+            algorithm: tally_protocol::AlgorithmSpec::Fedavgm(tally_protocol::fedavgm::FedAvgMSpec::default()),
+            ..s.clone()
+        };
+        let m = run_on(&fedavgm, &split, &dev, &mut |_| {}).unwrap();
+        assert!(m.records[1..].iter().all(|r| r.accepted == 3 && r.rejected == 0), "{:?}", m.records);
+        assert_ne!(mean.records.last().unwrap().model_hash, m.records.last().unwrap().model_hash);
+    }
+
+    #[test]
+    fn scaling_attack_payloads_are_tagged_with_the_runs_dense_kind() {
+        let (mut s, split) = tiny();
+        s.rounds = 1;
+        s.algorithm = tally_protocol::AlgorithmSpec::Fedavgm(tally_protocol::fedavgm::FedAvgMSpec::default());
+        s.attack = Some(AttackSpec::Scale { fraction: 0.5, scale: 1e5 });
+        let r = run_on(&s, &split, &tally_kernels::cpu_device(), &mut |_| {}).unwrap();
+        assert!(r.records[1].malicious.unwrap() > 0, "{:?}", r.records[1]);
+        // Accepted like any other fedavgm delta (a fedavg tag would be refused).
+        assert_eq!((r.records[1].accepted, r.records[1].rejected), (3, 0));
     }
 
     #[test]

@@ -4,9 +4,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use serde::Deserialize;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
 use tally_protocol::RuleSpec;
 use tally_sim::{PartitionSpec, Scenario};
 
@@ -192,4 +192,18 @@ fn main() -> anyhow::Result<()> {
 fn parse_rule(name: &str) -> Result<RuleSpec, String> {
     RuleSpec::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(name))
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_flag_takes_the_scenario_names() {
+        let cli = Cli::try_parse_from(["tally-sim", "--rule", "median"]).unwrap();
+        assert_eq!(cli.rule, Some(RuleSpec::Median));
+        assert_eq!(parse_rule("mean"), Ok(RuleSpec::Mean));
+        assert!(Cli::try_parse_from(["tally-sim", "--rule", "trimmed-mean"]).is_err());
+    }
 }

@@ -391,6 +391,94 @@ mod tests {
         }));
     }
 
+    fn lenet() -> &'static str {
+        "model = { kind = \"supermask\", net = \"lenet\", classes = 10 }\n"
+    }
+
+    #[test]
+    fn algorithms_parse_into_the_protocols_spec_and_resolve_with_the_scenario_seed() {
+        let s: Scenario = toml::from_str(
+            "seed = 7\nalgorithm = { kind = \"spsa\", steps_per_client = 32, eps = 1e-3, lr = 0.02, batch_size = 64 }",
+        )
+        .unwrap();
+        s.validate().unwrap();
+        let KindSettings::Spsa(z) = s.kind_settings().unwrap() else { panic!("not spsa") };
+        let expected = tally_protocol::spsa::SpsaConfig {
+            stream_seed: 7,
+            steps_per_client: 32,
+            eps: 1e-3,
+            lr: 0.02,
+            batch_size: 64,
+        };
+        assert_eq!(z, expected);
+        let s: Scenario = toml::from_str("algorithm = { kind = \"fedavgm\", momentum = 0.5 }").unwrap();
+        let expected = tally_protocol::fedavgm::FedAvgMConfig { momentum: 0.5, server_lr: 1.0 };
+        assert_eq!(s.kind_settings().unwrap(), KindSettings::FedAvgM(expected));
+        let s: Scenario = toml::from_str("algorithm = { kind = \"fedavg\" }").unwrap();
+        assert_eq!(s.kind_settings().unwrap(), KindSettings::FedAvg);
+        let s: Scenario = toml::from_str(&format!("seed = 3\n{}algorithm = {{ kind = \"frl\" }}", lenet())).unwrap();
+        s.validate().unwrap();
+        let KindSettings::Frl(run) = s.kind_settings().unwrap() else { panic!("not frl") };
+        assert_eq!(run.seed, 3);
+        assert!(toml::from_str::<Scenario>("algorithm = { kind = \"spsa\", momentum = 1 }").is_err());
+        assert!(toml::from_str::<Scenario>("algorithm = { kind = \"sgd\" }").is_err());
+        // Kinds and models that don't fit are refused with the kind's message.
+        let s: Scenario = toml::from_str(lenet()).unwrap();
+        assert!(matches!(s.validate(), Err(ScenarioError::Kind(KindError::Invalid { kind: "fedavg", .. }))));
+        let s: Scenario = toml::from_str("algorithm = { kind = \"frl\" }").unwrap();
+        assert!(matches!(s.validate(), Err(ScenarioError::Kind(KindError::Invalid { kind: "frl", .. }))));
+    }
+
+    #[test]
+    fn a_rule_the_kind_does_not_support_is_refused() {
+        let s: Scenario = toml::from_str("rule = \"median\"").unwrap();
+        assert_eq!(s.rule, RuleSpec::Median);
+        s.validate().unwrap();
+        let s: Scenario = toml::from_str("rule = \"median\"\nalgorithm = { kind = \"fedavgm\" }").unwrap();
+        s.validate().unwrap();
+        let spsa = "rule = \"median\"\nalgorithm = { kind = \"spsa\" }";
+        let frl = format!("rule = \"median\"\n{}algorithm = {{ kind = \"frl\" }}", lenet());
+        for (text, kind) in [(spsa, "spsa"), (frl.as_str(), "frl")] {
+            let s: Scenario = toml::from_str(text).unwrap();
+            let err = s.validate().unwrap_err();
+            assert!(
+                matches!(&err, ScenarioError::Kind(KindError::UnsupportedRule { kind: k, rule: RuleSpec::Median, .. }) if *k == kind),
+                "{err}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "invalid scenario: update kind {kind} does not support the aggregation rule median (it supports: mean)"
+                )
+            );
+        }
+        assert!(toml::from_str::<Scenario>("rule = \"trimmed\"").is_err());
+    }
+
+    #[test]
+    fn attacks_are_refused_for_kinds_they_do_not_apply_to() {
+        let attacked = |algorithm: &str, attack: &str| {
+            let model = if algorithm.contains("frl") { lenet() } else { "" };
+            let text = format!(
+                "{model}algorithm = {{ kind = \"{algorithm}\" }}\nattack = {{ kind = \"{attack}\", fraction = 0.1 }}"
+            );
+            toml::from_str::<Scenario>(&text).unwrap().validate()
+        };
+        attacked("frl", "frl-reverse").unwrap();
+        attacked("fedavg", "scale").unwrap();
+        attacked("fedavgm", "scale").unwrap();
+        for (algorithm, attack) in
+            [("fedavg", "frl-reverse"), ("spsa", "frl-reverse"), ("spsa", "scale"), ("frl", "scale")]
+        {
+            let err = attacked(algorithm, attack).unwrap_err();
+            assert!(matches!(err, ScenarioError::Attack(AttackError::WrongKind { .. })), "{algorithm} {attack}: {err}");
+        }
+        assert_eq!(
+            attacked("fedavg", "frl-reverse").unwrap_err().to_string(),
+            "invalid scenario: attack frl-reverse needs the frl kind, not fedavg"
+        );
+    }
+
     #[test]
     fn checked_in_scenarios_parse_and_validate() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");

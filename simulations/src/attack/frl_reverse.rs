@@ -55,7 +55,9 @@ impl Attack for FrlReverse {
         clients: &[usize],
     ) -> Result<Vec<UpdatePayload>, SimError> {
         let KindSettings::Frl(run) = &env.run.kind else {
-            return Err(AttackError::WrongKind { attack: NAME, needs: "the frl kind", kind: env.run.kind.name() }.into());
+            return Err(
+                AttackError::WrongKind { attack: NAME, needs: "the frl kind", kind: env.run.kind.name() }.into()
+            );
         };
         // The attackers: drawn per round from all malicious clients.
         let ids: Vec<usize> = (0..env.malicious).collect();

@@ -92,8 +92,12 @@ pub trait Attack: Send + Sync + std::fmt::Debug {
     }
     /// The payloads `clients` (malicious clients sampled for `task`'s round,
     /// ascending in delivery order) send: one per client, in order.
-    fn craft(&self, env: &AttackEnv<'_>, task: &RoundTask<'_>, clients: &[usize])
-    -> Result<Vec<UpdatePayload>, SimError>;
+    fn craft(
+        &self,
+        env: &AttackEnv<'_>,
+        task: &RoundTask<'_>,
+        clients: &[usize],
+    ) -> Result<Vec<UpdatePayload>, SimError>;
 
     /// Number of malicious clients among `clients`: `⌊fraction·clients⌋`.
     fn malicious(&self, clients: usize) -> usize {
