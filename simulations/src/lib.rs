@@ -1,7 +1,8 @@
 //! `tally-sim`: many federated clients in one process.
 //!
 //! The simulator drives the *same* state machines as the real system — one
-//! [`Coordinator`] and one [`Participant`] per client, exchanging the same
+//! [`Coordinator`](tally_protocol::Coordinator) and one
+//! [`Participant`](tally_protocol::Participant) per client, exchanging the same
 //! signed, encoded messages — over a simulated network with a virtual clock:
 //! each message arrives after a latency plus its size over the link
 //! bandwidth, local training takes a virtual compute time, and round
@@ -41,12 +42,11 @@ pub enum SimError {
     /// Training or evaluation.
     #[error(transparent)]
     Kernel(#[from] tally_kernels::KernelError),
-    /// The coordinator refused the run's configuration.
+    /// The coordinator refused the run's configuration (the scenario's
+    /// validation refuses kinds, rules and models that don't fit first, as
+    /// [`ScenarioError::Kind`]).
     #[error("coordinator configuration: {0}")]
     Config(#[from] tally_protocol::error::Misuse),
-    /// The run's update kind refused its settings, the model or the rule.
-    #[error(transparent)]
-    Kind(#[from] tally_protocol::kind::KindError),
     /// A simulated client's state machine refused a message from the
     /// coordinator, or a submission (the simulator and the coordinator
     /// follow the protocol, so this is a bug on one side).
