@@ -5,9 +5,10 @@
 //! ranking_entropy -- [rounds] [clients]` (needs `data/mnist`).
 
 use tally_protocol::frl::{FrlRun, FrlVote, Ranking};
+use tally_protocol::kind::{KindSettings, payload_of};
 use tally_protocol::model::ModelArch;
 use tally_protocol::supermask::FrlArch;
-use tally_protocol::wire::{RunConfig, RunId, TrainSpec, UpdateKind, UpdatePayload};
+use tally_protocol::wire::{RunConfig, RunId, TrainSpec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -26,9 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         arch: arch.clone(),
         rounds: 1000,
         train: TrainSpec { lr: 0.4, batch_size: 8, epochs: 2 },
-        update_kind: UpdateKind::Ranking,
-        spsa: None,
-        frl: Some(frl.clone()),
+        kind: KindSettings::Frl(frl.clone()),
     };
     let mut vote = FrlVote::for_run(frl, &arch)?;
     let device = tally_kernels::cpu_device();
@@ -36,8 +35,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let train = |r: u32, c: usize, scores: &[f32]| -> Result<Ranking, Box<dyn std::error::Error>> {
         let shard = split.train.subset(&parts[c])?;
         let u = tally_kernels::update::local_update(&run, c as u32, r, 7, scores, &shard, &device)?;
-        let UpdatePayload::Ranking(bytes) = u.payload else { return Err("no ranking".into()) };
-        Ok(tally_protocol::frl::decode(&bytes, &sizes)?)
+        let bytes = payload_of(&u, tally_protocol::frl::ID, tally_protocol::frl::NAME)?;
+        Ok(tally_protocol::frl::decode(bytes, &sizes)?)
     };
     use tally_protocol::Aggregator;
     for r in 1..=rounds {
@@ -47,7 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let update = tally_protocol::wire::ClientUpdate {
                 num_samples: 1,
                 train_loss: 0.0,
-                payload: UpdatePayload::Ranking(tally_protocol::frl::encode(&ranking)),
+                payload: tally_protocol::frl::payload(&ranking),
             };
             vote.absorb(k as u32, &update).map_err(|e| format!("{e:?}"))?;
         }

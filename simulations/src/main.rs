@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+use tally_protocol::RuleSpec;
 use tally_sim::{PartitionSpec, Scenario};
 
 /// Simulate a federation of Tally clients in one process (virtual clock, real
@@ -58,6 +60,9 @@ struct Cli {
     /// Minibatch size.
     #[arg(long)]
     batch_size: Option<u32>,
+    /// Aggregation rule: `mean` or `median` (median for dense kinds only).
+    #[arg(long, value_parser = parse_rule)]
+    rule: Option<RuleSpec>,
     /// Evaluate every N rounds (and after the last).
     #[arg(long)]
     eval_every: Option<u32>,
@@ -87,7 +92,7 @@ fn main() -> anyhow::Result<()> {
     macro_rules! over {
         ($($f:ident),*) => { $( if let Some(v) = cli.$f.clone() { s.$f = v; } )* };
     }
-    over!(seed, data, clients, clients_per_round, rounds, eval_every, out);
+    over!(seed, data, clients, clients_per_round, rounds, rule, eval_every, out);
     if let Some(a) = cli.dirichlet {
         s.partition = PartitionSpec::Dirichlet { alpha: a };
     }
@@ -121,8 +126,16 @@ fn main() -> anyhow::Result<()> {
         std::fs::File::create(&s.out).with_context(|| format!("creating {}", s.out.display()))?,
     );
     eprintln!(
-        "tally-sim: seed {} · {} clients, {} per round · {} rounds · data {} · partition {:?} · model {:?}",
-        s.seed, s.clients, s.clients_per_round, s.rounds, s.data, s.partition, s.model
+        "tally-sim: seed {} · {} clients, {} per round · {} rounds · data {} · partition {:?} · model {:?} · {} ({} rule)",
+        s.seed,
+        s.clients,
+        s.clients_per_round,
+        s.rounds,
+        s.data,
+        s.partition,
+        s.model,
+        s.kind_settings()?.name(),
+        s.rule
     );
     let bar = if cli.quiet { ProgressBar::hidden() } else { ProgressBar::new(u64::from(s.rounds)) };
     bar.set_style(
@@ -173,4 +186,24 @@ fn main() -> anyhow::Result<()> {
         s.out.display()
     );
     Ok(())
+}
+
+/// A rule by its name in scenario files (`mean`, `median`).
+fn parse_rule(name: &str) -> Result<RuleSpec, String> {
+    RuleSpec::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(name))
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_flag_takes_the_scenario_names() {
+        let cli = Cli::try_parse_from(["tally-sim", "--rule", "median"]).unwrap();
+        assert_eq!(cli.rule, Some(RuleSpec::Median));
+        assert_eq!(parse_rule("mean"), Ok(RuleSpec::Mean));
+        assert!(Cli::try_parse_from(["tally-sim", "--rule", "trimmed-mean"]).is_err());
+    }
 }

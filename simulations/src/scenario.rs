@@ -9,8 +9,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tally_protocol::coordinator::{MAX_ENROLLED, MAX_ROUND_TIMEOUT};
+use tally_protocol::kind::{AlgorithmSpec, KindError, KindSettings, RuleSpec};
 use tally_protocol::model::ModelArch;
 use tally_protocol::wire::TrainSpec;
+
+pub use crate::attack::AttackSpec;
+use crate::attack::{Attack, AttackError};
 
 // Virtual time is `Duration`s added to an `Instant`, and both panic on
 // overflow (`Duration::from_secs_f64` panics on infinity too). Every knob that
@@ -51,6 +55,14 @@ pub enum ScenarioError {
     /// Inconsistent values.
     #[error("invalid scenario: {0}")]
     Invalid(String),
+    /// The algorithm's settings don't fit the model, or its kind does not
+    /// support the rule (the protocol's own message).
+    #[error("invalid scenario: {0}")]
+    Kind(#[from] KindError),
+    /// The attack's settings are out of range, or it does not apply to the
+    /// run's kind.
+    #[error("invalid scenario: {0}")]
+    Attack(#[from] AttackError),
 }
 
 /// How the training set is split among clients.
@@ -158,8 +170,13 @@ pub struct Scenario {
     pub eval_every: u32,
     /// Where to write per-round metrics (JSON lines). Default `runs/sim/metrics.jsonl`.
     pub out: PathBuf,
-    /// How clients express updates. Default FedAvg.
-    pub algorithm: Algorithm,
+    /// How clients express updates, and the kind's settings: `{ kind =
+    /// "fedavg" }` (default), `"fedavgm"`, `"spsa"` or `"frl"` (see
+    /// [`AlgorithmSpec`]).
+    pub algorithm: AlgorithmSpec,
+    /// How the server combines a round's updates: `mean` (default) or
+    /// `median` (dense kinds only; others refuse it in validation).
+    pub rule: RuleSpec,
     /// Use only training examples `start..end` (e.g. to fine-tune on clients
     /// whose data the pre-training never saw). Default: all.
     pub train_range: Option<[usize; 2]>,
@@ -170,113 +187,6 @@ pub struct Scenario {
     /// thread, so the metrics are identical for any value. Default 0: one per
     /// available core.
     pub threads: usize,
-}
-
-/// FRL's settings beyond `train` (lr, batch size, epochs). Defaults are the
-/// paper's MNIST settings (`docs/algorithms.md` §1.10).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct FrlSpec {
-    /// Per-round learning-rate decay (0.999).
-    pub lr_decay: f64,
-    /// SGD momentum on the scores (0.9).
-    pub momentum: f32,
-    /// Weight decay on the scores (1e-4).
-    pub weight_decay: f32,
-    /// Fraction of each layer's edges kept (0.5).
-    pub k_fraction: f64,
-    /// `two-sided` (as published) or `one-sided-top-k`.
-    pub mask: tally_protocol::frl::MaskRule,
-    /// Input normalisation mean (MNIST 0.1307; Fashion-MNIST 0.2860).
-    pub input_mean: f32,
-    /// Input normalisation std (MNIST 0.3081; Fashion-MNIST 0.3530).
-    pub input_std: f32,
-}
-
-impl Default for FrlSpec {
-    fn default() -> Self {
-        FrlSpec {
-            lr_decay: 0.999,
-            momentum: 0.9,
-            weight_decay: 1e-4,
-            k_fraction: 0.5,
-            mask: tally_protocol::frl::MaskRule::TwoSided,
-            input_mean: 0.1307,
-            input_std: 0.3081,
-        }
-    }
-}
-
-/// A poisoning attack. Malicious clients are ids `0..⌊fraction·clients⌋`
-/// (as in FRL's code); they still sign and send well-formed reports.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum AttackSpec {
-    /// FRL's attack (`docs/algorithms.md` §1.7): up to `pool` attackers
-    /// drawn from all malicious clients train benignly from the global
-    /// model; every malicious client in the round submits the ranking that
-    /// reverses the sum of their positions.
-    FrlReverse {
-        /// Fraction of malicious clients, in `[0, 1)`.
-        fraction: f64,
-        /// Attackers whose benign rankings form the consensus (FRL: 25).
-        #[serde(default = "default_pool")]
-        pool: usize,
-    },
-    /// The FedAvg attack of FRL's code (§1.8): every malicious client
-    /// sends `scale · θ` (the current global parameters, scaled) as its update.
-    Scale {
-        /// Fraction of malicious clients, in `[0, 1)`.
-        fraction: f64,
-        /// The factor (FRL: 1e5).
-        #[serde(default = "default_scale")]
-        scale: f32,
-    },
-}
-
-fn default_pool() -> usize {
-    25
-}
-
-fn default_scale() -> f32 {
-    1e5
-}
-
-impl AttackSpec {
-    /// The malicious fraction.
-    pub fn fraction(&self) -> f64 {
-        match self {
-            AttackSpec::FrlReverse { fraction, .. } | AttackSpec::Scale { fraction, .. } => *fraction,
-        }
-    }
-
-    /// Number of malicious clients among `clients`: `⌊fraction·clients⌋`.
-    pub fn malicious(&self, clients: usize) -> usize {
-        ((self.fraction() * clients as f64) as usize).min(clients)
-    }
-}
-
-/// The update rule of a scenario.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Algorithm {
-    /// Dense deltas, sample-weighted averaging.
-    #[default]
-    Fedavg,
-    /// One-byte SPSA on shared Rademacher directions (stream seed = `seed`).
-    Spsa {
-        /// Estimates per client per round.
-        steps_per_client: u32,
-        /// Perturbation size ε.
-        eps: f32,
-        /// Learning rate of the replayed update.
-        lr: f32,
-        /// Minibatch of each loss evaluation.
-        batch_size: u32,
-    },
-    /// FRL rank voting on a supermask model (`model = { kind = "supermask",
-    /// net = "lenet", classes = 10 }`); the network seed is the scenario seed.
-    Frl(FrlSpec),
 }
 
 impl Default for Scenario {
@@ -297,7 +207,8 @@ impl Default for Scenario {
             network: NetworkSpec::default(),
             eval_every: 1,
             out: PathBuf::from("runs/sim/metrics.jsonl"),
-            algorithm: Algorithm::Fedavg,
+            algorithm: AlgorithmSpec::Fedavg,
+            rule: RuleSpec::Mean,
             train_range: None,
             attack: None,
             threads: 0,
@@ -306,32 +217,20 @@ impl Default for Scenario {
 }
 
 impl Scenario {
-    /// The SPSA settings of an SPSA scenario (stream seed = scenario seed).
-    pub fn spsa_config(&self) -> Option<tally_protocol::spsa::SpsaConfig> {
-        match self.algorithm {
-            Algorithm::Fedavg | Algorithm::Frl(_) => None,
-            Algorithm::Spsa { steps_per_client, eps, lr, batch_size } => {
-                Some(tally_protocol::spsa::SpsaConfig { stream_seed: self.seed, steps_per_client, eps, lr, batch_size })
-            }
-        }
+    /// The run's update kind and its settings, from the scenario's
+    /// algorithm: the protocol's one factory ([`AlgorithmSpec::resolve`]),
+    /// with the scenario seed as the run seed (FRL's network, SPSA's
+    /// direction streams unless the scenario names another `stream_seed`).
+    pub fn kind_settings(&self) -> Result<KindSettings, ScenarioError> {
+        Ok(self.algorithm.resolve(self.seed, &self.model)?)
     }
 
-    /// The FRL run settings of an FRL scenario (network seed = scenario seed).
-    pub fn frl_run(&self) -> Option<tally_protocol::frl::FrlRun> {
-        let (Algorithm::Frl(f), ModelArch::Supermask(net)) = (&self.algorithm, &self.model) else { return None };
-        Some(tally_protocol::frl::FrlRun {
-            seed: self.seed,
-            vote: tally_protocol::frl::FrlConfig {
-                layer_sizes: net.layer_sizes(),
-                k_fraction: f.k_fraction,
-                mask: f.mask,
-            },
-            lr_decay: f.lr_decay,
-            momentum: f.momentum,
-            weight_decay: f.weight_decay,
-            input_mean: f.input_mean,
-            input_std: f.input_std,
-        })
+    /// The scenario's attack, if any, checked against the run's kind.
+    pub fn attack(&self) -> Result<Option<Box<dyn Attack>>, ScenarioError> {
+        let Some(spec) = &self.attack else { return Ok(None) };
+        let attack = spec.build()?;
+        attack.check(&self.kind_settings()?)?;
+        Ok(Some(attack))
     }
 
     /// Reads a TOML scenario.
@@ -347,9 +246,6 @@ impl Scenario {
             && a >= b
         {
             return bad("train_range must be [start, end) with start < end");
-        }
-        if let Some(z) = self.spsa_config() {
-            z.validate().map_err(|e| ScenarioError::Invalid(format!("spsa: {e}")))?;
         }
         if self.clients == 0 || self.clients_per_round == 0 || self.rounds == 0 {
             return bad("clients, clients_per_round and rounds must be at least 1");
@@ -399,32 +295,12 @@ impl Scenario {
             return bad("eval_every must be at least 1");
         }
         self.model.validate().map_err(|e| ScenarioError::Invalid(e.to_string()))?;
-        match (&self.algorithm, &self.model) {
-            (Algorithm::Frl(_), ModelArch::Supermask(_)) => {
-                let run = self.frl_run().ok_or_else(|| ScenarioError::Invalid("frl needs a supermask model".into()))?;
-                run.validate(&self.model).map_err(|e| ScenarioError::Invalid(format!("frl: {e}")))?;
-            }
-            (Algorithm::Frl(_), _) => return bad("algorithm frl needs model = { kind = \"supermask\", ... }"),
-            (_, ModelArch::Supermask(_)) => return bad("a supermask model needs algorithm frl"),
-            _ => {}
-        }
-        if let Some(a) = &self.attack {
-            if !(a.fraction().is_finite() && (0.0..1.0).contains(&a.fraction())) {
-                return bad("attack.fraction must be in [0, 1)");
-            }
-            match (a, &self.algorithm) {
-                (AttackSpec::FrlReverse { pool, .. }, Algorithm::Frl(_)) => {
-                    if *pool == 0 {
-                        return bad("attack.pool must be at least 1");
-                    }
-                }
-                (AttackSpec::Scale { scale, .. }, Algorithm::Fedavg) => {
-                    if !scale.is_finite() {
-                        return bad("attack.scale must be finite");
-                    }
-                }
-                _ => return bad("attack frl-reverse needs algorithm frl; attack scale needs fedavg"),
-            }
+        // The kind's settings against the model, then the rule against the
+        // kind: both refused here with the protocol's own message.
+        let settings = self.kind_settings()?;
+        tally_protocol::kind::check_rule(settings.build(&self.model)?.as_ref(), &self.rule)?;
+        if let Some(spec) = &self.attack {
+            spec.build()?.check(&settings)?;
         }
         Ok(())
     }
@@ -513,6 +389,94 @@ mod tests {
             s.network.latency_ms = MAX_LATENCY_MS;
             s.round_timeout_secs = MAX_ROUND_TIMEOUT.as_secs();
         }));
+    }
+
+    fn lenet() -> &'static str {
+        "model = { kind = \"supermask\", net = \"lenet\", classes = 10 }\n"
+    }
+
+    #[test]
+    fn algorithms_parse_into_the_protocols_spec_and_resolve_with_the_scenario_seed() {
+        let s: Scenario = toml::from_str(
+            "seed = 7\nalgorithm = { kind = \"spsa\", steps_per_client = 32, eps = 1e-3, lr = 0.02, batch_size = 64 }",
+        )
+        .unwrap();
+        s.validate().unwrap();
+        let KindSettings::Spsa(z) = s.kind_settings().unwrap() else { panic!("not spsa") };
+        let expected = tally_protocol::spsa::SpsaConfig {
+            stream_seed: 7,
+            steps_per_client: 32,
+            eps: 1e-3,
+            lr: 0.02,
+            batch_size: 64,
+        };
+        assert_eq!(z, expected);
+        let s: Scenario = toml::from_str("algorithm = { kind = \"fedavgm\", momentum = 0.5 }").unwrap();
+        let expected = tally_protocol::fedavgm::FedAvgMConfig { momentum: 0.5, server_lr: 1.0 };
+        assert_eq!(s.kind_settings().unwrap(), KindSettings::FedAvgM(expected));
+        let s: Scenario = toml::from_str("algorithm = { kind = \"fedavg\" }").unwrap();
+        assert_eq!(s.kind_settings().unwrap(), KindSettings::FedAvg);
+        let s: Scenario = toml::from_str(&format!("seed = 3\n{}algorithm = {{ kind = \"frl\" }}", lenet())).unwrap();
+        s.validate().unwrap();
+        let KindSettings::Frl(run) = s.kind_settings().unwrap() else { panic!("not frl") };
+        assert_eq!(run.seed, 3);
+        assert!(toml::from_str::<Scenario>("algorithm = { kind = \"spsa\", momentum = 1 }").is_err());
+        assert!(toml::from_str::<Scenario>("algorithm = { kind = \"sgd\" }").is_err());
+        // Kinds and models that don't fit are refused with the kind's message.
+        let s: Scenario = toml::from_str(lenet()).unwrap();
+        assert!(matches!(s.validate(), Err(ScenarioError::Kind(KindError::Invalid { kind: "fedavg", .. }))));
+        let s: Scenario = toml::from_str("algorithm = { kind = \"frl\" }").unwrap();
+        assert!(matches!(s.validate(), Err(ScenarioError::Kind(KindError::Invalid { kind: "frl", .. }))));
+    }
+
+    #[test]
+    fn a_rule_the_kind_does_not_support_is_refused() {
+        let s: Scenario = toml::from_str("rule = \"median\"").unwrap();
+        assert_eq!(s.rule, RuleSpec::Median);
+        s.validate().unwrap();
+        let s: Scenario = toml::from_str("rule = \"median\"\nalgorithm = { kind = \"fedavgm\" }").unwrap();
+        s.validate().unwrap();
+        let spsa = "rule = \"median\"\nalgorithm = { kind = \"spsa\" }";
+        let frl = format!("rule = \"median\"\n{}algorithm = {{ kind = \"frl\" }}", lenet());
+        for (text, kind) in [(spsa, "spsa"), (frl.as_str(), "frl")] {
+            let s: Scenario = toml::from_str(text).unwrap();
+            let err = s.validate().unwrap_err();
+            assert!(
+                matches!(&err, ScenarioError::Kind(KindError::UnsupportedRule { kind: k, rule: RuleSpec::Median, .. }) if *k == kind),
+                "{err}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "invalid scenario: update kind {kind} does not support the aggregation rule median (it supports: mean)"
+                )
+            );
+        }
+        assert!(toml::from_str::<Scenario>("rule = \"trimmed\"").is_err());
+    }
+
+    #[test]
+    fn attacks_are_refused_for_kinds_they_do_not_apply_to() {
+        let attacked = |algorithm: &str, attack: &str| {
+            let model = if algorithm.contains("frl") { lenet() } else { "" };
+            let text = format!(
+                "{model}algorithm = {{ kind = \"{algorithm}\" }}\nattack = {{ kind = \"{attack}\", fraction = 0.1 }}"
+            );
+            toml::from_str::<Scenario>(&text).unwrap().validate()
+        };
+        attacked("frl", "frl-reverse").unwrap();
+        attacked("fedavg", "scale").unwrap();
+        attacked("fedavgm", "scale").unwrap();
+        for (algorithm, attack) in
+            [("fedavg", "frl-reverse"), ("spsa", "frl-reverse"), ("spsa", "scale"), ("frl", "scale")]
+        {
+            let err = attacked(algorithm, attack).unwrap_err();
+            assert!(matches!(err, ScenarioError::Attack(AttackError::WrongKind { .. })), "{algorithm} {attack}: {err}");
+        }
+        assert_eq!(
+            attacked("fedavg", "frl-reverse").unwrap_err().to_string(),
+            "invalid scenario: attack frl-reverse needs the frl kind, not fedavg"
+        );
     }
 
     #[test]

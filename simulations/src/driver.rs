@@ -1,0 +1,480 @@
+//! The round loop's steps (see [`crate::run_on`]): one [`Sim`] holds the
+//! federation — the coordinator, one participant per client, the virtual
+//! network — and each method is one step of the loop.
+//!
+//! Determinism: every random choice is drawn from the scenario seed, and
+//! the steps draw in a fixed order (deliveries by arrival time then send
+//! order; local work in task-arrival order; attacks per round).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tally_kernels::data::Split;
+use tally_kernels::{Dataset, Device};
+use tally_protocol::kind::KindSettings;
+use tally_protocol::wire::{ClientUpdate, RunConfig, RunId, Task};
+use tally_protocol::{
+    ConnectionHandle, Coordinator, CoordinatorConfig, Event, Identity, Participant, ParticipantEvent, RoundSummary,
+};
+
+use crate::attack::{Attack, AttackEnv, RoundTask};
+use crate::net::{Delivery, VirtualNet};
+use crate::{
+    RoundRecord, Scenario, SimError, SimReport, TAG_CHALLENGE, TAG_DROPOUT, TAG_RUN, TAG_STRAGGLER, hash_seed, par_map,
+    partition, scenario, sim_identity, unit,
+};
+
+/// Deadline extensions of one round after which the simulator reports a
+/// stall (the quorum cannot be met by the clients it has).
+const MAX_EXTENSIONS_PER_ROUND: u32 = 100;
+
+/// Examples per evaluation batch.
+const EVAL_BATCH: usize = 1000;
+
+/// A training task a client received, waiting for the instant's messages
+/// to be delivered before it runs.
+pub(crate) struct Job {
+    slot: usize,
+    round: u32,
+    seed: u64,
+    model: Vec<f32>,
+}
+
+/// What the loop does after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    /// Go on.
+    Continue,
+    /// Stop the run (honest training diverged).
+    Stop,
+}
+
+/// The simulated federation (see the module docs).
+pub(crate) struct Sim<'a> {
+    s: &'a Scenario,
+    split: &'a Split,
+    device: &'a Device,
+    // The run.
+    coord: Coordinator,
+    run_config: RunConfig,
+    clients: Vec<Participant>,
+    shards: Vec<Dataset>,
+    attack: Option<Box<dyn Attack>>,
+    /// Malicious clients: ids `0..malicious`.
+    malicious: usize,
+    stragglers: Vec<bool>,
+    threads: usize,
+    net: VirtualNet<'a>,
+    /// Training tasks received at the current instant.
+    jobs: Vec<Job>,
+    // Progress and metrics.
+    finished: bool,
+    extensions: u32,
+    diverged_at: Option<u32>,
+    malicious_sampled: BTreeMap<u32, usize>,
+    bytes_up: u64,
+    bytes_down: u64,
+    records: Vec<RoundRecord>,
+    wall_rounds: Vec<f64>,
+    wall_eval: Vec<f64>,
+    round_wall: Instant,
+}
+
+impl<'a> Sim<'a> {
+    /// The federation of scenario `s` (validated) at virtual time 0: the
+    /// clients' shards, the coordinator with the scenario's kind and rule,
+    /// one participant per client, the attack, and every client's
+    /// connection queued.
+    pub(crate) fn setup(s: &'a Scenario, split: &'a Split, device: &'a Device) -> Result<Self, SimError> {
+        let train = match s.train_range {
+            Some([a, b]) => {
+                let b = b.min(split.train.len());
+                split.train.subset(&(a.min(b)..b).collect::<Vec<_>>())?
+            }
+            None => split.train.clone(),
+        };
+        let parts = partition(s, &train)?;
+        let shards: Vec<Dataset> = parts.iter().map(|p| train.subset(p)).collect::<Result<_, _>>()?;
+        let schedule = s.schedule.as_ref().map(|p| scenario::read_schedule(p, s.clients)).transpose()?;
+        let initial = match &s.initial_model {
+            Some(p) => tally_kernels::params_file::load_params(p, &s.model)?,
+            None => s.model.init_params(s.seed),
+        };
+        let identities: Vec<Identity> = (0..s.clients).map(|i| sim_identity(s.seed, i)).collect();
+        let mut run_id = [0u8; 16];
+        run_id[..8].copy_from_slice(&hash_seed(s.seed, TAG_RUN, 0).to_le_bytes());
+        run_id[8..].copy_from_slice(&hash_seed(s.seed, TAG_RUN, 1).to_le_bytes());
+        let config = CoordinatorConfig {
+            run_id: RunId(run_id),
+            arch: s.model.clone(),
+            rounds: s.rounds,
+            enrolled: identities.iter().map(Identity::public_key).collect(),
+            min_clients: s.clients,
+            clients_per_round: s.clients_per_round,
+            quorum: s.quorum.unwrap_or(s.clients_per_round),
+            round_timeout: Duration::from_secs(s.round_timeout_secs),
+            train: s.train.clone(),
+            kind: s.kind_settings()?,
+            rule: s.rule,
+            max_violations: 10,
+            schedule,
+            final_evaluation: false,
+        };
+        let coord = Coordinator::new(config, initial, s.seed)?;
+        let run_config = coord.run_config();
+        let clients: Vec<Participant> = identities.into_iter().map(|id| Participant::new(id, None)).collect();
+        let attack = s.attack()?;
+        let malicious = attack.as_ref().map_or(0, |a| a.malicious(s.clients));
+        let threads = match s.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let stragglers: Vec<bool> =
+            (0..s.clients).map(|i| unit(s.seed, TAG_STRAGGLER, i as u64) < s.network.straggler_fraction).collect();
+        let mut net = VirtualNet::new(&s.network, s.clients);
+        for i in 0..s.clients {
+            net.push(Duration::ZERO, Delivery::Connect(i));
+        }
+        Ok(Sim {
+            s,
+            split,
+            device,
+            coord,
+            run_config,
+            clients,
+            shards,
+            attack,
+            malicious,
+            stragglers,
+            threads,
+            net,
+            jobs: Vec::new(),
+            finished: false,
+            extensions: 0,
+            diverged_at: None,
+            malicious_sampled: BTreeMap::new(),
+            bytes_up: 0,
+            bytes_down: 0,
+            records: Vec::new(),
+            wall_rounds: Vec::new(),
+            wall_eval: Vec::new(),
+            round_wall: Instant::now(),
+        })
+    }
+
+    /// Whether the coordinator has finished the run.
+    pub(crate) fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The report of the run so far.
+    pub(crate) fn into_report(self) -> SimReport {
+        SimReport {
+            final_model: self.coord.model().to_vec(),
+            records: self.records,
+            wall_secs_per_round: self.wall_rounds,
+            wall_secs_eval: self.wall_eval,
+            diverged_at: self.diverged_at,
+            dropped_messages: self.net.dropped,
+        }
+    }
+
+    // ---- Recording ------------------------------------------------------
+
+    /// Test accuracy and mean loss of the global model.
+    fn evaluate(&self) -> Result<(f64, f64), SimError> {
+        let e = tally_kernels::update::evaluate_run(
+            &self.run_config,
+            self.coord.model(),
+            &self.split.test,
+            self.device,
+            EVAL_BATCH,
+        )?;
+        Ok((e.accuracy(), e.mean_loss()))
+    }
+
+    fn record(&mut self, rec: RoundRecord, on_record: &mut dyn FnMut(&RoundRecord)) {
+        on_record(&rec);
+        self.records.push(rec);
+    }
+
+    /// Round 0: the initial model, evaluated.
+    pub(crate) fn record_initial(&mut self, on_record: &mut dyn FnMut(&RoundRecord)) -> Result<(), SimError> {
+        let (accuracy, loss) = self.evaluate()?;
+        let rec = RoundRecord {
+            round: 0,
+            sampled: 0,
+            accepted: 0,
+            rejected: 0,
+            samples: 0,
+            train_loss: None,
+            test_accuracy: Some(accuracy),
+            test_loss: Some(loss),
+            bytes_up: 0,
+            bytes_down: 0,
+            virtual_secs: 0.0,
+            model_hash: hex::encode(tally_protocol::identity::params_hash(self.coord.model())),
+            malicious: self.s.attack.as_ref().map(|_| 0),
+            seed: self.s.seed,
+        };
+        self.record(rec, on_record);
+        Ok(())
+    }
+
+    /// A completed round: evaluated if due, recorded with the traffic since
+    /// the previous record.
+    fn record_round(
+        &mut self,
+        summary: &RoundSummary,
+        on_record: &mut dyn FnMut(&RoundRecord),
+    ) -> Result<(), SimError> {
+        self.wall_rounds.push(self.round_wall.elapsed().as_secs_f64());
+        // Some attacks have every round evaluated: a collapse shows in the
+        // round it happens.
+        let evaluate = summary.round.is_multiple_of(self.s.eval_every)
+            || summary.round == self.s.rounds
+            || (self.malicious > 0 && self.attack.as_ref().is_some_and(|a| a.evaluate_every_round()));
+        let (accuracy, loss) = if evaluate {
+            let t = Instant::now();
+            let (accuracy, loss) = self.evaluate()?;
+            self.wall_eval.push(t.elapsed().as_secs_f64());
+            (Some(accuracy), Some(loss))
+        } else {
+            (None, None)
+        };
+        let rec = RoundRecord {
+            round: summary.round,
+            sampled: summary.sampled,
+            accepted: summary.accepted,
+            rejected: summary.rejected,
+            samples: summary.stats.as_ref().map_or(0, |s| s.samples),
+            train_loss: summary.stats.as_ref().map(|s| s.train_loss),
+            test_accuracy: accuracy,
+            test_loss: loss,
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            virtual_secs: self.net.now.as_secs_f64(),
+            model_hash: hex::encode(summary.model_hash),
+            malicious: self.s.attack.as_ref().map(|_| self.malicious_sampled.remove(&summary.round).unwrap_or(0)),
+            seed: self.s.seed,
+        };
+        self.bytes_up = 0;
+        self.bytes_down = 0;
+        self.record(rec, on_record);
+        self.round_wall = Instant::now();
+        Ok(())
+    }
+
+    // ---- Local work -----------------------------------------------------
+
+    /// Whether tasks are waiting and every message of this instant has been
+    /// delivered (tasks of one instant train together).
+    pub(crate) fn local_work_due(&self) -> bool {
+        !self.jobs.is_empty() && self.net.next_at().is_none_or(|at| at > self.net.now)
+    }
+
+    /// The waiting tasks' local work: dropped clients leave the round,
+    /// honest ones train, malicious ones send what the attack crafts; each
+    /// report leaves after its virtual compute time. Stops the run when
+    /// honest training diverges.
+    pub(crate) fn local_work(&mut self) -> Result<Flow, SimError> {
+        let (seed, dropout) = (self.s.seed, self.s.network.dropout);
+        let batch: Vec<Job> = self
+            .jobs
+            .drain(..)
+            // Dropped clients silently leave this round.
+            .filter(|job| unit(seed, TAG_DROPOUT, u64::from(job.round) << 32 | job.slot as u64) >= dropout)
+            .collect();
+        let updates = match self.updates(&batch) {
+            Err(SimError::Kernel(tally_kernels::KernelError::Diverged { .. })) => {
+                self.diverged_at = batch.first().map(|j| j.round);
+                return Ok(Flow::Stop);
+            }
+            other => other?,
+        };
+        for (job, update) in batch.iter().zip(updates) {
+            self.submit(job, update)?;
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// The updates of a batch of jobs (tasks that arrived at the same
+    /// virtual instant), in job order: honest clients train locally (on
+    /// `threads` workers), malicious ones send what the attack crafts (once
+    /// per round, for that round's malicious clients in the batch).
+    fn updates(&self, batch: &[Job]) -> Result<Vec<ClientUpdate>, SimError> {
+        let (run, shards, device) = (&self.run_config, &self.shards, self.device);
+        let honest: Vec<&Job> = batch.iter().filter(|j| j.slot >= self.malicious).collect();
+        let mut trained = par_map(self.threads, &honest, |job| {
+            tally_kernels::update::local_update(
+                run,
+                job.slot as u32,
+                job.round,
+                job.seed,
+                &job.model,
+                &shards[job.slot],
+                device,
+            )
+        })?
+        .into_iter();
+        let mut crafted: BTreeMap<u32, std::vec::IntoIter<tally_protocol::wire::UpdatePayload>> = BTreeMap::new();
+        let mut out = Vec::with_capacity(batch.len());
+        for job in batch {
+            if job.slot >= self.malicious {
+                // `honest` holds exactly the jobs of this branch, in order.
+                out.push(trained.next().ok_or(SimError::Invariant("missing honest update"))??);
+                continue;
+            }
+            let payloads = match crafted.entry(job.round) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => e.insert(self.craft(batch, job)?.into_iter()),
+            };
+            let payload = payloads.next().ok_or(SimError::Invariant("the attack crafted too few payloads"))?;
+            out.push(ClientUpdate { num_samples: shards[job.slot].len().max(1) as u64, train_loss: 0.0, payload });
+        }
+        Ok(out)
+    }
+
+    /// The payloads of the malicious clients of `first`'s round in `batch`,
+    /// crafted from the task `first` (the first of them) received.
+    fn craft(&self, batch: &[Job], first: &Job) -> Result<Vec<tally_protocol::wire::UpdatePayload>, SimError> {
+        let attack = self.attack.as_ref().ok_or(SimError::Invariant("a malicious client without an attack"))?;
+        let clients: Vec<usize> =
+            batch.iter().filter(|j| j.slot < self.malicious && j.round == first.round).map(|j| j.slot).collect();
+        let env = AttackEnv {
+            run: &self.run_config,
+            shards: &self.shards,
+            malicious: self.malicious,
+            threads: self.threads,
+            device: self.device,
+            seed: self.s.seed,
+        };
+        let task = RoundTask { round: first.round, seed: first.seed, model: &first.model };
+        attack.craft(&env, &task, &clients)
+    }
+
+    /// Submits `job`'s update: the report leaves once the client's virtual
+    /// compute time has passed.
+    fn submit(&mut self, job: &Job, update: ClientUpdate) -> Result<(), SimError> {
+        let net = &self.s.network;
+        let slow = if self.stragglers[job.slot] { net.straggler_slowdown } else { 1.0 };
+        let work = work_units(&self.run_config.kind, self.shards[job.slot].len(), self.s.train.epochs);
+        let compute = VirtualNet::secs(work * net.compute_us_per_sample * 1e-6 * slow)?;
+        let client = &mut self.clients[job.slot];
+        client.submit(self.net.clock()?, None, Some(update))?;
+        while let Some(frame) = client.poll_transmit() {
+            let ready = VirtualNet::after(self.net.now, compute)?;
+            self.net.send_up(job.slot, ready, frame)?;
+        }
+        Ok(())
+    }
+
+    // ---- Delivery -------------------------------------------------------
+
+    /// Advances virtual time to the next delivery or round deadline,
+    /// whichever comes first, and handles it.
+    pub(crate) fn advance(&mut self) -> Result<(), SimError> {
+        let deadline = self.coord.poll_timeout().map(|t| self.net.since_start(t));
+        match (self.net.next_at(), deadline) {
+            (None, None) => Err(SimError::Stalled(self.coord.completed_rounds().saturating_add(1))),
+            (Some(next), Some(t)) if t < next => self.fire_deadline(t),
+            (None, Some(t)) => self.fire_deadline(t),
+            (Some(_), _) => self.deliver_next(),
+        }
+    }
+
+    /// The coordinator's round deadline at virtual time `t`.
+    fn fire_deadline(&mut self, t: Duration) -> Result<(), SimError> {
+        self.net.now = t;
+        self.coord.handle_timeout(self.net.clock()?);
+        Ok(())
+    }
+
+    /// The next queued delivery: a connection, a client's frame to the
+    /// server, or the server's frame to a client (which may hand the client
+    /// a task, queued as a [`Job`]).
+    fn deliver_next(&mut self) -> Result<(), SimError> {
+        let Some(what) = self.net.pop() else { return Ok(()) };
+        let now = self.net.now;
+        match what {
+            Delivery::Connect(i) => {
+                let mut challenge = [0u8; 32];
+                for (k, chunk) in challenge.chunks_mut(8).enumerate() {
+                    chunk.copy_from_slice(
+                        &hash_seed(self.s.seed, TAG_CHALLENGE, (i as u64) << 2 | k as u64).to_le_bytes(),
+                    );
+                }
+                self.coord.handle_connect(self.net.clock()?, ConnectionHandle(i as u64), challenge);
+            }
+            Delivery::ToServer(i, _) | Delivery::ToClient(i, _) if self.net.cut(i, now) => {
+                self.net.dropped = self.net.dropped.saturating_add(1);
+            }
+            Delivery::ToServer(i, bytes) => {
+                self.bytes_up += bytes.len() as u64;
+                // Refusals are counted in the round summary.
+                let _ = self.coord.handle_message(self.net.clock()?, ConnectionHandle(i as u64), &bytes);
+            }
+            Delivery::ToClient(i, bytes) => {
+                self.bytes_down += bytes.len() as u64;
+                let clock = self.net.clock()?;
+                let p = self.clients.get_mut(i).ok_or(SimError::UnknownConnection(i as u64))?;
+                p.handle_message(clock, &bytes)?;
+                while let Some(ev) = p.poll_event() {
+                    if let ParticipantEvent::TaskRequested { round, task: Task::Train, seed, model } = ev {
+                        self.jobs.push(Job { slot: i, round, seed, model });
+                    }
+                }
+                while let Some(frame) = p.poll_transmit() {
+                    self.net.send_up(i, now, frame)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts what the coordinator queued on the clients' down links.
+    pub(crate) fn forward_server_messages(&mut self) -> Result<(), SimError> {
+        while let Some(t) = self.coord.poll_transmit() {
+            self.net.send_down(t.to.0 as usize, t.bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Acts on the coordinator's events: records completed rounds, counts
+    /// deadline extensions (a stall past [`MAX_EXTENSIONS_PER_ROUND`]),
+    /// notes the malicious clients each round samples, and the end.
+    pub(crate) fn handle_events(&mut self, on_record: &mut dyn FnMut(&RoundRecord)) -> Result<(), SimError> {
+        while let Some(event) = self.coord.poll_event() {
+            match event {
+                Event::RoundCompleted(summary) => {
+                    self.extensions = 0;
+                    self.record_round(&summary, on_record)?;
+                }
+                Event::RoundExtended { round, .. } => {
+                    self.extensions += 1;
+                    // Every joined client was asked and the quorum is still out
+                    // of reach: virtual time would advance forever.
+                    if self.extensions > MAX_EXTENSIONS_PER_ROUND {
+                        return Err(SimError::Stalled(round));
+                    }
+                }
+                Event::RoundOpened { round, sampled, .. } => {
+                    let malicious = sampled.iter().filter(|&&c| (c as usize) < self.malicious).count();
+                    self.malicious_sampled.insert(round, malicious);
+                }
+                Event::Finished { .. } => self.finished = true,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Virtual compute of one client's task, in examples processed: an SPSA
+/// step is two forward passes, counted as one training example each.
+fn work_units(kind: &KindSettings, examples: usize, epochs: u32) -> f64 {
+    match kind {
+        KindSettings::Spsa(z) => f64::from(z.steps_per_client) * f64::from(z.batch_size),
+        _ => examples as f64 * f64::from(epochs),
+    }
+}
