@@ -321,10 +321,9 @@ impl Coordinator {
     pub fn new(config: CoordinatorConfig, initial: Vec<f32>, rng_seed: u64) -> Result<Self, Misuse> {
         config.validate()?;
         config.arch.check_params(&initial).map_err(|e| Misuse::Config(format!("initial model: {e}")))?;
-        let kind = config.kind.build(&config.arch).map_err(|e| Misuse::Config(e.to_string()))?;
+        let kind = config.kind.build(&config.arch)?;
         let shape = RunShape { arch: &config.arch, clients_per_round: config.clients_per_round };
-        let mut aggregator =
-            kind.aggregator(&shape, &config.rule, &initial).map_err(|e| Misuse::Config(e.to_string()))?;
+        let mut aggregator = kind.aggregator(&shape, &config.rule, &initial)?;
         let checkpoint =
             kind.replicated().then(|| Checkpoint { round: 0, params: initial.clone(), logs: Vec::new(), log_bytes: 0 });
         // A fresh run's initial model, or a restored one: the aggregator

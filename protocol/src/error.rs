@@ -226,6 +226,10 @@ pub enum Misuse {
     /// Invalid configuration.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The update kind's settings don't fit the model, or it can't apply
+    /// the rule.
+    #[error("invalid configuration: {0}")]
+    Kind(#[from] crate::kind::KindError),
 }
 
 /// Any error of the protocol core.

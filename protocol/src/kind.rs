@@ -213,12 +213,13 @@ impl KindError {
 /// scenario): the kind by name and its settings, each with a default. One
 /// factory for the server, the simulator and the fuzz entry points:
 /// [`AlgorithmSpec::resolve`].
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum AlgorithmSpec {
-    /// Federated averaging of dense deltas.
-    #[default]
-    Fedavg,
+    /// Federated averaging of dense deltas. (A struct variant with no
+    /// fields, so that a misspelt setting such as `{ kind = "fedavg",
+    /// momentum = 0.9 }` is refused instead of silently ignored.)
+    Fedavg {},
     /// FedAvg with server momentum.
     Fedavgm(crate::fedavgm::FedAvgMSpec),
     /// One-byte SPSA.
@@ -227,12 +228,18 @@ pub enum AlgorithmSpec {
     Frl(crate::frl::FrlSpec),
 }
 
+impl Default for AlgorithmSpec {
+    fn default() -> Self {
+        AlgorithmSpec::Fedavg {}
+    }
+}
+
 impl AlgorithmSpec {
     /// The run's kind settings: `seed` is the run seed (FRL's network and
     /// SPSA's directions derive from it unless the spec names another).
     pub fn resolve(&self, seed: u64, arch: &ModelArch) -> Result<KindSettings, KindError> {
         let settings = match self {
-            AlgorithmSpec::Fedavg => KindSettings::FedAvg,
+            AlgorithmSpec::Fedavg {} => KindSettings::FedAvg,
             AlgorithmSpec::Fedavgm(s) => KindSettings::FedAvgM(s.resolve()),
             AlgorithmSpec::Spsa(s) => KindSettings::Spsa(s.resolve(seed)),
             AlgorithmSpec::Frl(s) => KindSettings::Frl(s.resolve(seed, arch)?),
@@ -275,7 +282,7 @@ mod tests {
         let net = ModelArch::Supermask(FrlArch::Conv2 { channels: 1, side: 2, classes: 2 });
         let init = mlp.init_params(1);
         let cases = [
-            (AlgorithmSpec::Fedavg, &mlp, "fedavg", &[RuleSpec::Mean, RuleSpec::Median][..]),
+            (AlgorithmSpec::Fedavg {}, &mlp, "fedavg", &[RuleSpec::Mean, RuleSpec::Median][..]),
             (AlgorithmSpec::Fedavgm(Default::default()), &mlp, "fedavgm", &[RuleSpec::Mean, RuleSpec::Median]),
             (AlgorithmSpec::Spsa(Default::default()), &mlp, "spsa", &[RuleSpec::Mean]),
             (AlgorithmSpec::Frl(Default::default()), &net, "frl", &[RuleSpec::Mean]),
@@ -302,8 +309,30 @@ mod tests {
         }
         // Kinds check the model: FRL needs a supermask, the others refuse one.
         assert!(AlgorithmSpec::Frl(Default::default()).resolve(3, &mlp).is_err());
-        for spec in [AlgorithmSpec::Fedavg, AlgorithmSpec::Spsa(Default::default())] {
+        for spec in [AlgorithmSpec::Fedavg {}, AlgorithmSpec::Spsa(Default::default())] {
             assert!(spec.resolve(3, &net).is_err());
+        }
+    }
+
+    #[test]
+    fn configuration_files_name_the_kind_and_misspelt_settings_are_refused() {
+        #[derive(Deserialize)]
+        struct File {
+            algorithm: AlgorithmSpec,
+        }
+        let parse = |s: &str| toml::from_str::<File>(s).map(|f| f.algorithm);
+        assert_eq!(parse("algorithm = { kind = \"fedavg\" }").unwrap(), AlgorithmSpec::default());
+        assert!(matches!(
+            parse("[algorithm]\nkind = \"spsa\"\nlr = 0.5").unwrap(),
+            AlgorithmSpec::Spsa(s) if s.lr == 0.5 && s.steps_per_client == 32
+        ));
+        for bad in [
+            "algorithm = { kind = \"fedavg\", momentum = 0.9 }",
+            "algorithm = { kind = \"spsa\", step_per_client = 3 }",
+            "algorithm = { kind = \"frl\", kfraction = 0.3 }",
+            "algorithm = { kind = \"ferret\" }",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} was accepted");
         }
     }
 

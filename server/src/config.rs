@@ -234,7 +234,7 @@ impl RawConfig {
         let algorithm = match (self.algorithm, &arch) {
             (Some(a), _) => a,
             (None, ModelArch::Supermask(_)) => AlgorithmSpec::Frl(Default::default()),
-            (None, _) => AlgorithmSpec::Fedavg,
+            (None, _) => AlgorithmSpec::Fedavg {},
         };
         let rule = self.rule.unwrap_or_default();
         // Checked now with the configured seed, so a bad combination fails

@@ -207,7 +207,7 @@ impl Default for Scenario {
             network: NetworkSpec::default(),
             eval_every: 1,
             out: PathBuf::from("runs/sim/metrics.jsonl"),
-            algorithm: AlgorithmSpec::Fedavg,
+            algorithm: AlgorithmSpec::Fedavg {},
             rule: RuleSpec::Mean,
             train_range: None,
             attack: None,
