@@ -65,6 +65,18 @@ pub enum ClientError {
     /// Local training failed.
     #[error("local training: {0}")]
     Kernel(#[from] tally_kernels::KernelError),
+    /// The server's certificate is not the pinned one: retrying can't help.
+    #[error(
+        "the server presented a certificate with fingerprint {}, expected {} (--fingerprint)",
+        hex::encode(presented),
+        hex::encode(expected)
+    )]
+    FingerprintMismatch {
+        /// The pinned fingerprint.
+        expected: [u8; 32],
+        /// The server's.
+        presented: [u8; 32],
+    },
     /// Reconnection attempts exhausted.
     #[error("gave up after {attempts} connection attempts; last error: {last}")]
     GaveUp {
@@ -137,11 +149,20 @@ pub async fn connect(
 
 /// A client endpoint on an ephemeral port of the server's address family.
 pub fn endpoint(server: SocketAddr, trust: &ServerTrust) -> Result<quinn::Endpoint, ClientError> {
+    endpoint_observed(server, trust, &tls::PinnedMismatch::default())
+}
+
+/// [`endpoint`] whose pinned-certificate check records a mismatch in `seen`.
+fn endpoint_observed(
+    server: SocketAddr,
+    trust: &ServerTrust,
+    seen: &tls::PinnedMismatch,
+) -> Result<quinn::Endpoint, ClientError> {
     let bind: SocketAddr = if server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
         .parse()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let mut ep = quinn::Endpoint::client(bind)?;
-    ep.set_default_client_config(tls::quic_client_config(trust)?);
+    ep.set_default_client_config(tls::quic_client_config_observed(trust, seen)?);
     Ok(ep)
 }
 
@@ -161,7 +182,8 @@ pub async fn recv_message(conn: &quinn::Connection, limit: usize) -> Result<Vec<
 
 /// Runs the client until the server finishes the run.
 pub async fn run(opts: ClientOptions) -> Result<ClientOutcome, ClientError> {
-    let endpoint = endpoint(opts.server, &opts.trust)?;
+    let pin = tls::PinnedMismatch::default();
+    let endpoint = endpoint_observed(opts.server, &opts.trust, &pin)?;
     let mut failures = 0u32;
     let mut backoff = opts.initial_backoff;
     let mut outcome = ClientOutcome::default();
@@ -175,6 +197,9 @@ pub async fn run(opts: ClientOptions) -> Result<ClientOutcome, ClientError> {
             }
             Err(SessionEnd::Fatal(e)) => return Err(e),
             Err(SessionEnd::Retry(why)) => {
+                if let (ServerTrust::Fingerprint(expected), Some(presented)) = (&opts.trust, pin.presented()) {
+                    return Err(ClientError::FingerprintMismatch { expected: *expected, presented });
+                }
                 if joined {
                     failures = 0;
                     backoff = opts.initial_backoff;

@@ -58,6 +58,25 @@ impl ServerTrust {
 struct PinnedCert {
     fingerprint: [u8; 32],
     provider: Arc<CryptoProvider>,
+    seen: PinnedMismatch,
+}
+
+/// The fingerprint a server presented when it failed the pin, shared with
+/// the connection loop: a wrong pin never becomes right by retrying, so the
+/// client stops at once and says what it expected and what it got.
+#[derive(Debug, Clone, Default)]
+pub struct PinnedMismatch(Arc<std::sync::Mutex<Option<[u8; 32]>>>);
+
+impl PinnedMismatch {
+    /// The fingerprint presented by the last server that failed the pin.
+    pub fn presented(&self) -> Option<[u8; 32]> {
+        // A poisoned lock only means a panic elsewhere mid-write of a Copy value.
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, fp: [u8; 32]) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(fp);
+    }
 }
 
 impl ServerCertVerifier for PinnedCert {
@@ -73,6 +92,7 @@ impl ServerCertVerifier for PinnedCert {
         if seen == self.fingerprint {
             Ok(ServerCertVerified::assertion())
         } else {
+            self.seen.record(seen);
             Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
         }
     }
@@ -115,13 +135,22 @@ fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TrustError> {
 
 /// A quinn client configuration for `trust`.
 pub fn quic_client_config(trust: &ServerTrust) -> Result<quinn::ClientConfig, TrustError> {
+    quic_client_config_observed(trust, &PinnedMismatch::default())
+}
+
+/// [`quic_client_config`] that records in `seen` the fingerprint of a server
+/// that fails the pin.
+pub fn quic_client_config_observed(
+    trust: &ServerTrust,
+    seen: &PinnedMismatch,
+) -> Result<quinn::ClientConfig, TrustError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut tls = match trust {
         ServerTrust::Fingerprint(fp) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCert { fingerprint: *fp, provider }))
+            .with_custom_certificate_verifier(Arc::new(PinnedCert { fingerprint: *fp, provider, seen: seen.clone() }))
             .with_no_client_auth(),
         ServerTrust::CaFile(path) => builder.with_root_certificates(load_roots(path)?).with_no_client_auth(),
     };

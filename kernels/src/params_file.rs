@@ -27,7 +27,7 @@ pub fn load_params(path: &Path, arch: &ModelArch) -> Result<Vec<f32>, KernelErro
     if bytes.len() as u64 > limit {
         return Err(KernelError::ParamsFile {
             path: path.to_path_buf(),
-            source: tally_protocol::model::ModelError::WrongLength {
+            source: tally_protocol::model::ModelError::WrongFileSize {
                 expected: arch.num_params().saturating_mul(4),
                 actual: bytes.len(),
             },

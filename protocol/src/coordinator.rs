@@ -112,6 +112,15 @@ impl CoordinatorConfig {
         if self.min_clients == 0 || self.clients_per_round == 0 || self.quorum == 0 {
             return bad("min_clients, clients_per_round and quorum must be at least 1");
         }
+        if self.clients_per_round > self.enrolled.len() {
+            // Named before the quorum, which defaults to it in the drivers:
+            // the operator set this one.
+            return Err(Misuse::Config(format!(
+                "clients_per_round ({}) exceeds the number of enrolled clients ({})",
+                self.clients_per_round,
+                self.enrolled.len()
+            )));
+        }
         if self.quorum > self.clients_per_round {
             return bad("quorum exceeds clients_per_round");
         }
@@ -919,6 +928,9 @@ impl Coordinator {
         if snapshot.enrolled_hash != enrolled_hash(&config.enrolled) {
             return Err(DurableError::Mismatch("enrolled keys"));
         }
+        // Said as what it is: the saved run's model is not the configured one
+        // (say another `model` after a restart), not a fault of the log.
+        config.arch.check_params(&snapshot.model).map_err(|e| DurableError::ModelMismatch(e.to_string()))?;
         let mut c = Coordinator::new(config, snapshot.model, snapshot.rng_seed).map_err(DurableError::Config)?;
         match (snapshot.aggregator_state, c.aggregator.state()) {
             (Some(state), _) => c.aggregator.restore_state(&state)?,

@@ -130,6 +130,9 @@ pub enum DurableError {
     /// The state belongs to another run or enrolment list.
     #[error("saved state does not match this run: {0}")]
     Mismatch(&'static str),
+    /// The saved model does not fit the configured model architecture.
+    #[error("the saved model does not fit the configured model: {0}")]
+    ModelMismatch(String),
     /// The run's configuration can't be used (its kind, rule or model).
     #[error("the run's configuration is invalid: {0}")]
     Config(crate::error::Misuse),

@@ -86,7 +86,13 @@ pub fn verify(key: &PublicKeyBytes, msg: &[u8], sig: &SignatureBytes) -> Result<
 pub fn parse_public_key(hex_str: &str) -> Result<PublicKeyBytes, String> {
     let bytes = hex::decode(hex_str.trim()).map_err(|e| format!("not hex: {e}"))?;
     let arr: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| format!("expected 32 bytes, got {}", b.len()))?;
-    VerifyingKey::from_bytes(&arr).map_err(|_| "not a valid ed25519 point".to_string())?;
+    let key = VerifyingKey::from_bytes(&arr).map_err(|_| "not a valid ed25519 point".to_string())?;
+    // A small-order point (the all-zero key among them) can't be anyone's
+    // key: `verify_strict` refuses every signature under it, so the client
+    // could never join. Enrolling one is an operator error, said at once.
+    if key.is_weak() {
+        return Err("a weak (small-order) ed25519 key, such as all zeros, can never sign a join".into());
+    }
     Ok(PublicKeyBytes(arr))
 }
 
@@ -130,6 +136,9 @@ mod tests {
         assert_eq!(parse_public_key(&id.public_key().to_string()).unwrap(), id.public_key());
         assert!(parse_public_key("zz").is_err());
         assert!(parse_public_key("00").is_err());
+        // The all-zero key decodes as a point but is of small order.
+        let zero = parse_public_key(&"0".repeat(64)).unwrap_err();
+        assert!(zero.contains("weak"), "{zero}");
     }
 
     #[test]

@@ -92,6 +92,15 @@ pub enum ModelError {
         /// What was supplied.
         actual: usize,
     },
+    /// A raw f32 file whose size is not the model's: counted in bytes, since
+    /// a file of the wrong size need not hold whole parameters at all.
+    #[error("a raw f32 file of {actual} bytes; the model needs {expected} bytes ({} parameters)", expected / 4)]
+    WrongFileSize {
+        /// Bytes the model needs (4 per parameter).
+        expected: usize,
+        /// Bytes the file has.
+        actual: usize,
+    },
     /// A safetensors file that can't be parsed or doesn't match the model.
     #[error("safetensors: {0}")]
     Safetensors(String),
@@ -315,7 +324,7 @@ impl ModelArch {
     pub fn from_raw_f32(&self, bytes: &[u8]) -> Result<Vec<f32>, ModelError> {
         let expected = self.num_params().saturating_mul(4);
         if bytes.len() != expected {
-            return Err(ModelError::WrongLength { expected, actual: bytes.len() });
+            return Err(ModelError::WrongFileSize { expected, actual: bytes.len() });
         }
         let (chunks, _) = bytes.as_chunks::<4>();
         let out: Vec<f32> = chunks.iter().map(|c| f32::from_le_bytes(*c)).collect();
@@ -400,7 +409,7 @@ mod tests {
         let a = ModelArch::Mlp { input: u32::MAX, hidden: vec![u32::MAX, u32::MAX], classes: u32::MAX };
         assert_eq!(a.num_params(), usize::MAX);
         assert!(crate::wire::max_message_bytes_for(&a) <= crate::wire::MAX_MESSAGE_BYTES);
-        assert!(matches!(a.from_raw_f32(&[0u8; 16]), Err(ModelError::WrongLength { .. })));
+        assert!(matches!(a.from_raw_f32(&[0u8; 16]), Err(ModelError::WrongFileSize { .. })));
     }
 
     #[test]
@@ -410,11 +419,17 @@ mod tests {
         let bytes: Vec<u8> = p.iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(arch.from_raw_f32(&bytes).unwrap(), p);
         let expected = p.len() * 4;
-        assert_eq!(arch.from_raw_f32(&bytes[4..]), Err(ModelError::WrongLength { expected, actual: expected - 4 }));
-        assert_eq!(arch.from_raw_f32(&bytes[1..]), Err(ModelError::WrongLength { expected, actual: expected - 1 }));
+        assert_eq!(arch.from_raw_f32(&bytes[4..]), Err(ModelError::WrongFileSize { expected, actual: expected - 4 }));
+        let odd = arch.from_raw_f32(&bytes[1..]).unwrap_err();
+        assert_eq!(odd, ModelError::WrongFileSize { expected, actual: expected - 1 });
+        // Said in bytes, with the parameter count for reference.
+        assert_eq!(
+            odd.to_string(),
+            format!("a raw f32 file of {} bytes; the model needs {expected} bytes (23 parameters)", expected - 1)
+        );
         let mut long = bytes.clone();
         long.extend_from_slice(&[0; 4]);
-        assert!(matches!(arch.from_raw_f32(&long), Err(ModelError::WrongLength { .. })));
+        assert!(matches!(arch.from_raw_f32(&long), Err(ModelError::WrongFileSize { .. })));
     }
 
     /// A safetensors file whose header describes `tensors` U8 tensors of

@@ -406,6 +406,13 @@ fn config_validation_refuses_values_that_would_panic_or_stall() {
         c.clients_per_round = 5;
         c.quorum = 4;
     }));
+    // More clients per round than enrolled is named as such (it used to be
+    // reported as the quorum, which defaults to it).
+    let mut c = config(3, 2);
+    c.clients_per_round = 4;
+    c.quorum = 4;
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.contains("clients_per_round (4) exceeds the number of enrolled clients (3)"), "{err}");
     // Training parameters a client would refuse.
     assert!(refused(&|c| c.train.lr = f32::INFINITY));
     assert!(refused(&|c| c.train.epochs = MAX_LOCAL_EPOCHS + 1));

@@ -212,6 +212,14 @@ fn restore_refuses_another_run_or_enrolment_and_bad_logs() {
         Coordinator::restore(config(3, 3), snapshot, &bad, Instant::now()),
         Err(crate::durable::DurableError::Replay { index: 0, .. })
     ));
+    // Another model after a restart is named as such, not as a log fault.
+    let (snapshot, records) = disk.load();
+    let mut wider = config(3, 3);
+    wider.arch = ModelArch::Mlp { input: 4, hidden: vec![5], classes: 2 };
+    assert!(matches!(
+        Coordinator::restore(wider, snapshot, &records, Instant::now()),
+        Err(crate::durable::DurableError::ModelMismatch(_))
+    ));
     assert!(decode_snapshot(b"junk").is_err());
     assert!(decode_record(&[9, 9, 9]).is_err());
 }
