@@ -58,6 +58,8 @@ pub(crate) struct Sim<'a> {
     coord: Coordinator,
     run_config: RunConfig,
     clients: Vec<Participant>,
+    /// Clients whose lost handshake is retried when the partition ends.
+    reconnecting: std::collections::BTreeSet<usize>,
     shards: Vec<Dataset>,
     attack: Option<Box<dyn Attack>>,
     /// Malicious clients: ids `0..malicious`.
@@ -88,8 +90,16 @@ impl<'a> Sim<'a> {
     pub(crate) fn setup(s: &'a Scenario, split: &'a Split, device: &'a Device) -> Result<Self, SimError> {
         let train = match s.train_range {
             Some([a, b]) => {
-                let b = b.min(split.train.len());
-                split.train.subset(&(a.min(b)..b).collect::<Vec<_>>())?
+                let n = split.train.len();
+                if a >= n {
+                    return Err(scenario::ScenarioError::Invalid(format!(
+                        "train_range [{a}, {b}) starts past the end of the {n} training examples of {}",
+                        s.data
+                    ))
+                    .into());
+                }
+                let b = b.min(n);
+                split.train.subset(&(a..b).collect::<Vec<_>>())?
             }
             None => split.train.clone(),
         };
@@ -142,6 +152,7 @@ impl<'a> Sim<'a> {
             coord,
             run_config,
             clients,
+            reconnecting: Default::default(),
             shards,
             attack,
             malicious,
@@ -398,6 +409,7 @@ impl<'a> Sim<'a> {
         let now = self.net.now;
         match what {
             Delivery::Connect(i) => {
+                self.reconnecting.remove(&i);
                 let mut challenge = [0u8; 32];
                 for (k, chunk) in challenge.chunks_mut(8).enumerate() {
                     chunk.copy_from_slice(
@@ -408,6 +420,19 @@ impl<'a> Sim<'a> {
             }
             Delivery::ToServer(i, _) | Delivery::ToClient(i, _) if self.net.cut(i, now) => {
                 self.net.dropped = self.net.dropped.saturating_add(1);
+                // A handshake lost to the partition is not given up: a real
+                // client retries its connection and gets through once the
+                // link is back. Without this, clients cut off from the start
+                // never join and the run stalls before round 1.
+                let joined = self.clients.get(i).is_some_and(|p| p.client_id().is_some());
+                if !joined && let Some(end) = self.net.partition_end() {
+                    let p = self.clients.get_mut(i).ok_or(SimError::UnknownConnection(i as u64))?;
+                    if p.run_config().is_none() && !self.reconnecting.contains(&i) {
+                        self.reconnecting.insert(i);
+                        *p = Participant::new(sim_identity(self.s.seed, i), None);
+                        self.net.push(end.max(now), Delivery::Connect(i));
+                    }
+                }
             }
             Delivery::ToServer(i, bytes) => {
                 self.bytes_up += bytes.len() as u64;

@@ -427,6 +427,29 @@ mod tests {
     }
 
     #[test]
+    fn a_partition_from_the_start_delays_the_joins_instead_of_stalling() {
+        let (mut s, split) = tiny();
+        s.rounds = 2;
+        // Half the clients cut off from time 0: their handshakes are lost
+        // and retried when the link is back, so round 1 opens at ~5 s.
+        s.network.partition = Some(PartitionFault { fraction: 0.5, from_secs: 0.0, to_secs: 5.0 });
+        let dev = tally_kernels::cpu_device();
+        let r = run_on(&s, &split, &dev, &mut |_| {}).unwrap();
+        assert_eq!(r.records.len(), 3);
+        assert!(r.dropped_messages > 0);
+        assert!(r.records[1].virtual_secs > 5.0, "{:?}", r.records[1]);
+        assert_eq!(run_on(&s, &split, &dev, &mut |_| {}).unwrap().records, r.records);
+    }
+
+    #[test]
+    fn a_train_range_past_the_data_names_the_field() {
+        let (mut s, split) = tiny();
+        s.train_range = Some([split.train.len() + 5, split.train.len() + 10]);
+        let err = run_on(&s, &split, &tally_kernels::cpu_device(), &mut |_| {}).unwrap_err().to_string();
+        assert!(err.contains("train_range") && err.contains("training examples"), "{err}");
+    }
+
+    #[test]
     fn schedule_file_drives_sampling() {
         let (mut s, split) = tiny();
         let dir = tempfile::tempdir().unwrap();

@@ -128,6 +128,11 @@ impl<'a> VirtualNet<'a> {
         Some(q.what)
     }
 
+    /// When the partition ends (`to_secs`), if the scenario has one.
+    pub(crate) fn partition_end(&self) -> Option<Duration> {
+        self.spec.partition.as_ref().and_then(|p| Duration::try_from_secs_f64(p.to_secs).ok())
+    }
+
     /// Whether client `slot` is cut off at virtual time `at`.
     pub(crate) fn cut(&self, slot: usize, at: Duration) -> bool {
         self.spec.partition.as_ref().is_some_and(|p| {
