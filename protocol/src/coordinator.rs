@@ -331,6 +331,9 @@ impl Coordinator {
         config.validate()?;
         config.arch.check_params(&initial).map_err(|e| Misuse::Config(format!("initial model: {e}")))?;
         let kind = config.kind.build(&config.arch)?;
+        // A round closes with at least `quorum` updates: the rule's
+        // parameters must hold for that many.
+        config.rule.check_round_size(config.quorum)?;
         let shape = RunShape { arch: &config.arch, clients_per_round: config.clients_per_round };
         let mut aggregator = kind.aggregator(&shape, &config.rule, &initial)?;
         let checkpoint =

@@ -26,7 +26,7 @@ pub const NAME: &str = "fedavg";
 pub const ID: KindId = KindId(0);
 
 /// Rules a dense-delta kind can combine by: every vector rule.
-pub const DENSE_RULES: &[RuleSpec] = &[RuleSpec::Mean, RuleSpec::Median];
+pub const DENSE_RULES: &[&str] = &["mean", "median", "trimmed-mean", "krum", "multi-krum", "norm-clip"];
 
 /// The FedAvg kind.
 #[derive(Debug, Clone)]
@@ -58,7 +58,7 @@ impl UpdateKind for FedAvgKind {
     fn settings(&self) -> KindSettings {
         KindSettings::FedAvg
     }
-    fn rules(&self) -> &'static [RuleSpec] {
+    fn rules(&self) -> &'static [&'static str] {
         DENSE_RULES
     }
     fn aggregator(

@@ -100,7 +100,7 @@ impl UpdateKind for FedAvgMKind {
     fn settings(&self) -> KindSettings {
         KindSettings::FedAvgM(self.cfg.clone())
     }
-    fn rules(&self) -> &'static [RuleSpec] {
+    fn rules(&self) -> &'static [&'static str] {
         DENSE_RULES
     }
     fn aggregator(

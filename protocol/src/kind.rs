@@ -117,9 +117,10 @@ pub trait UpdateKind: Send + Sync + std::fmt::Debug {
     fn replicated(&self) -> bool {
         self.publication() == Publication::Replica
     }
-    /// The aggregation rules this kind can combine its payloads by.
-    fn rules(&self) -> &'static [RuleSpec] {
-        &[RuleSpec::Mean]
+    /// The aggregation rules this kind can combine its payloads by, by
+    /// name ([`RuleSpec::name`]).
+    fn rules(&self) -> &'static [&'static str] {
+        &["mean"]
     }
     /// The server side of a run starting from `initial`, combining by `rule`
     /// (refused with [`KindError::UnsupportedRule`] when not in
@@ -152,15 +153,106 @@ pub fn payload_of<'a>(update: &'a ClientUpdate, kind: KindId, name: &'static str
 }
 
 /// How a round's vectors are combined (for kinds whose payload is a vector).
-/// Chosen independently of the kind, in scenarios and in the server config.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+/// Chosen independently of the kind, in scenarios and in the server config:
+/// `rule = "mean"`, `rule = "median"`, or a table for rules with parameters,
+/// `rule = { kind = "trimmed-mean", trim = 2 }`, `{ kind = "krum",
+/// byzantine = 2 }`, `{ kind = "multi-krum", byzantine = 2 }`,
+/// `{ kind = "norm-clip", max_norm = 1.0 }` (see [`crate::rule`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RuleRepr", into = "RuleRepr")]
 pub enum RuleSpec {
     /// Sample-weighted mean (FedAvg's rule; for FRL, the sum of positions).
     #[default]
     Mean,
     /// Coordinate-wise median, unweighted (Yin et al., ICML 2018).
     Median,
+    /// Coordinate-wise trimmed mean: the `trim` largest and `trim` smallest
+    /// values of each coordinate dropped, the rest averaged (Yin et al.).
+    TrimmedMean {
+        /// Values dropped at each end; a round needs more than `2·trim`.
+        trim: u32,
+    },
+    /// Krum (Blanchard et al., NeurIPS 2017): the one update closest to its
+    /// `n − f − 2` nearest neighbours.
+    Krum {
+        /// `f`, the Byzantine clients tolerated; a round needs more than
+        /// `2f + 2` updates.
+        byzantine: u32,
+    },
+    /// Multi-Krum as FRL's reference code runs it: updates chosen one at a
+    /// time by Krum among those left while more than `2f + 2` are left
+    /// (`n − 2f − 2` in all), averaged.
+    MultiKrum {
+        /// `f`, as for Krum.
+        byzantine: u32,
+    },
+    /// Each update's L2 norm clipped to `max_norm`, then the weighted mean
+    /// (Sun et al., "Can you really backdoor federated learning?", 2019).
+    NormClip {
+        /// The bound, finite and positive.
+        max_norm: f32,
+    },
+}
+
+/// [`RuleSpec`] as written in configuration files: a bare name for rules
+/// without parameters, a table with `kind` for the others.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum RuleRepr {
+    Name(String),
+    Table(RuleTable),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+enum RuleTable {
+    Mean {},
+    Median {},
+    TrimmedMean { trim: u32 },
+    Krum { byzantine: u32 },
+    MultiKrum { byzantine: u32 },
+    NormClip { max_norm: f32 },
+}
+
+impl TryFrom<RuleRepr> for RuleSpec {
+    type Error = String;
+    fn try_from(r: RuleRepr) -> Result<Self, String> {
+        Ok(match r {
+            RuleRepr::Name(n) => match n.as_str() {
+                "mean" => RuleSpec::Mean,
+                "median" => RuleSpec::Median,
+                "trimmed-mean" | "krum" | "multi-krum" | "norm-clip" => {
+                    return Err(format!("rule {n} has parameters: write rule = {{ kind = \"{n}\", ... }}"));
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown rule {n:?} (mean, median, trimmed-mean, krum, multi-krum, norm-clip)"
+                    ));
+                }
+            },
+            RuleRepr::Table(t) => match t {
+                RuleTable::Mean {} => RuleSpec::Mean,
+                RuleTable::Median {} => RuleSpec::Median,
+                RuleTable::TrimmedMean { trim } => RuleSpec::TrimmedMean { trim },
+                RuleTable::Krum { byzantine } => RuleSpec::Krum { byzantine },
+                RuleTable::MultiKrum { byzantine } => RuleSpec::MultiKrum { byzantine },
+                RuleTable::NormClip { max_norm } => RuleSpec::NormClip { max_norm },
+            },
+        })
+    }
+}
+
+impl From<RuleSpec> for RuleRepr {
+    fn from(r: RuleSpec) -> Self {
+        match r {
+            RuleSpec::Mean => RuleRepr::Name("mean".into()),
+            RuleSpec::Median => RuleRepr::Name("median".into()),
+            RuleSpec::TrimmedMean { trim } => RuleRepr::Table(RuleTable::TrimmedMean { trim }),
+            RuleSpec::Krum { byzantine } => RuleRepr::Table(RuleTable::Krum { byzantine }),
+            RuleSpec::MultiKrum { byzantine } => RuleRepr::Table(RuleTable::MultiKrum { byzantine }),
+            RuleSpec::NormClip { max_norm } => RuleRepr::Table(RuleTable::NormClip { max_norm }),
+        }
+    }
 }
 
 impl RuleSpec {
@@ -169,6 +261,32 @@ impl RuleSpec {
         match self {
             RuleSpec::Mean => "mean",
             RuleSpec::Median => "median",
+            RuleSpec::TrimmedMean { .. } => "trimmed-mean",
+            RuleSpec::Krum { .. } => "krum",
+            RuleSpec::MultiKrum { .. } => "multi-krum",
+            RuleSpec::NormClip { .. } => "norm-clip",
+        }
+    }
+
+    /// Checks the rule's parameters against the fewest updates a round may
+    /// close with (the quorum): a trimmed mean needs more than `2·trim`
+    /// values, Krum and Multi-Krum more than `2f + 2` updates; refused before
+    /// the run, naming the parameter.
+    pub fn check_round_size(&self, min_updates: usize) -> Result<(), KindError> {
+        let n = min_updates as u64;
+        let bad = |reason: String| Err(KindError::Rule { rule: self.name(), reason });
+        match *self {
+            RuleSpec::Mean | RuleSpec::Median => Ok(()),
+            RuleSpec::TrimmedMean { trim } if 2 * u64::from(trim) >= n => bad(format!(
+                "trim = {trim} drops every value of a round of {n} updates (the quorum); need 2·trim < quorum"
+            )),
+            RuleSpec::Krum { byzantine: f } | RuleSpec::MultiKrum { byzantine: f, .. } if 2 * u64::from(f) + 2 >= n => {
+                bad(format!("byzantine = {f} needs rounds of more than 2·{f} + 2 updates; the quorum is {n}"))
+            }
+            RuleSpec::NormClip { max_norm } if !(max_norm.is_finite() && max_norm > 0.0) => {
+                bad(format!("max_norm = {max_norm} must be finite and positive"))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -195,10 +313,19 @@ pub enum KindError {
     UnsupportedRule {
         /// The kind.
         kind: &'static str,
-        /// The rule asked for.
-        rule: RuleSpec,
+        /// The rule asked for ([`RuleSpec::name`]).
+        rule: &'static str,
         /// The rules it does support, comma-separated.
         supported: String,
+    },
+    /// A rule parameter that can't hold for the run (say a trimmed mean that
+    /// would drop every value of a round of quorum size).
+    #[error("rule {rule}: {reason}")]
+    Rule {
+        /// The rule.
+        rule: &'static str,
+        /// What is wrong, naming the parameter.
+        reason: String,
     },
 }
 
@@ -254,11 +381,10 @@ impl AlgorithmSpec {
 /// kind with a rule it can't apply is a configuration error before any
 /// round runs, never a silent fallback.
 pub fn check_rule(kind: &dyn UpdateKind, rule: &RuleSpec) -> Result<(), KindError> {
-    if kind.rules().contains(rule) {
+    if kind.rules().contains(&rule.name()) {
         return Ok(());
     }
-    let supported = kind.rules().iter().map(RuleSpec::name).collect::<Vec<_>>().join(", ");
-    Err(KindError::UnsupportedRule { kind: kind.name(), rule: *rule, supported })
+    Err(KindError::UnsupportedRule { kind: kind.name(), rule: rule.name(), supported: kind.rules().join(", ") })
 }
 
 /// The [`ModelSync`] of runs that send the model in full.
@@ -272,6 +398,48 @@ mod tests {
     use super::*;
     use crate::supermask::FrlArch;
 
+    const ALL_RULES: [RuleSpec; 6] = [
+        RuleSpec::Mean,
+        RuleSpec::Median,
+        RuleSpec::TrimmedMean { trim: 1 },
+        RuleSpec::Krum { byzantine: 1 },
+        RuleSpec::MultiKrum { byzantine: 1 },
+        RuleSpec::NormClip { max_norm: 1.0 },
+    ];
+
+    #[test]
+    fn rules_read_from_names_and_tables_and_check_their_parameters() {
+        #[derive(Deserialize)]
+        struct File {
+            rule: RuleSpec,
+        }
+        let parse = |s: &str| toml::from_str::<File>(s).map(|f| f.rule).map_err(|e| e.to_string());
+        assert_eq!(parse("rule = \"median\""), Ok(RuleSpec::Median));
+        assert_eq!(parse("rule = { kind = \"trimmed-mean\", trim = 2 }"), Ok(RuleSpec::TrimmedMean { trim: 2 }));
+        assert_eq!(parse("[rule]\nkind = \"multi-krum\"\nbyzantine = 1"), Ok(RuleSpec::MultiKrum { byzantine: 1 }));
+        assert!(parse("rule = \"krum\"").unwrap_err().contains("has parameters"));
+        assert!(parse("rule = \"mode\"").is_err());
+        assert!(parse("rule = { kind = \"krum\", f = 1 }").is_err());
+        // Round trips through the configuration form.
+        for r in ALL_RULES {
+            let text = toml::to_string(&File2 { rule: r }).unwrap();
+            assert_eq!(parse(&text), Ok(r), "{text}");
+        }
+        // Parameters that can't hold for a round of quorum size.
+        assert!(RuleSpec::TrimmedMean { trim: 2 }.check_round_size(5).is_ok());
+        let e = RuleSpec::TrimmedMean { trim: 2 }.check_round_size(4).unwrap_err().to_string();
+        assert!(e.contains("trim = 2"), "{e}");
+        assert!(RuleSpec::Krum { byzantine: 1 }.check_round_size(5).is_ok());
+        assert!(RuleSpec::Krum { byzantine: 1 }.check_round_size(4).is_err());
+        assert!(RuleSpec::MultiKrum { byzantine: 2 }.check_round_size(6).is_err());
+        assert!(RuleSpec::NormClip { max_norm: f32::NAN }.check_round_size(5).is_err());
+    }
+
+    #[derive(Serialize)]
+    struct File2 {
+        rule: RuleSpec,
+    }
+
     fn shape(arch: &ModelArch) -> RunShape<'_> {
         RunShape { arch, clients_per_round: 10 }
     }
@@ -282,10 +450,10 @@ mod tests {
         let net = ModelArch::Supermask(FrlArch::Conv2 { channels: 1, side: 2, classes: 2 });
         let init = mlp.init_params(1);
         let cases = [
-            (AlgorithmSpec::Fedavg {}, &mlp, "fedavg", &[RuleSpec::Mean, RuleSpec::Median][..]),
-            (AlgorithmSpec::Fedavgm(Default::default()), &mlp, "fedavgm", &[RuleSpec::Mean, RuleSpec::Median]),
-            (AlgorithmSpec::Spsa(Default::default()), &mlp, "spsa", &[RuleSpec::Mean]),
-            (AlgorithmSpec::Frl(Default::default()), &net, "frl", &[RuleSpec::Mean]),
+            (AlgorithmSpec::Fedavg {}, &mlp, "fedavg", crate::fedavg::DENSE_RULES),
+            (AlgorithmSpec::Fedavgm(Default::default()), &mlp, "fedavgm", crate::fedavg::DENSE_RULES),
+            (AlgorithmSpec::Spsa(Default::default()), &mlp, "spsa", &["mean"]),
+            (AlgorithmSpec::Frl(Default::default()), &net, "frl", &["mean"]),
         ];
         for (spec, arch, name, rules) in cases {
             let settings = spec.resolve(3, arch).unwrap();
@@ -294,13 +462,13 @@ mod tests {
             assert_eq!(kind.settings(), settings);
             assert_eq!(kind.rules(), rules);
             let init = if *arch == net { arch.init_params(3) } else { init.clone() };
-            for rule in [RuleSpec::Mean, RuleSpec::Median] {
+            for rule in ALL_RULES {
                 let made = kind.aggregator(&shape(arch), &rule, &init);
                 match made {
-                    Ok(agg) => assert!(rules.contains(&rule), "{name} made a {rule} aggregator {agg:?}"),
+                    Ok(agg) => assert!(rules.contains(&rule.name()), "{name} made a {rule} aggregator {agg:?}"),
                     Err(KindError::UnsupportedRule { kind, rule: r, supported }) => {
-                        assert!(!rules.contains(&rule));
-                        assert_eq!((kind, r), (name, rule));
+                        assert!(!rules.contains(&rule.name()));
+                        assert_eq!((kind, r), (name, rule.name()));
                         assert_eq!(supported, "mean");
                     }
                     Err(e) => panic!("{name} with {rule}: {e}"),

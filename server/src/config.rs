@@ -239,7 +239,7 @@ impl RawConfig {
         let rule = self.rule.unwrap_or_default();
         // Checked now with the configured seed, so a bad combination fails
         // at start-up; resolved again with the run's seed when it starts.
-        checked_kind(&algorithm, &rule, seed, &arch)?;
+        checked_kind(&algorithm, &rule, quorum, seed, &arch)?;
         let tls = match self.tls.unwrap_or_default() {
             RawTls { self_signed: Some(true), cert: None, key: None } => TlsSource::SelfSigned,
             RawTls { self_signed: Some(true), .. } => {
@@ -283,7 +283,7 @@ impl ServerConfig {
     /// The run's kind settings for the run seed `seed` (the configured one,
     /// or a resumed run's saved one), with the rule checked.
     pub fn kind_settings(&self, seed: u64) -> Result<KindSettings, ConfigError> {
-        checked_kind(&self.algorithm, &self.rule, seed, &self.arch)
+        checked_kind(&self.algorithm, &self.rule, self.quorum, seed, &self.arch)
     }
 }
 
@@ -291,9 +291,11 @@ impl ServerConfig {
 fn checked_kind(
     algorithm: &AlgorithmSpec,
     rule: &RuleSpec,
+    quorum: usize,
     seed: u64,
     arch: &ModelArch,
 ) -> Result<KindSettings, ConfigError> {
+    rule.check_round_size(quorum).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     let settings = algorithm.resolve(seed, arch).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     let kind = settings.build(arch).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     tally_protocol::kind::check_rule(kind.as_ref(), rule).map_err(|e| ConfigError::Invalid(e.to_string()))?;

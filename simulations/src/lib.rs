@@ -376,6 +376,44 @@ mod tests {
     }
 
     #[test]
+    fn robust_rules_keep_learning_under_a_scaling_attack() {
+        use tally_protocol::RuleSpec;
+        let (mut s, split) = tiny();
+        // 2 malicious of 14, up to 2 in a round of 7: f = 2 covers them
+        // (Krum needs rounds of more than 2f + 2 = 6).
+        s.clients = 14;
+        s.clients_per_round = 7;
+        s.rounds = 6;
+        s.attack = Some(AttackSpec::Scale { fraction: 0.15, scale: 1e5 });
+        let dev = tally_kernels::cpu_device();
+        let run =
+            |s: &Scenario, rule: RuleSpec| run_on(&Scenario { rule, ..s.clone() }, &split, &dev, &mut |_| {}).unwrap();
+        let clean = run(&Scenario { attack: None, ..s.clone() }, RuleSpec::Mean).final_accuracy().unwrap();
+        let mean = run(&s, RuleSpec::Mean);
+        assert!(mean.records.iter().skip(1).any(|r| r.malicious.unwrap() > 0), "{:?}", mean.records);
+        // Under the mean, the attacker's update takes over the model (its
+        // hash differs from every robust run's).
+        let ruined = mean.records.last().unwrap().model_hash.clone();
+        for rule in [
+            RuleSpec::Median,
+            RuleSpec::TrimmedMean { trim: 2 },
+            RuleSpec::Krum { byzantine: 2 },
+            RuleSpec::MultiKrum { byzantine: 2 },
+            RuleSpec::NormClip { max_norm: 2.0 },
+        ] {
+            let r = run(&s, rule);
+            let acc = r.final_accuracy().unwrap();
+            assert!(acc > clean - 0.2, "{rule}: {acc} under attack, {clean} clean");
+            assert_ne!(r.records.last().unwrap().model_hash, ruined);
+            // No attacked parameter blew up: every robust model stays small.
+            assert!(r.records.iter().all(|x| x.test_loss.is_none_or(|l| l < 10.0)), "{rule}: {:?}", r.records);
+        }
+        // The mean's model, by contrast, carries the scaled update: its test
+        // loss explodes even where its argmax survives.
+        assert!(mean.records.iter().any(|x| x.test_loss.is_some_and(|l| l > 100.0)), "{:?}", mean.records);
+    }
+
+    #[test]
     fn the_median_rule_and_fedavgm_run_and_differ_from_the_mean() {
         let (s, split) = tiny();
         let dev = tally_kernels::cpu_device();

@@ -299,6 +299,8 @@ impl Scenario {
         // kind: both refused here with the protocol's own message.
         let settings = self.kind_settings()?;
         tally_protocol::kind::check_rule(settings.build(&self.model)?.as_ref(), &self.rule)?;
+        // The rule's parameters must hold for a round of quorum size.
+        self.rule.check_round_size(self.quorum.unwrap_or(self.clients_per_round))?;
         if let Some(spec) = &self.attack {
             spec.build()?.check(&settings)?;
         }
@@ -442,7 +444,7 @@ mod tests {
             let s: Scenario = toml::from_str(text).unwrap();
             let err = s.validate().unwrap_err();
             assert!(
-                matches!(&err, ScenarioError::Kind(KindError::UnsupportedRule { kind: k, rule: RuleSpec::Median, .. }) if *k == kind),
+                matches!(&err, ScenarioError::Kind(KindError::UnsupportedRule { kind: k, rule: "median", .. }) if *k == kind),
                 "{err}"
             );
             assert_eq!(

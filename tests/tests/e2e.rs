@@ -60,6 +60,42 @@ fn fedavg_three_clients_three_rounds_over_quic_improves_accuracy() {
     }
 }
 
+/// Robust aggregation over QUIC: the rule is the server's choice, clients
+/// need nothing; a trimmed mean and a Krum run complete and learn.
+#[test]
+fn robust_rules_over_quic_complete_and_improve_accuracy() {
+    for (name, rule) in [
+        ("trimmed", "rule = { kind = \"trimmed-mean\", trim = 1 }\n"),
+        ("krum", "rule = { kind = \"multi-krum\", byzantine = 0 }\n"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<_> = (0..3).map(|i| keygen(dir.path(), &format!("c{i}"))).collect();
+        let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
+        let config = dir.path().join("server.toml");
+        std::fs::write(&config, rule).unwrap();
+        let config = config.to_str().unwrap().to_string();
+        let mut server = start_server(
+            dir.path(),
+            &enrolled,
+            &["--rounds", "2", "--min-clients", "3", "--seed", "7", "--config", &config],
+        );
+        let mut clients: Vec<Proc> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, (key, _))| {
+                start_client(dir.path(), &format!("{name}{i}"), key, &server, &["--shard", &format!("{i}/3")])
+            })
+            .collect();
+        wait_all_succeed(&mut clients);
+        assert!(server.proc.wait().success(), "{name} server:\n{}", server.proc.stderr());
+        let m = metrics(&server.out_dir);
+        assert_eq!(m.len(), 3, "{name}: {m:?}");
+        assert!(m[1..].iter().all(|l| l["accepted"] == 3 && l["rejected"] == 0), "{name}: {m:?}");
+        let acc = |r: usize| m[r]["test_accuracy"].as_f64().unwrap();
+        assert!(acc(2) > acc(0) + 0.3, "{name}: {} → {}", acc(0), acc(2));
+    }
+}
+
 /// A client written against the raw protocol: it joins honestly, then sends
 /// the misbehaviour under test and records what the server answers.
 struct RawClient {

@@ -125,8 +125,8 @@ impl UpdateKind for FrlKind {
     }
     /// The vote is the mean position (a Borda count); no other rule applies
     /// to rankings.
-    fn rules(&self) -> &'static [RuleSpec] {
-        &[RuleSpec::Mean]
+    fn rules(&self) -> &'static [&'static str] {
+        &["mean"]
     }
     fn aggregator(
         &self,
