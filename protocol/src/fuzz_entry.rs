@@ -389,6 +389,8 @@ fn kind_settings(kind: Kind) -> KindSettings {
 struct Seen {
     sampled: BTreeMap<u32, BTreeSet<ClientIndex>>,
     accepted: BTreeMap<u32, BTreeSet<ClientIndex>>,
+    /// Clients that answered a training round with "training failed".
+    failed: BTreeMap<u32, BTreeSet<ClientIndex>>,
     completed: BTreeSet<u32>,
     finished: bool,
 }
@@ -428,7 +430,15 @@ impl Seen {
                     assert!(acc.insert(client), "client {client} accepted twice in round {round}");
                     assert!(!self.completed.contains(&round), "report accepted after round {round} closed");
                 }
+                Event::TrainingFailed { round, client } => {
+                    let sampled = self.sampled.get(&round).cloned().unwrap_or_default();
+                    assert!(sampled.contains(&client), "unsampled client {client} failed in round {round}");
+                    assert!(!self.accepted.get(&round).is_some_and(|a| a.contains(&client)), "answered twice");
+                    assert!(self.failed.entry(round).or_default().insert(client), "client {client} failed twice");
+                    assert!(!self.completed.contains(&round), "report accepted after round {round} closed");
+                }
                 Event::RoundCompleted(s) => {
+                    assert_eq!(s.failed, self.failed.get(&s.round).map_or(0, BTreeSet::len));
                     assert_eq!(s.accepted, self.accepted.get(&s.round).map_or(0, BTreeSet::len));
                     assert_eq!(s.sampled, self.sampled.get(&s.round).map_or(0, BTreeSet::len));
                     assert!(self.completed.insert(s.round), "round {} completed twice", s.round);
@@ -495,6 +505,8 @@ pub fn coordinator_ops(data: &[u8]) {
         kind: kind_settings(kind),
         rule: RuleSpec::Mean,
         max_violations: 3,
+        // Low enough that fuzzed dense values reach it.
+        max_update_abs: 1e6,
         schedule: None,
         // Replicated and FRL runs are set up without the evaluation round in
         // the tests; dense runs try both.
