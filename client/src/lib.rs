@@ -404,11 +404,13 @@ pub fn do_task(
     };
     let training = match task {
         Task::Evaluate => Training::Skipped,
-        Task::Train => match tally_kernels::update::local_update(run, client_id, round, round_seed, model, train, device) {
-            Ok(update) => Training::Done(update),
-            Err(e @ tally_kernels::KernelError::Diverged { .. }) => Training::Diverged(e),
-            Err(e) => return Err(e),
-        },
+        Task::Train => {
+            match tally_kernels::update::local_update(run, client_id, round, round_seed, model, train, device) {
+                Ok(update) => Training::Done(update),
+                Err(e @ tally_kernels::KernelError::Diverged { .. }) => Training::Diverged(e),
+                Err(e) => return Err(e),
+            }
+        }
     };
     Ok(TaskDone { eval, training })
 }

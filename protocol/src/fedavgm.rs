@@ -207,7 +207,12 @@ mod tests {
     fn agg(momentum: f32) -> Box<dyn Aggregator> {
         let arch = ModelArch::Mlp { input: 1, hidden: vec![], classes: 2 };
         let kind = FedAvgMKind::new(FedAvgMConfig { momentum, server_lr: 1.0 }, &arch).unwrap();
-        kind.aggregator(&RunShape { arch: &arch, clients_per_round: 1, max_update_abs: f32::MAX }, &RuleSpec::Mean, &[0.0; 4]).unwrap()
+        kind.aggregator(
+            &RunShape { arch: &arch, clients_per_round: 1, max_update_abs: f32::MAX },
+            &RuleSpec::Mean,
+            &[0.0; 4],
+        )
+        .unwrap()
     }
 
     #[test]
@@ -247,6 +252,13 @@ mod tests {
         assert!(FedAvgMKind::new(FedAvgMConfig { momentum: 1.0, server_lr: 1.0 }, &arch).is_err());
         assert!(FedAvgMKind::new(FedAvgMConfig { momentum: 0.9, server_lr: 0.0 }, &arch).is_err());
         let k = FedAvgMKind::new(FedAvgMConfig { momentum: 0.9, server_lr: 1.0 }, &arch).unwrap();
-        assert!(k.aggregator(&RunShape { arch: &arch, clients_per_round: 1, max_update_abs: f32::MAX }, &RuleSpec::Median, &[]).is_ok());
+        assert!(
+            k.aggregator(
+                &RunShape { arch: &arch, clients_per_round: 1, max_update_abs: f32::MAX },
+                &RuleSpec::Median,
+                &[]
+            )
+            .is_ok()
+        );
     }
 }

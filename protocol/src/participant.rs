@@ -346,7 +346,12 @@ impl Participant {
 
     /// Signs and queues the report for `round`, leaving out an evaluation
     /// the server would refuse ([`usable_eval`]).
-    fn queue_report(&mut self, round: u32, eval: Option<EvalReport>, update: Option<ClientUpdate>) -> Result<(), Error> {
+    fn queue_report(
+        &mut self,
+        round: u32,
+        eval: Option<EvalReport>,
+        update: Option<ClientUpdate>,
+    ) -> Result<(), Error> {
         let run_id = self.run.as_ref().map(|r| r.run_id).ok_or(Misuse::NoPendingTask)?;
         let report = Report { run_id, round, eval: eval.filter(usable_eval), update };
         let body = codec::encode_report(&report);

@@ -318,7 +318,10 @@ fn late_reports_are_refused_as_late_and_never_count_as_violations() {
     assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Train });
     // Its round-1 report arrives now: refused as late, not counted, not closed.
     let late = dense_report(&ident(0), 1, &vec![1.0; dim]);
-    assert_eq!(net.coord.handle_message(net.now, ConnectionHandle(0), &late), Err(Error::Late { got: 1, open: Some(2) }));
+    assert_eq!(
+        net.coord.handle_message(net.now, ConnectionHandle(0), &late),
+        Err(Error::Late { got: 1, open: Some(2) })
+    );
     net.pump();
     assert!(net.coord.violations().is_empty(), "{:?}", net.coord.violations());
     assert!(!net.closed.contains(&ConnectionHandle(0)));
@@ -386,7 +389,7 @@ fn huge_updates_are_refused_and_failed_training_cannot_stall_the_run() {
     net.coord.handle_message(net.now, ConnectionHandle(0), &dense_report(&ident(0), 2, &vec![5.0; dim])).unwrap();
     net.pump();
     for slot in [1, 2] {
-        assert!(net.seen[slot].iter().any(|e| *e == ParticipantEvent::Accepted { round: 2 }), "acknowledged");
+        assert!(net.seen[slot].contains(&ParticipantEvent::Accepted { round: 2 }), "acknowledged");
     }
     let failed: Vec<_> = net
         .coord_events
@@ -431,9 +434,8 @@ fn a_round_short_of_updates_still_extends_while_waiting_can_help() {
     cfg.min_clients = 4;
     let mut net = Net::new(cfg, (0..4).map(ident).collect());
     net.pump();
-    let sampled: Vec<usize> = (0..4)
-        .filter(|&s| net.seen[s].iter().any(|e| matches!(e, ParticipantEvent::TaskRequested { .. })))
-        .collect();
+    let sampled: Vec<usize> =
+        (0..4).filter(|&s| net.seen[s].iter().any(|e| matches!(e, ParticipantEvent::TaskRequested { .. }))).collect();
     assert_eq!(sampled.len(), 2);
     net.clients[sampled[0]].1.submit_failure(net.now, None).unwrap();
     net.pump();

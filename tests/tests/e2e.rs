@@ -872,10 +872,13 @@ fn multi_host_run_survives_a_link_cut_mid_round() {
     assert_clients_finished_with(&clients, &hash);
 }
 
+/// The server's answer to a report: its round, and the refusal if any.
+type Answer = (u32, Option<RejectCode>);
+
 /// An enrolled client that answers every training task with an update of
 /// `value` everywhere (finite, so NaN checks pass) and every evaluation task
 /// with nothing; returns the server's answer to each update, by round.
-async fn send_huge_updates(server: &ServerHandle, id: Identity, value: f32) -> Vec<(u32, Option<RejectCode>)> {
+async fn send_huge_updates(server: &ServerHandle, id: Identity, value: f32) -> Vec<Answer> {
     let mut c = RawClient::join(server, id).await;
     let mut answers = Vec::new();
     loop {
@@ -904,7 +907,7 @@ fn run_with_huge_updates(
     dir: &std::path::Path,
     attacker: Option<f32>,
     config: Option<&str>,
-) -> (Vec<serde_json::Value>, String, Vec<String>, Vec<(u32, Option<RejectCode>)>) {
+) -> (Vec<serde_json::Value>, String, Vec<String>, Vec<Answer>) {
     let keys: Vec<_> = (0..3).map(|i| keygen(dir, &format!("c{i}"))).collect();
     let bad = Identity::from_secret([0x66; 32]);
     let mut enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
@@ -914,7 +917,8 @@ fn run_with_huge_updates(
     let n = enrolled.len().to_string();
     // The attacker, once refused, stays silent: rounds then close at their
     // deadline, so keep it short (it never closes a round below quorum).
-    let mut args = vec!["--rounds", "3", "--min-clients", &n, "--quorum", "3", "--seed", "11", "--round-timeout-secs", "3"];
+    let mut args =
+        vec!["--rounds", "3", "--min-clients", &n, "--quorum", "3", "--seed", "11", "--round-timeout-secs", "3"];
     let config_path = dir.join("server.toml");
     if let Some(text) = config {
         std::fs::write(&config_path, text).unwrap();
@@ -990,10 +994,7 @@ fn one_client_sending_huge_updates_cannot_halt_the_run() {
 /// A server that speaks the handshake correctly, then sends `hostile`
 /// (already framed) after its `Welcome` of `config`. Returns its address and
 /// certificate fingerprint; it serves connections until the runtime ends.
-async fn hostile_server(
-    config: tally_protocol::wire::RunConfig,
-    hostile: Vec<u8>,
-) -> (std::net::SocketAddr, String) {
+async fn hostile_server(config: tally_protocol::wire::RunConfig, hostile: Vec<u8>) -> (std::net::SocketAddr, String) {
     use tally_protocol::codec::encode;
     use tally_protocol::wire::{Hello, Message, Welcome};
     let id = tally_server::tls::load_identity(&tally_server::config::TlsSource::SelfSigned).unwrap();
