@@ -9,6 +9,15 @@
 //!
 //! It never depends on server code, and it never decides protocol questions:
 //! those live in the participant state machine.
+//!
+//! What the server sends can't make it exit: when local training diverges
+//! on the model it was sent (a model ruined by a poisoned round), it answers
+//! with the protocol's "training failed" report
+//! ([`Participant::submit_failure`]) and takes the next round; a report that
+//! arrives after its round closed is refused as `Late`, which is not fatal.
+//! It exits with an error only for what the protocol calls fatal
+//! ([`RejectCode::is_fatal`]), for a server that breaks the protocol (a
+//! typed [`ClientError::Protocol`]), and for local faults (data, backend).
 
 pub mod keys;
 pub mod tls;
@@ -128,6 +137,9 @@ pub struct ClientOutcome {
     pub last_eval: Option<EvalReport>,
     /// Rounds we trained in.
     pub rounds_trained: u32,
+    /// Rounds whose local training failed (diverged) and that we answered
+    /// with a failure report instead of an update.
+    pub rounds_failed: u32,
     /// Refusals the server sent us (the first [`MAX_RECORDED_REJECTIONS`]).
     pub rejections: Vec<(RejectCode, String)>,
 }
@@ -174,10 +186,28 @@ pub async fn send_message(conn: &quinn::Connection, bytes: &[u8]) -> Result<(), 
     Ok(())
 }
 
+/// Why [`recv_message`] returned no message.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// The stream was longer than the limit: the peer broke the protocol
+    /// (reconnecting would only get the same message again).
+    #[error("a message longer than the limit of {limit} bytes")]
+    Oversize {
+        /// The limit.
+        limit: usize,
+    },
+    /// The connection or the stream failed.
+    #[error("{0}")]
+    Lost(String),
+}
+
 /// Reads the next message (one unidirectional stream) under `limit` bytes.
-pub async fn recv_message(conn: &quinn::Connection, limit: usize) -> Result<Vec<u8>, String> {
-    let mut r = conn.accept_uni().await.map_err(|e| e.to_string())?;
-    r.read_to_end(limit).await.map_err(|e| e.to_string())
+pub async fn recv_message(conn: &quinn::Connection, limit: usize) -> Result<Vec<u8>, RecvError> {
+    let mut r = conn.accept_uni().await.map_err(|e| RecvError::Lost(e.to_string()))?;
+    r.read_to_end(limit).await.map_err(|e| match e {
+        quinn::ReadToEndError::TooLong => RecvError::Oversize { limit },
+        other => RecvError::Lost(other.to_string()),
+    })
 }
 
 /// Runs the client until the server finishes the run.
@@ -238,7 +268,15 @@ async fn session(
     loop {
         let bytes = match recv_message(&conn, p.max_message_bytes()).await {
             Ok(b) => b,
-            Err(e) => return Err(SessionEnd::Retry(format!("connection lost: {e}"))),
+            // A server that sends more than the run's limit is hostile or
+            // broken: a typed protocol error, not a reconnection loop.
+            Err(RecvError::Oversize { limit }) => {
+                conn.close(0u32.into(), b"oversize");
+                let len = limit.saturating_add(1);
+                let err = tally_protocol::Error::Malformed(tally_protocol::error::Malformed::Oversize { len, limit });
+                return Err(SessionEnd::Fatal(err.into()));
+            }
+            Err(RecvError::Lost(e)) => return Err(SessionEnd::Retry(format!("connection lost: {e}"))),
         };
         match p.handle_message(Instant::now(), &bytes) {
             Ok(()) => {}
@@ -253,7 +291,10 @@ async fn session(
                 conn.close(0u32.into(), b"resync");
                 return Err(SessionEnd::Retry(e.to_string()));
             }
-            Err(e) => return Err(SessionEnd::Fatal(e.into())),
+            Err(e) => {
+                conn.close(0u32.into(), b"protocol error");
+                return Err(SessionEnd::Fatal(e.into()));
+            }
         }
         while let Some(event) = p.poll_event() {
             match event {
@@ -274,24 +315,34 @@ async fn session(
                         let model = model.clone();
                         move || do_task(&config, client_id, round, seed, task, &model, &train, eval.as_ref(), &device)
                     };
-                    let (eval, update) = tokio::task::spawn_blocking(job)
+                    let TaskDone { eval, training } = tokio::task::spawn_blocking(job)
                         .await
                         .map_err(|e| SessionEnd::Fatal(ClientError::Io(std::io::Error::other(e.to_string()))))?
                         .map_err(|e| SessionEnd::Fatal(e.into()))?;
-                    info!(
-                        round,
-                        ?task,
-                        secs = started.elapsed().as_secs_f32(),
-                        accuracy = eval.map(|e| e.accuracy()),
-                        train_loss = update.as_ref().map(|u| u.train_loss),
-                        "task done"
-                    );
-                    if task == Task::Train {
-                        outcome.rounds_trained = outcome.rounds_trained.saturating_add(1);
-                    }
+                    let secs = started.elapsed().as_secs_f32();
                     outcome.last_eval = eval.or(outcome.last_eval);
                     last_model = Some(model);
-                    p.submit(Instant::now(), eval, update).map_err(|e| SessionEnd::Fatal(e.into()))?;
+                    let submitted = match training {
+                        Training::Skipped => {
+                            info!(round, ?task, secs, accuracy = eval.map(|e| e.accuracy()), "task done");
+                            p.submit(Instant::now(), eval, None)
+                        }
+                        Training::Done(update) => {
+                            let train_loss = update.train_loss;
+                            info!(round, ?task, secs, accuracy = eval.map(|e| e.accuracy()), train_loss, "task done");
+                            outcome.rounds_trained = outcome.rounds_trained.saturating_add(1);
+                            p.submit(Instant::now(), eval, Some(update))
+                        }
+                        Training::Diverged(error) => {
+                            // The model we were sent can't be trained (a
+                            // poisoned round, or a learning rate too high for
+                            // our data): say so, and take the next round.
+                            warn!(round, secs, %error, "local training failed; reporting it and carrying on");
+                            outcome.rounds_failed = outcome.rounds_failed.saturating_add(1);
+                            p.submit_failure(Instant::now(), eval)
+                        }
+                    };
+                    submitted.map_err(|e| SessionEnd::Fatal(e.into()))?;
                 }
                 ParticipantEvent::Accepted { round } => debug!(round, "report accepted"),
                 ParticipantEvent::Synced { round } => debug!(round, "replica in sync"),
@@ -335,8 +386,31 @@ fn save_final(opts: &ClientOptions, arch: Option<&ModelArch>, model: Option<&[f3
     }
 }
 
+/// What [`do_task`] did.
+#[derive(Debug)]
+pub struct TaskDone {
+    /// Our evaluation of the received model, if we have evaluation data.
+    pub eval: Option<EvalReport>,
+    /// The training part.
+    pub training: Training,
+}
+
+/// The training part of a task.
+#[derive(Debug)]
+pub enum Training {
+    /// An evaluation task: nothing to train.
+    Skipped,
+    /// The update to send.
+    Done(ClientUpdate),
+    /// The loss became NaN or infinite ([`tally_kernels::KernelError::Diverged`]):
+    /// the model we were sent can't be trained. Not a reason to exit.
+    Diverged(tally_kernels::KernelError),
+}
+
 /// Evaluates `model` on `eval` (if any) and, for a training task, does the
-/// round's local work ([`tally_kernels::update::local_update`]).
+/// round's local work ([`tally_kernels::update::local_update`]). Training that
+/// diverges is a result ([`Training::Diverged`]), not an error; other errors
+/// are local faults (data, backend).
 #[allow(clippy::too_many_arguments, reason = "the task's inputs, one to one")]
 pub fn do_task(
     run: &RunConfig,
@@ -348,18 +422,22 @@ pub fn do_task(
     train: &Dataset,
     eval: Option<&Dataset>,
     device: &Device,
-) -> Result<(Option<EvalReport>, Option<ClientUpdate>), tally_kernels::KernelError> {
+) -> Result<TaskDone, tally_kernels::KernelError> {
     let eval = match eval {
         Some(data) => Some(tally_kernels::update::evaluate_run(run, model, data, device, EVAL_BATCH)?),
         None => None,
     };
-    let update = match task {
-        Task::Evaluate => None,
+    let training = match task {
+        Task::Evaluate => Training::Skipped,
         Task::Train => {
-            Some(tally_kernels::update::local_update(run, client_id, round, round_seed, model, train, device)?)
+            match tally_kernels::update::local_update(run, client_id, round, round_seed, model, train, device) {
+                Ok(update) => Training::Done(update),
+                Err(e @ tally_kernels::KernelError::Diverged { .. }) => Training::Diverged(e),
+                Err(e) => return Err(e),
+            }
         }
     };
-    Ok((eval, update))
+    Ok(TaskDone { eval, training })
 }
 
 /// Parses a model description: `mlp:784-200-200-10` or `lenet5` / `lenet5:10`.

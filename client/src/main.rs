@@ -183,9 +183,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let outcome = runtime.block_on(tally_client::run(opts))?;
     println!(
-        "finished rounds={} trained_in={} last_accuracy={} model_hash={}",
+        "finished rounds={} trained_in={} failed_in={} last_accuracy={} model_hash={}",
         outcome.rounds,
         outcome.rounds_trained,
+        outcome.rounds_failed,
         outcome.last_eval.map_or("unknown".into(), |e| format!("{:.4}", e.accuracy())),
         hex::encode(outcome.model_hash)
     );

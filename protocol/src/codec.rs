@@ -417,6 +417,8 @@ mod tests {
             RejectCode::Superseded,
             RejectCode::TooManyViolations,
             RejectCode::NotAPermutation,
+            RejectCode::Late,
+            RejectCode::OutOfBounds,
         ];
         for (i, code) in codes.into_iter().enumerate() {
             let round = (i % 2 == 0).then_some(i as u32);

@@ -44,6 +44,15 @@ pub const MAX_ENROLLED: usize = 1 << 20;
 /// configured value like `u64::MAX` seconds from crashing the server.
 pub const MAX_ROUND_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
+/// Default bound on `|value|` in a dense update
+/// ([`CoordinatorConfig::max_update_abs`]). The models Tally trains have
+/// parameters of order 1 and a round of local SGD moves each by far less
+/// than 1; a delta of 1,000 in any coordinate is no training step. Values
+/// that large, averaged into the model, multiply through a few layers into
+/// f32 overflow, and every honest client's next training diverges: the
+/// bound refuses them at the door (finite values pass the NaN checks).
+pub const DEFAULT_MAX_UPDATE_ABS: f32 = 1_000.0;
+
 /// Most training rounds a run may have: the evaluation round after the last
 /// one is numbered `rounds + 1`, which must fit the wire's `u32`.
 pub const MAX_ROUNDS: u32 = u32::MAX - 1;
@@ -88,6 +97,14 @@ pub struct CoordinatorConfig {
     pub rule: RuleSpec,
     /// Protocol violations tolerated per client before its connection is closed.
     pub max_violations: u32,
+    /// Largest `|value|` a dense update (FedAvg, FedAvgM) may carry; an
+    /// update with a larger one is refused ([`Misbehaviour::OutOfBounds`],
+    /// counted as a violation) and the round goes on without it. A liveness
+    /// guard: one client's finite but huge values would otherwise ruin the
+    /// model and make every honest client's training diverge. Robust rules
+    /// ([`RuleSpec::Median`]) are the defence of accuracy; this bound only
+    /// keeps the run alive. Default [`DEFAULT_MAX_UPDATE_ABS`].
+    pub max_update_abs: f32,
     /// Optional fixed schedule: the client ids of each round (round `r` uses
     /// entry `r-1`; rounds beyond the list sample at random).
     pub schedule: Option<Vec<Vec<ClientIndex>>>,
@@ -135,6 +152,9 @@ impl CoordinatorConfig {
             return bad("round_timeout must be positive and at most MAX_ROUND_TIMEOUT (one week)");
         }
         self.train.validate().map_err(|e| Misuse::Config(format!("train: {e}")))?;
+        if !(self.max_update_abs.is_finite() && self.max_update_abs > 0.0) {
+            return bad("max_update_abs must be finite and positive");
+        }
         let unique: BTreeSet<_> = self.enrolled.iter().collect();
         if unique.len() != self.enrolled.len() {
             return bad("a public key is enrolled twice");
@@ -173,13 +193,18 @@ pub struct RoundSummary {
     pub task: Task,
     /// Clients asked (including top-ups after extensions).
     pub sampled: usize,
-    /// Reports accepted.
+    /// Reports accepted (in a training round: updates).
     pub accepted: usize,
+    /// Training round: clients that answered that their local training
+    /// failed (a report without an update), not counted as updates.
+    pub failed: usize,
     /// Messages refused during the round.
     pub rejected: u32,
-    /// Aggregation result: `None` for an evaluation round, and for a training
+    /// Aggregation result: `None` for an evaluation round, for a training
     /// round whose aggregation was refused (it would have made the model
-    /// non-finite; the model is then unchanged).
+    /// non-finite), and for a round closed without its quorum of updates
+    /// because its clients answered that they could not train (see
+    /// [`Coordinator::handle_timeout`]); the model is then unchanged.
     pub stats: Option<AggregateStats>,
     /// Sum of the clients' evaluations of the model they received, i.e. the
     /// model *entering* this round (the result of round `round - 1`).
@@ -211,6 +236,15 @@ pub enum Event {
     },
     /// A report was accepted.
     ReportAccepted {
+        /// The round.
+        round: u32,
+        /// The client.
+        client: ClientIndex,
+    },
+    /// A sampled client answered that its local training failed (e.g. it
+    /// diverged): the round no longer waits for it, and nothing is aggregated
+    /// from it.
+    TrainingFailed {
         /// The round.
         round: u32,
         /// The client.
@@ -275,6 +309,8 @@ struct OpenRound {
     reported: BTreeSet<ClientIndex>,
     eval: Option<EvalReport>,
     accepted: usize,
+    /// Reports without an update in a training round (local training failed).
+    failed: usize,
     rejected: u32,
     bytes_received: u64,
     start_msg: Arc<[u8]>,
@@ -334,7 +370,11 @@ impl Coordinator {
         // A round closes with at least `quorum` updates: the rule's
         // parameters must hold for that many.
         config.rule.check_round_size(config.quorum)?;
-        let shape = RunShape { arch: &config.arch, clients_per_round: config.clients_per_round };
+        let shape = RunShape {
+            arch: &config.arch,
+            clients_per_round: config.clients_per_round,
+            max_update_abs: config.max_update_abs,
+        };
         let mut aggregator = kind.aggregator(&shape, &config.rule, &initial)?;
         let checkpoint =
             kind.replicated().then(|| Checkpoint { round: 0, params: initial.clone(), logs: Vec::new(), log_bytes: 0 });
@@ -489,6 +529,14 @@ impl Coordinator {
     }
 
     /// Time passed: close or extend an overdue round.
+    ///
+    /// A training round short of its quorum of updates is extended and
+    /// topped up with fresh clients, except when waiting can't help: a
+    /// quorum of clients has answered, some that they could not train, no
+    /// sampled client is still pending and no joined client is left to ask.
+    /// Then the round closes without aggregating (the model is kept), so
+    /// that clients whose training diverges (a model ruined by a poisoned
+    /// round, a learning rate too high for their data) can't stall the run.
     pub fn handle_timeout(&mut self, now: Instant) {
         let Some(open) = &self.open else { return };
         if now < open.deadline {
@@ -499,11 +547,20 @@ impl Coordinator {
             // An evaluation round never blocks the end of the run.
             Task::Evaluate => true,
         };
-        if enough {
+        if enough || self.round_cannot_fill(open) {
             self.close_round(now);
         } else {
             self.extend_round(now);
         }
+    }
+
+    /// Whether an open training round short of its quorum can't get more
+    /// updates by waiting: see [`Coordinator::handle_timeout`].
+    fn round_cannot_fill(&self, open: &OpenRound) -> bool {
+        let answered = open.accepted.saturating_add(open.failed);
+        let pending = open.sampled.iter().any(|c| !open.reported.contains(c) && self.by_client.contains_key(c));
+        let fresh = self.by_client.keys().any(|c| !open.sampled.contains(c));
+        open.failed > 0 && answered >= self.config.quorum && !pending && !fresh
     }
 
     fn on_join(&mut self, now: Instant, conn: ConnectionHandle, join: Join) -> Result<(), (Error, Option<u32>)> {
@@ -575,26 +632,29 @@ impl Coordinator {
             self.conns.get(&conn).and_then(|c| c.client).ok_or((Misbehaviour::NotJoined("Report").into(), None))?;
         let record =
             self.durable.then(|| Record::Accepted { client, body: signed.body.clone(), signature: signed.signature });
-        let round = self.accept_report(client, signed, frame_len)?;
+        let (round, outcome) = self.accept_report(client, signed, frame_len)?;
         // Durable before acknowledged: the host persists this record before
         // it sends the Ack queued below.
         if let Some(r) = record {
             self.append(r);
         }
         self.send(conn, &Message::Ack(Ack { round }));
-        self.events.push_back(Event::ReportAccepted { round, client });
+        self.events.push_back(match outcome {
+            Taken::Report => Event::ReportAccepted { round, client },
+            Taken::TrainingFailed => Event::TrainingFailed { round, client },
+        });
         self.maybe_close_round(now);
         Ok(())
     }
 
     /// Verifies and takes a report from `client` into the open round
-    /// (live and during recovery); returns its round.
+    /// (live and during recovery); returns its round and what it was.
     fn accept_report(
         &mut self,
         client: ClientIndex,
         signed: SignedReport,
         frame_len: usize,
-    ) -> Result<u32, (Error, Option<u32>)> {
+    ) -> Result<(u32, Taken), (Error, Option<u32>)> {
         // Invariant: `client` came from `key_index`, built from `enrolled`, so
         // the lookup can't miss; a miss is refused like an unjoined peer
         // rather than indexed.
@@ -606,6 +666,15 @@ impl Coordinator {
             return Err((Misbehaviour::WrongRun.into(), round));
         }
         let open_round = self.open.as_ref().map(|o| o.round);
+        // Rounds closed so far: the training rounds, then the evaluation
+        // round numbered `rounds + 1` once it was held.
+        let last_closed = self.completed_rounds.saturating_add(u32::from(self.evaluated));
+        if (1..=last_closed).contains(&report.round) {
+            // Signed by this client for this run, for a round that closed
+            // before it arrived: a slow client, not a hostile one (a replay
+            // of an old report is equally harmless). Refused, not counted.
+            return Err((Error::Late { got: report.round, open: open_round }, round));
+        }
         let Some(open) = self.open.as_mut().filter(|o| o.round == report.round) else {
             return Err((Misbehaviour::WrongRound { open: open_round, got: report.round }.into(), round));
         };
@@ -620,25 +689,30 @@ impl Coordinator {
         {
             return Err((Misbehaviour::Unexpected("inconsistent evaluation report").into(), round));
         }
-        match (open.task, &report.update) {
+        let taken = match (open.task, &report.update) {
             (Task::Train, Some(update)) => {
                 self.aggregator.absorb(client, update).map_err(|e| (e.into(), round))?;
+                Taken::Report
             }
-            (Task::Train, None) => {
-                return Err((Misbehaviour::WrongKind("training round needs an update").into(), round));
-            }
+            // A training round's report without an update: the client could
+            // not train (its training diverged). It has answered, so the
+            // round stops waiting for it, but nothing is aggregated.
+            (Task::Train, None) => Taken::TrainingFailed,
             (Task::Evaluate, Some(_)) => {
                 return Err((Misbehaviour::WrongKind("evaluation round takes no update").into(), round));
             }
-            (Task::Evaluate, None) => {}
-        }
+            (Task::Evaluate, None) => Taken::Report,
+        };
         open.reported.insert(client);
-        open.accepted += 1;
+        match taken {
+            Taken::Report => open.accepted += 1,
+            Taken::TrainingFailed => open.failed += 1,
+        }
         open.bytes_received += frame_len as u64;
         if let Some(e) = report.eval {
             open.eval = Some(open.eval.map_or(e, |acc| acc.merge(&e)));
         }
-        Ok(open.round)
+        Ok((open.round, taken))
     }
 
     fn reject(&mut self, _now: Instant, conn: ConnectionHandle, round: Option<u32>, err: Error) {
@@ -651,6 +725,10 @@ impl Coordinator {
         self.events.push_back(Event::Rejected { conn, client, error: err.clone() });
         let Some(code) = err.reject_code() else { return };
         self.send(conn, &rejected(code, round, &err.to_string()));
+        if !err.is_violation() {
+            // A late report: the peer is told, nothing is held against it.
+            return;
+        }
         let count = match client {
             Some(id) => {
                 let v = self.violations.entry(id).or_insert(0);
@@ -754,6 +832,7 @@ impl Coordinator {
             reported: BTreeSet::new(),
             eval: None,
             accepted: 0,
+            failed: 0,
             rejected: 0,
             bytes_received: 0,
             start_msg,
@@ -820,13 +899,22 @@ impl Coordinator {
             // An error keeps the model unchanged: `Empty` is unreachable (the
             // quorum is at least 1), `NonFinite` means the round's updates
             // would have overflowed the model, and then the round is skipped.
-            Task::Train => self.aggregator.finish(&mut self.model).ok(),
-            Task::Evaluate => None,
+            Task::Train if open.accepted >= self.config.quorum => self.aggregator.finish(&mut self.model).ok(),
+            // Closed short of its quorum because its clients could not train
+            // (`handle_timeout`): too few updates to move the model. The
+            // aggregator's round is discarded by the next `begin_round`.
+            Task::Train | Task::Evaluate => None,
         };
-        if stats.is_some()
-            && let Some(entries) = self.aggregator.take_log()
-        {
-            self.publish_log(open.round, entries);
+        if open.task == Task::Train {
+            let entries = match stats {
+                Some(_) => self.aggregator.take_log(),
+                // A replicated run's skipped round still gets a log, with no
+                // entries, so that replicas count it and stay in step.
+                None => self.kind.replicated().then(Vec::new),
+            };
+            if let Some(entries) = entries {
+                self.publish_log(open.round, entries);
+            }
         }
         match open.task {
             Task::Train => self.completed_rounds = open.round,
@@ -837,6 +925,7 @@ impl Coordinator {
             task: open.task,
             sampled: open.sampled.len(),
             accepted: open.accepted,
+            failed: open.failed,
             rejected: open.rejected,
             stats,
             eval_of_incoming: open.eval,
@@ -1021,6 +1110,15 @@ impl Coordinator {
     fn send(&mut self, to: ConnectionHandle, msg: &Message) {
         self.transmits.push_back(Transmit { to, bytes: codec::encode(msg).into() });
     }
+}
+
+/// What an accepted report was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Taken {
+    /// An update (training round) or an evaluation (evaluation round).
+    Report,
+    /// A training round's report without an update: training failed.
+    TrainingFailed,
 }
 
 fn rejected(code: RejectCode, round: Option<u32>, detail: &str) -> Message {

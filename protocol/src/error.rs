@@ -6,6 +6,8 @@
 //!   value, a ranking that is not a permutation). Counted per client.
 //! - [`Incompatibility`]: a correct peer of another version.
 //! - [`Misuse`]: the local host called the state machine wrongly.
+//! - [`Error::Late`]: a report for a round that already closed. Refused, but
+//!   not misbehaviour (a correct, slow client sends it), so never counted.
 //!
 //! Every peer-caused error maps to a [`RejectCode`] sent back to the peer.
 
@@ -140,6 +142,16 @@ pub enum Misbehaviour {
     /// NaN or infinity.
     #[error("non-finite value at index {0}")]
     NonFinite(usize),
+    /// A finite value whose magnitude exceeds the run's bound on dense
+    /// updates (`CoordinatorConfig::max_update_abs`): finite values of 1e30
+    /// pass every NaN check and still ruin the model for everyone.
+    #[error("value at index {index} exceeds the run's bound on |update value| ({limit})")]
+    OutOfBounds {
+        /// Flat index of the first value out of bounds.
+        index: usize,
+        /// The bound, as text (an `f32`, which is not `Eq`).
+        limit: String,
+    },
     /// A payload (or published model) the run's update kind refused.
     #[error("bad {kind} payload: {fault}")]
     BadPayload {
@@ -247,6 +259,16 @@ pub enum Error {
     /// See [`Misuse`].
     #[error("misuse: {0}")]
     Misuse(#[from] Misuse),
+    /// A report for a round that already closed. Not misbehaviour: a correct
+    /// client slower than the round's deadline sends exactly this. It is
+    /// refused ([`RejectCode::Late`]) but never counted as a violation.
+    #[error("late report for round {got}, which has closed (open round: {open:?})")]
+    Late {
+        /// The round in the report.
+        got: u32,
+        /// The round open now, if any.
+        open: Option<u32>,
+    },
 }
 
 impl From<crate::codec::DecodeError> for Error {
@@ -281,11 +303,20 @@ impl Error {
                 | Misbehaviour::KindMismatch { .. }
                 | Misbehaviour::BadSampleCount(_) => RejectCode::WrongShape,
                 Misbehaviour::NonFinite(_) => RejectCode::NonFinite,
+                Misbehaviour::OutOfBounds { .. } => RejectCode::OutOfBounds,
                 Misbehaviour::BadPayload { fault, .. } if fault.is_content_fault() => RejectCode::NotAPermutation,
                 Misbehaviour::BadPayload { .. } => RejectCode::WrongShape,
             },
+            Error::Late { .. } => RejectCode::Late,
             Error::Misuse(_) => return None,
         })
+    }
+
+    /// Whether the refusal counts as a protocol violation against the peer
+    /// (towards `max_violations`): every peer fault except a late report,
+    /// which honest slow clients send.
+    pub fn is_violation(&self) -> bool {
+        self.is_peer_fault() && !matches!(self, Error::Late { .. })
     }
 
     /// Whether the peer, not the local host, is at fault.

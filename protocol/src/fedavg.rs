@@ -2,8 +2,10 @@
 //!
 //! **Wire payload:** the delta `local − global` as little-endian f32 in the
 //! model's canonical flat order ([`encode_delta`]), tagged [`ID`]. The
-//! server checks the length (the model's parameter count) and that every
-//! value is finite.
+//! server checks the length (the model's parameter count), that every
+//! value is finite and that none exceeds the run's bound on `|value|`
+//! ([`crate::coordinator::CoordinatorConfig::max_update_abs`]; a liveness
+//! guard: finite values of 1e30 would ruin the model for every client).
 //!
 //! **Combine:** the round's deltas, in ascending client order, go through the
 //! run's aggregation rule ([`crate::rule`]; the mean weighted by sample
@@ -63,12 +65,12 @@ impl UpdateKind for FedAvgKind {
     }
     fn aggregator(
         &self,
-        _run: &RunShape<'_>,
+        run: &RunShape<'_>,
         rule: &RuleSpec,
         _initial: &[f32],
     ) -> Result<Box<dyn Aggregator>, KindError> {
         kind::check_rule(self, rule)?;
-        Ok(Box::new(FedAvg::with_rule(rule)))
+        Ok(Box::new(FedAvg::with_rule(rule).with_bound(run.max_update_abs)))
     }
 }
 
@@ -93,13 +95,27 @@ pub fn decode_delta(data: &[u8], dim: usize) -> Result<Vec<f32>, Misbehaviour> {
 
 /// A round of dense deltas: kept until the round closes, so they can be
 /// combined in ascending client order whatever the arrival order.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct DenseRound {
     dim: usize,
+    /// Largest `|value|` accepted in a delta.
+    bound: f32,
     pending: Vec<(ClientIndex, u64, f32, Vec<f32>)>,
 }
 
+impl Default for DenseRound {
+    /// No bound beyond finiteness.
+    fn default() -> Self {
+        DenseRound::bounded(f32::MAX)
+    }
+}
+
 impl DenseRound {
+    /// A round refusing deltas with a value beyond `bound` in magnitude.
+    pub(crate) fn bounded(bound: f32) -> Self {
+        DenseRound { dim: 0, bound, pending: Vec::new() }
+    }
+
     pub(crate) fn begin(&mut self, dim: usize) {
         self.dim = dim;
         self.pending.clear();
@@ -115,6 +131,9 @@ impl DenseRound {
         check_common(update)?;
         let data = kind::payload_of(update, kind, name)?;
         let delta = decode_delta(data, self.dim)?;
+        if let Some(index) = delta.iter().position(|v| v.abs() > self.bound) {
+            return Err(Misbehaviour::OutOfBounds { index, limit: self.bound.to_string() });
+        }
         self.pending.push((client, update.num_samples, update.train_loss, delta));
         Ok(())
     }
@@ -178,6 +197,13 @@ impl FedAvg {
     /// FedAvg combining deltas by `rule`.
     pub fn with_rule(rule: &RuleSpec) -> Self {
         FedAvg { round: DenseRound::default(), rule: vector_rule(rule), scratch: Vec::new() }
+    }
+
+    /// The same, refusing deltas with a value beyond `max_abs` in magnitude
+    /// ([`Misbehaviour::OutOfBounds`]).
+    pub fn with_bound(mut self, max_abs: f32) -> Self {
+        self.round.bound = max_abs;
+        self
     }
 }
 
@@ -278,6 +304,20 @@ mod tests {
         agg.absorb(0, &upd(1, vec![-1.0, 1.0])).unwrap();
         agg.finish(&mut g).unwrap();
         assert_eq!(g[1], 2.0);
+    }
+
+    #[test]
+    fn values_beyond_the_bound_are_refused_without_state_change() {
+        let mut agg = FedAvg::new().with_bound(100.0);
+        let mut g = vec![0.0, 0.0];
+        agg.begin_round(1, &g);
+        let err = agg.absorb(0, &upd(1, vec![1.0, -1e30])).unwrap_err();
+        assert!(matches!(err, Misbehaviour::OutOfBounds { index: 1, .. }), "{err:?}");
+        assert!(matches!(agg.absorb(0, &upd(1, vec![100.5, 0.0])), Err(Misbehaviour::OutOfBounds { index: 0, .. })));
+        // At the bound is fine; the refused updates left no trace.
+        agg.absorb(1, &upd(1, vec![100.0, -100.0])).unwrap();
+        agg.finish(&mut g).unwrap();
+        assert_eq!(g, vec![100.0, -100.0]);
     }
 
     #[test]

@@ -105,14 +105,14 @@ impl UpdateKind for FedAvgMKind {
     }
     fn aggregator(
         &self,
-        _run: &RunShape<'_>,
+        run: &RunShape<'_>,
         rule: &RuleSpec,
         initial: &[f32],
     ) -> Result<Box<dyn Aggregator>, KindError> {
         kind::check_rule(self, rule)?;
         Ok(Box::new(FedAvgM {
             cfg: self.cfg.clone(),
-            round: DenseRound::default(),
+            round: DenseRound::bounded(run.max_update_abs),
             rule: vector_rule(rule),
             velocity: vec![0.0; initial.len()],
             scratch: Vec::new(),
@@ -207,7 +207,12 @@ mod tests {
     fn agg(momentum: f32) -> Box<dyn Aggregator> {
         let arch = ModelArch::Mlp { input: 1, hidden: vec![], classes: 2 };
         let kind = FedAvgMKind::new(FedAvgMConfig { momentum, server_lr: 1.0 }, &arch).unwrap();
-        kind.aggregator(&RunShape { arch: &arch, clients_per_round: 1 }, &RuleSpec::Mean, &[0.0; 4]).unwrap()
+        kind.aggregator(
+            &RunShape { arch: &arch, clients_per_round: 1, max_update_abs: f32::MAX },
+            &RuleSpec::Mean,
+            &[0.0; 4],
+        )
+        .unwrap()
     }
 
     #[test]
@@ -247,6 +252,13 @@ mod tests {
         assert!(FedAvgMKind::new(FedAvgMConfig { momentum: 1.0, server_lr: 1.0 }, &arch).is_err());
         assert!(FedAvgMKind::new(FedAvgMConfig { momentum: 0.9, server_lr: 0.0 }, &arch).is_err());
         let k = FedAvgMKind::new(FedAvgMConfig { momentum: 0.9, server_lr: 1.0 }, &arch).unwrap();
-        assert!(k.aggregator(&RunShape { arch: &arch, clients_per_round: 1 }, &RuleSpec::Median, &[]).is_ok());
+        assert!(
+            k.aggregator(
+                &RunShape { arch: &arch, clients_per_round: 1, max_update_abs: f32::MAX },
+                &RuleSpec::Median,
+                &[]
+            )
+            .is_ok()
+        );
     }
 }

@@ -29,9 +29,9 @@ use crate::participant::{Participant, ParticipantEvent};
 use crate::spsa::{Spsa, SpsaConfig};
 use crate::supermask::FrlArch;
 use crate::wire::{
-    Ack, ClientUpdate, EvalReport, Finished, Hello, Join, MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, Message, ModelSync,
-    PROTOCOL_VERSION, RejectCode, Rejected, Report, RoundStart, RunConfig, RunId, SignedReport, Task, TrainSpec,
-    UpdatePayload, Welcome,
+    Ack, ClientUpdate, EvalReport, Finished, Hello, Join, LogEntry, MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, Message,
+    ModelSync, PROTOCOL_VERSION, RejectCode, Rejected, Report, RoundLog, RoundStart, RunConfig, RunId, SignedReport,
+    Sync, Task, TrainSpec, UpdatePayload, Welcome,
 };
 
 /// A fuzz target: its name and entry point.
@@ -389,6 +389,8 @@ fn kind_settings(kind: Kind) -> KindSettings {
 struct Seen {
     sampled: BTreeMap<u32, BTreeSet<ClientIndex>>,
     accepted: BTreeMap<u32, BTreeSet<ClientIndex>>,
+    /// Clients that answered a training round with "training failed".
+    failed: BTreeMap<u32, BTreeSet<ClientIndex>>,
     completed: BTreeSet<u32>,
     finished: bool,
 }
@@ -428,7 +430,15 @@ impl Seen {
                     assert!(acc.insert(client), "client {client} accepted twice in round {round}");
                     assert!(!self.completed.contains(&round), "report accepted after round {round} closed");
                 }
+                Event::TrainingFailed { round, client } => {
+                    let sampled = self.sampled.get(&round).cloned().unwrap_or_default();
+                    assert!(sampled.contains(&client), "unsampled client {client} failed in round {round}");
+                    assert!(!self.accepted.get(&round).is_some_and(|a| a.contains(&client)), "answered twice");
+                    assert!(self.failed.entry(round).or_default().insert(client), "client {client} failed twice");
+                    assert!(!self.completed.contains(&round), "report accepted after round {round} closed");
+                }
                 Event::RoundCompleted(s) => {
+                    assert_eq!(s.failed, self.failed.get(&s.round).map_or(0, BTreeSet::len));
                     assert_eq!(s.accepted, self.accepted.get(&s.round).map_or(0, BTreeSet::len));
                     assert_eq!(s.sampled, self.sampled.get(&s.round).map_or(0, BTreeSet::len));
                     assert!(self.completed.insert(s.round), "round {} completed twice", s.round);
@@ -495,6 +505,8 @@ pub fn coordinator_ops(data: &[u8]) {
         kind: kind_settings(kind),
         rule: RuleSpec::Mean,
         max_violations: 3,
+        // Low enough that fuzzed dense values reach it.
+        max_update_abs: 1e6,
         schedule: None,
         // Replicated and FRL runs are set up without the evaluation round in
         // the tests; dense runs try both.
@@ -687,37 +699,65 @@ fn crash_and_restore(
 pub fn participant_frames(data: &[u8]) {
     let mut c = Cursor::new(data);
     let now = Instant::now();
-    let arch = ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 };
+    // The first byte picks how many corpus frames to deliver first (its
+    // value mod 5) and the run's kind (its top bits): FedAvg (the model in
+    // full), SPSA (replicated: Sync, RoundLog, replica hashes) or FRL (the
+    // published global ranking), so that every message a client decodes is
+    // fuzzed in the run where it is valid.
+    let setup = c.u8();
+    let kind = match (setup >> 5) % 3 {
+        0 => Kind::Dense,
+        1 => Kind::Spsa,
+        _ => Kind::Frl,
+    };
+    let arch = match kind {
+        Kind::Frl => frl_fixture().arch.clone(),
+        _ => ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 },
+    };
     let dim = arch.num_params();
     let config = RunConfig {
         run_id: RUN,
         arch: arch.clone(),
         rounds: 2,
         train: TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 },
-        kind: KindSettings::FedAvg,
+        kind: kind_settings(kind),
     };
-    let corpus = [
+    let (round1, round2) = match kind {
+        Kind::Frl => {
+            let ranking = frl_fixture().ranking.clone();
+            (ModelSync::Published(ranking.clone()), ModelSync::Published(ranking))
+        }
+        Kind::Spsa => {
+            let hash = crate::identity::params_hash(&arch.init_params(1));
+            (ModelSync::Replica { model_hash: hash }, ModelSync::Replica { model_hash: hash })
+        }
+        _ => (ModelSync::Full(vec![0.5; dim]), ModelSync::Full(vec![1.0; dim])),
+    };
+    let mut corpus = vec![
         Message::Hello(Hello { run_id: RUN, challenge: [7; 32] }),
         Message::Welcome(Welcome { client_id: 0, config }),
-        Message::RoundStart(RoundStart {
-            round: 1,
-            task: Task::Train,
-            seed: 5,
-            model: ModelSync::Full(vec![0.5; dim]),
-        }),
+    ];
+    if kind == Kind::Spsa {
+        // A checkpoint, then a round's log that follows it.
+        let initial = arch.init_params(1);
+        let cfg = spsa_config();
+        let entries = vec![LogEntry { client: 1, bytes: vec![3; cfg.steps_per_client as usize] }];
+        let mut after = initial.clone();
+        crate::spsa::apply_round(&mut after, &cfg, 1, &entries);
+        let log = RoundLog { round: 1, entries, model_hash: crate::identity::params_hash(&after) };
+        corpus.push(Message::Sync(Sync { round: 0, params: initial, logs: Vec::new() }));
+        corpus.push(Message::RoundLog(log));
+    }
+    corpus.extend([
+        Message::RoundStart(RoundStart { round: 1, task: Task::Train, seed: 5, model: round1 }),
         Message::Finished(Finished { rounds: 2, model_hash: [3; 32] }),
         Message::Ack(Ack { round: 1 }),
-        Message::Rejected(Rejected { code: RejectCode::WrongRound, round: Some(1), detail: "stale".into() }),
-        Message::RoundStart(RoundStart {
-            round: 2,
-            task: Task::Evaluate,
-            seed: 6,
-            model: ModelSync::Full(vec![1.0; dim]),
-        }),
-    ]
-    .map(|m| codec::encode(&m));
+        Message::Rejected(Rejected { code: RejectCode::Late, round: Some(1), detail: "late".into() }),
+        Message::RoundStart(RoundStart { round: 2, task: Task::Evaluate, seed: 6, model: round2 }),
+    ]);
+    let corpus: Vec<Vec<u8>> = corpus.iter().map(codec::encode).collect();
     let mut p = Participant::new(identities()[0].clone(), Some(RUN));
-    for frame in corpus.iter().take(usize::from(c.u8() % 5)) {
+    for frame in corpus.iter().take(usize::from(setup % 5)) {
         let _ = p.handle_message(now, frame);
     }
     let mut ops = 0;
@@ -751,7 +791,19 @@ pub fn participant_frames(data: &[u8]) {
                     payload: crate::fedavg::encode_delta(crate::fedavg::ID, &vec![0.25; dim]),
                 };
                 let eval = Some(EvalReport { loss_sum: 1.0, correct: 1, total: 2 });
-                let _ = p.submit(now, eval, (op & 4 != 0).then_some(update));
+                match op & 12 {
+                    // Local training failed (diverged), with a NaN evaluation.
+                    8 => {
+                        let nan = Some(EvalReport { loss_sum: f64::NAN, correct: 0, total: 2 });
+                        let _ = p.submit_failure(now, nan);
+                    }
+                    4 => {
+                        let _ = p.submit(now, eval, Some(update));
+                    }
+                    _ => {
+                        let _ = p.submit(now, eval, None);
+                    }
+                }
             }
         }
         assert!(p.max_message_bytes() <= MAX_MESSAGE_BYTES);
@@ -763,7 +815,14 @@ pub fn participant_frames(data: &[u8]) {
                 assert!(cfg.train.validate().is_ok(), "accepted an invalid training spec");
             }
         }
-        while p.poll_transmit().is_some() {}
+        while let Some(frame) = p.poll_transmit() {
+            // A participant never sends what a server counts against it: an
+            // evaluation with a non-finite loss is left out.
+            if let Ok(Message::Report(signed)) = codec::decode(&frame, MAX_MESSAGE_BYTES) {
+                let report = codec::decode_report(&signed.body).unwrap_or_else(|e| panic!("own report: {e}"));
+                assert!(report.eval.is_none_or(|e| e.loss_sum.is_finite()), "sent a non-finite evaluation");
+            }
+        }
         while let Some(event) = p.poll_event() {
             if let ParticipantEvent::TaskRequested { model, .. } = event {
                 assert_eq!(Some(model.len()), p.run_config().map(|c| c.arch.num_params()));

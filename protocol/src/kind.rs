@@ -95,6 +95,11 @@ pub struct RunShape<'a> {
     pub arch: &'a ModelArch,
     /// Clients sampled per round (bounds a replicated round's log).
     pub clients_per_round: usize,
+    /// Largest `|value|` a dense update may carry
+    /// ([`crate::coordinator::CoordinatorConfig::max_update_abs`]). Kinds
+    /// whose payloads are bounded by construction (SPSA's bytes, FRL's
+    /// rankings) have nothing to check against it.
+    pub max_update_abs: f32,
 }
 
 /// One update kind (see the module docs). Implementations are immutable
@@ -441,7 +446,7 @@ mod tests {
     }
 
     fn shape(arch: &ModelArch) -> RunShape<'_> {
-        RunShape { arch, clients_per_round: 10 }
+        RunShape { arch, clients_per_round: 10, max_update_abs: f32::MAX }
     }
 
     #[test]
@@ -520,6 +525,7 @@ mod tests {
             kind: KindSettings::Spsa(crate::spsa::SpsaSpec::default().resolve(1)),
             rule: RuleSpec::Median,
             max_violations: 1,
+            max_update_abs: crate::coordinator::DEFAULT_MAX_UPDATE_ABS,
             schedule: None,
             final_evaluation: false,
         };

@@ -4,7 +4,9 @@
 //! server's challenge, checks what the server sends, and turns a round's task
 //! into [`ParticipantEvent::TaskRequested`]. Training happens outside: the host
 //! runs it (with `tally-kernels`) and calls [`Participant::submit`], which
-//! signs the report. A host that reconnects builds a new `Participant` with
+//! signs the report, or [`Participant::submit_failure`] when local training
+//! failed (diverged): the server then stops waiting for us and aggregates
+//! nothing from us, and we carry on with the next round instead of exiting. A host that reconnects builds a new `Participant` with
 //! the same identity; the server re-sends an unfinished task.
 
 use std::collections::VecDeque;
@@ -323,8 +325,35 @@ impl Participant {
             (Task::Evaluate, Some(_)) => return Err(Misuse::WrongSubmission("evaluation task takes no update").into()),
             _ => {}
         }
+        self.queue_report(round, eval, update)
+    }
+
+    /// Answers the pending training task with "local training failed" (e.g.
+    /// the loss diverged on the model we were sent): a signed report without
+    /// an update, with our evaluation of the model if we have one. The server
+    /// counts it as an answer, not as an update, and never as a violation, so
+    /// a model that makes every client's training diverge can't stall the
+    /// run, and a client is never made to exit by the model it is sent.
+    pub fn submit_failure(&mut self, _now: Instant, eval: Option<EvalReport>) -> Result<(), Error> {
+        match self.state {
+            State::Working { round, task: Task::Train } => self.queue_report(round, eval, None),
+            State::Working { task: Task::Evaluate, .. } => {
+                Err(Misuse::WrongSubmission("an evaluation task has no training to fail").into())
+            }
+            _ => Err(Misuse::NoPendingTask.into()),
+        }
+    }
+
+    /// Signs and queues the report for `round`, leaving out an evaluation
+    /// the server would refuse ([`usable_eval`]).
+    fn queue_report(
+        &mut self,
+        round: u32,
+        eval: Option<EvalReport>,
+        update: Option<ClientUpdate>,
+    ) -> Result<(), Error> {
         let run_id = self.run.as_ref().map(|r| r.run_id).ok_or(Misuse::NoPendingTask)?;
-        let report = Report { run_id, round, eval, update };
+        let report = Report { run_id, round, eval: eval.filter(usable_eval), update };
         let body = codec::encode_report(&report);
         let signature = self.identity.sign(&report_transcript(&body));
         self.transmits.push_back(codec::encode(&Message::Report(SignedReport { body, signature })));
@@ -339,4 +368,12 @@ impl Participant {
         let signature = self.identity.sign(&report_transcript(&body));
         codec::encode(&Message::Report(SignedReport { body, signature }))
     }
+}
+
+/// Whether an evaluation is one the server accepts: a model that makes
+/// training diverge also evaluates to an infinite or NaN loss, and the server
+/// refuses such a report as inconsistent (a violation). We leave it out
+/// rather than be counted against for the model we were sent.
+fn usable_eval(e: &EvalReport) -> bool {
+    e.correct <= e.total && e.loss_sum.is_finite() && e.loss_sum >= 0.0
 }

@@ -56,6 +56,7 @@ fn config(n: usize, rounds: u32) -> CoordinatorConfig {
         kind: crate::kind::KindSettings::FedAvg,
         rule: crate::kind::RuleSpec::Mean,
         max_violations: 5,
+        max_update_abs: crate::coordinator::DEFAULT_MAX_UPDATE_ABS,
         schedule: None,
         final_evaluation: true,
     }
@@ -272,12 +273,180 @@ fn tampered_replayed_duplicate_oversize_and_bad_updates_are_refused() {
     assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Train });
     let err = net.coord.handle_message(net.now, ConnectionHandle(1), &round1).unwrap_err();
     assert_eq!(err, Error::Misbehaving(Misbehaviour::BadSignature), "relayed on another connection");
+    // Replayed (or late: the server can't tell, and neither harms) in round 2,
+    // the round-1 report is refused as late and not counted.
     let err = net.coord.handle_message(net.now, conn, &round1).unwrap_err();
-    assert_eq!(err, Error::Misbehaving(Misbehaviour::WrongRound { open: Some(2), got: 1 }));
-    // Nine violations were counted against client 0, and the ninth closed it.
+    assert_eq!(err, Error::Late { got: 1, open: Some(2) });
+    assert_eq!(net.coord.violations()[&0], 8);
+    // A report for a round not yet open is still a violation: the ninth closes it.
+    let err = net.coord.handle_message(net.now, conn, &signer.sign_report(&good(3, vec![0.5; dim]))).unwrap_err();
+    assert_eq!(err, Error::Misbehaving(Misbehaviour::WrongRound { open: Some(2), got: 3 }));
     assert_eq!(net.coord.violations()[&0], 9);
     net.pump();
     assert!(net.closed.contains(&conn));
+}
+
+/// A signed FedAvg report of `delta` for `round` from `id`.
+fn dense_report(id: &Identity, round: u32, delta: &[f32]) -> Vec<u8> {
+    Participant::new(id.clone(), None).sign_report(&Report {
+        run_id: RUN,
+        round,
+        eval: None,
+        update: Some(ClientUpdate {
+            num_samples: 10,
+            train_loss: 0.5,
+            payload: crate::fedavg::encode_delta(crate::fedavg::ID, delta),
+        }),
+    })
+}
+
+#[test]
+fn late_reports_are_refused_as_late_and_never_count_as_violations() {
+    // One violation would disconnect a client: a late report must not be one.
+    let mut cfg = config(3, 2);
+    cfg.quorum = 2;
+    cfg.max_violations = 1;
+    let mut net = Net::new(cfg, (0..3).map(ident).collect());
+    net.pump();
+    let dim = arch().num_params();
+    // Client 0 trains slower than the round's deadline: round 1 closes at
+    // quorum without it and round 2 opens.
+    net.answer_all(&[0]);
+    net.now = net.coord.poll_timeout().unwrap();
+    net.coord.handle_timeout(net.now);
+    net.pump();
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Train });
+    // Its round-1 report arrives now: refused as late, not counted, not closed.
+    let late = dense_report(&ident(0), 1, &vec![1.0; dim]);
+    assert_eq!(
+        net.coord.handle_message(net.now, ConnectionHandle(0), &late),
+        Err(Error::Late { got: 1, open: Some(2) })
+    );
+    net.pump();
+    assert!(net.coord.violations().is_empty(), "{:?}", net.coord.violations());
+    assert!(!net.closed.contains(&ConnectionHandle(0)));
+    let told = net.seen[0].iter().find_map(|e| match e {
+        ParticipantEvent::Rejected { code, round, .. } => Some((*code, *round)),
+        _ => None,
+    });
+    assert_eq!(told, Some((RejectCode::Late, Some(1))));
+    assert!(!RejectCode::Late.is_fatal(), "the client carries on with the next round");
+    // It carries on: its round-2 report counts like everyone's.
+    net.answer_all(&[]);
+    let round2 = net.coord_events.iter().find_map(|e| match e {
+        Event::RoundCompleted(s) if s.round == 2 => Some(s.accepted),
+        _ => None,
+    });
+    assert_eq!(round2, Some(3));
+    // After the run (evaluation round included), any earlier round is late too.
+    net.answer_all(&[]);
+    assert_eq!(net.coord.phase(), Phase::Finished);
+    for round in [1, 2, 3] {
+        let late = dense_report(&ident(1), round, &vec![1.0; dim]);
+        let err = net.coord.handle_message(net.now, ConnectionHandle(1), &late).unwrap_err();
+        assert_eq!(err, Error::Late { got: round, open: None });
+    }
+    // A round that never existed is not "late": still a violation.
+    let err = net.coord.handle_message(net.now, ConnectionHandle(1), &dense_report(&ident(1), 0, &vec![1.0; dim]));
+    assert!(matches!(err, Err(Error::Misbehaving(Misbehaviour::WrongRound { got: 0, .. }))));
+    assert_eq!(net.coord.violations().len(), 1);
+}
+
+#[test]
+fn huge_updates_are_refused_and_failed_training_cannot_stall_the_run() {
+    let mut cfg = config(3, 2);
+    cfg.quorum = 2;
+    let mut net = Net::new(cfg, (0..3).map(ident).collect());
+    net.pump();
+    let dim = arch().num_params();
+    let init = net.coord.model().to_vec();
+
+    // Round 1: client 0 sends finite values of 1e30 (they pass every NaN
+    // check). Refused as out of bounds; the round completes from the others.
+    let huge = dense_report(&ident(0), 1, &vec![1e30; dim]);
+    let err = net.coord.handle_message(net.now, ConnectionHandle(0), &huge).unwrap_err();
+    assert!(matches!(err, Error::Misbehaving(Misbehaviour::OutOfBounds { index: 0, .. })), "{err:?}");
+    assert_eq!(err.reject_code(), Some(RejectCode::OutOfBounds));
+    net.answer_all(&[0]);
+    net.now = net.coord.poll_timeout().unwrap();
+    net.coord.handle_timeout(net.now);
+    net.pump();
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Train });
+    let after1: Vec<f32> = init.iter().map(|v| (*v as f64 + 1.0) as f32).collect();
+    assert_eq!(net.coord.model(), &after1[..], "the honest mean, untouched by the huge update");
+    assert_eq!(net.coord.violations()[&0], 1);
+
+    // Round 2: two clients' training diverges. They say so (with an
+    // evaluation whose loss is NaN, which the participant leaves out rather
+    // than have it refused), client 0 sends one update: below the quorum of
+    // 2 updates. Everyone has answered and nobody is left to ask, so at the
+    // deadline the round closes without aggregating; the model is kept.
+    for slot in [1, 2] {
+        let nan = Some(EvalReport { loss_sum: f64::NAN, correct: 0, total: 5 });
+        net.clients[slot].1.submit_failure(net.now, nan).unwrap();
+    }
+    net.pump();
+    net.coord.handle_message(net.now, ConnectionHandle(0), &dense_report(&ident(0), 2, &vec![5.0; dim])).unwrap();
+    net.pump();
+    for slot in [1, 2] {
+        assert!(net.seen[slot].contains(&ParticipantEvent::Accepted { round: 2 }), "acknowledged");
+    }
+    let failed: Vec<_> = net
+        .coord_events
+        .iter()
+        .filter_map(|e| match e {
+            Event::TrainingFailed { round, client } => Some((*round, *client)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed, [(2, 1), (2, 2)]);
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Train }, "not before the deadline");
+    net.now = net.coord.poll_timeout().unwrap();
+    net.coord.handle_timeout(net.now);
+    net.pump();
+    let summary = net
+        .coord_events
+        .iter()
+        .find_map(|e| match e {
+            Event::RoundCompleted(s) if s.round == 2 => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!((summary.accepted, summary.failed, summary.stats), (1, 2, None));
+    assert_eq!(net.coord.model(), &after1[..], "one update is below the quorum: the model is kept");
+    assert_eq!(net.coord.violations()[&0], 1, "failure reports and NaN evaluations are not violations");
+    assert!(!net.coord.violations().contains_key(&1));
+
+    // The run goes on to its end.
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 3, task: Task::Evaluate });
+    net.answer_all(&[]);
+    assert_eq!(net.coord.phase(), Phase::Finished);
+}
+
+#[test]
+fn a_round_short_of_updates_still_extends_while_waiting_can_help() {
+    // One client failed, one is silent: the silent one may still send an
+    // update, and a fresh client can be asked, so the round is extended
+    // rather than closed.
+    let mut cfg = config(4, 1);
+    cfg.quorum = 2;
+    cfg.clients_per_round = 2;
+    cfg.min_clients = 4;
+    let mut net = Net::new(cfg, (0..4).map(ident).collect());
+    net.pump();
+    let sampled: Vec<usize> =
+        (0..4).filter(|&s| net.seen[s].iter().any(|e| matches!(e, ParticipantEvent::TaskRequested { .. }))).collect();
+    assert_eq!(sampled.len(), 2);
+    net.clients[sampled[0]].1.submit_failure(net.now, None).unwrap();
+    net.pump();
+    net.now = net.coord.poll_timeout().unwrap();
+    net.coord.handle_timeout(net.now);
+    net.pump();
+    assert!(net.coord_events.iter().any(|e| matches!(e, Event::RoundExtended { round: 1, .. })));
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 1, task: Task::Train });
+    // The others answer: the round closes at its quorum.
+    net.answer_all(&[sampled[0]]);
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Evaluate });
 }
 
 #[test]

@@ -374,13 +374,23 @@ pub enum RejectCode {
     /// that is not a permutation of the layer's edges, or whose padding bits
     /// are not zero.
     NotAPermutation,
+    /// A report for a round that has already closed: the client was too
+    /// slow, not hostile. Never counted as a violation; the client carries
+    /// on with the next round. (Appended after the older codes so that they
+    /// keep their encoding.)
+    Late,
+    /// A dense update with a value beyond the run's bound on `|value|`
+    /// (`CoordinatorConfig::max_update_abs`): finite, but no training step.
+    OutOfBounds,
 }
 
 impl RejectCode {
     /// Whether a client told this should give up rather than retry: it is
     /// not enrolled, speaks another version, signs wrongly, was
     /// disconnected for violations or replaced by a newer connection. The
-    /// protocol decides this, not each client.
+    /// protocol decides this, not each client. [`RejectCode::Late`] in
+    /// particular is not fatal: a slow client's report missed its round, and
+    /// the client simply takes the next one.
     pub fn is_fatal(self) -> bool {
         matches!(
             self,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tally_protocol::coordinator::MAX_ROUND_TIMEOUT;
+use tally_protocol::coordinator::{DEFAULT_MAX_UPDATE_ABS, MAX_ROUND_TIMEOUT};
 use tally_protocol::kind::{AlgorithmSpec, KindSettings, RuleSpec};
 use tally_protocol::model::ModelArch;
 use tally_protocol::wire::{PublicKeyBytes, RunId, TrainSpec};
@@ -56,6 +56,10 @@ pub struct RawConfig {
     pub round_timeout_secs: Option<u64>,
     /// Violations tolerated per client before disconnecting it. Default 10.
     pub max_violations: Option<u32>,
+    /// Largest `|value|` a dense update may carry; larger ones are refused
+    /// (`OutOfBounds`, a violation) and the round goes on without them.
+    /// Default 1000 ([`DEFAULT_MAX_UPDATE_ABS`]); must be finite and positive.
+    pub max_update_abs: Option<f32>,
     /// Concurrent QUIC connections accepted; more are refused at the
     /// handshake. Default: twice the enrolled clients plus 16 (room for
     /// reconnections overlapping their ghosts, not for a flood).
@@ -143,6 +147,8 @@ pub struct ServerConfig {
     pub round_timeout: Duration,
     /// See [`RawConfig::max_violations`].
     pub max_violations: u32,
+    /// See [`RawConfig::max_update_abs`].
+    pub max_update_abs: f32,
     /// See [`RawConfig::max_connections`].
     pub max_connections: usize,
     /// See [`RawConfig::join_timeout_secs`].
@@ -217,6 +223,10 @@ impl RawConfig {
         if round_timeout.is_zero() || round_timeout > MAX_ROUND_TIMEOUT {
             return Err(invalid(format!("round_timeout_secs must be in 1..={}", MAX_ROUND_TIMEOUT.as_secs())));
         }
+        let max_update_abs = self.max_update_abs.unwrap_or(DEFAULT_MAX_UPDATE_ABS);
+        if !(max_update_abs.is_finite() && max_update_abs > 0.0) {
+            return Err(invalid("max_update_abs must be finite and positive".into()));
+        }
         let seed = self.seed.unwrap_or_else(|| u64::from_le_bytes(os_seed[..8].try_into().unwrap_or([0; 8])));
         let run_id = match &self.run_id {
             Some(h) => {
@@ -258,6 +268,7 @@ impl RawConfig {
             quorum,
             round_timeout,
             max_violations: self.max_violations.unwrap_or(10),
+            max_update_abs,
             max_connections: self.max_connections.unwrap_or(enrolled.len().saturating_mul(2).saturating_add(16)),
             join_timeout: Duration::from_secs(self.join_timeout_secs.unwrap_or(10).clamp(1, 3600)),
             final_evaluation: self.final_evaluation.unwrap_or(true),

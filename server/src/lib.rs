@@ -215,6 +215,7 @@ impl Server {
             kind: config.kind_settings(config.seed)?,
             rule: config.rule,
             max_violations: config.max_violations,
+            max_update_abs: config.max_update_abs,
             schedule: None,
             final_evaluation: config.final_evaluation,
         };
@@ -406,6 +407,9 @@ impl Server {
                         info!(round, ?task, clients = sampled.len(), "round opened")
                     }
                     Event::ReportAccepted { round, client } => debug!(round, client, "report accepted"),
+                    Event::TrainingFailed { round, client } => {
+                        warn!(round, client, "client reports that its local training failed; no update from it")
+                    }
                     Event::Rejected { conn, client, error } => {
                         warn!(conn = conn.0, ?client, %error, "message rejected")
                     }
@@ -416,6 +420,7 @@ impl Server {
                         info!(
                             round = summary.round,
                             accepted = summary.accepted,
+                            failed = summary.failed,
                             rejected = summary.rejected,
                             train_loss = summary.stats.as_ref().map(|s| s.train_loss),
                             incoming_accuracy = summary.eval_of_incoming.map(|e| e.accuracy()),

@@ -237,11 +237,11 @@ fn hostile_inputs_are_rejected_with_typed_errors_while_honest_clients_finish() {
         bad.send_raw(&valid).await;
         bad.expect_reject(RejectCode::Duplicate).await;
 
-        // Next round: the round-1 update replayed is refused as stale.
+        // Next round: the round-1 update replayed is refused as late (not a violation).
         let (round, ..) = bad.wait_task().await;
         assert_eq!(round, 2);
         bad.send_raw(&valid).await;
-        bad.expect_reject(RejectCode::WrongRound).await;
+        bad.expect_reject(RejectCode::Late).await;
         bad.send_raw(&bad.p.sign_report(&report(&bad.p, 2, vec![0.0; dim]))).await;
         bad.expect_ack(2).await;
 
@@ -911,4 +911,209 @@ fn multi_host_run_survives_a_link_cut_mid_round() {
     }
     let hash = m[4]["model_hash"].as_str().unwrap().to_string();
     assert_clients_finished_with(&clients, &hash);
+}
+
+/// The server's answer to a report: its round, and the refusal if any.
+type Answer = (u32, Option<RejectCode>);
+
+/// An enrolled client that answers every training task with an update of
+/// `value` everywhere (finite, so NaN checks pass) and every evaluation task
+/// with nothing; returns the server's answer to each update, by round.
+async fn send_huge_updates(server: &ServerHandle, id: Identity, value: f32) -> Vec<Answer> {
+    let mut c = RawClient::join(server, id).await;
+    let mut answers = Vec::new();
+    loop {
+        for e in c.next().await {
+            match e {
+                ParticipantEvent::TaskRequested { round, task: Task::Train, model, .. } => {
+                    c.send_raw(&c.p.sign_report(&report(&c.p, round, vec![value; model.len()]))).await;
+                }
+                ParticipantEvent::TaskRequested { task: Task::Evaluate, .. } => {
+                    c.p.submit(Instant::now(), None, None).unwrap();
+                }
+                ParticipantEvent::Accepted { round } => answers.push((round, None)),
+                ParticipantEvent::Rejected { code, round, .. } => answers.push((round.unwrap_or(0), Some(code))),
+                ParticipantEvent::Finished { .. } => return answers,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A federation of three honest clients (ids 0–2, shards of three) plus, if
+/// `attacker` is given, an enrolled fourth client sending updates of
+/// `attacker` everywhere. Returns the server's metrics, the final model's
+/// hash, the clients' summary lines and the attacker's answers.
+fn run_with_huge_updates(
+    dir: &std::path::Path,
+    attacker: Option<f32>,
+    config: Option<&str>,
+) -> (Vec<serde_json::Value>, String, Vec<String>, Vec<Answer>) {
+    let keys: Vec<_> = (0..3).map(|i| keygen(dir, &format!("c{i}"))).collect();
+    let bad = Identity::from_secret([0x66; 32]);
+    let mut enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
+    if attacker.is_some() {
+        enrolled.push(bad.public_key().to_string());
+    }
+    let n = enrolled.len().to_string();
+    // The attacker, once refused, stays silent: rounds then close at their
+    // deadline, so keep it short (it never closes a round below quorum).
+    let mut args =
+        vec!["--rounds", "3", "--min-clients", &n, "--quorum", "3", "--seed", "11", "--round-timeout-secs", "3"];
+    let config_path = dir.join("server.toml");
+    if let Some(text) = config {
+        std::fs::write(&config_path, text).unwrap();
+        args.extend(["--config", config_path.to_str().unwrap()]);
+    }
+    let mut server = start_server(dir, &enrolled, &args);
+    let mut clients: Vec<Proc> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| start_client(dir, &format!("client{i}"), key, &server, &["--shard", &format!("{i}/3")]))
+        .collect();
+    let answers = match attacker {
+        Some(value) => tokio::runtime::Runtime::new().unwrap().block_on(send_huge_updates(&server, bad, value)),
+        None => Vec::new(),
+    };
+    wait_all_succeed(&mut clients);
+    assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
+    let m = metrics(&server.out_dir);
+    let hash = m.last().unwrap()["model_hash"].as_str().unwrap().to_string();
+    let lines = clients
+        .iter()
+        .map(|c| c.drain_lines().into_iter().find(|l| l.starts_with("finished")).expect("client summary line"))
+        .collect();
+    (m, hash, lines, answers)
+}
+
+#[test]
+fn one_client_sending_huge_updates_cannot_halt_the_run() {
+    let clean_dir = tempfile::tempdir().unwrap();
+    let (clean, clean_hash, _, _) = run_with_huge_updates(clean_dir.path(), None, None);
+
+    // With the default bound (|value| ≤ 1000), every 1e30 update is refused
+    // as out of bounds, the rounds complete from the honest clients, and the
+    // model is bit-identical to the run without the attacker.
+    let dir = tempfile::tempdir().unwrap();
+    let (m, hash, lines, answers) = run_with_huge_updates(dir.path(), Some(1e30), None);
+    let refused = Some(RejectCode::OutOfBounds);
+    // Round 4 is the evaluation, which the attacker answers without an update.
+    assert_eq!(answers, [(1, refused), (2, refused), (3, refused), (4, None)]);
+    assert_eq!(m.len(), 4, "rounds 0..=3 (the last with the final evaluation): {m:?}");
+    for line in &m[1..=3] {
+        assert_eq!((line["accepted"].as_u64(), line["rejected"].as_u64()), (Some(3), Some(1)), "{line}");
+    }
+    assert_eq!(hash, clean_hash, "the attacker changed nothing");
+    let acc = |m: &[serde_json::Value]| m.last().unwrap()["test_accuracy"].as_f64().unwrap();
+    assert_eq!(acc(&m), acc(&clean));
+    assert!(lines.iter().all(|l| l.contains("trained_in=3 failed_in=0")), "{lines:?}");
+    eprintln!("clean run: final accuracy {:.4}; with the attacker, bound on: {:.4}", acc(&clean), acc(&m));
+
+    // With the bound off, the 1e30 update of round 1 is accepted and ruins
+    // the model: honest training then diverges. The honest clients say so
+    // instead of exiting, the rounds that can't reach their quorum of
+    // updates close at the deadline without moving the model, and the run
+    // completes; the model is lost (the accuracy defence is a robust rule).
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _, lines, answers) = run_with_huge_updates(dir.path(), Some(1e30), Some("max_update_abs = 1e38\n"));
+    assert_eq!(answers, [(1, None), (2, None), (3, None), (4, None)], "accepted, but only round 1 reached a quorum");
+    assert_eq!(m.len(), 4, "the run completed: {m:?}");
+    assert_eq!(m[1]["accepted"], 4);
+    for line in &m[2..=3] {
+        // One update (the attacker's) of a quorum of three: no aggregation.
+        assert_eq!(line["accepted"], 1, "{line}");
+        assert!(line.get("train_loss").is_none(), "skipped rounds aggregate nothing: {line}");
+    }
+    assert!(lines.iter().all(|l| l.contains("trained_in=1 failed_in=2")), "{lines:?}");
+    let ruined: Vec<f64> = lines
+        .iter()
+        .map(|l| l.split_once("last_accuracy=").unwrap().1.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    eprintln!("bound off: the clients' final accuracies {ruined:?} (clean: {:.4})", acc(&clean));
+}
+
+/// A server that speaks the handshake correctly, then sends `hostile`
+/// (already framed) after its `Welcome` of `config`. Returns its address and
+/// certificate fingerprint; it serves connections until the runtime ends.
+async fn hostile_server(config: tally_protocol::wire::RunConfig, hostile: Vec<u8>) -> (std::net::SocketAddr, String) {
+    use tally_protocol::codec::encode;
+    use tally_protocol::wire::{Hello, Message, Welcome};
+    let id = tally_server::tls::load_identity(&tally_server::config::TlsSource::SelfSigned).unwrap();
+    let fingerprint = hex::encode(id.fingerprint);
+    let endpoint =
+        quinn::Endpoint::server(tally_server::tls::quic_server_config(id).unwrap(), "127.0.0.1:0".parse().unwrap())
+            .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let (config, hostile) = (config.clone(), hostile.clone());
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                let hello = Message::Hello(Hello { run_id: config.run_id, challenge: [7; 32] });
+                let _ = tally_client::send_message(&conn, &encode(&hello)).await;
+                // Whatever the Join says: this server admits anyone.
+                let _ = tally_client::recv_message(&conn, 1 << 16).await;
+                let welcome = Message::Welcome(Welcome { client_id: 0, config });
+                let _ = tally_client::send_message(&conn, &encode(&welcome)).await;
+                let _ = tally_client::send_message(&conn, &hostile).await;
+                conn.closed().await;
+            });
+        }
+    });
+    (addr, fingerprint)
+}
+
+#[test]
+fn client_facing_a_hostile_server_exits_with_a_typed_error() {
+    use tally_protocol::codec::encode;
+    use tally_protocol::wire::{Message, ModelSync, RoundStart, RunConfig, RunId, TrainSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let (key, _) = keygen(dir.path(), "victim");
+    let train = TrainSpec { lr: 0.05, batch_size: 32, epochs: 1 };
+    let mlp = RunConfig {
+        run_id: RunId([3; 16]),
+        arch: ModelArch::mnist_mlp(),
+        rounds: 1,
+        train: train.clone(),
+        kind: tally_protocol::KindSettings::FedAvg,
+    };
+    let start = |model| Message::RoundStart(RoundStart { round: 1, task: Task::Train, seed: 1, model });
+    // A model larger than the run's: the frame exceeds what the client reads.
+    let too_big = encode(&start(ModelSync::Full(vec![0.0; mlp.arch.num_params() + 50_000])));
+    // FRL: a global "ranking" that is not a permutation (one bit flipped in
+    // the identity ranking makes an index repeat or leave its range).
+    let frl_arch = ModelArch::Supermask(tally_protocol::supermask::FrlArch::MNIST_LENET);
+    let sizes = tally_protocol::frl::LENET_MNIST_LAYER_SIZES;
+    let frl = RunConfig {
+        arch: frl_arch,
+        kind: tally_protocol::KindSettings::Frl(tally_protocol::frl::FrlRun::new(9, sizes.to_vec())),
+        ..mlp.clone()
+    };
+    let mut ranking = tally_protocol::frl::encode(&tally_protocol::frl::Ranking::identity(&sizes).unwrap());
+    ranking[0] ^= 1;
+    let not_a_permutation = encode(&start(ModelSync::Published(ranking)));
+    // A dense model sent to an FRL client, whose rounds publish rankings.
+    let dense_to_frl = encode(&start(ModelSync::Full(vec![0.0; 4])));
+
+    let cases: Vec<(&str, RunConfig, Vec<u8>, &str)> = vec![
+        ("garbage", mlp.clone(), b"this is not a tally frame".to_vec(), "bad magic"),
+        ("oversize", mlp.clone(), too_big, "exceeds the limit"),
+        ("not-a-permutation", frl.clone(), not_a_permutation, "bad frl payload"),
+        ("dense-to-frl", frl, dense_to_frl, "a RoundStart model of another form"),
+    ];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (name, config, hostile, needle) in cases {
+        let (addr, fingerprint) = rt.block_on(hostile_server(config, hostile));
+        // Retries allowed: a protocol error must end the client at once anyway.
+        let mut cmd = std::process::Command::new(bin("tally-client"));
+        cmd.args(["run", "--server", &addr.to_string(), "--fingerprint", &fingerprint, "--max-retries", "3", "--key"])
+            .arg(&key);
+        let mut client = Proc::spawn(name, &mut cmd, dir.path());
+        let status = client.wait();
+        let stderr = client.stderr();
+        assert_eq!(status.code(), Some(1), "{name}: a clean error exit, not a panic or a signal:\n{stderr}");
+        assert!(stderr.contains("protocol error from server"), "{name}: not a typed protocol error:\n{stderr}");
+        assert!(stderr.contains(needle), "{name}: expected {needle:?}:\n{stderr}");
+        assert!(!stderr.contains("panicked") && !stderr.contains("reconnecting"), "{name}:\n{stderr}");
+    }
 }

@@ -450,6 +450,8 @@ struct Seen {
     challenges: BTreeMap<ConnectionHandle, [u8; 32]>,
     sampled: BTreeMap<u32, BTreeSet<ClientIndex>>,
     accepted: BTreeMap<u32, BTreeSet<ClientIndex>>,
+    /// Clients that answered a training round with "training failed".
+    failed: BTreeMap<u32, BTreeSet<ClientIndex>>,
     completed: BTreeSet<u32>,
     finished: bool,
 }
@@ -482,7 +484,15 @@ impl Seen {
                     prop_assert!(acc.len() <= sampled.len());
                     prop_assert!(!self.completed.contains(&round), "report accepted after round {} closed", round);
                 }
+                Event::TrainingFailed { round, client } => {
+                    let sampled = self.sampled.get(&round).cloned().unwrap_or_default();
+                    prop_assert!(sampled.contains(&client), "unsampled client {} failed in round {}", client, round);
+                    prop_assert!(!self.accepted.get(&round).is_some_and(|a| a.contains(&client)));
+                    prop_assert!(self.failed.entry(round).or_default().insert(client), "failed twice");
+                    prop_assert!(!self.completed.contains(&round), "report accepted after round {} closed", round);
+                }
                 Event::RoundCompleted(s) => {
+                    prop_assert_eq!(s.failed, self.failed.get(&s.round).map_or(0, BTreeSet::len));
                     let accepted = self.accepted.get(&s.round).map_or(0, BTreeSet::len);
                     let sampled = self.sampled.get(&s.round).map_or(0, BTreeSet::len);
                     prop_assert_eq!(s.accepted, accepted);
