@@ -608,6 +608,15 @@ pub enum FaultPoint {
     Opened(u32),
     /// Right after the `n`-th accepted report is durable, before its Ack is sent.
     Accepted(u32),
+    /// Right after the `nth` report of round `round` accepted by this
+    /// process is durable, before its Ack is sent (`report:<round>/<nth>`):
+    /// a point in a given round, for crash tests that draw several.
+    Report {
+        /// The round.
+        round: u32,
+        /// Which of its reports (1-based), counting this process's only.
+        nth: u32,
+    },
     /// Right after round `n` closed (snapshot written), before the next round's messages go out.
     Closed(u32),
 }
@@ -615,12 +624,16 @@ pub enum FaultPoint {
 impl std::str::FromStr for FaultPoint {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (kind, n) = s.split_once(':').ok_or("expected <opened|accepted|closed>:<n>")?;
-        let n: u32 = n.parse().map_err(|e| format!("{s}: {e}"))?;
+        let (kind, n) = s.split_once(':').ok_or("expected <opened|accepted|closed>:<n> or report:<round>/<n>")?;
+        let num = |t: &str| t.parse::<u32>().map_err(|e| format!("{s}: {e}"));
         match kind {
-            "opened" => Ok(FaultPoint::Opened(n)),
-            "accepted" => Ok(FaultPoint::Accepted(n)),
-            "closed" => Ok(FaultPoint::Closed(n)),
+            "opened" => Ok(FaultPoint::Opened(num(n)?)),
+            "accepted" => Ok(FaultPoint::Accepted(num(n)?)),
+            "closed" => Ok(FaultPoint::Closed(num(n)?)),
+            "report" => {
+                let (round, nth) = n.split_once('/').ok_or_else(|| format!("{s}: expected report:<round>/<n>"))?;
+                Ok(FaultPoint::Report { round: num(round)?, nth: num(nth)? })
+            }
             _ => Err(format!("unknown fault point {kind:?}")),
         }
     }

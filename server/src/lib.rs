@@ -446,6 +446,11 @@ impl Server {
                             accepted_total += 1;
                             accepted_total == n
                         }
+                        (Persist::Append(Record::Accepted { body, .. }), config::FaultPoint::Report { round, nth }) => {
+                            let of_round = tally_protocol::codec::decode_report(body).is_ok_and(|r| r.round == round);
+                            accepted_total += u32::from(of_round);
+                            of_round && accepted_total == nth
+                        }
                         (Persist::Snapshot(s), config::FaultPoint::Closed(n)) => s.completed_rounds == n,
                         _ => false,
                     };
