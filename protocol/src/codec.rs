@@ -151,8 +151,9 @@ fn decode_exact<T: bincode::Decode<()> + bincode::Encode>(bytes: &[u8]) -> Resul
     Ok(value)
 }
 
-/// Length of the canonical encoding of `value`, without writing it.
-fn encoded_len<T: bincode::Encode>(value: &T) -> usize {
+/// Length of the canonical encoding of `value`, without writing it (also
+/// used by [`crate::durable`] to refuse non-canonical state).
+pub(crate) fn encoded_len<T: bincode::Encode>(value: &T) -> usize {
     let mut encoder =
         bincode::enc::EncoderImpl::new(bincode::enc::write::SizeWriter::default(), cfg::<MAX_MESSAGE_BYTES>());
     // Counting bytes can't fail, and the limit applies to decoding only.

@@ -612,6 +612,11 @@ impl Coordinator {
                     let msg = open.start_msg.clone();
                     self.transmits.push_back(Transmit { to: conn, bytes: msg });
                 }
+                // A round restored with every report (the host died before
+                // the snapshot that closes it) has nothing left to wait for:
+                // close it now rather than at its deadline. A live round is
+                // never in that state here (its last report closed it).
+                self.maybe_close_round(now);
             }
             Phase::Finished => {
                 self.send(conn, &self.finished_message());

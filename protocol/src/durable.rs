@@ -121,6 +121,19 @@ pub enum DurableError {
         /// Why.
         message: String,
     },
+    /// Bytes that decode but are not the encoding this build writes (an
+    /// integer in more bytes than needed): our own writer never produces
+    /// them, so they are damage or tampering, and accepting them would give
+    /// one state several byte strings.
+    #[error("non-canonical {what} encoding ({len} bytes, canonical is {canonical})")]
+    NonCanonical {
+        /// Snapshot or record.
+        what: &'static str,
+        /// Bytes read.
+        len: usize,
+        /// Bytes of the canonical encoding of what they decode to.
+        canonical: usize,
+    },
     /// A snapshot of another format version.
     #[error("state format version {found}, this build reads {DURABLE_VERSION}")]
     Version {
@@ -159,7 +172,7 @@ pub fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("invariant: snapshots we build fit MAX_SNAPSHOT_BYTES: {e}"))
 }
 
-/// Decodes a snapshot (trailing bytes refused).
+/// Decodes a snapshot (trailing bytes and non-canonical encodings refused).
 pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, DurableError> {
     let (s, used): (Snapshot, usize) = bincode::decode_from_slice(bytes, cfg::<MAX_SNAPSHOT_BYTES>())
         .map_err(|e| DurableError::Decode { what: "snapshot", message: e.to_string() })?;
@@ -169,7 +182,19 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, DurableError> {
     if s.version != DURABLE_VERSION {
         return Err(DurableError::Version { found: s.version });
     }
+    canonical("snapshot", &s, bytes.len())?;
     Ok(s)
+}
+
+/// As on the wire (`codec`): bincode also reads integers written in more
+/// bytes than needed, and the canonical encoding is the only one of minimal
+/// length, so a value whose encoding is shorter than its input is refused.
+fn canonical<T: Encode>(what: &'static str, value: &T, len: usize) -> Result<(), DurableError> {
+    let canonical = crate::codec::encoded_len(value);
+    if canonical != len {
+        return Err(DurableError::NonCanonical { what, len, canonical });
+    }
+    Ok(())
 }
 
 /// Encodes a record.
@@ -178,12 +203,60 @@ pub fn encode_record(r: &Record) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("invariant: records we build fit MAX_RECORD_BYTES: {e}"))
 }
 
-/// Decodes a record (trailing bytes refused).
+/// Decodes a record (trailing bytes and non-canonical encodings refused).
 pub fn decode_record(bytes: &[u8]) -> Result<Record, DurableError> {
     let (r, used): (Record, usize) = bincode::decode_from_slice(bytes, cfg::<MAX_RECORD_BYTES>())
         .map_err(|e| DurableError::Decode { what: "record", message: e.to_string() })?;
     if used != bytes.len() {
         return Err(DurableError::Decode { what: "record", message: "trailing bytes".into() });
     }
+    canonical("record", &r, bytes.len())?;
     Ok(r)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::wire::SignatureBytes;
+
+    /// Found by the issue-10 review: the durable decoders still took a
+    /// varint written in more bytes than needed (251 then a u16 for a value
+    /// below 251), so one snapshot or record had several encodings.
+    #[test]
+    fn non_canonical_snapshots_and_records_are_refused() {
+        let r = Record::Violation { client: 7, count: 3 };
+        let bytes = encode_record(&r);
+        assert_eq!(decode_record(&bytes), Ok(r.clone()));
+        // Variant index 3, then `client` = 7 as 251 + u16 LE: same value, longer.
+        assert_eq!(bytes, [3, 7, 3]);
+        let padded = [3, 251, 7, 0, 3];
+        assert_eq!(decode_record(&padded), Err(DurableError::NonCanonical { what: "record", len: 5, canonical: 3 }));
+        let a = Record::Accepted { client: 1, body: vec![9; 4], signature: SignatureBytes([0; 64]) };
+        let bytes = encode_record(&a);
+        assert_eq!(decode_record(&bytes), Ok(a));
+        // The body length (4) as 251 + u16.
+        let mut padded = vec![bytes[0], bytes[1], 251, 4, 0];
+        padded.extend_from_slice(&bytes[3..]);
+        assert!(matches!(decode_record(&padded), Err(DurableError::NonCanonical { what: "record", .. })));
+
+        let s = Snapshot {
+            version: DURABLE_VERSION,
+            run_id: crate::wire::RunId([1; 16]),
+            rng_seed: 5,
+            enrolled_hash: [2; 32],
+            completed_rounds: 4,
+            evaluated: false,
+            model: vec![0.25; 3],
+            violations: BTreeMap::new(),
+            replica_checkpoint: None,
+            aggregator_state: None,
+        };
+        let bytes = encode_snapshot(&s);
+        assert_eq!(decode_snapshot(&bytes), Ok(s));
+        // `version` (2) is the first field: write it as 251 + u16.
+        assert_eq!(bytes[0], DURABLE_VERSION as u8);
+        let padded = [&[251, DURABLE_VERSION as u8, 0][..], &bytes[1..]].concat();
+        assert!(matches!(decode_snapshot(&padded), Err(DurableError::NonCanonical { what: "snapshot", .. })));
+    }
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tally_protocol::coordinator::{DEFAULT_MAX_UPDATE_ABS, MAX_ROUND_TIMEOUT};
 use tally_protocol::kind::{AlgorithmSpec, KindSettings, RuleSpec};
 use tally_protocol::model::ModelArch;
@@ -157,8 +157,13 @@ pub struct ServerConfig {
     pub final_evaluation: bool,
     /// Seed (drawn from the OS when not configured).
     pub seed: u64,
+    /// Whether the seed was configured (rather than drawn): a resumed run
+    /// takes its saved seed, and refuses a configured one that differs.
+    pub seed_configured: bool,
     /// Run id.
     pub run_id: RunId,
+    /// Whether the run id was configured (as for the seed).
+    pub run_id_configured: bool,
     /// Enrolled keys in file order.
     pub enrolled: Vec<PublicKeyBytes>,
     /// Output directory.
@@ -168,6 +173,11 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// Fault injection for crash tests (`TALLY_FAULT`); never set in production.
     pub danger_fault: Option<FaultPoint>,
+    /// Resume a saved run although its configuration changed (the
+    /// `--danger-accept-config-change` flag; never in the config file, so
+    /// that it applies to one restart and is not left on by accident).
+    /// Changes to the run's identity (seed, run id) are refused even so.
+    pub danger_accept_config_change: bool,
     /// Initial model file.
     pub initial_model: Option<PathBuf>,
     /// Model.
@@ -273,12 +283,15 @@ impl RawConfig {
             join_timeout: Duration::from_secs(self.join_timeout_secs.unwrap_or(10).clamp(1, 3600)),
             final_evaluation: self.final_evaluation.unwrap_or(true),
             seed,
+            seed_configured: self.seed.is_some(),
             run_id,
+            run_id_configured: self.run_id.is_some(),
             enrolled,
             state_dir: self
                 .state_dir
                 .unwrap_or_else(|| self.out_dir.clone().unwrap_or_else(|| PathBuf::from("runs/server")).join("state")),
             danger_fault: None,
+            danger_accept_config_change: false,
             out_dir: self.out_dir.unwrap_or_else(|| PathBuf::from("runs/server")),
             initial_model: self.initial_model,
             arch,
@@ -295,6 +308,140 @@ impl ServerConfig {
     /// or a resumed run's saved one), with the rule checked.
     pub fn kind_settings(&self, seed: u64) -> Result<KindSettings, ConfigError> {
         checked_kind(&self.algorithm, &self.rule, self.quorum, seed, &self.arch)
+    }
+}
+
+/// What defines a run and must not change when it is resumed: saved in the
+/// state directory (`run.json`) when the run starts and compared on every
+/// restart. A resumed run used to ignore another `--seed` silently and apply
+/// another `--lr` mid-run. Operational settings are not in it and may change
+/// across a restart: listen address, TLS, connection limits, join and round
+/// timeouts, the violation limit, output directory, and the initial model
+/// (only read when a run starts). The enrolment list is checked by the
+/// snapshot itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRecord {
+    /// The run id, 32 hex digits.
+    pub run_id: String,
+    /// The run's seed.
+    pub seed: u64,
+    /// See [`RawConfig::rounds`].
+    pub rounds: u32,
+    /// See [`RawConfig::min_clients`].
+    pub min_clients: usize,
+    /// See [`RawConfig::clients_per_round`].
+    pub clients_per_round: usize,
+    /// See [`RawConfig::quorum`].
+    pub quorum: usize,
+    /// See [`RawConfig::final_evaluation`].
+    pub final_evaluation: bool,
+    /// The model.
+    pub model: ModelArch,
+    /// Local training.
+    pub train: TrainSpec,
+    /// The update kind and its settings.
+    pub algorithm: AlgorithmSpec,
+    /// The aggregation rule.
+    pub rule: RuleSpec,
+}
+
+/// Settings that make a run what it is: a change is refused even with
+/// `--danger-accept-config-change` (the coordinator restores them from the
+/// snapshot; a "changed" seed would be silently ignored).
+pub const IDENTITY_SETTINGS: &[&str] = &["run_id", "seed"];
+
+impl RunRecord {
+    /// The record of `config`.
+    pub fn of(config: &ServerConfig) -> RunRecord {
+        RunRecord {
+            run_id: hex::encode(config.run_id.0),
+            seed: config.seed,
+            rounds: config.rounds,
+            min_clients: config.min_clients,
+            clients_per_round: config.clients_per_round,
+            quorum: config.quorum,
+            final_evaluation: config.final_evaluation,
+            model: config.arch.clone(),
+            train: config.train.clone(),
+            algorithm: config.algorithm.clone(),
+            rule: config.rule,
+        }
+    }
+
+    /// As saved (JSON).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = self.json().to_string().into_bytes();
+        out.push(b'\n');
+        out
+    }
+
+    /// Reads a saved record.
+    pub fn from_bytes(bytes: &[u8]) -> Result<RunRecord, String> {
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    }
+
+    /// The run id as saved.
+    pub fn run_id(&self) -> Result<RunId, String> {
+        let b = hex::decode(&self.run_id).map_err(|e| format!("run_id: {e}"))?;
+        Ok(RunId(b.try_into().map_err(|_| "run_id must be 32 hex digits".to_string())?))
+    }
+
+    // Through text, so that an f32 compares and prints as written (0.05,
+    // not the f64 widening 0.05000000074505806).
+    fn json(&self) -> serde_json::Value {
+        serde_json::to_string(self).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+    }
+
+    /// What differs from the `saved` record, one `setting: saved X, now Y`
+    /// per changed leaf (nested settings by dotted path), in alphabetical order.
+    pub fn changes_from(&self, saved: &RunRecord) -> Vec<Change> {
+        let mut out = Vec::new();
+        diff("", &saved.json(), &self.json(), &mut out);
+        out
+    }
+}
+
+/// One setting that differs between a saved run and the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Its dotted path (`train.lr`).
+    pub setting: String,
+    /// As saved (`(none)` if absent).
+    pub saved: String,
+    /// As configured now.
+    pub now: String,
+}
+
+impl Change {
+    /// Whether it changes the run's identity ([`IDENTITY_SETTINGS`]).
+    pub fn is_identity(&self) -> bool {
+        IDENTITY_SETTINGS.contains(&self.setting.as_str())
+    }
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: saved {}, now {}", self.setting, self.saved, self.now)
+    }
+}
+
+fn diff(path: &str, saved: &serde_json::Value, now: &serde_json::Value, out: &mut Vec<Change>) {
+    use serde_json::Value;
+    let show = |v: Option<&Value>| v.map_or_else(|| "(none)".to_string(), Value::to_string);
+    match (saved, now) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: Vec<&String> = a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))).collect();
+            for k in keys {
+                let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                match (a.get(k), b.get(k)) {
+                    (Some(x), Some(y)) => diff(&sub, x, y, out),
+                    (x, y) => out.push(Change { setting: sub, saved: show(x), now: show(y) }),
+                }
+            }
+        }
+        (a, b) if a != b => out.push(Change { setting: path.to_string(), saved: show(Some(a)), now: show(Some(b)) }),
+        _ => {}
     }
 }
 
@@ -386,6 +533,54 @@ mod tests {
         assert_eq!(raw(MAX_ROUND_TIMEOUT.as_secs()).validate([0; 24]).unwrap().round_timeout, MAX_ROUND_TIMEOUT);
     }
 
+    /// Issue 10: a restart with another `--seed` was silently ignored and
+    /// another `--lr` silently applied mid-run. The saved record names every
+    /// changed setting, with both values as written.
+    #[test]
+    fn a_changed_run_configuration_is_named_setting_by_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, format!("{}\n", tally_protocol::Identity::from_secret([3; 32]).public_key())).unwrap();
+        let parse = |extra: &str| {
+            let text = format!("enrolled_keys = {keys:?}\nmin_clients = 1\n{extra}\n[tls]\nself_signed = true\n");
+            RawConfig::parse(Path::new("t.toml"), &text).unwrap().validate([4; 24]).unwrap()
+        };
+        let base = parse("seed = 9\nrounds = 10\ntrain = { lr = 0.05, batch_size = 32, epochs = 1 }");
+        let saved = RunRecord::from_bytes(&RunRecord::of(&base).to_bytes()).unwrap();
+        assert_eq!(saved, RunRecord::of(&base));
+        assert_eq!(saved.run_id().unwrap(), base.run_id);
+        assert!(base.seed_configured && !base.run_id_configured);
+        // The same settings, and operational ones changed: no change.
+        let same = parse(
+            "seed = 9\nrounds = 10\nround_timeout_secs = 5\nmax_connections = 3\ntrain = { lr = 0.05, batch_size = 32, epochs = 1 }",
+        );
+        assert_eq!(RunRecord::of(&same).changes_from(&saved), vec![]);
+        let changed = parse(
+            "seed = 10\nrounds = 12\nquorum = 1\nrule = \"median\"\ntrain = { lr = 0.1, batch_size = 32, epochs = 1 }\n\
+             algorithm = { kind = \"fedavgm\", momentum = 0.5 }",
+        );
+        let changes: Vec<String> =
+            RunRecord::of(&changed).changes_from(&saved).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            changes,
+            [
+                "algorithm.kind: saved \"fedavg\", now \"fedavgm\"",
+                "algorithm.momentum: saved (none), now 0.5",
+                "algorithm.server_lr: saved (none), now 1.0",
+                "rounds: saved 10, now 12",
+                "rule: saved \"mean\", now \"median\"",
+                "seed: saved 9, now 10",
+                "train.lr: saved 0.05, now 0.1",
+            ],
+            "{changes:#?}"
+        );
+        let identity: Vec<bool> =
+            RunRecord::of(&changed).changes_from(&saved).iter().map(Change::is_identity).collect();
+        assert_eq!(identity, [false, false, false, false, false, true, false]);
+        // A record that is not one is refused, not guessed at.
+        assert!(RunRecord::from_bytes(b"{\"seed\": 1}").is_err());
+    }
+
     #[test]
     fn kind_and_rule_are_chosen_independently() {
         let dir = tempfile::tempdir().unwrap();
@@ -426,6 +621,15 @@ pub enum FaultPoint {
     Opened(u32),
     /// Right after the `n`-th accepted report is durable, before its Ack is sent.
     Accepted(u32),
+    /// Right after the `nth` report of round `round` accepted by this
+    /// process is durable, before its Ack is sent (`report:<round>/<nth>`):
+    /// a point in a given round, for crash tests that draw several.
+    Report {
+        /// The round.
+        round: u32,
+        /// Which of its reports (1-based), counting this process's only.
+        nth: u32,
+    },
     /// Right after round `n` closed (snapshot written), before the next round's messages go out.
     Closed(u32),
 }
@@ -433,12 +637,16 @@ pub enum FaultPoint {
 impl std::str::FromStr for FaultPoint {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (kind, n) = s.split_once(':').ok_or("expected <opened|accepted|closed>:<n>")?;
-        let n: u32 = n.parse().map_err(|e| format!("{s}: {e}"))?;
+        let (kind, n) = s.split_once(':').ok_or("expected <opened|accepted|closed>:<n> or report:<round>/<n>")?;
+        let num = |t: &str| t.parse::<u32>().map_err(|e| format!("{s}: {e}"));
         match kind {
-            "opened" => Ok(FaultPoint::Opened(n)),
-            "accepted" => Ok(FaultPoint::Accepted(n)),
-            "closed" => Ok(FaultPoint::Closed(n)),
+            "opened" => Ok(FaultPoint::Opened(num(n)?)),
+            "accepted" => Ok(FaultPoint::Accepted(num(n)?)),
+            "closed" => Ok(FaultPoint::Closed(num(n)?)),
+            "report" => {
+                let (round, nth) = n.split_once('/').ok_or_else(|| format!("{s}: expected report:<round>/<n>"))?;
+                Ok(FaultPoint::Report { round: num(round)?, nth: num(nth)? })
+            }
             _ => Err(format!("unknown fault point {kind:?}")),
         }
     }

@@ -36,22 +36,25 @@ pub fn state_snapshot(data: &[u8]) {
 }
 
 /// `wal.bin` bytes of generation [`WAL_GENERATION`]: header, CRC-framed
-/// records. The accepted records, framed again, read back the same and take
-/// no more bytes than the input (a torn last frame may have been dropped).
+/// records. The accepted records, framed again, are exactly the prefix of
+/// the input said to be valid (records are canonical; a torn last frame may
+/// have been dropped), and read back the same.
 pub fn state_wal(data: &[u8]) {
     let path = Path::new("wal.bin");
-    if let Ok(Some(records)) = state::parse_wal(path, data, WAL_GENERATION) {
+    if let Ok(Some(wal)) = state::parse_wal(path, data, WAL_GENERATION) {
         let mut again = state::wal_header(WAL_GENERATION);
-        for r in &records {
+        for r in &wal.records {
             match state::wal_frame(r) {
                 Some(frame) => again.extend_from_slice(&frame),
                 None => panic!("a record read from a log does not fit a frame"),
             }
         }
-        assert!(again.len() <= data.len(), "accepted records are longer than the log");
+        assert_eq!(Some(&again[..]), data.get(..wal.valid_len), "re-framed records differ from the valid prefix");
         let encode = |rs: &[Record]| rs.iter().map(durable::encode_record).collect::<Vec<_>>();
         match state::parse_wal(path, &again, WAL_GENERATION) {
-            Ok(Some(back)) => assert_eq!(encode(&back), encode(&records), "re-framed records read back differently"),
+            Ok(Some(back)) => {
+                assert_eq!(encode(&back.records), encode(&wal.records), "re-framed records read back differently")
+            }
             other => panic!("re-framed records do not read back: {other:?}"),
         }
     }

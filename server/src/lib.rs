@@ -17,6 +17,8 @@ pub mod config;
 pub mod fuzz_entry;
 pub mod metrics;
 pub mod state;
+#[cfg(test)]
+mod tests;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -31,9 +33,9 @@ use tally_protocol::wire::RejectCode;
 use tally_protocol::{ConnectionHandle, Coordinator, CoordinatorConfig, Event};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::config::ServerConfig;
+use crate::config::{RunRecord, ServerConfig};
 use crate::metrics::MetricsWriter;
 
 /// Concurrent unidirectional streams a client may open. The protocol sends
@@ -108,6 +110,34 @@ pub enum ServerError {
         dir: PathBuf,
         /// Why.
         source: tally_protocol::durable::DurableError,
+    },
+    /// The saved run was started with another configuration.
+    #[error(
+        "resuming from {dir}: the run was started with another configuration:\n  {}\n{hint}",
+        changes.join("\n  ")
+    )]
+    ConfigChanged {
+        /// State directory.
+        dir: PathBuf,
+        /// What changed, one `setting: saved X, now Y` each.
+        changes: Vec<String>,
+        /// What the operator can do.
+        hint: &'static str,
+    },
+    /// Metrics file.
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+    /// The run finished and its clients were told, but its outputs could
+    /// not be written.
+    #[error(
+        "the run finished, but its outputs could not be written: {message}; \
+         the final model is safe in {state_dir}: start the server again on it to write them"
+    )]
+    Outputs {
+        /// What failed.
+        message: String,
+        /// Where the run's state is.
+        state_dir: PathBuf,
     },
     /// Socket or file I/O.
     #[error("{context}: {source}")]
@@ -192,12 +222,13 @@ impl Server {
             }
             None => config.arch.init_params(config.seed),
         };
-        let (state, recovered) = state::StateDir::open(&config.state_dir)?;
+        let (mut state, recovered) = state::StateDir::open(&config.state_dir)?;
         let resumed = recovered.is_some();
         if let Some(r) = &recovered {
-            // The saved run's identity wins over defaults drawn at random.
-            config.run_id = r.snapshot.run_id;
-            config.seed = r.snapshot.rng_seed;
+            check_run_config(&mut config, &state, &r.snapshot)?;
+        } else {
+            // Saved before the first snapshot: a run on disk always has it.
+            state.save_config(&RunRecord::of(&config).to_bytes())?;
         }
         let coordinator_config = CoordinatorConfig {
             run_id: config.run_id,
@@ -219,7 +250,7 @@ impl Server {
             schedule: None,
             final_evaluation: config.final_evaluation,
         };
-        let coordinator = match recovered {
+        let mut coordinator = match recovered {
             Some(r) => {
                 info!(
                     dir = %config.state_dir.display(),
@@ -236,6 +267,11 @@ impl Server {
                 c
             }
         };
+        // Persist what the coordinator produced while starting (a new run's
+        // first snapshot).
+        while let Some(p) = coordinator.poll_persist() {
+            state.persist(&p)?;
+        }
         let socket = std::net::UdpSocket::bind(config.listen).map_err(io_err(format!("binding {}", config.listen)))?;
         let endpoint =
             quinn::Endpoint::new(endpoint_config, Some(server_config), socket, Arc::new(quinn::TokioRuntime))
@@ -260,15 +296,23 @@ impl Server {
         std::fs::create_dir_all(&config.out_dir).map_err(io_err(format!("creating {}", config.out_dir.display())))?;
         let metrics_path = config.out_dir.join("metrics.jsonl");
         let model_path = config.out_dir.join("final_model.safetensors");
-        let mut metrics = MetricsWriter::create(&metrics_path, resumed)
-            .map_err(io_err(format!("creating {}", metrics_path.display())))?;
+        let pending_path = state.pending_metrics_path();
+        let mut metrics = if resumed {
+            MetricsWriter::resume(&metrics_path, &pending_path)?
+        } else {
+            MetricsWriter::create(&metrics_path, &pending_path)?
+        };
         let mut accepted_total = 0u32;
-        // Persist what the coordinator produced while starting (the first snapshot).
-        while let Some(p) = coordinator.poll_persist() {
-            state.persist(&p)?;
-        }
+        // The first failure to write an output: reported when the run ends
+        // (after the clients were told), never a reason to strand them.
+        let mut outputs_failed: Option<String> = None;
         if coordinator.phase() == tally_protocol::Phase::Finished {
             warn!(dir = %config.state_dir.display(), "the saved run is already finished; use a new --state-dir for a new run");
+            // Written again: the last attempt may have failed.
+            if let Err(e) = write_final_outputs(&config, &coordinator, &mut metrics, &model_path) {
+                error!(error = %e, "writing the run's outputs");
+                outputs_failed.get_or_insert(e);
+            }
         }
         info!(run_id = %config.run_id, rounds = config.rounds, min_clients = config.min_clients, "waiting for clients");
 
@@ -370,6 +414,25 @@ impl Server {
                     }
                 }
             }
+            let events: Vec<Event> = std::iter::from_fn(|| coordinator.poll_event()).collect();
+            // Outputs before durability, and before anything is sent: a
+            // closed round's metrics reach the disk before the snapshot that
+            // closes it (after a crash, either the rows are there or the
+            // round is redone and writes them), and the final model before
+            // the first `Finished` leaves.
+            for event in &events {
+                let written = match event {
+                    Event::RoundCompleted(summary) => metrics
+                        .record(summary, std_start.elapsed().as_secs_f64())
+                        .map_err(|e| format!("writing metrics: {e}")),
+                    Event::Finished { .. } => write_final_outputs(&config, &coordinator, &mut metrics, &model_path),
+                    _ => Ok(()),
+                };
+                if let Err(e) = written {
+                    error!(error = %e, "writing the run's outputs; the run goes on");
+                    outputs_failed.get_or_insert(e);
+                }
+            }
             // Durable before sent: every record and snapshot produced by this
             // input reaches the disk before its Acks and round messages leave.
             while let Some(p) = coordinator.poll_persist() {
@@ -383,6 +446,11 @@ impl Server {
                         (Persist::Append(Record::Accepted { .. }), config::FaultPoint::Accepted(n)) => {
                             accepted_total += 1;
                             accepted_total == n
+                        }
+                        (Persist::Append(Record::Accepted { body, .. }), config::FaultPoint::Report { round, nth }) => {
+                            let of_round = tally_protocol::codec::decode_report(body).is_ok_and(|r| r.round == round);
+                            accepted_total += u32::from(of_round);
+                            of_round && accepted_total == nth
                         }
                         (Persist::Snapshot(s), config::FaultPoint::Closed(n)) => s.completed_rounds == n,
                         _ => false,
@@ -400,8 +468,8 @@ impl Server {
                     let _ = w.send(Outbound::Send(t.bytes));
                 }
             }
-            while let Some(event) = coordinator.poll_event() {
-                match &event {
+            for event in &events {
+                match event {
                     Event::ClientJoined { conn, client } => info!(conn = conn.0, client, "client joined"),
                     Event::RoundOpened { round, task, sampled } => {
                         info!(round, ?task, clients = sampled.len(), "round opened")
@@ -426,9 +494,6 @@ impl Server {
                             incoming_accuracy = summary.eval_of_incoming.map(|e| e.accuracy()),
                             "round completed"
                         );
-                        metrics
-                            .record(summary, std_start.elapsed().as_secs_f64())
-                            .map_err(io_err("writing metrics"))?;
                     }
                     Event::CloseConnection { conn, reason } => {
                         if let Some(w) = writers.remove(conn) {
@@ -447,12 +512,15 @@ impl Server {
             }
         }
 
-        metrics.flush_pending().map_err(io_err("writing metrics"))?;
-        let bytes = config
-            .arch
-            .to_safetensors(coordinator.model())
-            .map_err(|e| ServerError::InitialModel { path: model_path.clone(), message: e.to_string() })?;
-        write_atomic(&model_path, &bytes).map_err(io_err(format!("writing {}", model_path.display())))?;
+        if !finished {
+            // Interrupted: the current model, for inspection. The newest
+            // metrics row stays pending: its evaluation comes when the run
+            // resumes.
+            if let Err(e) = write_model(&config, &coordinator, &model_path) {
+                error!(error = %e, "writing the current model");
+                outputs_failed.get_or_insert(e);
+            }
+        }
 
         // Let writers deliver what is queued (the Finished message), then close.
         drop(writers);
@@ -460,6 +528,9 @@ impl Server {
         acceptor.abort();
         endpoint.close(0u32.into(), b"run over");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        if let Some(message) = outputs_failed {
+            return Err(ServerError::Outputs { message, state_dir: config.state_dir.clone() });
+        }
         Ok(RunOutcome {
             rounds_completed: coordinator.completed_rounds(),
             finished,
@@ -468,6 +539,87 @@ impl Server {
             final_accuracy: metrics.last_accuracy(),
         })
     }
+}
+
+/// Checks a resumed run's configuration against the one it started with
+/// (`run.json`): unconfigured seed and run id take the saved ones; any other
+/// change is refused with what changed, unless the operator accepts it
+/// (`--danger-accept-config-change`, then the new configuration is saved);
+/// the seed and the run id can't change at all.
+fn check_run_config(
+    config: &mut ServerConfig,
+    state: &state::StateDir,
+    snapshot: &tally_protocol::durable::Snapshot,
+) -> Result<(), ServerError> {
+    let dir = state.dir().to_path_buf();
+    let Some(bytes) = state.saved_config()? else {
+        // A run saved by a build that did not record its configuration.
+        if !config.danger_accept_config_change {
+            return Err(ServerError::ConfigChanged {
+                dir,
+                changes: vec!["the saved run has no record of its configuration (run.json)".into()],
+                hint: "restart with the configuration it was started with and --danger-accept-config-change to record it",
+            });
+        }
+        config.run_id = snapshot.run_id;
+        config.seed = snapshot.rng_seed;
+        warn!(dir = %dir.display(), "recording the current configuration for a saved run that had none");
+        state.save_config(&RunRecord::of(config).to_bytes())?;
+        return Ok(());
+    };
+    let saved = RunRecord::from_bytes(&bytes).map_err(|reason| state::StateError::Corrupted {
+        path: dir.join("run.json"),
+        reason: format!("not a run record: {reason}"),
+    })?;
+    // The saved run's identity wins over defaults drawn at random.
+    if !config.seed_configured {
+        config.seed = saved.seed;
+    }
+    if !config.run_id_configured {
+        config.run_id =
+            saved.run_id().map_err(|reason| state::StateError::Corrupted { path: dir.join("run.json"), reason })?;
+    }
+    let changes = RunRecord::of(config).changes_from(&saved);
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let listed = changes.iter().map(ToString::to_string).collect();
+    if changes.iter().any(config::Change::is_identity) {
+        return Err(ServerError::ConfigChanged {
+            dir,
+            changes: listed,
+            hint: "the seed and the run id can't change during a run; drop them or give the saved values",
+        });
+    }
+    if !config.danger_accept_config_change {
+        return Err(ServerError::ConfigChanged {
+            dir,
+            changes: listed,
+            hint: "restart with the saved values, or accept the change for the rest of the run with \
+                   --danger-accept-config-change (the result is then no longer that of one configuration)",
+        });
+    }
+    warn!(dir = %dir.display(), changes = ?listed, "resuming with a changed configuration, as asked");
+    state.save_config(&RunRecord::of(config).to_bytes())?;
+    Ok(())
+}
+
+/// Writes the model as `final_model.safetensors` (atomically).
+fn write_model(config: &ServerConfig, coordinator: &Coordinator, path: &std::path::Path) -> Result<(), String> {
+    let bytes = config.arch.to_safetensors(coordinator.model()).map_err(|e| format!("{}: {e}", path.display()))?;
+    write_atomic(path, &bytes).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// A finished run's outputs: its last metrics row, then the final model.
+fn write_final_outputs(
+    config: &ServerConfig,
+    coordinator: &Coordinator,
+    metrics: &mut MetricsWriter,
+    model_path: &std::path::Path,
+) -> Result<(), String> {
+    let rows = metrics.finish().map_err(|e| format!("writing metrics: {e}"));
+    let model = write_model(config, coordinator, model_path);
+    rows.and(model)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -584,7 +736,8 @@ async fn writer(connection: quinn::Connection, mut rx: mpsc::UnboundedReceiver<O
     connection.close(reason.0.into(), reason.1.as_bytes());
 }
 
-/// Writes a file atomically: temp file, fsync, rename.
+/// Writes a file atomically and durably: temp file, fsync, rename, fsync of
+/// the directory (clients are told the run is over once it returns).
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
@@ -593,7 +746,11 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
         f.write_all(bytes)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 /// One counted connection slot; dropping it frees the slot.

@@ -86,6 +86,12 @@ struct RunArgs {
     /// Aggregation rule: mean (default) or median.
     #[arg(long, value_parser = parse_rule)]
     rule: Option<tally_protocol::RuleSpec>,
+    /// Resume a saved run although its configuration (rounds, quorum,
+    /// model, training, algorithm, rule, …) differs from the one it started
+    /// with, and record the new one. Without it such a restart is refused
+    /// with the list of changes. The seed and run id can never change.
+    #[arg(long)]
+    danger_accept_config_change: bool,
     /// Dev mode: generate a self-signed certificate and print its fingerprint.
     #[arg(long)]
     self_signed: bool,
@@ -148,6 +154,7 @@ fn main() -> anyhow::Result<()> {
     let mut os_seed = [0u8; 24];
     getrandom::fill(&mut os_seed).map_err(|e| anyhow::anyhow!("OS randomness unavailable: {e}"))?;
     let mut config = raw.validate(os_seed)?;
+    config.danger_accept_config_change = cli.danger_accept_config_change;
     // Crash tests only: abort at a named point, as `kill -9` would.
     if let Ok(fault) = std::env::var("TALLY_FAULT") {
         config.danger_fault = Some(fault.parse().map_err(anyhow::Error::msg)?);

@@ -2,6 +2,10 @@
 //! its write-ahead log (see `tally_protocol::durable`).
 //!
 //! Layout of the state directory:
+//! - `lock`: held with an exclusive advisory lock (`flock`) while a server
+//!   uses the directory, so a second server on the same run is refused
+//!   instead of interleaving its writes; it holds the owner's pid. The
+//!   kernel releases the lock when the process dies, even by `kill -9`.
 //! - `snapshot.bin`: `b"TLYSNAP1"`, generation (u64 LE), payload length (u64
 //!   LE), SHA-256 of the payload (32 bytes), payload (an encoded snapshot).
 //!   Replaced atomically: written to `snapshot.tmp`, fsynced, renamed, and the
@@ -9,15 +13,25 @@
 //! - `wal.bin`: `b"TLYWAL01"`, generation (u64 LE), then frames of payload
 //!   length (u32 LE), CRC-32 of the payload (u32 LE), payload (an encoded
 //!   record). Every append is fsynced before the caller sends anything that
-//!   depends on it.
+//!   depends on it. It is created with the first snapshot, never before.
+//! - `run.json`: the run's configuration as it started (see
+//!   `crate::config::RunRecord`), written before the first snapshot; a
+//!   restart compares against it.
+//! - `metrics-pending.json`: the newest metrics row, waiting for the
+//!   evaluation of its model (see `crate::metrics`).
 //!
 //! A log whose generation differs from the snapshot's is stale (the server
 //! died between writing a snapshot and starting the new log) and is ignored:
 //! the snapshot already contains it. A torn last frame (the process died
 //! mid-append, before the fsync returned and so before any acknowledgement)
-//! is dropped with a warning. Any other damage — a bad checksum, a bad
-//! magic, a frame cut in the middle of the log — is an error: state is never
-//! used silently when it cannot be trusted.
+//! is dropped with a warning and cut off the file before anything is
+//! appended. It is told apart from corruption by what follows it: a torn
+//! frame is the last thing in the file, so a damaged frame with a valid
+//! frame anywhere after it is corruption. Any other damage — a bad checksum
+//! followed by more bytes, a bad magic, a length no record can have, a
+//! snapshot without its log or a log without its snapshot — is an error:
+//! state is never used silently when it cannot be trusted, and a new run is
+//! never started over what is left of an old one.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -31,6 +45,24 @@ const SNAP_MAGIC: &[u8; 8] = b"TLYSNAP1";
 const WAL_MAGIC: &[u8; 8] = b"TLYWAL01";
 const SNAP_HEADER: usize = 8 + 8 + 8 + 32;
 const WAL_HEADER: usize = 8 + 8;
+const FRAME_HEADER: usize = 4 + 4;
+
+/// Bytes of payload a search for valid frames after a damaged one may
+/// checksum before giving up (and refusing the log, the safe answer). A real
+/// torn tail is a prefix of one record, in which few offsets even look like
+/// a frame (see [`find_frame`]), so this is far above what one needs; it
+/// bounds the start-up time on a hostile file (a quarter-second of CRC-32).
+pub const MAX_SCAN_BYTES: usize = 256 * 1024 * 1024;
+
+/// Variants of [`Record`]: its encoding starts with the index, one byte.
+const RECORD_VARIANTS: u8 = 4;
+
+/// File names in the state directory.
+const SNAPSHOT_FILE: &str = "snapshot.bin";
+const WAL_FILE: &str = "wal.bin";
+const LOCK_FILE: &str = "lock";
+const RUN_FILE: &str = "run.json";
+const PENDING_METRICS_FILE: &str = "metrics-pending.json";
 
 /// Errors reading or writing state.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +83,29 @@ pub enum StateError {
         /// What is wrong.
         reason: String,
     },
+    /// Another process holds the directory's lock.
+    #[error(
+        "{dir} is in use by another tally-server ({holder}); two servers on one state directory would corrupt the run"
+    )]
+    Locked {
+        /// The state directory.
+        dir: PathBuf,
+        /// Who holds it, as far as the lock file says.
+        holder: String,
+    },
+    /// One of the snapshot and the log is there without the other.
+    #[error(
+        "{dir}: {present} is present but {missing} is missing, so the saved run cannot be resumed; \
+         refusing to start a new run over it (restore {missing}, or move the directory away to start afresh)"
+    )]
+    Incomplete {
+        /// The state directory.
+        dir: PathBuf,
+        /// The file found.
+        present: &'static str,
+        /// The file missing.
+        missing: &'static str,
+    },
     /// Decodable bytes that the coordinator cannot use.
     #[error("{path}: {source}")]
     Durable {
@@ -70,12 +125,26 @@ pub struct Recovered {
     pub records: Vec<Record>,
 }
 
-/// An open state directory.
+/// An open state directory, locked for this process until dropped.
 #[derive(Debug)]
 pub struct StateDir {
     dir: PathBuf,
     generation: u64,
-    wal: File,
+    /// `None` until the first snapshot of a new run: a log is never created
+    /// without the snapshot it follows.
+    wal: Option<File>,
+    /// Holds the directory's exclusive lock (released when closed).
+    _lock: File,
+}
+
+/// A parsed log: its records and how many bytes of the file they (and the
+/// header) take; anything after is a torn frame to cut off.
+#[derive(Debug)]
+pub struct Wal {
+    /// The records, in order.
+    pub records: Vec<Record>,
+    /// Length of the valid prefix of the file.
+    pub valid_len: usize,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
@@ -87,63 +156,138 @@ fn corrupted(path: &Path, reason: impl Into<String>) -> StateError {
 }
 
 impl StateDir {
-    /// Opens (creating) `dir` and reads what it holds.
+    /// Opens (creating) `dir`, takes its lock and reads what it holds: the
+    /// saved run, or `None` for a directory that holds none.
     pub fn open(dir: &Path) -> Result<(StateDir, Option<Recovered>), StateError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let snap_path = dir.join("snapshot.bin");
-        let wal_path = dir.join("wal.bin");
-        let recovered = if snap_path.exists() {
-            let (generation, snapshot) = read_snapshot(&snap_path)?;
-            let records = read_wal(&wal_path, generation)?.unwrap_or_default();
-            Some((generation, Recovered { snapshot, records }))
-        } else {
-            None
-        };
-        let generation = recovered.as_ref().map_or(0, |(g, _)| *g);
-        // Keep appending to a log of the current generation; otherwise start one.
-        let wal = match &recovered {
-            Some(_) if wal_generation(&wal_path) == Some(generation) => {
-                OpenOptions::new().append(true).open(&wal_path).map_err(io(&wal_path))?
+        // First of all: nothing is read or written without the lock.
+        let lock = lock_dir(dir)?;
+        let snap_path = dir.join(SNAPSHOT_FILE);
+        let wal_path = dir.join(WAL_FILE);
+        let incomplete = |present, missing| StateError::Incomplete { dir: dir.to_path_buf(), present, missing };
+        match (snap_path.exists(), wal_path.exists()) {
+            (false, false) => {
+                return Ok((StateDir { dir: dir.to_path_buf(), generation: 0, wal: None, _lock: lock }, None));
             }
-            _ => new_wal(&wal_path, generation)?,
+            // Starting afresh here would overwrite the log: acknowledged
+            // reports, and the only trace of the run.
+            (false, true) => return Err(incomplete(WAL_FILE, SNAPSHOT_FILE)),
+            // The log is created with the first snapshot and only ever
+            // replaced, never removed: without it, acknowledged reports are gone.
+            (true, false) => return Err(incomplete(SNAPSHOT_FILE, WAL_FILE)),
+            (true, true) => {}
+        }
+        let (generation, snapshot) = read_snapshot(&snap_path)?;
+        // Keep appending to a log of the current generation, without its torn
+        // tail (appended after, it would read as corruption next time);
+        // otherwise start one.
+        let (wal, records) = match read_wal(&wal_path, generation)? {
+            Some(parsed) => {
+                let f = OpenOptions::new().append(true).open(&wal_path).map_err(io(&wal_path))?;
+                let len = f.metadata().map_err(io(&wal_path))?.len();
+                if len > parsed.valid_len as u64 {
+                    f.set_len(parsed.valid_len as u64).map_err(io(&wal_path))?;
+                    f.sync_all().map_err(io(&wal_path))?;
+                }
+                (f, parsed.records)
+            }
+            None => (new_wal(&wal_path, generation)?, Vec::new()),
         };
-        Ok((StateDir { dir: dir.to_path_buf(), generation, wal }, recovered.map(|(_, r)| r)))
+        let recovered = Recovered { snapshot, records };
+        Ok((StateDir { dir: dir.to_path_buf(), generation, wal: Some(wal), _lock: lock }, Some(recovered)))
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the metrics writer keeps the row awaiting its evaluation.
+    pub fn pending_metrics_path(&self) -> PathBuf {
+        self.dir.join(PENDING_METRICS_FILE)
+    }
+
+    /// The run's configuration as saved when it started (`run.json`), if any.
+    pub fn saved_config(&self) -> Result<Option<Vec<u8>>, StateError> {
+        let path = self.dir.join(RUN_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Saves the run's configuration (atomically, durably).
+    pub fn save_config(&self, bytes: &[u8]) -> Result<(), StateError> {
+        let path = self.dir.join(RUN_FILE);
+        write_durably(&self.dir, &path, bytes)
     }
 
     /// Makes `p` durable.
     pub fn persist(&mut self, p: &Persist) -> Result<(), StateError> {
+        let wal_path = self.dir.join(WAL_FILE);
         match p {
             Persist::Snapshot(s) => {
                 let generation = self.generation.saturating_add(1);
                 write_snapshot(&self.dir, generation, s)?;
-                let wal_path = self.dir.join("wal.bin");
-                self.wal = new_wal(&wal_path, generation)?;
+                self.wal = Some(new_wal(&wal_path, generation)?);
                 self.generation = generation;
             }
             Persist::Append(r) => {
-                let frame = wal_frame(r).ok_or_else(|| corrupted(&self.dir, "record too large"))?;
-                let wal_path = self.dir.join("wal.bin");
-                self.wal.write_all(&frame).map_err(io(&wal_path))?;
-                self.wal.sync_data().map_err(io(&wal_path))?;
+                // The coordinator snapshots before it logs anything; a record
+                // without a log to follow would be lost on restart, so refuse.
+                let wal =
+                    self.wal.as_mut().ok_or_else(|| corrupted(&wal_path, "a record before the first snapshot"))?;
+                let frame = wal_frame(r).ok_or_else(|| corrupted(&wal_path, "record too large"))?;
+                wal.write_all(&frame).map_err(io(&wal_path))?;
+                wal.sync_data().map_err(io(&wal_path))?;
             }
         }
         Ok(())
     }
 }
 
-fn write_snapshot(dir: &Path, generation: u64, s: &Snapshot) -> Result<(), StateError> {
-    let bytes = snapshot_file(generation, s);
-    let tmp = dir.join("snapshot.tmp");
-    let path = dir.join("snapshot.bin");
+/// Takes the exclusive lock of `dir` (its `lock` file) and writes our pid
+/// into it; refuses if another process holds it.
+fn lock_dir(dir: &Path) -> Result<File, StateError> {
+    let path = dir.join(LOCK_FILE);
+    let mut f =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            // The pid is a courtesy for the message; the lock is the guard.
+            let _ = f.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "lock held".to_string(),
+                pid => format!("pid {}", pid.chars().take(20).collect::<String>()),
+            };
+            return Err(StateError::Locked { dir: dir.to_path_buf(), holder });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+    }
+    f.set_len(0).map_err(io(&path))?;
+    f.write_all(std::process::id().to_string().as_bytes()).map_err(io(&path))?;
+    Ok(f)
+}
+
+/// Writes `path` in `dir` atomically: temp file, fsync, rename, fsync of
+/// the directory.
+fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let tmp = path.with_extension("tmp");
     {
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
+        f.write_all(bytes).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
     }
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
     // The rename itself must survive a crash.
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
-    Ok(())
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+fn write_snapshot(dir: &Path, generation: u64, s: &Snapshot) -> Result<(), StateError> {
+    write_durably(dir, &dir.join(SNAPSHOT_FILE), &snapshot_file(generation, s))
 }
 
 /// The bytes of `snapshot.bin` for snapshot `s` of `generation`.
@@ -186,12 +330,6 @@ pub fn parse_snapshot(path: &Path, bytes: &[u8]) -> Result<(u64, Snapshot), Stat
     Ok((generation, snapshot))
 }
 
-fn wal_generation(path: &Path) -> Option<u64> {
-    let mut head = [0u8; WAL_HEADER];
-    File::open(path).and_then(|mut f| f.read_exact(&mut head)).ok()?;
-    (&head[..8] == WAL_MAGIC).then(|| u64::from_le_bytes(head[8..16].try_into().unwrap_or([0; 8])))
-}
-
 fn new_wal(path: &Path, generation: u64) -> Result<File, StateError> {
     let mut f = File::create(path).map_err(io(path))?;
     f.write_all(&wal_header(generation)).map_err(io(path))?;
@@ -202,12 +340,11 @@ fn new_wal(path: &Path, generation: u64) -> Result<File, StateError> {
     Ok(f)
 }
 
-/// Reads the records of a log of `generation`; `None` if the log is missing
-/// or belongs to another generation (stale).
-fn read_wal(path: &Path, generation: u64) -> Result<Option<Vec<Record>>, StateError> {
-    let Ok(mut f) = File::open(path) else { return Ok(None) };
+/// Reads the records of a log of `generation`; `None` if the log belongs to
+/// another generation (stale) or never got its header.
+fn read_wal(path: &Path, generation: u64) -> Result<Option<Wal>, StateError> {
     let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes).map_err(io(path))?;
+    File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io(path))?;
     parse_wal(path, &bytes, generation)
 }
 
@@ -234,8 +371,8 @@ pub fn wal_frame(r: &Record) -> Option<Vec<u8>> {
 /// Checks and decodes the bytes of a log file (`path` only names it in
 /// errors and warnings): its records, or `None` if it holds nothing of
 /// `generation` (see [`read_wal`]).
-pub fn parse_wal(path: &Path, bytes: &[u8], generation: u64) -> Result<Option<Vec<Record>>, StateError> {
-    let Some((head, mut rest)) = bytes.split_at_checked(WAL_HEADER) else {
+pub fn parse_wal(path: &Path, bytes: &[u8], generation: u64) -> Result<Option<Wal>, StateError> {
+    let Some(head) = bytes.get(..WAL_HEADER) else {
         // The header is written and fsynced before any record: a short file
         // is a log that never got its header, holding nothing.
         return Ok(None);
@@ -248,36 +385,118 @@ pub fn parse_wal(path: &Path, bytes: &[u8], generation: u64) -> Result<Option<Ve
         return Ok(None);
     }
     let mut records = Vec::new();
-    while !rest.is_empty() {
-        let torn = |what: &str| {
-            warn!(path = %path.display(), records = records.len(), "dropping a torn last log frame ({what})");
+    let mut pos = WAL_HEADER;
+    while let Some(rest) = bytes.get(pos..).filter(|r| !r.is_empty()) {
+        let damage = match rest.split_at_checked(FRAME_HEADER) {
+            None => "short header",
+            Some((frame_head, body)) => {
+                let len = u32::from_le_bytes(frame_head[..4].try_into().unwrap_or([0; 4])) as usize;
+                let crc = u32::from_le_bytes(frame_head[4..8].try_into().unwrap_or([0; 4]));
+                // We never write such a frame, torn or not: the length is
+                // written whole with the rest of the header.
+                if len > MAX_RECORD_BYTES {
+                    return Err(corrupted(path, format!("frame {} at byte {pos} claims {len} bytes", records.len())));
+                }
+                match body.split_at_checked(len) {
+                    None => "short payload",
+                    Some((payload, _)) if crc32fast::hash(payload) != crc => {
+                        if body.len() > len {
+                            return Err(corrupted(
+                                path,
+                                format!(
+                                    "checksum mismatch in frame {} at byte {pos}, with bytes after it",
+                                    records.len()
+                                ),
+                            ));
+                        }
+                        "checksum"
+                    }
+                    Some((payload, _)) => {
+                        let record = durable::decode_record(payload)
+                            .map_err(|source| StateError::Durable { path: path.into(), source })?;
+                        records.push(record);
+                        pos += FRAME_HEADER + len;
+                        continue;
+                    }
+                }
+            }
         };
-        let Some((frame_head, body)) = rest.split_at_checked(8) else {
-            torn("short header");
-            break;
-        };
-        let len = u32::from_le_bytes(frame_head[..4].try_into().unwrap_or([0; 4])) as usize;
-        let crc = u32::from_le_bytes(frame_head[4..8].try_into().unwrap_or([0; 4]));
-        if len > MAX_RECORD_BYTES {
-            return Err(corrupted(path, format!("frame {} claims {len} bytes", records.len())));
-        }
-        let Some((payload, after)) = body.split_at_checked(len) else {
-            torn("short payload");
-            break;
-        };
-        if crc32fast::hash(payload) != crc {
-            if after.is_empty() {
-                torn("checksum");
+        // A damaged frame that runs to the end of the file: a torn append,
+        // unless a valid frame follows it (then its length field is what is
+        // damaged, and dropping it would drop acknowledged reports).
+        let after = pos + 1;
+        match find_frame(bytes.get(after..).unwrap_or_default()) {
+            Scan::Found(at) => {
+                return Err(corrupted(
+                    path,
+                    format!(
+                        "frame {} at byte {pos} is damaged ({damage}) but a valid frame follows at byte {}: \
+                         the log is corrupted, not torn",
+                        records.len(),
+                        after + at
+                    ),
+                ));
+            }
+            Scan::GaveUp => {
+                return Err(corrupted(
+                    path,
+                    format!(
+                        "frame {} at byte {pos} is damaged ({damage}) and the {} bytes after it could not be \
+                         checked for valid frames within {MAX_SCAN_BYTES} bytes of checksums",
+                        records.len(),
+                        bytes.len() - after
+                    ),
+                ));
+            }
+            Scan::Nothing => {
+                warn!(
+                    path = %path.display(),
+                    records = records.len(),
+                    dropped_bytes = bytes.len() - pos,
+                    "dropping a torn last log frame ({damage})"
+                );
                 break;
             }
-            return Err(corrupted(path, format!("checksum mismatch in frame {} with frames after it", records.len())));
         }
-        let record =
-            durable::decode_record(payload).map_err(|source| StateError::Durable { path: path.into(), source })?;
-        records.push(record);
-        rest = after;
     }
-    Ok(Some(records))
+    Ok(Some(Wal { records, valid_len: pos }))
+}
+
+/// What a search for a valid frame found.
+enum Scan {
+    /// One starts at this offset.
+    Found(usize),
+    /// None anywhere.
+    Nothing,
+    /// [`MAX_SCAN_BYTES`] spent before the end.
+    GaveUp,
+}
+
+/// Looks for a valid frame (length in range and within `bytes`, a record
+/// variant, matching CRC, decodable) at every offset of `bytes`.
+fn find_frame(bytes: &[u8]) -> Scan {
+    let mut budget = MAX_SCAN_BYTES;
+    for start in 0..bytes.len() {
+        let Some(head) = bytes.get(start..start + FRAME_HEADER) else { break };
+        let len = u32::from_le_bytes(head[..4].try_into().unwrap_or([0; 4])) as usize;
+        // No record encodes to zero bytes, and none is longer than the limit.
+        if len == 0 || len > MAX_RECORD_BYTES {
+            continue;
+        }
+        let Some(payload) = bytes.get(start + FRAME_HEADER..start + FRAME_HEADER + len) else { continue };
+        // A record starts with its variant index (a cheap filter before the
+        // checksum: a float's bytes rarely pass it).
+        if payload.first().is_none_or(|v| *v >= RECORD_VARIANTS) {
+            continue;
+        }
+        let Some(left) = budget.checked_sub(len) else { return Scan::GaveUp };
+        budget = left;
+        let crc = u32::from_le_bytes(head[4..8].try_into().unwrap_or([0; 4]));
+        if crc32fast::hash(payload) == crc && durable::decode_record(payload).is_ok() {
+            return Scan::Found(start);
+        }
+    }
+    Scan::Nothing
 }
 
 #[cfg(test)]
@@ -362,5 +581,111 @@ mod tests {
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
         std::fs::write(&sp, &s[..10]).unwrap();
         assert!(matches!(StateDir::open(dir.path()), Err(StateError::Corrupted { .. })));
+    }
+
+    /// A directory with a snapshot and `n` records appended; the log's bytes.
+    fn with_records(dir: &Path, n: u32) -> Vec<u8> {
+        let (mut st, _) = StateDir::open(dir).unwrap();
+        st.persist(&Persist::Snapshot(snap(0))).unwrap();
+        for i in 0..n {
+            st.persist(&Persist::Append(rec(i))).unwrap();
+        }
+        std::fs::read(dir.join(WAL_FILE)).unwrap()
+    }
+
+    /// Issue 10: a corrupted length field in the first frame, valid frames
+    /// after it, was read as a torn tail and every acknowledged report
+    /// dropped with a warning. Whatever the damaged length claims (past the
+    /// end of the file, exactly to it, or short of it), it is corruption.
+    #[test]
+    fn a_damaged_frame_followed_by_valid_frames_is_corruption_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = with_records(dir.path(), 3);
+        let wal = dir.path().join(WAL_FILE);
+        let rest = (full.len() - WAL_HEADER - FRAME_HEADER) as u32;
+        for claimed in [rest + 1000, rest, 10, 0x0100_0000] {
+            let mut bad = full.clone();
+            bad[WAL_HEADER..WAL_HEADER + 4].copy_from_slice(&claimed.to_le_bytes());
+            std::fs::write(&wal, &bad).unwrap();
+            let err = StateDir::open(dir.path()).unwrap_err();
+            assert!(matches!(err, StateError::Corrupted { .. }), "length {claimed}: {err}");
+            // Refused, and nothing was cut off the file.
+            assert_eq!(std::fs::read(&wal).unwrap(), bad);
+        }
+        // Damage in the middle frame's length, too.
+        let frame = wal_frame(&rec(0)).unwrap().len();
+        let mut bad = full.clone();
+        let at = WAL_HEADER + frame;
+        bad[at..at + 4].copy_from_slice(&(rest * 2).to_le_bytes());
+        std::fs::write(&wal, &bad).unwrap();
+        let err = StateDir::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("frame 1") && err.contains("corrupted, not torn"), "{err}");
+    }
+
+    /// A torn tail is cut off the file before appending: appended after it,
+    /// it would read as damage in the middle on the next start.
+    #[test]
+    fn a_torn_tail_is_cut_before_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = with_records(dir.path(), 3);
+        let wal = dir.path().join(WAL_FILE);
+        for cut in [3, 20, 60] {
+            std::fs::write(&wal, &full[..full.len() - cut]).unwrap();
+            let (mut st, got) = StateDir::open(dir.path()).unwrap();
+            assert_eq!(got.unwrap().records.len(), 2, "cut {cut}");
+            st.persist(&Persist::Append(rec(9))).unwrap();
+            drop(st);
+            let (_, got) = StateDir::open(dir.path()).unwrap();
+            assert_eq!(got.unwrap().records, vec![rec(0), rec(1), rec(9)], "cut {cut}");
+        }
+    }
+
+    /// Issue 10: with `snapshot.bin` deleted, the server started a new run
+    /// and overwrote the log. Now either file alone is refused, and left as
+    /// it was; a new directory starts with neither (the log comes with the
+    /// first snapshot, so a crash before it leaves nothing to trip on).
+    #[test]
+    fn a_log_without_its_snapshot_or_a_snapshot_without_its_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (st, got) = StateDir::open(dir.path()).unwrap();
+        assert!(got.is_none());
+        drop(st);
+        assert!(!dir.path().join(WAL_FILE).exists());
+        assert!(StateDir::open(dir.path()).unwrap().1.is_none());
+
+        let full = with_records(dir.path(), 2);
+        let wal = dir.path().join(WAL_FILE);
+        let snapshot = std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        std::fs::remove_file(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        let err = StateDir::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StateError::Incomplete { missing: "snapshot.bin", .. }), "{err}");
+        assert!(err.to_string().contains("refusing to start a new run"), "{err}");
+        assert_eq!(std::fs::read(&wal).unwrap(), full, "the log was touched");
+
+        std::fs::write(dir.path().join(SNAPSHOT_FILE), &snapshot).unwrap();
+        std::fs::remove_file(&wal).unwrap();
+        let err = StateDir::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StateError::Incomplete { missing: "wal.bin", .. }), "{err}");
+    }
+
+    /// Issue 10: two servers could run on one state directory at once.
+    #[test]
+    fn a_second_opener_of_a_locked_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, _) = StateDir::open(dir.path()).unwrap();
+        let err = StateDir::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StateError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains(&format!("pid {}", std::process::id())), "{err}");
+        drop(first);
+        let (_again, _) = StateDir::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn the_run_config_is_saved_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (st, _) = StateDir::open(dir.path()).unwrap();
+        assert_eq!(st.saved_config().unwrap(), None);
+        st.save_config(b"{}").unwrap();
+        assert_eq!(st.saved_config().unwrap().as_deref(), Some(&b"{}"[..]));
     }
 }

@@ -451,12 +451,18 @@ fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
     assert_clients_finished_with(&clients, &hash);
 }
 
-/// Runs a 3-round federation (FedAvg, or the update kind of `config`, a
-/// server TOML) whose server is stopped at each of `crashes` in turn (a
-/// `TALLY_FAULT` abort, or a SIGKILL from here when the server logs the
-/// given text) and restarted on the same state directory and port; returns
-/// the final model's hash.
-fn federation_with_crashes(dir: &std::path::Path, crashes: &[&str], config: Option<&str>) -> String {
+/// Runs a federation of `rounds` rounds (FedAvg, or the update kind of
+/// `config`, a server TOML) whose server is stopped at each of `crashes` in
+/// turn (a `TALLY_FAULT` abort, or a SIGKILL from here when the server logs
+/// the given text) and restarted on the same state directory and port;
+/// returns the final model's hash. Its metrics are in `dir/out`.
+fn federation_with_crashes<S: AsRef<str>>(
+    dir: &std::path::Path,
+    rounds: u32,
+    crashes: &[S],
+    config: Option<&str>,
+) -> String {
+    let crashes: Vec<&str> = crashes.iter().map(AsRef::as_ref).collect();
     std::fs::create_dir_all(dir).unwrap();
     let config_file = dir.join("server.toml");
     if let Some(text) = config {
@@ -476,9 +482,10 @@ fn federation_with_crashes(dir: &std::path::Path, crashes: &[&str], config: Opti
     let fingerprint = String::from_utf8(out.stdout).unwrap().trim().trim_start_matches("fingerprint ").to_string();
     let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
+    let rounds = rounds.to_string();
     let server = |name: &str, fault: Option<&str>| {
         let mut cmd = std::process::Command::new(bin("tally-server"));
-        cmd.args(["--listen", &addr, "--rounds", "3", "--min-clients", "3", "--seed", "5", "--cert"])
+        cmd.args(["--listen", &addr, "--rounds", &rounds, "--min-clients", "3", "--seed", "5", "--cert"])
             .arg(&cert)
             .arg("--key")
             .arg(&tls_key)
@@ -544,7 +551,7 @@ fn federation_with_crashes(dir: &std::path::Path, crashes: &[&str], config: Opti
 #[test]
 fn killed_server_resumes_the_run_to_the_bit_identical_model() {
     let dir = tempfile::tempdir().unwrap();
-    let reference = federation_with_crashes(&dir.path().join("reference"), &[], None);
+    let reference = federation_with_crashes::<&str>(&dir.path().join("reference"), 3, &[], None);
     // Before any update of round 2, mid-acknowledgement (the 4th report is
     // durable, its Ack never sent), after round 2 closed, and a real SIGKILL.
     for (i, crashes) in
@@ -552,7 +559,7 @@ fn killed_server_resumes_the_run_to_the_bit_identical_model() {
             .iter()
             .enumerate()
     {
-        let got = federation_with_crashes(&dir.path().join(format!("crash{i}")), crashes, None);
+        let got = federation_with_crashes(&dir.path().join(format!("crash{i}")), 3, crashes, None);
         assert_eq!(got, reference, "crashes at {crashes:?} changed the final model");
     }
 }
@@ -564,13 +571,113 @@ fn killed_server_resumes_the_run_to_the_bit_identical_model() {
 fn killed_server_restores_cross_round_aggregator_state_bit_identically() {
     let dir = tempfile::tempdir().unwrap();
     let momentum = Some("algorithm = { kind = \"fedavgm\", momentum = 0.9 }\n");
-    let reference = federation_with_crashes(&dir.path().join("reference"), &[], momentum);
-    let fedavg = federation_with_crashes(&dir.path().join("fedavg"), &[], None);
+    let reference = federation_with_crashes::<&str>(&dir.path().join("reference"), 3, &[], momentum);
+    let fedavg = federation_with_crashes::<&str>(&dir.path().join("fedavg"), 3, &[], None);
     assert_ne!(reference, fedavg, "server momentum should change the model");
     for (i, crashes) in [vec!["closed:2", "accepted:2"], vec!["kill-at:round opened round=3"]].iter().enumerate() {
-        let got = federation_with_crashes(&dir.path().join(format!("crash{i}")), crashes, momentum);
+        let got = federation_with_crashes(&dir.path().join(format!("crash{i}")), 3, crashes, momentum);
         assert_eq!(got, reference, "crashes at {crashes:?} changed the final FedAvgM model");
     }
+}
+
+/// Five crash points of a 10-round run drawn from `seed`: distinct rounds,
+/// ascending, each a `TALLY_FAULT` point (round opened, n-th report of the
+/// round durable, round closed) or a real SIGKILL at a random moment after
+/// a round opened. Every point is reached by the server started after the
+/// one before (a point in the round a SIGKILL may have overrun is avoided).
+fn crash_points(seed: u64) -> Vec<String> {
+    // splitmix64: enough for picking points, and the same everywhere.
+    let mut state = seed;
+    let mut next = |n: u64| {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n
+    };
+    loop {
+        let mut rounds: Vec<u32> = (1..=10).collect();
+        while rounds.len() > 5 {
+            rounds.remove(next(rounds.len() as u64) as usize);
+        }
+        let points: Vec<(u32, u64)> = rounds.iter().map(|&r| (r, next(4))).collect();
+        // After a SIGKILL in round r the next server may find round r + 1
+        // open already, so it can't be opened, killed at its opening or
+        // counted from its first report again.
+        let reachable = points.windows(2).all(|w| !(w[0].1 == 3 && w[1].0 == w[0].0 + 1 && w[1].1 != 2));
+        if reachable {
+            return points
+                .into_iter()
+                .map(|(r, kind)| match kind {
+                    0 => format!("opened:{r}"),
+                    1 => format!("report:{r}/{}", 1 + next(3)),
+                    2 => format!("closed:{r}"),
+                    _ => format!("kill-at:round opened round={r} "),
+                })
+                .collect();
+        }
+    }
+}
+
+/// Issue 10: after kill -9 loops the final model was right but metrics rows
+/// were missing (rows waited in memory for the next round's evaluations).
+/// A 10-round run with five crashes at random points (the seed is printed;
+/// `TALLY_CRASH_SEED` replays one) ends with the uninterrupted run's model,
+/// and `metrics.jsonl` holds every round exactly once, each row as in the
+/// uninterrupted run (same model hash and test accuracy).
+#[test]
+fn killed_server_at_random_points_keeps_the_model_and_every_metrics_row() {
+    let seed = std::env::var("TALLY_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    let crashes = crash_points(seed);
+    eprintln!("TALLY_CRASH_SEED={seed}: crashes at {crashes:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let reference = federation_with_crashes::<&str>(&dir.path().join("reference"), 10, &[], None);
+    let got = federation_with_crashes(&dir.path().join("crashed"), 10, &crashes, None);
+    assert_eq!(got, reference, "TALLY_CRASH_SEED={seed}: crashes at {crashes:?} changed the final model");
+    let want = metrics(&dir.path().join("reference/out"));
+    let rows = metrics(&dir.path().join("crashed/out"));
+    let rounds: Vec<u64> = rows.iter().map(|r| r["round"].as_u64().unwrap()).collect();
+    assert_eq!(rounds, (0..=10).collect::<Vec<_>>(), "TALLY_CRASH_SEED={seed}: crashes at {crashes:?}");
+    for (r, (got, want)) in rows.iter().zip(&want).enumerate() {
+        for field in ["model_hash", "test_accuracy", "train_loss", "accepted"] {
+            assert_eq!(got.get(field), want.get(field), "TALLY_CRASH_SEED={seed}: row {r} {field}");
+        }
+    }
+}
+
+/// Issue 10: a server that could not write its outputs exited before its
+/// clients heard `Finished`, and they retried for minutes. Now the clients
+/// are told and exit at once, and the server exits non-zero saying what it
+/// could not write and where the model is.
+#[test]
+fn a_server_that_cannot_write_its_outputs_still_finishes_its_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, pk) = keygen(dir.path(), "c0");
+    // A non-empty directory where the final model goes: the rename fails.
+    let blocked = dir.path().join("server-out/final_model.safetensors");
+    std::fs::create_dir_all(blocked.join("x")).unwrap();
+    let mut server = start_server(dir.path(), &[pk], &["--rounds", "1", "--min-clients", "1", "--seed", "3"]);
+    let started = Instant::now();
+    let mut client = start_client(dir.path(), "client", &key, &server, &["--max-retries", "60"]);
+    assert!(client.wait().success(), "client:\n{}", client.stderr());
+    assert!(
+        client.drain_lines().iter().any(|l| l.starts_with("finished")),
+        "the client did not hear Finished:\n{}",
+        client.stderr()
+    );
+    assert!(!server.proc.wait().success(), "the server should report the failure");
+    let err = server.proc.stderr();
+    assert!(
+        err.contains("its outputs could not be written") && err.contains("final_model.safetensors"),
+        "server:\n{err}"
+    );
+    // Well before a client's reconnection attempts would have run out.
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    // The metrics, written before Finished, are complete.
+    let rows = metrics(&server.out_dir);
+    assert_eq!(rows.iter().map(|r| r["round"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1]);
 }
 
 #[test]

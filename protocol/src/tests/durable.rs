@@ -11,11 +11,18 @@ use crate::durable::{Persist, Record, Snapshot, decode_record, decode_snapshot, 
 struct Disk {
     snapshot: Option<Vec<u8>>,
     log: Vec<Vec<u8>>,
+    /// The host dies just before it writes the next snapshot: that and
+    /// everything after it never reach the disk.
+    die_at_snapshot: bool,
 }
 
 impl Disk {
     fn absorb(&mut self, coord: &mut Coordinator) {
         while let Some(p) = coord.poll_persist() {
+            if self.die_at_snapshot && matches!(p, Persist::Snapshot(_)) {
+                while coord.poll_persist().is_some() {}
+                return;
+            }
             match p {
                 Persist::Snapshot(s) => {
                     self.snapshot = Some(encode_snapshot(&s));
@@ -184,6 +191,34 @@ fn crash_and_restore_at_every_point(momentum: bool) {
             assert!(!asked || acked == 3, "client {slot} was asked to redo an acknowledged round {round}");
         }
     }
+}
+
+/// A crash after the last report of a round is durable but before the
+/// snapshot that closes the round: the restored round holds every report and
+/// closes as soon as clients rejoin, not at its deadline. (Found by issue
+/// 10's random kill test: a server killed there sat out the whole round
+/// timeout, 600 s by default, after restarting.)
+#[test]
+fn a_restored_round_with_every_report_closes_when_clients_rejoin() {
+    let want = reference(false);
+    let (mut net, mut disk) = durable_net();
+    net.answer_slots(&[0, 1], &mut disk);
+    disk.die_at_snapshot = true;
+    net.answer_slots(&[2], &mut disk);
+    let (snapshot, records) = disk.load();
+    assert_eq!((snapshot.completed_rounds, records.len()), (0, 4), "round 1 opened, 3 reports, no snapshot");
+    disk.die_at_snapshot = false;
+    let later = net.now + Duration::from_secs(5);
+    let coord = Coordinator::restore(durable_config(false), snapshot, &records, later).unwrap();
+    let mut net2 = connect_three(coord, later, 10, 0x55);
+    disk.absorb(&mut net2.coord);
+    // No timeout was handled: the rejoin closed round 1 and opened round 2.
+    assert_eq!(net2.coord.completed_rounds(), 1);
+    for _ in 0..3 {
+        net2.answer_slots(&[0, 1, 2], &mut disk);
+    }
+    assert_eq!(net2.coord.phase(), Phase::Finished);
+    assert_eq!(bits(net2.coord.model()), want);
 }
 
 #[test]
