@@ -36,7 +36,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The limits of [`Admission`] (validated configuration).
@@ -95,18 +95,43 @@ struct Counts {
     per_source: HashMap<Source, usize>,
 }
 
+/// What admission turned away since the last [`Admission::take_turned_away`]:
+/// the summary an operator sees of unauthenticated load.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TurnedAway {
+    /// Unvalidated attempts answered with a Retry.
+    pub retried: u64,
+    /// Refused at `max_connections`.
+    pub refused_total: u64,
+    /// Refused at `max_pending_connections`.
+    pub refused_pending: u64,
+    /// Refused at `max_pending_per_source`.
+    pub refused_per_source: u64,
+    /// Admitted, but closed at the handshake deadline.
+    pub handshake_timeouts: u64,
+}
+
+impl TurnedAway {
+    /// Nothing was turned away.
+    pub fn is_empty(&self) -> bool {
+        *self == TurnedAway::default()
+    }
+}
+
 /// Connection budgets shared by the accept loop (which admits) and the
 /// driver (which marks joins); a [`Ticket`] frees its share when dropped.
 #[derive(Debug)]
 pub struct Admission {
     limits: AdmissionLimits,
     counts: Mutex<Counts>,
+    // Counters of `TurnedAway`, in its field order.
+    turned_away: [AtomicU64; 5],
 }
 
 impl Admission {
     /// Empty budgets with these limits.
     pub fn new(limits: AdmissionLimits) -> Arc<Admission> {
-        Arc::new(Admission { limits, counts: Mutex::new(Counts::default()) })
+        Arc::new(Admission { limits, counts: Mutex::new(Counts::default()), turned_away: Default::default() })
     }
 
     fn counts(&self) -> MutexGuard<'_, Counts> {
@@ -120,20 +145,52 @@ impl Admission {
     pub fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Result<Arc<Ticket>, Refusal> {
         let source = Source::of(ip);
         let mut c = self.counts();
-        if c.total >= self.limits.max_connections {
-            return Err(Refusal::Total);
-        }
-        if c.pending >= self.limits.max_pending {
-            return Err(Refusal::Pending);
-        }
         let from_source = c.per_source.get(&source).copied().unwrap_or(0);
-        if from_source >= self.limits.max_pending_per_source {
-            return Err(Refusal::PerSource);
+        let refusal = if c.total >= self.limits.max_connections {
+            Some(Refusal::Total)
+        } else if c.pending >= self.limits.max_pending {
+            Some(Refusal::Pending)
+        } else if from_source >= self.limits.max_pending_per_source {
+            Some(Refusal::PerSource)
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            let i = match r {
+                Refusal::Total => 1,
+                Refusal::Pending => 2,
+                Refusal::PerSource => 3,
+            };
+            self.turned_away[i].fetch_add(1, Ordering::Relaxed);
+            return Err(r);
         }
         c.total += 1;
         c.pending += 1;
         c.per_source.insert(source, from_source + 1);
         Ok(Arc::new(Ticket { admission: self.clone(), source, joined: AtomicBool::new(false) }))
+    }
+
+    /// An unvalidated attempt was answered with a Retry.
+    pub fn note_retry(&self) {
+        self.turned_away[0].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An admitted connection missed the handshake deadline.
+    pub fn note_handshake_timeout(&self) {
+        self.turned_away[4].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What was turned away since the last call.
+    pub fn take_turned_away(&self) -> TurnedAway {
+        let [a, b, c, d, e] = &self.turned_away;
+        let take = |x: &AtomicU64| x.swap(0, Ordering::Relaxed);
+        TurnedAway {
+            retried: take(a),
+            refused_total: take(b),
+            refused_pending: take(c),
+            refused_per_source: take(d),
+            handshake_timeouts: take(e),
+        }
     }
 
     /// (all connections, pending connections) now.
@@ -220,6 +277,13 @@ mod tests {
         // Dropping frees every share, joined or not, exactly once.
         drop((x1, x2, y1, x3, z));
         assert_eq!(a.load(), (0, 0));
+        a.note_retry();
+        let t = a.take_turned_away();
+        assert_eq!(
+            t,
+            TurnedAway { retried: 1, refused_total: 1, refused_pending: 1, refused_per_source: 1, handshake_timeouts: 0 }
+        );
+        assert!(a.take_turned_away().is_empty());
         assert!(a.counts().per_source.is_empty());
     }
 

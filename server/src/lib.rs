@@ -25,7 +25,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tally_protocol::wire::RejectCode;
@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::admission::{Admission, AdmissionLimits, Refusal, Ticket};
+use crate::admission::{Admission, AdmissionLimits, Ticket};
 use crate::config::ServerConfig;
 use crate::metrics::MetricsWriter;
 
@@ -299,7 +299,7 @@ impl Server {
             max_pending: config.max_pending_connections,
             max_pending_per_source: config.max_pending_per_source,
         });
-        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), tx, admission, config.handshake_timeout));
+        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), tx, admission.clone(), config.handshake_timeout));
         // Connections that have not joined yet, and when they must have.
         let mut pending_join: HashMap<ConnectionHandle, Instant> = HashMap::new();
         // Per-connection read limits: handshake-sized until the client has
@@ -486,6 +486,7 @@ impl Server {
         drop(writers);
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while writer_tasks.join_next().await.is_some() {} }).await;
         acceptor.abort();
+        log_turned_away(&admission);
         endpoint.close(0u32.into(), b"run over");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         Ok(RunOutcome {
@@ -505,36 +506,23 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// What the accept loop turned away since its last summary line.
-#[derive(Debug, Default)]
-struct TurnedAway {
-    retried: u64,
-    refused_total: u64,
-    refused_pending: u64,
-    refused_source: u64,
-}
-
-impl TurnedAway {
-    /// Logs a summary if anything was turned away, and starts over.
-    fn report(&mut self, admission: &Admission, handshake_timeouts: &AtomicU64) {
-        let timeouts = handshake_timeouts.swap(0, Ordering::Relaxed);
-        if self.retried + self.refused_total + self.refused_pending + self.refused_source + timeouts == 0 {
-            return;
-        }
-        let (connections, pending) = admission.load();
-        warn!(
-            retries = self.retried,
-            refused_max_connections = self.refused_total,
-            refused_max_pending = self.refused_pending,
-            refused_per_source = self.refused_source,
-            handshake_timeouts = timeouts,
-            connections,
-            pending,
-            "unauthenticated load in the last {} s",
-            ADMISSION_LOG_INTERVAL.as_secs()
-        );
-        *self = TurnedAway::default();
+/// Logs what admission turned away since the last summary, if anything.
+fn log_turned_away(admission: &Admission) {
+    let t = admission.take_turned_away();
+    if t.is_empty() {
+        return;
     }
+    let (connections, pending) = admission.load();
+    warn!(
+        retries = t.retried,
+        refused_max_connections = t.refused_total,
+        refused_max_pending = t.refused_pending,
+        refused_per_source = t.refused_per_source,
+        handshake_timeouts = t.handshake_timeouts,
+        connections,
+        pending,
+        "unauthenticated load since the last summary"
+    );
 }
 
 /// Admits connections by the policy of [`admission`]: a Retry for every
@@ -548,8 +536,6 @@ async fn accept_loop(
 ) {
     let mut next_id = 0u64;
     let budget = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_BYTES_IN_FLIGHT));
-    let handshake_timeouts = Arc::new(AtomicU64::new(0));
-    let mut turned = TurnedAway::default();
     let mut summary = tokio::time::interval(ADMISSION_LOG_INTERVAL);
     summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -559,14 +545,14 @@ async fn accept_loop(
                 None => break,
             },
             _ = summary.tick() => {
-                turned.report(&admission, &handshake_timeouts);
+                log_turned_away(&admission);
                 continue;
             }
         };
         if !incoming.remote_address_validated() {
             // No state for a source that hasn't shown it receives at its
             // address: a Retry token to echo, nothing allocated.
-            turned.retried += 1;
+            admission.note_retry();
             if let Err(e) = incoming.retry() {
                 // quinn: an unvalidated attempt may always be retried. Were
                 // that to change, refuse rather than admit it unvalidated.
@@ -578,11 +564,6 @@ async fn accept_loop(
             Ok(t) => t,
             Err(refusal) => {
                 debug!(remote = %incoming.remote_address(), ?refusal, "admission limit reached; refusing");
-                match refusal {
-                    Refusal::Total => turned.refused_total += 1,
-                    Refusal::Pending => turned.refused_pending += 1,
-                    Refusal::PerSource => turned.refused_source += 1,
-                }
                 incoming.refuse();
                 continue;
             }
@@ -591,7 +572,7 @@ async fn accept_loop(
         next_id += 1;
         let tx = tx.clone();
         let budget = budget.clone();
-        let handshake_timeouts = handshake_timeouts.clone();
+        let admission = admission.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let connecting = match incoming.accept() {
@@ -609,7 +590,7 @@ async fn accept_loop(
                     return;
                 }
                 Err(_) => {
-                    handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                    admission.note_handshake_timeout();
                     debug!(%remote, "no handshake within the deadline; closing");
                     return;
                 }

@@ -582,6 +582,9 @@ struct FloodStats {
     secs: f64,
     stalls_admitted: u64,
     stalls_refused: u64,
+    /// Sums of the server's "unauthenticated load" summary lines.
+    server_retries: u64,
+    server_refused_per_source: u64,
 }
 
 /// Sends real QUIC Initial packets (a fresh connection id and TLS
@@ -686,15 +689,21 @@ fn stall_connections(
     })
 }
 
-/// A 2-round, 3-client FedAvg federation with the default admission
+/// A 4-round, 3-client FedAvg federation with the default admission
 /// settings, optionally under a flood of half-open handshakes (`pps` > 0)
 /// and connection stallers; returns the final model hash and what the
-/// flooders did.
+/// flooders did. Twenty local epochs a round keep the run going for
+/// seconds (one epoch over a client's shard takes ~0.1 s), so that the
+/// flood spans joins, rounds and several of the server's deadlines.
 fn federation_under_flood(dir: &std::path::Path, keys: &[(std::path::PathBuf, String)], pps: u64) -> (String, FloodStats) {
     use std::sync::atomic::{AtomicBool, Ordering};
     std::fs::create_dir_all(dir).unwrap();
     let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
-    let mut server = start_server(dir, &enrolled, &["--rounds", "2", "--min-clients", "3", "--seed", "11"]);
+    let config = dir.join("server.toml");
+    std::fs::write(&config, "train = { lr = 0.05, batch_size = 32, epochs = 20 }\n").unwrap();
+    let config = config.to_str().unwrap();
+    let mut server =
+        start_server(dir, &enrolled, &["--config", config, "--rounds", "4", "--min-clients", "3", "--seed", "11"]);
     let addr: std::net::SocketAddr = server.addr.parse().unwrap();
     let trust = tally_client::ServerTrust::fingerprint(&server.fingerprint).unwrap();
     let config = tally_client::tls::quic_client_config(&trust).unwrap();
@@ -718,6 +727,7 @@ fn federation_under_flood(dir: &std::path::Path, keys: &[(std::path::PathBuf, St
         // The honest clients arrive into a flood already under way.
         started.recv_timeout(STEP_TIMEOUT).expect("the flood started");
     }
+    let t0 = Instant::now();
     let mut clients: Vec<Proc> = keys
         .iter()
         .enumerate()
@@ -726,6 +736,7 @@ fn federation_under_flood(dir: &std::path::Path, keys: &[(std::path::PathBuf, St
     wait_all_succeed(&mut clients);
     assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
     stop.store(true, Ordering::Relaxed);
+    println!("federation ({pps} Initials/s): {:.1} s from the clients' start to the server's exit", t0.elapsed().as_secs_f64());
     let mut stats = FloodStats::default();
     for f in flooders {
         let s = f.join().unwrap();
@@ -733,6 +744,17 @@ fn federation_under_flood(dir: &std::path::Path, keys: &[(std::path::PathBuf, St
         stats.secs += s.secs;
         stats.stalls_admitted += s.stalls_admitted;
         stats.stalls_refused += s.stalls_refused;
+    }
+    // What the server says it turned away (`key=N` fields of its summaries).
+    let field = |line: &str, key: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    for line in server.proc.stderr().lines().filter(|l| l.contains("unauthenticated load")) {
+        stats.server_retries += field(line, "retries");
+        stats.server_refused_per_source += field(line, "refused_per_source");
     }
     let params = ModelArch::mnist_mlp()
         .from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap())
@@ -757,15 +779,21 @@ fn half_open_handshake_flood_does_not_lock_out_enrolled_clients() {
     let (reference, _) = federation_under_flood(&dir.path().join("reference"), &keys, 0);
     let (flooded, stats) = federation_under_flood(&dir.path().join("flood"), &keys, pps);
     println!(
-        "flood: {} Initials in {:.1} s ({:.0}/s achieved, {pps}/s asked) from {FLOOD_SOURCE_PORTS} ports; \
-         stallers: {} handshakes admitted, {} refused",
+        "flood: {} Initials in {:.1} s ({:.0}/s achieved, {pps}/s asked) from {FLOOD_SOURCE_PORTS} ports, \
+         {} answered with a Retry by the server; stallers from 127.0.0.2: {} handshakes admitted, {} refused \
+         ({} refused by the per-source limit, says the server)",
         stats.initials,
         stats.secs,
         stats.initials as f64 / stats.secs.max(1e-9),
+        stats.server_retries,
         stats.stalls_admitted,
-        stats.stalls_refused
+        stats.stalls_refused,
+        stats.server_refused_per_source
     );
     assert!(stats.initials >= 1000, "the flood must have run: {stats:?}");
+    // The Initials reached the server as connection attempts (quinn would
+    // drop malformed ones silently, and the test would prove nothing).
+    assert!(stats.server_retries > 0, "the server saw no flood: {stats:?}");
     assert_eq!(flooded, reference, "the flood changed the final model");
 }
 
