@@ -281,7 +281,13 @@ mod tests {
         let t = a.take_turned_away();
         assert_eq!(
             t,
-            TurnedAway { retried: 1, refused_total: 1, refused_pending: 1, refused_per_source: 1, handshake_timeouts: 0 }
+            TurnedAway {
+                retried: 1,
+                refused_total: 1,
+                refused_pending: 1,
+                refused_per_source: 1,
+                handshake_timeouts: 0
+            }
         );
         assert!(a.take_turned_away().is_empty());
         assert!(a.counts().per_source.is_empty());

@@ -695,7 +695,11 @@ fn stall_connections(
 /// flooders did. Twenty local epochs a round keep the run going for
 /// seconds (one epoch over a client's shard takes ~0.1 s), so that the
 /// flood spans joins, rounds and several of the server's deadlines.
-fn federation_under_flood(dir: &std::path::Path, keys: &[(std::path::PathBuf, String)], pps: u64) -> (String, FloodStats) {
+fn federation_under_flood(
+    dir: &std::path::Path,
+    keys: &[(std::path::PathBuf, String)],
+    pps: u64,
+) -> (String, FloodStats) {
     use std::sync::atomic::{AtomicBool, Ordering};
     std::fs::create_dir_all(dir).unwrap();
     let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
@@ -736,7 +740,10 @@ fn federation_under_flood(dir: &std::path::Path, keys: &[(std::path::PathBuf, St
     wait_all_succeed(&mut clients);
     assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
     stop.store(true, Ordering::Relaxed);
-    println!("federation ({pps} Initials/s): {:.1} s from the clients' start to the server's exit", t0.elapsed().as_secs_f64());
+    println!(
+        "federation ({pps} Initials/s): {:.1} s from the clients' start to the server's exit",
+        t0.elapsed().as_secs_f64()
+    );
     let mut stats = FloodStats::default();
     for f in flooders {
         let s = f.join().unwrap();
