@@ -429,6 +429,18 @@ impl Coordinator {
         self.max_message
     }
 
+    /// The largest message `conn` may send now: handshake-sized
+    /// ([`crate::wire::MAX_HANDSHAKE_BYTES`]) until it has joined, so an
+    /// unauthenticated peer can't make the host buffer a model-sized
+    /// stream; [`Coordinator::max_message_bytes`] after. Drivers read with
+    /// this limit, and [`Coordinator::handle_oversize`] names it.
+    pub fn max_message_bytes_of(&self, conn: ConnectionHandle) -> usize {
+        match self.client_of(conn) {
+            Some(_) => self.max_message,
+            None => crate::wire::MAX_HANDSHAKE_BYTES,
+        }
+    }
+
     /// The current global parameters.
     pub fn model(&self) -> &[f32] {
         &self.model
@@ -494,10 +506,12 @@ impl Coordinator {
         self.maybe_close_round(now);
     }
 
-    /// The host's read of a stream on `conn` stopped at the limit: count it as
-    /// a malformed message.
+    /// The host's read of a stream on `conn` stopped at the limit
+    /// ([`Coordinator::max_message_bytes_of`]): count it as a malformed
+    /// message. The error names that limit, the one the host applied.
     pub fn handle_oversize(&mut self, now: Instant, conn: ConnectionHandle, len_at_least: usize) -> Error {
-        let err = Error::Malformed(Malformed::Oversize { len: len_at_least, limit: self.max_message });
+        let limit = self.max_message_bytes_of(conn);
+        let err = Error::Malformed(Malformed::Oversize { len: len_at_least, limit });
         self.reject(now, conn, None, err.clone());
         err
     }

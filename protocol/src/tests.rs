@@ -212,6 +212,26 @@ fn unenrolled_key_is_refused_and_closed_while_round_proceeds() {
     assert_eq!(net.coord.phase(), Phase::Finished);
 }
 
+/// Issue 10: the driver reads a connection that hasn't joined with the
+/// handshake limit, but the Oversize error named the run's (larger) limit.
+#[test]
+fn oversize_names_the_limit_applied_before_and_after_the_join() {
+    use crate::wire::MAX_HANDSHAKE_BYTES;
+    let mut net = Net::new(config(3, 1), (0..3).map(ident).collect());
+    net.pump();
+    let run_limit = net.coord.max_message_bytes();
+    let stranger = ConnectionHandle(99);
+    net.coord.handle_connect(net.now, stranger, [7; 32]);
+    assert_eq!(net.coord.max_message_bytes_of(stranger), MAX_HANDSHAKE_BYTES);
+    let err = net.coord.handle_oversize(net.now, stranger, MAX_HANDSHAKE_BYTES + 1);
+    assert_eq!(err, Error::Malformed(Malformed::Oversize { len: MAX_HANDSHAKE_BYTES + 1, limit: MAX_HANDSHAKE_BYTES }));
+    let joined = ConnectionHandle(0);
+    assert!(net.coord.client_of(joined).is_some());
+    assert_eq!(net.coord.max_message_bytes_of(joined), run_limit);
+    let err = net.coord.handle_oversize(net.now, joined, run_limit + 1);
+    assert_eq!(err, Error::Malformed(Malformed::Oversize { len: run_limit + 1, limit: run_limit }));
+}
+
 #[test]
 fn tampered_replayed_duplicate_oversize_and_bad_updates_are_refused() {
     let mut cfg = config(3, 2);

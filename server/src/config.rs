@@ -12,6 +12,21 @@ use tally_protocol::kind::{AlgorithmSpec, KindSettings, RuleSpec};
 use tally_protocol::model::ModelArch;
 use tally_protocol::wire::{PublicKeyBytes, RunId, TrainSpec};
 
+/// Pending connections allowed beyond one per enrolled client by default
+/// ([`RawConfig::max_pending_connections`]): reconnections overlapping,
+/// and room for a few strangers without refusing anyone honest.
+pub const DEFAULT_PENDING_HEADROOM: usize = 16;
+
+/// Default of [`RawConfig::max_pending_per_source`].
+pub const DEFAULT_PENDING_PER_SOURCE: usize = 8;
+
+/// Default of [`RawConfig::handshake_timeout_secs`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 5;
+
+/// Largest [`RawConfig::handshake_timeout_secs`]: longer only lets
+/// half-open handshakes hold slots (the idle timeout is 30 s).
+pub const MAX_HANDSHAKE_TIMEOUT_SECS: u64 = 60;
+
 /// Errors reading or validating configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -60,10 +75,30 @@ pub struct RawConfig {
     /// (`OutOfBounds`, a violation) and the round goes on without them.
     /// Default 1000 ([`DEFAULT_MAX_UPDATE_ABS`]); must be finite and positive.
     pub max_update_abs: Option<f32>,
-    /// Concurrent QUIC connections accepted; more are refused at the
-    /// handshake. Default: twice the enrolled clients plus 16 (room for
-    /// reconnections overlapping their ghosts, not for a flood).
+    /// Concurrent QUIC connections, joined or not; more are refused at the
+    /// handshake. Bounds the transport's memory (2 MiB receive window
+    /// each). Default: the enrolled clients plus `max_pending_connections`,
+    /// so that a full pending budget never takes a joined session's room.
+    /// At least 1, and at least `min_clients` (or the run could never start).
     pub max_connections: Option<usize>,
+    /// Connections still handshaking or connected but not yet joined, the
+    /// only ones an unauthenticated peer can hold; joined sessions are
+    /// counted apart and never closed to make room. Default: the enrolled
+    /// clients plus 16 (every client reconnecting at once, and then some).
+    pub max_pending_connections: Option<usize>,
+    /// Pending connections from one source (an IPv4 address or an IPv6
+    /// /64), so one address can't take the whole pending budget; a source
+    /// is counted only after QUIC address validation (Retry), so it can't
+    /// be spoofed. Default 8: an honest client holds a pending slot for one
+    /// handshake and a join (milliseconds), so even many clients behind one
+    /// NAT rarely need more at once, and those refused retry with backoff.
+    pub max_pending_per_source: Option<usize>,
+    /// Seconds a validated connection has to finish its QUIC/TLS handshake
+    /// before it is closed. Default 5: two round trips and a signature, with
+    /// room for a lost flight or two on a slow path (quinn retransmits
+    /// after ~1 s, then 2 s); a half-open handshake held longer only blocks
+    /// a slot. 1 to 60.
+    pub handshake_timeout_secs: Option<u64>,
     /// Seconds a new connection has to join before it is closed. Default 10:
     /// a join is one round trip and a signature.
     pub join_timeout_secs: Option<u64>,
@@ -151,6 +186,12 @@ pub struct ServerConfig {
     pub max_update_abs: f32,
     /// See [`RawConfig::max_connections`].
     pub max_connections: usize,
+    /// See [`RawConfig::max_pending_connections`].
+    pub max_pending_connections: usize,
+    /// See [`RawConfig::max_pending_per_source`].
+    pub max_pending_per_source: usize,
+    /// See [`RawConfig::handshake_timeout_secs`].
+    pub handshake_timeout: Duration,
     /// See [`RawConfig::join_timeout_secs`].
     pub join_timeout: Duration,
     /// See [`RawConfig::final_evaluation`].
@@ -260,6 +301,26 @@ impl RawConfig {
         // Checked now with the configured seed, so a bad combination fails
         // at start-up; resolved again with the run's seed when it starts.
         checked_kind(&algorithm, &rule, quorum, seed, &arch)?;
+        let max_pending_connections =
+            self.max_pending_connections.unwrap_or(enrolled.len().saturating_add(DEFAULT_PENDING_HEADROOM));
+        let max_connections = self.max_connections.unwrap_or(enrolled.len().saturating_add(max_pending_connections));
+        if max_connections == 0 || max_connections < min_clients.min(enrolled.len()) {
+            return Err(invalid(format!(
+                "max_connections ({max_connections}) must be at least 1 and at least min_clients ({min_clients}): \
+                 with fewer, enrolled clients are refused and the run can never start"
+            )));
+        }
+        if max_pending_connections == 0 {
+            return Err(invalid("max_pending_connections must be at least 1: no client could ever connect".into()));
+        }
+        let max_pending_per_source = self.max_pending_per_source.unwrap_or(DEFAULT_PENDING_PER_SOURCE);
+        if max_pending_per_source == 0 {
+            return Err(invalid("max_pending_per_source must be at least 1: no client could ever connect".into()));
+        }
+        let handshake_secs = self.handshake_timeout_secs.unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_SECS);
+        if !(1..=MAX_HANDSHAKE_TIMEOUT_SECS).contains(&handshake_secs) {
+            return Err(invalid(format!("handshake_timeout_secs must be in 1..={MAX_HANDSHAKE_TIMEOUT_SECS}")));
+        }
         let tls = match self.tls.unwrap_or_default() {
             RawTls { self_signed: Some(true), cert: None, key: None } => TlsSource::SelfSigned,
             RawTls { self_signed: Some(true), .. } => {
@@ -279,7 +340,10 @@ impl RawConfig {
             round_timeout,
             max_violations: self.max_violations.unwrap_or(10),
             max_update_abs,
-            max_connections: self.max_connections.unwrap_or(enrolled.len().saturating_mul(2).saturating_add(16)),
+            max_connections,
+            max_pending_connections,
+            max_pending_per_source,
+            handshake_timeout: Duration::from_secs(handshake_secs),
             join_timeout: Duration::from_secs(self.join_timeout_secs.unwrap_or(10).clamp(1, 3600)),
             final_evaluation: self.final_evaluation.unwrap_or(true),
             seed,
@@ -579,6 +643,42 @@ mod tests {
         assert_eq!(identity, [false, false, false, false, false, true, false]);
         // A record that is not one is refused, not guessed at.
         assert!(RunRecord::from_bytes(b"{\"seed\": 1}").is_err());
+    }
+
+    #[test]
+    fn admission_knobs_are_validated_and_default_from_the_enrolment() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let ids: String =
+            (1..=3u8).map(|i| format!("{}\n", tally_protocol::Identity::from_secret([i; 32]).public_key())).collect();
+        std::fs::write(&keys, ids).unwrap();
+        let parse = |extra: &str| {
+            let text = format!("enrolled_keys = {keys:?}\n{extra}\n[tls]\nself_signed = true\n");
+            RawConfig::parse(Path::new("t.toml"), &text).unwrap().validate([0; 24])
+        };
+        let cfg = parse("").unwrap();
+        // 3 enrolled: pending 3 + 16, total 3 + 19 (the old 2 × 3 + 16).
+        assert_eq!((cfg.max_pending_connections, cfg.max_connections), (19, 22));
+        assert_eq!(cfg.max_pending_per_source, DEFAULT_PENDING_PER_SOURCE);
+        assert_eq!(cfg.handshake_timeout, Duration::from_secs(DEFAULT_HANDSHAKE_TIMEOUT_SECS));
+        let cfg = parse("max_pending_connections = 5").unwrap();
+        assert_eq!((cfg.max_pending_connections, cfg.max_connections), (5, 8));
+        // Issue 10: `--max-connections 0` was accepted, and every client refused.
+        for bad in [
+            "max_connections = 0",
+            "max_connections = 2", // below min_clients (3): the run could never start
+            "max_pending_connections = 0",
+            "max_pending_per_source = 0",
+            "handshake_timeout_secs = 0",
+            "handshake_timeout_secs = 61",
+        ] {
+            let knob = bad.split(' ').next().unwrap();
+            assert!(
+                matches!(parse(bad), Err(ConfigError::Invalid(m)) if m.contains(knob)),
+                "{bad} should be refused naming {knob}"
+            );
+        }
+        assert_eq!(parse("max_connections = 3").unwrap().max_connections, 3);
     }
 
     #[test]

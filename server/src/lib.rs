@@ -9,6 +9,7 @@
 //! It never links burn: the server only averages vectors, so it stays small
 //! and quick to build. Accuracy figures come from the clients' evaluations.
 
+pub mod admission;
 pub mod config;
 // Entry points of the cargo-fuzz targets in `fuzz/` for the server's readers
 // (tests and the fuzzer only: feature `fuzz`).
@@ -35,6 +36,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+use crate::admission::{Admission, AdmissionLimits, Ticket};
 use crate::config::{RunRecord, ServerConfig};
 use crate::metrics::MetricsWriter;
 
@@ -75,6 +77,23 @@ pub const MAX_INBOUND_BYTES_IN_FLIGHT: usize = 512 * 1024 * 1024;
 /// 150 ms path, so it doesn't throttle honest uploads, and with the
 /// connection limit it bounds the transport's buffers (max_connections × 2 MiB).
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
+
+/// Connection attempts quinn holds for the accept loop at once (its
+/// default is 65,536, ~100 MB of first packets). The loop answers each with
+/// a Retry, a refusal or an accept in microseconds, so a deep queue only
+/// ever fills under a flood; past it quinn drops new Initials unanswered
+/// (an honest client retransmits its Initial after a timeout).
+pub const MAX_INCOMING: usize = 4096;
+
+/// Bytes quinn buffers for all queued connection attempts beyond their
+/// first packet (its default is 100 MiB): an honest client sends at most
+/// a few datagrams before it is answered.
+pub const INCOMING_BUFFER_TOTAL: u64 = 16 * 1024 * 1024;
+
+/// How often the accept loop logs a summary of the unauthenticated load it
+/// turned away (Retries sent, refusals by limit, handshake timeouts), so
+/// that a flood is visible without one log line per packet.
+pub const ADMISSION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Capacity of the channel from connection tasks to the driver. Readers block
 /// when it is full, which back-pressures clients through QUIC flow control.
@@ -170,7 +189,9 @@ pub struct RunOutcome {
 }
 
 enum Inbound {
-    Connected(ConnectionHandle, quinn::Connection, Arc<AtomicUsize>),
+    /// A connection finished its handshake, with its read limit and its
+    /// admission ticket (marked joined by the driver).
+    Connected(ConnectionHandle, quinn::Connection, Arc<AtomicUsize>, Arc<Ticket>),
     /// A message, with its share of [`MAX_INBOUND_BYTES_IN_FLIGHT`] (released
     /// when dropped, after the coordinator has handled it).
     Message(ConnectionHandle, Vec<u8>, tokio::sync::OwnedSemaphorePermit),
@@ -211,6 +232,7 @@ impl Server {
             .keep_alive_interval(Some(KEEP_ALIVE))
             .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().unwrap_or(quinn::VarInt::from_u32(30_000).into())));
         server_config.transport_config(Arc::new(transport));
+        server_config.max_incoming(MAX_INCOMING).incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
 
         let initial = match &config.initial_model {
             Some(path) => {
@@ -317,14 +339,20 @@ impl Server {
         info!(run_id = %config.run_id, rounds = config.rounds, min_clients = config.min_clients, "waiting for clients");
 
         let (tx, mut rx) = mpsc::channel::<Inbound>(INBOUND_CAPACITY);
-        let limit = coordinator.max_message_bytes();
-        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), tx, config.max_connections));
+        let admission = Admission::new(AdmissionLimits {
+            max_connections: config.max_connections,
+            max_pending: config.max_pending_connections,
+            max_pending_per_source: config.max_pending_per_source,
+        });
+        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), tx, admission.clone(), config.handshake_timeout));
         // Connections that have not joined yet, and when they must have.
         let mut pending_join: HashMap<ConnectionHandle, Instant> = HashMap::new();
         // Per-connection read limits: handshake-sized until the client has
         // joined, so an unauthenticated peer can't make us buffer a model-sized
         // stream; the run's limit after.
         let mut limits: HashMap<ConnectionHandle, Arc<AtomicUsize>> = HashMap::new();
+        // Admission tickets: a connection leaves the pending budget when it joins.
+        let mut tickets: HashMap<ConnectionHandle, Arc<Ticket>> = HashMap::new();
         let mut writers: HashMap<ConnectionHandle, mpsc::UnboundedSender<Outbound>> = HashMap::new();
         let mut writer_tasks = tokio::task::JoinSet::new();
         let start = Instant::now();
@@ -356,8 +384,9 @@ impl Server {
                 }
                 msg = rx.recv() => match msg {
                     None => break,
-                    Some(Inbound::Connected(conn, connection, read_limit)) => {
+                    Some(Inbound::Connected(conn, connection, read_limit, ticket)) => {
                         limits.insert(conn, read_limit);
+                        tickets.insert(conn, ticket);
                         pending_join.insert(conn, Instant::now() + config.join_timeout);
                         let (otx, orx) = mpsc::unbounded_channel();
                         writers.insert(conn, otx);
@@ -381,7 +410,10 @@ impl Server {
                         if coordinator.client_of(conn).is_some() {
                             pending_join.remove(&conn);
                             if let Some(l) = limits.get(&conn) {
-                                l.store(limit, Ordering::Relaxed);
+                                l.store(coordinator.max_message_bytes_of(conn), Ordering::Relaxed);
+                            }
+                            if let Some(t) = tickets.get(&conn) {
+                                t.joined();
                             }
                         }
                     }
@@ -391,6 +423,7 @@ impl Server {
                     Some(Inbound::Closed(conn)) => {
                         writers.remove(&conn);
                         limits.remove(&conn);
+                        tickets.remove(&conn);
                         pending_join.remove(&conn);
                         coordinator.handle_disconnect(now(Instant::now()), conn);
                     }
@@ -526,6 +559,7 @@ impl Server {
         drop(writers);
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while writer_tasks.join_next().await.is_some() {} }).await;
         acceptor.abort();
+        log_turned_away(&admission);
         endpoint.close(0u32.into(), b"run over");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         if let Some(message) = outputs_failed {
@@ -629,38 +663,104 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, max_connections: usize) {
+/// Logs what admission turned away since the last summary, if anything.
+fn log_turned_away(admission: &Admission) {
+    let t = admission.take_turned_away();
+    if t.is_empty() {
+        return;
+    }
+    let (connections, pending) = admission.load();
+    warn!(
+        retries = t.retried,
+        refused_max_connections = t.refused_total,
+        refused_max_pending = t.refused_pending,
+        refused_per_source = t.refused_per_source,
+        handshake_timeouts = t.handshake_timeouts,
+        connections,
+        pending,
+        "unauthenticated load since the last summary"
+    );
+}
+
+/// Admits connections by the policy of [`admission`]: a Retry for every
+/// unvalidated source address, then the connection budgets, then a
+/// handshake deadline; each admitted connection gets a reader task.
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    tx: mpsc::Sender<Inbound>,
+    admission: Arc<Admission>,
+    handshake_timeout: Duration,
+) {
     let mut next_id = 0u64;
     let budget = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_BYTES_IN_FLIGHT));
-    let open = Arc::new(AtomicUsize::new(0));
-    while let Some(incoming) = endpoint.accept().await {
-        if open.load(Ordering::Relaxed) >= max_connections {
-            warn!(max_connections, remote = %incoming.remote_address(), "connection limit reached; refusing");
-            incoming.refuse();
+    let mut summary = tokio::time::interval(ADMISSION_LOG_INTERVAL);
+    summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => break,
+            },
+            _ = summary.tick() => {
+                log_turned_away(&admission);
+                continue;
+            }
+        };
+        if !incoming.remote_address_validated() {
+            // No state for a source that hasn't shown it receives at its
+            // address: a Retry token to echo, nothing allocated.
+            admission.note_retry();
+            if let Err(e) = incoming.retry() {
+                // quinn: an unvalidated attempt may always be retried. Were
+                // that to change, refuse rather than admit it unvalidated.
+                e.into_incoming().refuse();
+            }
             continue;
         }
-        open.fetch_add(1, Ordering::Relaxed);
+        let ticket = match admission.try_admit(incoming.remote_address().ip()) {
+            Ok(t) => t,
+            Err(refusal) => {
+                debug!(remote = %incoming.remote_address(), ?refusal, "admission limit reached; refusing");
+                incoming.refuse();
+                continue;
+            }
+        };
         let id = ConnectionHandle(next_id);
         next_id += 1;
         let tx = tx.clone();
-        let open = open.clone();
         let budget = budget.clone();
+        let admission = admission.clone();
         tokio::spawn(async move {
-            // Released when this task ends, however it ends.
-            let _slot = Slot(open);
-            let connection = match incoming.await {
+            let remote = incoming.remote_address();
+            let connecting = match incoming.accept() {
                 Ok(c) => c,
                 Err(e) => {
-                    debug!(error = %e, "handshake failed");
+                    debug!(%remote, error = %e, "connection not accepted");
                     return;
                 }
             };
-            debug!(conn = id.0, remote = %connection.remote_address(), "connected");
+            // Dropping an unfinished `Connecting` closes the connection.
+            let connection = match tokio::time::timeout(handshake_timeout, connecting).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    debug!(%remote, error = %e, "handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    admission.note_handshake_timeout();
+                    debug!(%remote, "no handshake within the deadline; closing");
+                    return;
+                }
+            };
+            debug!(conn = id.0, %remote, "connected");
             let limit = Arc::new(AtomicUsize::new(tally_protocol::wire::MAX_HANDSHAKE_BYTES));
-            if tx.send(Inbound::Connected(id, connection.clone(), limit.clone())).await.is_err() {
+            if tx.send(Inbound::Connected(id, connection.clone(), limit.clone(), ticket.clone())).await.is_err() {
                 return;
             }
             reader(id, connection, tx, limit, budget).await;
+            // This task's share of the ticket (an early return drops it
+            // too): the slot is free once the driver has let go as well.
+            drop(ticket);
         });
     }
 }
@@ -750,14 +850,5 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
     match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(dir) => std::fs::File::open(dir)?.sync_all(),
         None => Ok(()),
-    }
-}
-
-/// One counted connection slot; dropping it frees the slot.
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -67,6 +67,15 @@ struct RunArgs {
     /// Concurrent connections accepted (more are refused at the handshake).
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Connections handshaking or not yet joined (apart from joined sessions).
+    #[arg(long)]
+    max_pending_connections: Option<usize>,
+    /// Pending connections from one source (IPv4 address or IPv6 /64).
+    #[arg(long)]
+    max_pending_per_source: Option<usize>,
+    /// Seconds a connection has to finish its QUIC/TLS handshake.
+    #[arg(long)]
+    handshake_timeout_secs: Option<u64>,
     /// Seconds a new connection has to join before it is closed.
     #[arg(long)]
     join_timeout_secs: Option<u64>,
@@ -137,6 +146,9 @@ fn main() -> anyhow::Result<()> {
         out_dir,
         state_dir,
         max_connections,
+        max_pending_connections,
+        max_pending_per_source,
+        handshake_timeout_secs,
         join_timeout_secs,
         seed,
         initial_model
