@@ -182,7 +182,14 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, DurableError> {
     if s.version != DURABLE_VERSION {
         return Err(DurableError::Version { found: s.version });
     }
-    canonical("snapshot", &s, bytes.len())?;
+    // Compared in full, not only by length: a snapshot holds a map
+    // (`violations`), and bincode reads a map's entries in any order, so
+    // keys out of order decode to the same state at the same length.
+    // (Found by the `durable_snapshot` fuzz target.)
+    let again = encode_snapshot(&s);
+    if again != bytes {
+        return Err(DurableError::NonCanonical { what: "snapshot", len: bytes.len(), canonical: again.len() });
+    }
     Ok(s)
 }
 
@@ -258,5 +265,32 @@ mod tests {
         assert_eq!(bytes[0], DURABLE_VERSION as u8);
         let padded = [&[251, DURABLE_VERSION as u8, 0][..], &bytes[1..]].concat();
         assert!(matches!(decode_snapshot(&padded), Err(DurableError::NonCanonical { what: "snapshot", .. })));
+    }
+
+    #[test]
+    fn a_snapshot_with_its_violation_map_out_of_order_is_refused() {
+        let s = Snapshot {
+            version: DURABLE_VERSION,
+            run_id: RunId([1; 16]),
+            rng_seed: 2,
+            enrolled_hash: [1; 32],
+            completed_rounds: 0,
+            evaluated: false,
+            model: vec![],
+            violations: [(1, 1), (2, 1)].into_iter().collect(),
+            replica_checkpoint: None,
+            aggregator_state: None,
+        };
+        let bytes = encode_snapshot(&s);
+        assert_eq!(decode_snapshot(&bytes), Ok(s));
+        // The map is the last thing before the two `None`s: `len, (1, 1), (2, 1)`.
+        let tail = bytes.len() - 2;
+        assert_eq!(&bytes[tail - 5..tail], &[2, 1, 1, 2, 1]);
+        let mut swapped = bytes.clone();
+        swapped[tail - 4..tail].copy_from_slice(&[2, 1, 1, 1]);
+        assert!(matches!(decode_snapshot(&swapped), Err(DurableError::NonCanonical { what: "snapshot", .. })));
+        // The fuzzer's input, kept as a regression.
+        let found = include_bytes!("../../fuzz/corpus/durable_snapshot/regress-unsorted-violations");
+        assert!(matches!(decode_snapshot(found), Err(DurableError::NonCanonical { what: "snapshot", .. })));
     }
 }
