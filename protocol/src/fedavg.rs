@@ -93,27 +93,28 @@ pub fn decode_delta(data: &[u8], dim: usize) -> Result<Vec<f32>, Misbehaviour> {
     Ok(values)
 }
 
-/// A round of dense deltas: kept until the round closes, so they can be
-/// combined in ascending client order whatever the arrival order.
+/// The part every dense-delta aggregator shares (FedAvg, FedAvgM): a
+/// round's deltas, kept until the round closes so they are combined in
+/// ascending client order whatever the arrival order, by the run's rule.
 #[derive(Debug)]
 pub(crate) struct DenseRound {
+    /// The kind whose payloads this round takes.
+    kind: KindId,
+    name: &'static str,
+    rule: Box<dyn VectorRule>,
     dim: usize,
     /// Largest `|value|` accepted in a delta.
     bound: f32,
     pending: Vec<(ClientIndex, u64, f32, Vec<f32>)>,
-}
-
-impl Default for DenseRound {
-    /// No bound beyond finiteness.
-    fn default() -> Self {
-        DenseRound::bounded(f32::MAX)
-    }
+    /// The last combination (length `dim`).
+    combined: Vec<f64>,
 }
 
 impl DenseRound {
-    /// A round refusing deltas with a value beyond `bound` in magnitude.
-    pub(crate) fn bounded(bound: f32) -> Self {
-        DenseRound { dim: 0, bound, pending: Vec::new() }
+    /// Rounds of `name`'s payloads (tag `kind`) combined by `rule`, refusing
+    /// deltas with a value beyond `bound` in magnitude.
+    pub(crate) fn new(kind: KindId, name: &'static str, rule: &RuleSpec, bound: f32) -> Self {
+        DenseRound { kind, name, rule: vector_rule(rule), dim: 0, bound, pending: Vec::new(), combined: Vec::new() }
     }
 
     pub(crate) fn begin(&mut self, dim: usize) {
@@ -121,15 +122,9 @@ impl DenseRound {
         self.pending.clear();
     }
 
-    pub(crate) fn absorb(
-        &mut self,
-        client: ClientIndex,
-        update: &ClientUpdate,
-        kind: KindId,
-        name: &'static str,
-    ) -> Result<(), Misbehaviour> {
+    pub(crate) fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour> {
         check_common(update)?;
-        let data = kind::payload_of(update, kind, name)?;
+        let data = kind::payload_of(update, self.kind, self.name)?;
         let delta = decode_delta(data, self.dim)?;
         if let Some(index) = delta.iter().position(|v| v.abs() > self.bound) {
             return Err(Misbehaviour::OutOfBounds { index, limit: self.bound.to_string() });
@@ -138,12 +133,9 @@ impl DenseRound {
         Ok(())
     }
 
-    /// Combines the round by `rule` into `out` (length `dim`) and clears it.
-    pub(crate) fn combine(
-        &mut self,
-        rule: &dyn VectorRule,
-        out: &mut Vec<f64>,
-    ) -> Result<AggregateStats, AggregateError> {
+    /// Combines the round by the rule into [`DenseRound::combined`] and
+    /// clears it.
+    pub(crate) fn combine(&mut self) -> Result<AggregateStats, AggregateError> {
         if self.pending.is_empty() {
             return Err(AggregateError::Empty);
         }
@@ -152,12 +144,17 @@ impl DenseRound {
         let loss: f64 = self.pending.iter().map(|(_, n, l, _)| *n as f64 * *l as f64).sum();
         let updates: Vec<Weighted<'_>> =
             self.pending.iter().map(|(c, n, _, d)| Weighted { client: *c, weight: *n, values: d }).collect();
-        out.clear();
-        out.resize(self.dim, 0.0);
-        rule.combine(&updates, out);
+        self.combined.clear();
+        self.combined.resize(self.dim, 0.0);
+        self.rule.combine(&updates, &mut self.combined);
         let stats = AggregateStats { updates: self.pending.len(), samples: total, train_loss: loss / total as f64 };
         self.pending.clear();
         Ok(stats)
+    }
+
+    /// The combination of the last round closed.
+    pub(crate) fn combined(&self) -> &[f64] {
+        &self.combined
     }
 }
 
@@ -178,8 +175,6 @@ pub(crate) fn commit_step(global: &mut [f32], step: &[f64]) -> Result<(), Aggreg
 #[derive(Debug)]
 pub struct FedAvg {
     round: DenseRound,
-    rule: Box<dyn VectorRule>,
-    scratch: Vec<f64>,
 }
 
 impl Default for FedAvg {
@@ -196,7 +191,8 @@ impl FedAvg {
 
     /// FedAvg combining deltas by `rule`.
     pub fn with_rule(rule: &RuleSpec) -> Self {
-        FedAvg { round: DenseRound::default(), rule: vector_rule(rule), scratch: Vec::new() }
+        // No bound beyond finiteness unless `with_bound` sets one.
+        FedAvg { round: DenseRound::new(ID, NAME, rule, f32::MAX) }
     }
 
     /// The same, refusing deltas with a value beyond `max_abs` in magnitude
@@ -217,12 +213,12 @@ impl Aggregator for FedAvg {
     }
 
     fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour> {
-        self.round.absorb(client, update, ID, NAME)
+        self.round.absorb(client, update)
     }
 
     fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError> {
-        let stats = self.round.combine(self.rule.as_ref(), &mut self.scratch)?;
-        commit_step(global, &self.scratch)?;
+        let stats = self.round.combine()?;
+        commit_step(global, self.round.combined())?;
         Ok(stats)
     }
 

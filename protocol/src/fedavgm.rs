@@ -26,7 +26,6 @@ use crate::error::Misbehaviour;
 use crate::fedavg::{DENSE_RULES, DenseRound, commit_step, dense_model};
 use crate::kind::{self, KindError, KindId, KindSettings, RuleSpec, RunShape, UpdateKind};
 use crate::model::ModelArch;
-use crate::rule::{VectorRule, vector_rule};
 use crate::wire::{ClientUpdate, ModelSync};
 
 /// The kind's name in configuration files.
@@ -112,10 +111,8 @@ impl UpdateKind for FedAvgMKind {
         kind::check_rule(self, rule)?;
         Ok(Box::new(FedAvgM {
             cfg: self.cfg.clone(),
-            round: DenseRound::bounded(run.max_update_abs),
-            rule: vector_rule(rule),
+            round: DenseRound::new(ID, NAME, rule, run.max_update_abs),
             velocity: vec![0.0; initial.len()],
-            scratch: Vec::new(),
         }))
     }
 }
@@ -125,9 +122,7 @@ impl UpdateKind for FedAvgMKind {
 pub struct FedAvgM {
     cfg: FedAvgMConfig,
     round: DenseRound,
-    rule: Box<dyn VectorRule>,
     velocity: Vec<f32>,
-    scratch: Vec<f64>,
 }
 
 impl FedAvgM {
@@ -147,15 +142,15 @@ impl Aggregator for FedAvgM {
     }
 
     fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour> {
-        self.round.absorb(client, update, ID, NAME)
+        self.round.absorb(client, update)
     }
 
     fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError> {
-        let stats = self.round.combine(self.rule.as_ref(), &mut self.scratch)?;
+        let stats = self.round.combine()?;
         let beta = f64::from(self.cfg.momentum);
         let eta = f64::from(self.cfg.server_lr);
         let velocity: Vec<f32> =
-            self.velocity.iter().zip(&self.scratch).map(|(v, d)| (beta * f64::from(*v) + d) as f32).collect();
+            self.velocity.iter().zip(self.round.combined()).map(|(v, d)| (beta * f64::from(*v) + d) as f32).collect();
         if let Some(index) = velocity.iter().position(|v| !v.is_finite()) {
             return Err(AggregateError::NonFinite { index });
         }
