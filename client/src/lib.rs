@@ -111,8 +111,9 @@ pub struct ClientOptions {
     pub train: Dataset,
     /// Local evaluation data, if any.
     pub eval: Option<Dataset>,
-    /// Compute device for training.
-    pub device: Device,
+    /// Where local work runs (CPU or GPU, [`tally_kernels::Compute::open`]);
+    /// on a GPU, replicated rounds are applied there too.
+    pub compute: tally_kernels::Compute,
     /// Consecutive failed connection attempts before giving up.
     pub max_retries: u32,
     /// First reconnection delay; doubles up to `max_backoff`.
@@ -263,7 +264,7 @@ async fn session(
         .map_err(|_| SessionEnd::Retry(format!("no handshake within {:?}", opts.connect_timeout)))?
         .map_err(SessionEnd::Retry)?;
     info!(server = %opts.server, "connected");
-    let mut p = Participant::new(opts.identity.clone(), None);
+    let mut p = Participant::new(opts.identity.clone(), None).with_applier(opts.compute.applier());
     let mut last_model: Option<Vec<f32>> = None;
     loop {
         let bytes = match recv_message(&conn, p.max_message_bytes()).await {
@@ -311,7 +312,7 @@ async fn session(
                     let client_id = p.client_id().unwrap_or(0);
                     let started = Instant::now();
                     let job = {
-                        let (train, eval, device) = (opts.train.clone(), opts.eval.clone(), opts.device.clone());
+                        let (train, eval, device) = (opts.train.clone(), opts.eval.clone(), opts.compute.device.clone());
                         let model = model.clone();
                         move || do_task(&config, client_id, round, seed, task, &model, &train, eval.as_ref(), &device)
                     };

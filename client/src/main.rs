@@ -44,7 +44,72 @@ enum Command {
         /// `embedded` or a directory of MNIST-format IDX files.
         #[arg(long, default_value = "embedded")]
         data: String,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
+    /// List the GPU adapters this client could train on, best first (what
+    /// `--device auto` and `--device gpu` would pick).
+    Devices,
+    /// Check this machine's GPU and driver against the CPU reference: the
+    /// shared-randomness kernels bit for bit (golden vectors, 1,000 applies,
+    /// 100M parameters) and training within tolerance. Exits 1 on a failure.
+    #[cfg(feature = "gpu")]
+    GpuCheck {
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Measure the GPU: fused shared-randomness kernels against a device
+    /// copy, training steps on GPU and CPU, first-step time; writes a JSON
+    /// report. Runs from the release binary alone (embedded data).
+    #[cfg(feature = "gpu")]
+    GpuBench {
+        /// Where to write the JSON report.
+        #[arg(long, default_value = "gpu-bench.json")]
+        out: PathBuf,
+        /// Largest fused-apply size to measure, in parameters.
+        #[arg(long, default_value_t = 100_000_000)]
+        max_params: usize,
+        /// Timed training steps per configuration.
+        #[arg(long, default_value_t = 50)]
+        steps: u32,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+}
+
+/// Where local work runs.
+#[derive(clap::Args, Debug, Clone)]
+struct DeviceArgs {
+    /// `auto` (a hardware GPU if there is one, else the CPU), `cpu`, or
+    /// `gpu` (any GPU adapter, software ones such as lavapipe included;
+    /// an error if there is none).
+    #[arg(long, default_value = "auto")]
+    device: tally_kernels::DeviceChoice,
+    /// Directory for compiled GPU kernels and autotune results, kept between
+    /// runs so later first steps are fast (default: burn's, under the user
+    /// cache directory).
+    #[arg(long)]
+    kernel_cache: Option<PathBuf>,
+}
+
+impl DeviceArgs {
+    fn open(&self) -> anyhow::Result<tally_kernels::Compute> {
+        #[cfg(feature = "gpu")]
+        if let Some(dir) = &self.kernel_cache {
+            tally_kernels::gpu::set_kernel_cache_dir(dir)
+                .with_context(|| format!("kernel cache directory {}", dir.display()))?;
+        }
+        #[cfg(not(feature = "gpu"))]
+        if self.kernel_cache.is_some() {
+            bail!("--kernel-cache: this build has no GPU support");
+        }
+        let compute = tally_kernels::Compute::open(self.device)?;
+        if let Some(note) = &compute.note {
+            eprintln!("{note}");
+        }
+        eprintln!("device {}", compute.description);
+        Ok(compute)
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -92,6 +157,8 @@ struct RunArgs {
     /// Seconds one connection attempt may take before backing off.
     #[arg(long, default_value_t = 10)]
     connect_timeout_secs: u64,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 fn load_data(spec: &str) -> anyhow::Result<Split> {
@@ -118,14 +185,56 @@ fn main() -> anyhow::Result<()> {
             println!("{}", id.public_key());
         }
         Command::Pubkey { key } => println!("{}", keys::load(&key)?.public_key()),
-        Command::Evaluate { model, arch, data } => {
+        Command::Evaluate { model, arch, data, device } => {
             let arch = parse_arch(&arch).map_err(anyhow::Error::msg)?;
             let params = tally_kernels::params_file::load_params(&model, &arch)?;
             let split = load_data(&data)?;
-            let r = tally_kernels::evaluate(&arch, &params, &split.test, &tally_kernels::cpu_device(), 1000)?;
+            let compute = device.open()?;
+            let r = tally_kernels::evaluate(&arch, &params, &split.test, &compute.device, 1000)?;
             println!("accuracy={:.4} loss={:.4} examples={}", r.accuracy(), r.mean_loss(), r.total);
         }
         Command::Run(args) => run(args)?,
+        Command::Devices => {
+            #[cfg(feature = "gpu")]
+            for a in tally_kernels::gpu::adapters() {
+                println!("{a}{}", if a.software { " [software: only with --device gpu]" } else { "" });
+            }
+            #[cfg(not(feature = "gpu"))]
+            println!("this build has no GPU support");
+        }
+        #[cfg(feature = "gpu")]
+        Command::GpuCheck { device } => {
+            let compute = device.open()?;
+            let Some(gpu) = compute.gpu() else { bail!("no GPU to check (try --device gpu)") };
+            let mut failed = 0;
+            for (name, check) in tally_kernels::gpu::check::ALL {
+                let t = std::time::Instant::now();
+                match check(gpu) {
+                    Ok(detail) if detail.is_empty() => println!("ok    {name} ({:.2} s)", t.elapsed().as_secs_f64()),
+                    Ok(detail) => println!("ok    {name} ({:.2} s): {detail}", t.elapsed().as_secs_f64()),
+                    Err(msg) => {
+                        failed += 1;
+                        println!("FAIL  {name}: {msg}");
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} GPU check(s) failed on {}", gpu.adapter());
+            }
+            println!("all GPU checks passed on {}", gpu.adapter());
+        }
+        #[cfg(feature = "gpu")]
+        Command::GpuBench { out, max_params, steps, device } => {
+            if let Some(dir) = &device.kernel_cache {
+                tally_kernels::gpu::set_kernel_cache_dir(dir)
+                    .with_context(|| format!("kernel cache directory {}", dir.display()))?;
+            }
+            let opts = tally_kernels::gpu::bench::BenchOptions { max_params, steps, choice: device.device };
+            let report = tally_kernels::gpu::bench::run(&opts, device.kernel_cache.as_deref())?;
+            let json = serde_json::to_string_pretty(&report)?;
+            std::fs::write(&out, &json).with_context(|| format!("writing {}", out.display()))?;
+            println!("{json}");
+        }
     }
     Ok(())
 }
@@ -166,6 +275,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         train.len(),
         if args.no_eval { 0 } else { split.test.len() }
     );
+    let compute = args.device.open()?;
+    let device_name = compute.description.clone();
+    let applier = compute.applier();
     let opts = ClientOptions {
         server: args.server,
         server_name: args.server_name,
@@ -173,7 +285,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         identity,
         train,
         eval: (!args.no_eval).then_some(split.test),
-        device: tally_kernels::cpu_device(),
+        compute,
         max_retries: args.max_retries,
         initial_backoff: Duration::from_millis(500),
         max_backoff: Duration::from_secs(30),
@@ -183,12 +295,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let outcome = runtime.block_on(tally_client::run(opts))?;
     println!(
-        "finished rounds={} trained_in={} failed_in={} last_accuracy={} model_hash={}",
+        "finished rounds={} trained_in={} failed_in={} last_accuracy={} model_hash={} device={:?} replica_applier={:?} applier_fallbacks={}",
         outcome.rounds,
         outcome.rounds_trained,
         outcome.rounds_failed,
         outcome.last_eval.map_or("unknown".into(), |e| format!("{:.4}", e.accuracy())),
-        hex::encode(outcome.model_hash)
+        hex::encode(outcome.model_hash),
+        device_name,
+        applier.name(),
+        applier.fallbacks()
     );
     Ok(())
 }

@@ -15,7 +15,10 @@
 //! OS: training is a pure function of (architecture, parameters, data,
 //! config), bit-for-bit reproducible on a given machine (see [`train`]).
 
+pub mod compute;
 pub mod data;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod model;
 pub mod params_file;
 pub mod supermask;
@@ -24,6 +27,7 @@ pub mod update;
 pub mod zo;
 
 pub use burn::tensor::Device;
+pub use compute::{Compute, DeviceChoice};
 pub use data::{DataError, Dataset, Split};
 pub use train::{EvalReport, TrainConfig, TrainReport, cpu_device, evaluate, train_local};
 
@@ -80,6 +84,13 @@ pub enum KernelError {
     /// the network (FRL, see [`supermask`]).
     #[error("bad ranking: {0}")]
     BadRanking(String),
+    /// A GPU was asked for and none can be used.
+    #[error("{0}")]
+    NoGpu(String),
+    /// The GPU failed (device lost, out of memory).
+    #[cfg(feature = "gpu")]
+    #[error(transparent)]
+    Gpu(#[from] gpu::GpuError),
     /// The burn backend failed to execute or read back a tensor.
     #[error("backend: {0}")]
     Backend(String),

@@ -10,7 +10,7 @@
 use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 use tally_protocol::model::ModelArch;
-use tally_protocol::prng::perturbed_into;
+use tally_protocol::prng::{StreamId, perturbed_into};
 use tally_protocol::spsa::{SpsaConfig, encode};
 
 use crate::data::Dataset;
@@ -53,6 +53,7 @@ pub fn spsa_steps(
     }
     let mut rng = batch_rng(seed);
     let mut buf = vec![0f32; params.len()];
+    let mut perturb = Perturber::new(params, device)?;
     let mut idx = vec![0usize; (cfg.batch_size as usize).min(data.len())];
     let (mut bytes, mut grads, mut loss_sum) = (Vec::new(), Vec::new(), 0f64);
     for step in 0..steps {
@@ -61,9 +62,9 @@ pub fn spsa_steps(
             *i = (rng.next_u64() % data.len() as u64) as usize;
         }
         let dir = cfg.direction(round, client, step);
-        perturbed_into(&mut buf, params, &dir, cfg.eps);
+        perturb.perturbed(&mut buf, params, &dir, cfg.eps)?;
         let plus = crate::train::batch_loss(arch, &buf, data, &idx, device)?;
-        perturbed_into(&mut buf, params, &dir, -cfg.eps);
+        perturb.perturbed(&mut buf, params, &dir, -cfg.eps)?;
         let minus = crate::train::batch_loss(arch, &buf, data, &idx, device)?;
         let g = ((f64::from(plus) - f64::from(minus)) / (2.0 * f64::from(cfg.eps))) as f32;
         bytes.push(encode(g));
@@ -71,6 +72,42 @@ pub fn spsa_steps(
         loss_sum += (f64::from(plus) + f64::from(minus)) / 2.0;
     }
     Ok(SpsaSteps { bytes, gradients: grads, mean_loss: (loss_sum / f64::from(steps.max(1))) as f32 })
+}
+
+/// Where θ ± εz is formed: the CPU code, or on a GPU the fused kernel (θ
+/// uploaded once per round, z regenerated in the kernel). burn 0.22 does not
+/// take an external wgpu buffer as a tensor, so the perturbed copy is read
+/// back and handed to the forward pass as plain parameters.
+enum Perturber {
+    Cpu,
+    #[cfg(feature = "gpu")]
+    Gpu { gpu: std::sync::Arc<crate::gpu::Gpu>, theta: crate::gpu::GpuVec, eval: crate::gpu::GpuVec },
+}
+
+impl Perturber {
+    #[cfg_attr(not(feature = "gpu"), allow(clippy::unnecessary_wraps, reason = "fallible with the GPU"))]
+    fn new(params: &[f32], device: &Device) -> Result<Self, KernelError> {
+        #[cfg(feature = "gpu")]
+        if let Some(gpu) = crate::gpu::for_device(device) {
+            let theta = gpu.upload(params)?;
+            let eval = gpu.zeros(params.len())?;
+            return Ok(Perturber::Gpu { gpu, theta, eval });
+        }
+        let _ = (params, device);
+        Ok(Perturber::Cpu)
+    }
+
+    fn perturbed(&mut self, buf: &mut [f32], params: &[f32], dir: &StreamId, scale: f32) -> Result<(), KernelError> {
+        match self {
+            Perturber::Cpu => perturbed_into(buf, params, dir, scale),
+            #[cfg(feature = "gpu")]
+            Perturber::Gpu { gpu, theta, eval } => {
+                gpu.perturbed_into_on(eval, theta, dir, scale)?;
+                gpu.read_into(eval, buf)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -143,7 +143,14 @@ pub trait UpdateKind: Send + Sync + std::fmt::Debug {
     /// Applies a round's log to a replica's `params` (replicated kinds). The
     /// entries are checked (ascending clients, valid payloads) before any
     /// parameter changes.
-    fn apply_log(&self, _params: &mut [f32], _log: &RoundLog) -> Result<(), Misbehaviour> {
+    /// Shared directions are applied through `applier` (the CPU code, or a
+    /// GPU kernel with the same bits).
+    fn apply_log(
+        &self,
+        _params: &mut [f32],
+        _log: &RoundLog,
+        _applier: &dyn crate::prng::DirectionApplier,
+    ) -> Result<(), Misbehaviour> {
         Err(Misbehaviour::Unexpected("RoundLog in a run that is not replicated"))
     }
 }

@@ -106,6 +106,8 @@ pub struct Participant {
     /// Replicated runs: our copy of the global model and the round it is the
     /// result of.
     replica: Option<(u32, Vec<f32>)>,
+    /// Where shared directions are applied to the replica (CPU by default).
+    applier: Arc<dyn crate::prng::DirectionApplier>,
 }
 
 impl Participant {
@@ -125,7 +127,16 @@ impl Participant {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             replica: None,
+            applier: Arc::new(crate::prng::CpuApplier),
         }
+    }
+
+    /// Applies replicated rounds' shared directions with `applier` (a GPU
+    /// kernel, say) instead of the CPU code. The replica is still checked
+    /// against the server's hash after every round.
+    pub fn with_applier(mut self, applier: Arc<dyn crate::prng::DirectionApplier>) -> Self {
+        self.applier = applier;
+        self
     }
 
     /// The run's update kind, once joined.
@@ -150,7 +161,7 @@ impl Participant {
         if log.round != round.saturating_add(1) {
             return Err(Misbehaviour::OutOfOrderLog { have: *round, got: log.round }.into());
         }
-        kind.apply_log(params, log)?;
+        kind.apply_log(params, log, self.applier.as_ref())?;
         *round = log.round;
         if crate::identity::params_hash(params) != log.model_hash {
             // Our replica can no longer be trusted; the host reconnects and

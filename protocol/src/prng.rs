@@ -41,6 +41,18 @@
 //! rounding to nearest-even. Several directions are applied to an element in
 //! the order given; the result is independent of how the vector is chunked.
 //! No transcendental function touches anything replicas must agree on.
+//!
+//! **Applying a scaled uniform direction.** `x_i ← x_i + s·v_i` with
+//! `v_i = (word_i >> 8) · 2⁻²³ − 1 ∈ [−1, 1)` (exact in f32: an integer
+//! below 2²⁴ times a power of two), computed as two IEEE-754 binary32
+//! operations, each rounded to nearest-even: the product `p = s·v_i`, then
+//! `x_i + p`. A fused multiply-add gives other bits, so implementations must
+//! not contract the two (Rust never does; GPU kernels must guard against
+//! their shader compiler doing it).
+//!
+//! **Other engines.** [`DirectionApplier`] is the seam through which a host
+//! applies directions somewhere else (a GPU kernel) with the same bits;
+//! [`CpuApplier`] is this module's code.
 
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
@@ -185,6 +197,57 @@ pub fn apply_rademacher(x: &mut [f32], directions: &[(StreamId, f32)]) {
 pub fn perturbed_into(dst: &mut [f32], src: &[f32], id: &StreamId, scale: f32) {
     dst.copy_from_slice(&src[..dst.len()]);
     apply_rademacher(dst, &[(*id, scale)]);
+}
+
+/// `x ← x + Σₖ scaleₖ · v(idₖ)` for the uniform directions of the module
+/// docs (`v ∈ [−1, 1)`, one word per element), directions applied in order,
+/// product and sum rounded separately.
+pub fn apply_uniform(x: &mut [f32], directions: &[(StreamId, f32)]) {
+    let mut words = vec![0u32; CHUNK_ELEMS];
+    for (c, chunk) in x.chunks_mut(CHUNK_ELEMS).enumerate() {
+        for (id, scale) in directions {
+            let words = &mut words[..chunk.len()];
+            id.words_from((c * CHUNK_ELEMS) as u64).fill(words);
+            for (v, &w) in chunk.iter_mut().zip(words.iter()) {
+                *v += *scale * signed_uniform24(w);
+            }
+        }
+    }
+}
+
+/// `(w >> 8) · 2⁻²³ − 1 ∈ [−1, 1)`, exact in f32.
+pub fn signed_uniform24(word: u32) -> f32 {
+    ((word >> 8) as i32 - (1 << 23)) as f32 * (1.0 / 8_388_608.0)
+}
+
+/// Applies shared directions to a parameter vector with exactly the bits of
+/// [`apply_rademacher`] / [`apply_uniform`]: the CPU code of this module
+/// ([`CpuApplier`]) or another engine (the GPU kernels of `tally-kernels`).
+/// Replicas hash their parameters after every round, so an engine that
+/// differs in one bit is caught at once.
+pub trait DirectionApplier: Send + Sync + std::fmt::Debug {
+    /// Same result as [`apply_rademacher`].
+    fn apply_rademacher(&self, x: &mut [f32], directions: &[(StreamId, f32)]);
+    /// Where the directions are applied, for logs (e.g. `"cpu"`).
+    fn name(&self) -> String;
+    /// Calls this engine could not serve and passed to [`apply_rademacher`]
+    /// instead (same bits, slower): a GPU that failed, say.
+    fn fallbacks(&self) -> u64 {
+        0
+    }
+}
+
+/// This module's CPU code as a [`DirectionApplier`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuApplier;
+
+impl DirectionApplier for CpuApplier {
+    fn apply_rademacher(&self, x: &mut [f32], directions: &[(StreamId, f32)]) {
+        apply_rademacher(x, directions);
+    }
+    fn name(&self) -> String {
+        "cpu".to_owned()
+    }
 }
 
 /// The first `n` Rademacher values of a stream as ±1 (tests and golden files).
@@ -376,6 +439,28 @@ mod tests {
         let mean = w.iter().map(|&x| f64::from(uniform24(x))).sum::<f64>() / 10_000.0;
         assert!((mean - 0.5).abs() < 0.01);
         assert!(w.iter().all(|&x| (0.0..1.0).contains(&uniform24(x))));
+    }
+
+    #[test]
+    fn uniform_application_is_chunk_independent_and_unfused() {
+        let n = CHUNK_ELEMS + 1234;
+        let x0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let ups: Vec<(StreamId, f32)> = (0..3).map(|k| (id(k), 0.3 / (k as f32 + 1.0))).collect();
+        let mut got = x0.clone();
+        apply_uniform(&mut got, &ups);
+        let mut reference = x0.clone();
+        for (sid, s) in &ups {
+            let mut w = vec![0u32; n];
+            sid.words_from(0).fill(&mut w);
+            for (v, &wi) in reference.iter_mut().zip(&w) {
+                let u = (wi >> 8) as f64 / 16_777_216.0;
+                let p = (f64::from(*s) * (2.0 * u - 1.0)) as f32; // exact product, rounded once
+                *v += p;
+            }
+        }
+        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(signed_uniform24(0), -1.0);
+        assert_eq!(signed_uniform24(u32::MAX), 1.0 - 1.0 / 8_388_608.0);
     }
 
     #[test]

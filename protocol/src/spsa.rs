@@ -43,7 +43,7 @@ use crate::aggregate::{AggregateError, AggregateStats, Aggregator, ClientIndex, 
 use crate::error::Misbehaviour;
 use crate::kind::{self, KindError, KindId, KindSettings, RuleSpec, RunShape, UpdateKind};
 use crate::model::ModelArch;
-use crate::prng::{Purpose, StreamId, apply_rademacher};
+use crate::prng::{Purpose, StreamId};
 pub use crate::wire::LogEntry;
 use crate::wire::{ClientUpdate, ModelSync, RoundLog, UpdatePayload};
 
@@ -181,6 +181,17 @@ pub fn decode(byte: u8) -> Option<f32> {
 /// Applies a round's log to `params`: the replicated update rule (module
 /// docs). `entries` must be in ascending client order (as logs are built).
 pub fn apply_round(params: &mut [f32], cfg: &SpsaConfig, round: u32, entries: &[LogEntry]) {
+    apply_round_with(params, cfg, round, entries, &crate::prng::CpuApplier);
+}
+
+/// [`apply_round`] with the directions applied by `applier`.
+pub fn apply_round_with(
+    params: &mut [f32],
+    cfg: &SpsaConfig,
+    round: u32,
+    entries: &[LogEntry],
+    applier: &dyn crate::prng::DirectionApplier,
+) {
     let n: usize = entries.iter().map(|e| e.bytes.len()).sum();
     if n == 0 {
         return;
@@ -195,7 +206,7 @@ pub fn apply_round(params: &mut [f32], cfg: &SpsaConfig, round: u32, entries: &[
             dirs.push((cfg.direction(round, e.client, j as u32), s));
         }
     }
-    apply_rademacher(params, &dirs);
+    applier.apply_rademacher(params, &dirs);
 }
 
 /// An SPSA payload: the step bytes.
@@ -272,14 +283,19 @@ impl UpdateKind for SpsaKind {
         }
         Ok(Box::new(Spsa::new(self.cfg.clone())))
     }
-    fn apply_log(&self, params: &mut [f32], log: &RoundLog) -> Result<(), Misbehaviour> {
+    fn apply_log(
+        &self,
+        params: &mut [f32],
+        log: &RoundLog,
+        applier: &dyn crate::prng::DirectionApplier,
+    ) -> Result<(), Misbehaviour> {
         if log.entries.windows(2).any(|w| w[0].client >= w[1].client) {
             return Err(Misbehaviour::Unexpected("RoundLog entries not in ascending client order"));
         }
         for e in &log.entries {
             check_bytes(&e.bytes, &self.cfg)?;
         }
-        apply_round(params, &self.cfg, log.round, &log.entries);
+        apply_round_with(params, &self.cfg, log.round, &log.entries, applier);
         Ok(())
     }
 }

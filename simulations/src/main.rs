@@ -75,6 +75,9 @@ struct Cli {
     /// Don't draw a progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Where clients train: `cpu`, `gpu` or `auto` (overrides the scenario).
+    #[arg(long)]
+    device: Option<tally_kernels::DeviceChoice>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,7 +95,7 @@ fn main() -> anyhow::Result<()> {
     macro_rules! over {
         ($($f:ident),*) => { $( if let Some(v) = cli.$f.clone() { s.$f = v; } )* };
     }
-    over!(seed, data, clients, clients_per_round, rounds, rule, eval_every, out);
+    over!(seed, data, clients, clients_per_round, rounds, rule, eval_every, out, device);
     if let Some(a) = cli.dirichlet {
         s.partition = PartitionSpec::Dirichlet { alpha: a };
     }
@@ -142,7 +145,12 @@ fn main() -> anyhow::Result<()> {
         ProgressStyle::with_template("{bar:30} round {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let device = tally_kernels::cpu_device();
+    let compute = tally_kernels::Compute::open(s.device)?;
+    if let Some(note) = &compute.note {
+        eprintln!("{note}");
+    }
+    eprintln!("tally-sim: clients train on {}", compute.description);
+    let device = compute.device.clone();
     let started = std::time::Instant::now();
     let mut write_err = None;
     let report = tally_sim::run(&s, &device, &mut |rec| {

@@ -187,6 +187,11 @@ pub struct Scenario {
     /// thread, so the metrics are identical for any value. Default 0: one per
     /// available core.
     pub threads: usize,
+    /// Where clients train: `cpu` (default: results are bit-reproducible
+    /// on any machine), `gpu` (any GPU adapter, an error if none) or `auto`
+    /// (a hardware GPU if there is one). GPU training agrees with the CPU to
+    /// f32 rounding, not to the bit, so metrics then differ slightly.
+    pub device: tally_kernels::DeviceChoice,
 }
 
 impl Default for Scenario {
@@ -212,6 +217,7 @@ impl Default for Scenario {
             train_range: None,
             attack: None,
             threads: 0,
+            device: tally_kernels::DeviceChoice::Cpu,
         }
     }
 }

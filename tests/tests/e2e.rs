@@ -407,6 +407,65 @@ fn spsa_run_over_quic_keeps_every_replica_bit_identical() {
     assert_clients_finished_with(&clients, &hash);
 }
 
+/// One client trains and replays the round logs on a GPU (lavapipe in CI),
+/// two on the CPU: every replica ends bit-identical. Each client checks its
+/// replica against the server's hash after every round, so one differing bit
+/// would end the GPU client's session with `ReplicaMismatch`.
+#[test]
+fn spsa_run_with_a_gpu_client_keeps_every_replica_bit_identical() {
+    let probe = std::process::Command::new(bin("tally-client")).arg("devices").output().unwrap();
+    let adapters = String::from_utf8_lossy(&probe.stdout).to_string();
+    if adapters.trim().is_empty() {
+        assert!(
+            std::env::var_os("TALLY_REQUIRE_GPU").is_none(),
+            "TALLY_REQUIRE_GPU is set and tally-client finds no GPU adapter:\n{}",
+            String::from_utf8_lossy(&probe.stderr)
+        );
+        eprintln!("skipped: no GPU adapter");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<_> = (0..3).map(|i| keygen(dir.path(), &format!("g{i}"))).collect();
+    let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "algorithm = { kind = \"spsa\", steps_per_client = 8, batch_size = 16, lr = 0.01, eps = 0.001 }\n",
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap().to_string();
+    let mut server =
+        start_server(dir.path(), &enrolled, &["--config", &cfg, "--rounds", "3", "--min-clients", "3", "--seed", "12"]);
+    let mut clients: Vec<Proc> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| {
+            let shard = format!("{i}/3");
+            let device = if i == 0 { "gpu" } else { "cpu" };
+            start_client(dir.path(), &format!("g{i}"), key, &server, &["--shard", &shard, "--device", device])
+        })
+        .collect();
+    wait_all_succeed(&mut clients);
+    assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
+    let m = metrics(&server.out_dir);
+    assert_eq!(m.len(), 4);
+    let hash = m[3]["model_hash"].as_str().unwrap().to_string();
+    let summaries: Vec<String> = clients
+        .iter()
+        .map(|c| c.drain_lines().into_iter().find(|l| l.starts_with("finished")).expect("client summary line"))
+        .collect();
+    for s in &summaries {
+        assert!(s.contains(&format!("model_hash={hash}")), "{s}");
+    }
+    // The GPU client really trained and applied on the GPU, with no fallback.
+    let first = adapters.lines().next().unwrap_or_default();
+    let name = first.split(" (").next().unwrap_or_default();
+    assert!(summaries[0].contains(&format!("device=\"{name}")), "{}", summaries[0]);
+    assert!(summaries[0].contains("replica_applier=\"gpu: "), "{}", summaries[0]);
+    assert!(summaries[0].ends_with("applier_fallbacks=0"), "{}", summaries[0]);
+    assert!(summaries[1].contains("device=\"cpu\""), "{}", summaries[1]);
+}
+
 #[test]
 fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
     let dir = tempfile::tempdir().unwrap();

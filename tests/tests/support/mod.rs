@@ -169,6 +169,11 @@ pub fn start_server_at(dir: &Path, enrolled: &[String], listen: &str, extra: &[&
 pub fn start_client(dir: &Path, name: &str, key: &Path, server: &ServerHandle, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("tally-client"));
     cmd.args(["run", "--server", &server.addr, "--fingerprint", &server.fingerprint, "--key"]).arg(key).args(extra);
+    // The CPU unless a test asks otherwise: results must not depend on
+    // whether the machine running the suite has a GPU.
+    if !extra.contains(&"--device") {
+        cmd.args(["--device", "cpu"]);
+    }
     Proc::spawn(name, &mut cmd, dir)
 }
 

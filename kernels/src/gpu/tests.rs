@@ -1,0 +1,109 @@
+//! The GPU self-checks ([`super::check`]) and the SPSA client path on the
+//! GPU. They need an adapter: `TALLY_REQUIRE_GPU=1` (set by `.ci/run`, where
+//! lavapipe is installed) turns a missing adapter into a failure; elsewhere
+//! the tests print why they skip.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use tally_protocol::model::ModelArch;
+use tally_protocol::prng::{Purpose, StreamId, perturbed_into};
+
+use super::{Gpu, Preference, check, open};
+
+fn gpu() -> Option<Arc<Gpu>> {
+    match open(Preference::AnyAdapter) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            assert!(
+                std::env::var_os("TALLY_REQUIRE_GPU").is_none(),
+                "TALLY_REQUIRE_GPU is set and no GPU adapter can be used: {e}"
+            );
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+fn run(f: fn(&Gpu) -> Result<String, String>) {
+    if let Some(g) = gpu() {
+        if let Err(msg) = f(&g) {
+            panic!("on {}: {msg}", g.adapter());
+        }
+    }
+}
+
+#[test]
+fn gpu_reproduces_the_prng_golden_vectors() {
+    run(check::golden_vectors);
+}
+
+#[test]
+fn perturbed_copy_and_uniform_directions_are_bit_exact() {
+    run(check::perturbed_and_uniform);
+}
+
+#[test]
+fn multi_row_grids_and_chunked_bindings_give_the_same_bits() {
+    run(check::grids_and_chunks);
+}
+
+#[test]
+fn thousand_spsa_applies_on_a_million_parameters_hash_equal() {
+    run(check::thousand_applies);
+}
+
+#[test]
+fn hundred_million_parameter_apply() {
+    run(check::hundred_million);
+}
+
+#[test]
+fn gpu_training_tracks_the_cpu() {
+    run(check::training_tracks_cpu);
+}
+
+#[test]
+fn gpu_supermask_training_tracks_the_cpu() {
+    run(check::supermask_tracks_cpu);
+}
+
+/// A check must be able to fail: a kernel result with one bit changed is
+/// caught by the same comparison the checks use.
+#[test]
+fn a_one_bit_difference_fails_the_comparison() {
+    let Some(g) = gpu() else { return };
+    let x0: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+    let dirs = [(StreamId { run_seed: 1, purpose: Purpose::SpsaPerturbation, round: 0, client: 0, step: 0 }, 0.5f32)];
+    let mut a = x0.clone();
+    g.apply_rademacher(&mut a, &dirs).unwrap();
+    let mut b = x0;
+    tally_protocol::prng::apply_rademacher(&mut b, &dirs);
+    assert_eq!(a, b);
+    b[999] = f32::from_bits(b[999].to_bits() ^ 1);
+    assert_ne!(tally_protocol::identity::params_hash(&a), tally_protocol::identity::params_hash(&b));
+}
+
+/// SPSA's client path with the perturbation formed on the GPU: the
+/// perturbed copies are the CPU's bits, and the steps run end to end on the
+/// GPU device (losses from the GPU's forward pass agree to f32 rounding).
+#[test]
+fn spsa_perturbation_on_the_gpu_matches_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let split = crate::data::embedded_mnist();
+    let arch = ModelArch::Mlp { input: 784, hidden: vec![8], classes: 10 };
+    let params = arch.init_params(1);
+    let theta = g.upload(&params).unwrap();
+    let eval = g.zeros(params.len()).unwrap();
+    for step in 0..4 {
+        let dir = StreamId { run_seed: 3, purpose: Purpose::SpsaPerturbation, round: 1, client: 2, step };
+        g.perturbed_into_on(&eval, &theta, &dir, 1e-3).unwrap();
+        let mut want = vec![0f32; params.len()];
+        perturbed_into(&mut want, &params, &dir, 1e-3);
+        assert_eq!(g.download(&eval).unwrap(), want);
+    }
+    let cfg = tally_protocol::spsa::SpsaConfig { stream_seed: 1, steps_per_client: 2, eps: 1e-3, lr: 0.1, batch_size: 16 };
+    let on_gpu = crate::zo::spsa_steps(&arch, &params, &split.train, &cfg, 1, 2, 2, 9, &g.burn_device()).unwrap();
+    let on_cpu = crate::zo::spsa_steps(&arch, &params, &split.train, &cfg, 1, 2, 2, 9, &crate::cpu_device()).unwrap();
+    assert!((on_gpu.mean_loss - on_cpu.mean_loss).abs() < 1e-4 * on_cpu.mean_loss, "{} vs {}", on_gpu.mean_loss, on_cpu.mean_loss);
+}
