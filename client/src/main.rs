@@ -85,24 +85,10 @@ struct DeviceArgs {
     /// an error if there is none).
     #[arg(long, default_value = "auto")]
     device: tally_kernels::DeviceChoice,
-    /// Directory for compiled GPU kernels and autotune results, kept between
-    /// runs so later first steps are fast (default: burn's, under the user
-    /// cache directory).
-    #[arg(long)]
-    kernel_cache: Option<PathBuf>,
 }
 
 impl DeviceArgs {
     fn open(&self) -> anyhow::Result<tally_kernels::Compute> {
-        #[cfg(feature = "gpu")]
-        if let Some(dir) = &self.kernel_cache {
-            tally_kernels::gpu::set_kernel_cache_dir(dir)
-                .with_context(|| format!("kernel cache directory {}", dir.display()))?;
-        }
-        #[cfg(not(feature = "gpu"))]
-        if self.kernel_cache.is_some() {
-            bail!("--kernel-cache: this build has no GPU support");
-        }
         let compute = tally_kernels::Compute::open(self.device)?;
         if let Some(note) = &compute.note {
             eprintln!("{note}");
@@ -225,12 +211,8 @@ fn main() -> anyhow::Result<()> {
         }
         #[cfg(feature = "gpu")]
         Command::GpuBench { out, max_params, steps, device } => {
-            if let Some(dir) = &device.kernel_cache {
-                tally_kernels::gpu::set_kernel_cache_dir(dir)
-                    .with_context(|| format!("kernel cache directory {}", dir.display()))?;
-            }
             let opts = tally_kernels::gpu::bench::BenchOptions { max_params, steps, choice: device.device };
-            let report = tally_kernels::gpu::bench::run(&opts, device.kernel_cache.as_deref())?;
+            let report = tally_kernels::gpu::bench::run(&opts)?;
             let json = serde_json::to_string_pretty(&report)?;
             std::fs::write(&out, &json).with_context(|| format!("writing {}", out.display()))?;
             println!("{json}");

@@ -117,6 +117,38 @@ fn scalar(t: Tensor<1>) -> Result<f32, KernelError> {
     t.try_into_scalar::<f32>().map_err(|e| KernelError::Backend(e.to_string()))
 }
 
+/// Steps between reads of the loss. Reading a value waits for the device:
+/// on a GPU, a read every step drains the queue each time. The values, their
+/// order and the
+/// divergence check are the same; a diverged run is only noticed up to this
+/// many steps later (its parameters are discarded either way).
+const LOSS_READBACK_EVERY: usize = 16;
+
+/// Reads the pending losses in one transfer and accounts for them in step
+/// order; the first non-finite one is [`KernelError::Diverged`] with its step.
+fn read_losses(
+    pending: &mut Vec<(Tensor<1>, usize)>,
+    steps: &mut u64,
+    samples: &mut u64,
+    loss_sum: &mut f64,
+) -> Result<(), KernelError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let sizes: Vec<usize> = pending.iter().map(|(_, n)| *n).collect();
+    let all = Tensor::cat(pending.drain(..).map(|(t, _)| t).collect(), 0);
+    let values = all.into_data().try_to_vec::<f32>().map_err(|e| KernelError::Backend(format!("{e:?}")))?;
+    for (value, n) in values.into_iter().zip(sizes) {
+        if !value.is_finite() {
+            return Err(KernelError::Diverged { step: *steps, loss: value });
+        }
+        *steps += 1;
+        *samples += n as u64;
+        *loss_sum += f64::from(value) * n as f64;
+    }
+    Ok(())
+}
+
 /// Trains `params` (flat, canonical order) on `data` with minibatch SGD and
 /// cross-entropy, reshuffling every epoch; returns the new parameters.
 ///
@@ -150,6 +182,7 @@ pub fn train_local(
     let mut rng = train_rng(cfg.seed);
     let mut order: Vec<usize> = Vec::with_capacity(data.len());
     let (mut steps, mut samples, mut loss_sum) = (0u64, 0u64, 0f64);
+    let mut pending: Vec<(Tensor<1>, usize)> = Vec::with_capacity(LOSS_READBACK_EVERY);
     for _ in 0..cfg.epochs {
         order.clear();
         order.extend(0..data.len());
@@ -157,17 +190,15 @@ pub fn train_local(
         for idx in order.chunks(cfg.batch_size) {
             let (x, y) = batch(data, idx, &table, &device);
             let loss = loss_fn.forward(model.forward(x), y);
-            let value = scalar(loss.clone())?;
-            if !value.is_finite() {
-                return Err(KernelError::Diverged { step: steps, loss: value });
-            }
+            pending.push((loss.clone().detach(), idx.len()));
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(f64::from(cfg.lr), model, grads);
-            steps += 1;
-            samples += idx.len() as u64;
-            loss_sum += f64::from(value) * idx.len() as f64;
+            if pending.len() == LOSS_READBACK_EVERY {
+                read_losses(&mut pending, &mut steps, &mut samples, &mut loss_sum)?;
+            }
         }
     }
+    read_losses(&mut pending, &mut steps, &mut samples, &mut loss_sum)?;
     let out = model.to_flat()?;
     if let Some(index) = out.iter().position(|v| !v.is_finite()) {
         // A finite loss with non-finite weights is possible on the last step.

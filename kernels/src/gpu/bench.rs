@@ -33,12 +33,24 @@ pub struct ApplyFigure {
     pub params: usize,
     /// Repetitions timed.
     pub reps: u32,
-    /// Device-to-device copy of the same buffer, bytes read + written per second / 1e9.
+    /// The driver's device-to-device copy (`copy_buffer_to_buffer`) of the
+    /// same buffer, bytes read + written per second / 1e9.
     pub copy_gbps: f64,
+    /// A copy kernel with the fused kernels' access pattern, GB/s.
+    pub copy_kernel_gbps: f64,
     /// One Rademacher direction applied in place (read + write), GB/s.
     pub apply_gbps: f64,
-    /// `apply_gbps / copy_gbps`.
+    /// `apply_gbps` over the faster of the two copies.
     pub apply_fraction_of_copy: f64,
+    /// Batched (all repetitions in one submission, so no per-call
+    /// submission cost): the driver's copy, GB/s.
+    pub batched_copy_gbps: f64,
+    /// Batched copy kernel, GB/s.
+    pub batched_copy_kernel_gbps: f64,
+    /// Batched Rademacher apply, GB/s.
+    pub batched_apply_gbps: f64,
+    /// `batched_apply_gbps` over the faster batched copy.
+    pub batched_apply_fraction_of_copy: f64,
     /// The perturbed copy `dst = src + s·z` (read + write), GB/s.
     pub perturbed_into_gbps: f64,
     /// 64 directions applied in one pass (an SPSA round log), parameter-directions per second / 1e9.
@@ -74,9 +86,11 @@ pub struct BenchReport {
     pub host_cpu: String,
     /// Logical cores.
     pub host_cores: usize,
-    /// Whether the kernel cache directory was empty when the process started
-    /// (a cold first step) or not (warm); `None` when no directory was set.
-    pub kernel_cache: Option<String>,
+    /// The GPU driver's shader cache directory (`__GL_SHADER_DISK_CACHE_PATH`
+    /// for NVIDIA, `MESA_SHADER_CACHE_DIR` for Mesa) and whether it was empty
+    /// when the process started (a cold first step) or not (warm); `None`
+    /// when neither variable is set (the driver's default directory).
+    pub shader_cache: Option<String>,
     /// Fused applies.
     pub fused_apply: Vec<ApplyFigure>,
     /// Training steps.
@@ -118,6 +132,7 @@ fn apply_figure(gpu: &super::Gpu, n: usize) -> Result<ApplyFigure, GpuError> {
     // About 8 GB moved per measurement, at least 10 repetitions.
     let reps = ((8e9 / bytes) as u32).clamp(10, 2000);
     let copy = time_reps(gpu, reps, || gpu.copy(&b, &a))?;
+    let copy_k = time_reps(gpu, reps, || gpu.copy_kernel(&b, &a))?;
     let dir = [(sid(0), 1e-3f32)];
     let apply = time_reps(gpu, reps, || gpu.apply_rademacher_on(&a, &dir))?;
     let pert = time_reps(gpu, reps, || gpu.perturbed_into_on(&b, &a, &sid(1), 1e-3))?;
@@ -126,14 +141,23 @@ fn apply_figure(gpu: &super::Gpu, n: usize) -> Result<ApplyFigure, GpuError> {
     let replay_reps = (reps / 8).max(3);
     let replay = time_reps(gpu, replay_reps, || gpu.apply_rademacher_on(&a, &dirs))?;
     let gbps = |secs: f64, r: u32| bytes * f64::from(r) / secs / 1e9;
+    let b_copy = gbps(gpu.time_batched(&b, Some(&a), &[], true, reps)?, reps);
+    let b_copy_k = gbps(gpu.time_batched(&b, Some(&a), &[], false, reps)?, reps);
+    let b_apply = gbps(gpu.time_batched(&a, None, &dir, false, reps)?, reps);
     let copy_gbps = gbps(copy, reps);
+    let copy_kernel_gbps = gbps(copy_k, reps);
     let apply_gbps = gbps(apply, reps);
     Ok(ApplyFigure {
         params: n,
         reps,
         copy_gbps,
+        copy_kernel_gbps,
         apply_gbps,
-        apply_fraction_of_copy: apply_gbps / copy_gbps,
+        apply_fraction_of_copy: apply_gbps / copy_gbps.max(copy_kernel_gbps),
+        batched_copy_gbps: b_copy,
+        batched_copy_kernel_gbps: b_copy_k,
+        batched_apply_gbps: b_apply,
+        batched_apply_fraction_of_copy: b_apply / b_copy.max(b_copy_k),
         perturbed_into_gbps: gbps(pert, reps),
         replay_64_dirs_gparams_per_s: n as f64 * 64.0 * f64::from(replay_reps) / replay / 1e9,
         uniform_gbps: gbps(uni, reps),
@@ -192,13 +216,15 @@ fn frl_figure(device: &Device, name: &str, batch: usize, steps: u32) -> Result<T
     })
 }
 
-/// Runs the benchmark. `kernel_cache_dir` is only reported (the caller sets
-/// it with [`super::set_kernel_cache_dir`] before anything opens the GPU).
-pub fn run(opts: &BenchOptions, kernel_cache_dir: Option<&std::path::Path>) -> Result<BenchReport, KernelError> {
-    let kernel_cache = kernel_cache_dir.map(|d| {
-        let empty = std::fs::read_dir(d).map(|mut r| r.next().is_none()).unwrap_or(true);
-        format!("{} ({})", d.display(), if empty { "empty: cold" } else { "filled: warm" })
-    });
+/// Runs the benchmark.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport, KernelError> {
+    let shader_cache = ["__GL_SHADER_DISK_CACHE_PATH", "MESA_SHADER_CACHE_DIR"]
+        .iter()
+        .find_map(|v| std::env::var_os(v).map(|d| (v, std::path::PathBuf::from(d))))
+        .map(|(v, d)| {
+            let empty = std::fs::read_dir(&d).map(|mut r| r.next().is_none()).unwrap_or(true);
+            format!("{v}={} ({})", d.display(), if empty { "empty: cold" } else { "filled: warm" })
+        });
     let compute = Compute::open(if opts.choice == DeviceChoice::Cpu { DeviceChoice::Gpu } else { opts.choice })?;
     let gpu = compute.gpu().cloned().ok_or_else(|| KernelError::NoGpu(compute.note.clone().unwrap_or_default()))?;
     let steps = opts.steps.max(2);
@@ -233,7 +259,7 @@ pub fn run(opts: &BenchOptions, kernel_cache_dir: Option<&std::path::Path>) -> R
         adapter: gpu.adapter().clone(),
         host_cpu: host_cpu(),
         host_cores: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
-        kernel_cache,
+        shader_cache,
         fused_apply,
         training,
         frl_lenet_ranking_cpu_ms,

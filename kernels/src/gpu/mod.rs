@@ -17,7 +17,6 @@ pub mod check;
 pub mod prng;
 
 use std::fmt;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use burn::tensor::wgpu::wgpu;
@@ -234,18 +233,6 @@ pub fn for_device(device: &Device) -> Option<Arc<Gpu>> {
     let plain = device.clone().without_autodiff();
     let opened = OPENED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     opened.iter().find(|g| g.burn == plain).cloned()
-}
-
-/// Keeps burn's compiled-kernel and autotune cache in `dir` (created if
-/// needed) instead of `target/environment` or the user cache directory.
-/// Must run before the first GPU is opened; returns false when the
-/// configuration was already fixed.
-pub fn set_kernel_cache_dir(dir: &Path) -> std::io::Result<bool> {
-    use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig, cache::CacheConfig};
-    std::fs::create_dir_all(dir)?;
-    let mut cfg = CubeClRuntimeConfig::default();
-    cfg.environment.path = CacheConfig::Directory(dir.to_path_buf());
-    Ok(CubeClRuntimeConfig::try_set(cfg))
 }
 
 #[cfg(test)]

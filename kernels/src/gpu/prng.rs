@@ -38,13 +38,88 @@ pub(super) struct Kernels {
     perturbed_into: wgpu::ComputePipeline,
     apply_uniform: wgpu::ComputePipeline,
     stream_words: wgpu::ComputePipeline,
+    copy: wgpu::ComputePipeline,
+}
+
+/// Parameters per thread in the Rademacher kernels (`TILE / 256`).
+const PER_THREAD: u64 = 64;
+/// Parameters per thread in the uniform kernel (`UTILE / 256`).
+const U_PER_THREAD: u64 = 16;
+
+/// `prng.wgsl` plus the kernels whose per-element statements are written
+/// out here (see the comment in the shader): element `j` of thread `t` is
+/// `tile_start + j·256 + t`, so every load and store of a warp is coalesced.
+fn shader_source() -> String {
+    use std::fmt::Write;
+    let mut s = String::from(include_str!("prng.wgsl"));
+    // Loads clamp the index (always in bounds; the tail's duplicates are
+    // never stored); stores are guarded.
+    let loads = |s: &mut String, src: &str, per: u64| {
+        for j in 0..per {
+            let _ = writeln!(s, "    var a{j} = {src}[min(base + {}u, last)];", j * 256);
+        }
+    };
+    let stores = |s: &mut String, per: u64| {
+        for j in 0..per {
+            let _ = writeln!(s, "    if (base + {o}u < prm.n) {{ x[base + {o}u] = a{j}; }}", o = j * 256);
+        }
+    };
+    let head = |s: &mut String, name: &str, tile: u64| {
+        let _ = write!(
+            s,
+            "\n@compute @workgroup_size(256)\nfn {name}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {{\n    let tile = tile_index(wg);\n    let start = tile * {tile}u;\n    // Whole workgroups past the end (the grid's last row): uniform exit.\n    if (start >= prm.n) {{ return; }}\n    let last = prm.n - 1u;\n    let base = start + t;\n"
+        );
+    };
+    for (name, src) in [("apply_rademacher", "x"), ("perturbed_into", "src")] {
+        head(&mut s, name, TILE);
+        loads(&mut s, src, PER_THREAD);
+        s.push_str(
+            "    let bit = t % 32u;\n    let wi = t / 32u;\n    let tile_word = prm.word_base + tile * 512u;\n    for (var d = 0u; d < prm.n_dirs; d++) {\n        workgroupBarrier();\n        fill_tile_words(d, tile_word, t);\n        workgroupBarrier();\n        let sbits = dirs[d * 9u + 8u];\n",
+        );
+        for j in 0..PER_THREAD {
+            // Element j·256 + t sits in word (j·256 + t) / 32 = 8j + t/32 at
+            // bit t mod 32; bit 1 → +s, 0 → −s by flipping the sign bit, as
+            // the CPU does.
+            let _ = writeln!(s, "        a{j} = a{j} + bitcast<f32>(sbits ^ (((~(words[{}u + wi] >> bit)) & 1u) << 31u));", j * 8);
+        }
+        s.push_str("    }\n");
+        stores(&mut s, PER_THREAD);
+        s.push_str("}\n");
+    }
+    // Uniform: a tile of 4,096 elements is 256 blocks; thread t computes
+    // block t into uwords[16t..16t+16].
+    head(&mut s, "apply_uniform", UTILE);
+    loads(&mut s, "x", U_PER_THREAD);
+    s.push_str("    for (var d = 0u; d < prm.n_dirs; d++) {\n        workgroupBarrier();\n        let o = chacha8_block(d * 9u, (prm.elem_base + start) / 16u + t);\n");
+    for k in 0..16 {
+        let _ = writeln!(s, "        uwords[t * 16u + {k}u] = o[{k}];");
+    }
+    s.push_str("        workgroupBarrier();\n        let sc = bitcast<f32>(dirs[d * 9u + 8u]);\n");
+    for j in 0..U_PER_THREAD {
+        // v exact; the product is rounded on its own: the xor with the
+        // always-zero guard keeps the compiler from fusing it into the add.
+        let _ = writeln!(
+            s,
+            "        a{j} = a{j} + bitcast<f32>(bitcast<u32>(sc * (f32(i32(uwords[{}u + t] >> 8u) - 8388608) * (1.0 / 8388608.0))) ^ prm.guard);",
+            j * 256
+        );
+    }
+    s.push_str("    }\n");
+    stores(&mut s, U_PER_THREAD);
+    s.push_str("}\n");
+    // The yardstick: a copy with the Rademacher kernels' access pattern.
+    head(&mut s, "copy_kernel", TILE);
+    loads(&mut s, "src", PER_THREAD);
+    stores(&mut s, PER_THREAD);
+    s.push_str("}\n");
+    s
 }
 
 impl Kernels {
     pub(super) fn new(device: &wgpu::Device) -> Self {
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("tally-prng"),
-            source: wgpu::ShaderSource::Wgsl(include_str!("prng.wgsl").into()),
+            source: wgpu::ShaderSource::Wgsl(shader_source().into()),
         });
         let pipeline = |entry: &str| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -61,6 +136,7 @@ impl Kernels {
             perturbed_into: pipeline("perturbed_into"),
             apply_uniform: pipeline("apply_uniform"),
             stream_words: pipeline("stream_words"),
+            copy: pipeline("copy_kernel"),
         }
     }
 }
@@ -101,6 +177,8 @@ fn dirs_bytes(dirs: &[(StreamId, f32)]) -> Vec<u8> {
 pub(super) enum Op {
     Rademacher,
     Uniform,
+    /// `x ← src` by a kernel (the benchmark's yardstick).
+    Copy,
 }
 
 impl Gpu {
@@ -222,7 +300,7 @@ impl Gpu {
         max_groups: u64,
         max_chunk: u64,
     ) -> Result<(), GpuError> {
-        if x.len == 0 || dirs.is_empty() {
+        if x.len == 0 || (dirs.is_empty() && op != Op::Copy) {
             return Ok(());
         }
         if x.len as u64 >= u64::from(u32::MAX) {
@@ -232,6 +310,7 @@ impl Gpu {
             (Op::Rademacher, false) => &self.kernels.apply_rademacher,
             (Op::Rademacher, true) => &self.kernels.perturbed_into,
             (Op::Uniform, _) => &self.kernels.apply_uniform,
+            (Op::Copy, _) => &self.kernels.copy,
         };
         let tile = if op == Op::Uniform { UTILE } else { TILE };
         // Whole tiles per chunk, so every chunk starts on a tile (and so a
@@ -239,6 +318,10 @@ impl Gpu {
         let max_binding = u64::from(self.device.limits().max_storage_buffer_binding_size);
         let chunk_elems = ((max_binding / 4).min(max_chunk) / TILE).max(1) * TILE;
         let layout = pipeline.get_bind_group_layout(0);
+        // The copy takes no directions; one empty batch runs it once (a
+        // dummy direction keeps the bind group complete).
+        let dummy = [(StreamId { run_seed: 0, purpose: tally_protocol::prng::Purpose::SpsaPerturbation, round: 0, client: 0, step: 0 }, 0.0)];
+        let dirs = if op == Op::Copy { &dummy[..] } else { dirs };
         for batch in dirs.chunks(DIRS_PER_DISPATCH) {
             let dbuf = self.init_buffer("tally-dirs", &dirs_bytes(batch), wgpu::BufferUsages::STORAGE);
             let mut start = 0u64;
@@ -263,9 +346,11 @@ impl Gpu {
                 }
                 let mut entries = vec![
                     wgpu::BindGroupEntry { binding: 0, resource: wgpu::BindingResource::Buffer(range(&x.buf, start, n)) },
-                    wgpu::BindGroupEntry { binding: 1, resource: dbuf.as_entire_binding() },
                     wgpu::BindGroupEntry { binding: 2, resource: pbuf.as_entire_binding() },
                 ];
+                if op != Op::Copy {
+                    entries.push(wgpu::BindGroupEntry { binding: 1, resource: dbuf.as_entire_binding() });
+                }
                 if let Some(s) = src {
                     entries.push(wgpu::BindGroupEntry {
                         binding: 3,
@@ -378,8 +463,42 @@ impl Gpu {
         Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
-    /// Device-to-device copy of `src` into `dst` (the bandwidth yardstick of
-    /// the benchmark), asynchronous like the kernels.
+    /// Seconds the GPU takes for `reps` back-to-back applies of `dirs` to
+    /// `x` (Rademacher; or copies of `src` into `x` with `copy`), recorded
+    /// into one command buffer and submitted once: the kernel's throughput
+    /// without per-call submission costs (the benchmark's batched figures).
+    pub fn time_batched(
+        &self,
+        x: &GpuVec,
+        src: Option<&GpuVec>,
+        dirs: &[(StreamId, f32)],
+        copy: bool,
+        reps: u32,
+    ) -> Result<f64, GpuError> {
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        for _ in 0..reps {
+            match (copy, src) {
+                (true, Some(s)) => enc.copy_buffer_to_buffer(&s.buf, 0, &x.buf, 0, x.len as u64 * 4),
+                (false, s) => self.encode(&mut enc, if s.is_some() && dirs.is_empty() { Op::Copy } else { Op::Rademacher }, x, s, dirs, MAX_GROUPS_PER_DIM, u64::MAX)?,
+                (true, None) => return Err(GpuError::Device("a copy needs a source".into())),
+            }
+        }
+        let cmd = enc.finish();
+        self.wait()?;
+        let t = std::time::Instant::now();
+        self.queue.submit([cmd]);
+        self.wait()?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    /// `dst ← src` by a kernel with the fused kernels' access pattern (the
+    /// benchmark's second yardstick), asynchronous.
+    pub fn copy_kernel(&self, dst: &GpuVec, src: &GpuVec) -> Result<(), GpuError> {
+        self.run(Op::Copy, dst, Some(src), &[])
+    }
+
+    /// Device-to-device copy of `src` into `dst` (`copy_buffer_to_buffer`:
+    /// the driver's copy, the benchmark's yardstick), asynchronous.
     pub fn copy(&self, dst: &GpuVec, src: &GpuVec) -> Result<(), GpuError> {
         if src.len != dst.len {
             return Err(GpuError::Device(format!("copy of {} values into {}", src.len, dst.len)));

@@ -51,24 +51,24 @@ struct Params {
 @group(0) @binding(3) var<storage, read> src: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out_words: array<u32>;
 
-var<workgroup> words: array<u32, 4096>;
+var<workgroup> words: array<u32, 512>;
+var<workgroup> uwords: array<u32, 4096>;
 
 fn rotl(v: u32, n: u32) -> u32 {
     return (v << n) | (v >> (32u - n));
 }
 
-// Word `w` (0..16) of ChaCha8 block `counter` of the stream whose key is
-// dirs[key_at..key_at+8], nonce 0, 64-bit block counter in words 12-13
-// (rand_chacha's layout). Returns all 16 words through `out`.
+// ChaCha8 block `counter` of the stream whose key is dirs[key_at..key_at+8],
+// nonce 0, 64-bit block counter in words 12-13 (rand_chacha's layout; the
+// high half is 0: 2^32 blocks are 2^41 Rademacher elements). Scalars only,
+// and callers index the result with constants, so it stays in registers.
 fn chacha8_block(key_at: u32, counter: u32) -> array<u32, 16> {
-    var s: array<u32, 16>;
-    s[0] = 0x61707865u; s[1] = 0x3320646eu; s[2] = 0x79622d32u; s[3] = 0x6b206574u;
-    for (var i = 0u; i < 8u; i++) { s[4u + i] = dirs[key_at + i]; }
-    s[12] = counter; s[13] = 0u; s[14] = 0u; s[15] = 0u;
-    var a0 = s[0]; var a1 = s[1]; var a2 = s[2]; var a3 = s[3];
-    var a4 = s[4]; var a5 = s[5]; var a6 = s[6]; var a7 = s[7];
-    var a8 = s[8]; var a9 = s[9]; var a10 = s[10]; var a11 = s[11];
-    var a12 = s[12]; var a13 = s[13]; var a14 = s[14]; var a15 = s[15];
+    let k0 = dirs[key_at]; let k1 = dirs[key_at + 1u]; let k2 = dirs[key_at + 2u]; let k3 = dirs[key_at + 3u];
+    let k4 = dirs[key_at + 4u]; let k5 = dirs[key_at + 5u]; let k6 = dirs[key_at + 6u]; let k7 = dirs[key_at + 7u];
+    var a0 = 0x61707865u; var a1 = 0x3320646eu; var a2 = 0x79622d32u; var a3 = 0x6b206574u;
+    var a4 = k0; var a5 = k1; var a6 = k2; var a7 = k3;
+    var a8 = k4; var a9 = k5; var a10 = k6; var a11 = k7;
+    var a12 = counter; var a13 = 0u; var a14 = 0u; var a15 = 0u;
     for (var r = 0u; r < 4u; r++) {
         // Column round.
         a0 += a4; a12 = rotl(a12 ^ a0, 16u); a8 += a12; a4 = rotl(a4 ^ a8, 12u);
@@ -89,12 +89,10 @@ fn chacha8_block(key_at: u32, counter: u32) -> array<u32, 16> {
         a3 += a4; a14 = rotl(a14 ^ a3, 16u); a9 += a14; a4 = rotl(a4 ^ a9, 12u);
         a3 += a4; a14 = rotl(a14 ^ a3, 8u); a9 += a14; a4 = rotl(a4 ^ a9, 7u);
     }
-    var o: array<u32, 16>;
-    o[0] = a0 + s[0]; o[1] = a1 + s[1]; o[2] = a2 + s[2]; o[3] = a3 + s[3];
-    o[4] = a4 + s[4]; o[5] = a5 + s[5]; o[6] = a6 + s[6]; o[7] = a7 + s[7];
-    o[8] = a8 + s[8]; o[9] = a9 + s[9]; o[10] = a10 + s[10]; o[11] = a11 + s[11];
-    o[12] = a12 + s[12]; o[13] = a13 + s[13]; o[14] = a14 + s[14]; o[15] = a15 + s[15];
-    return o;
+    return array<u32, 16>(
+        a0 + 0x61707865u, a1 + 0x3320646eu, a2 + 0x79622d32u, a3 + 0x6b206574u,
+        a4 + k0, a5 + k1, a6 + k2, a7 + k3, a8 + k4, a9 + k5, a10 + k6, a11 + k7,
+        a12 + counter, a13, a14, a15);
 }
 
 fn tile_index(wg: vec3<u32>) -> u32 {
@@ -102,100 +100,30 @@ fn tile_index(wg: vec3<u32>) -> u32 {
 }
 
 // Regenerates the 512 words of direction `d` for the tile starting at stream
-// word `tile_word` into words[0..512].
+// word `tile_word` into words[0..512]: thread t computes block t / 8 and
+// keeps words 2·(t mod 8) and 2·(t mod 8) + 1 (constant indices, so the
+// block stays in registers).
 fn fill_tile_words(d: u32, tile_word: u32, t: u32) {
-    let block = tile_word / 16u + t / 8u;
-    let o = chacha8_block(d * 9u, block);
-    let k = (t % 8u) * 2u;
-    words[(t / 8u) * 16u + k] = o[k];
-    words[(t / 8u) * 16u + k + 1u] = o[k + 1u];
-}
-
-fn apply_dirs(acc: ptr<function, array<f32, 64>>, tile_word: u32, t: u32) {
-    let bit = t % 32u;
-    for (var d = 0u; d < prm.n_dirs; d++) {
-        workgroupBarrier();
-        fill_tile_words(d, tile_word, t);
-        workgroupBarrier();
-        let sbits = dirs[d * 9u + 8u];
-        for (var j = 0u; j < PER_THREAD; j++) {
-            let w = words[j * 8u + t / 32u];
-            // bit 1 → +s, bit 0 → −s: flip the sign bit, exactly as the CPU.
-            let neg = ((~(w >> bit)) & 1u) << 31u;
-            (*acc)[j] = (*acc)[j] + bitcast<f32>(sbits ^ neg);
-        }
+    let o = chacha8_block(d * 9u, tile_word / 16u + t / 8u);
+    let b = (t / 8u) * 16u;
+    switch (t % 8u) {
+        case 0u: { words[b + 0u] = o[0]; words[b + 1u] = o[1]; }
+        case 1u: { words[b + 2u] = o[2]; words[b + 3u] = o[3]; }
+        case 2u: { words[b + 4u] = o[4]; words[b + 5u] = o[5]; }
+        case 3u: { words[b + 6u] = o[6]; words[b + 7u] = o[7]; }
+        case 4u: { words[b + 8u] = o[8]; words[b + 9u] = o[9]; }
+        case 5u: { words[b + 10u] = o[10]; words[b + 11u] = o[11]; }
+        case 6u: { words[b + 12u] = o[12]; words[b + 13u] = o[13]; }
+        case 7u: { words[b + 14u] = o[14]; words[b + 15u] = o[15]; }
+        default: {}
     }
 }
 
-// x ← x + Σ_d s_d · z_d (Rademacher), in place.
-@compute @workgroup_size(256)
-fn apply_rademacher(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    let tile = tile_index(wg);
-    let start = tile * TILE;
-    // Whole workgroups past the end (the last row of the grid): uniform exit.
-    if (start >= prm.n) { return; }
-    var acc: array<f32, 64>;
-    for (var j = 0u; j < PER_THREAD; j++) {
-        let e = start + j * WG + t;
-        if (e < prm.n) { acc[j] = x[e]; } else { acc[j] = 0.0; }
-    }
-    apply_dirs(&acc, prm.word_base + tile * TILE_WORDS, t);
-    for (var j = 0u; j < PER_THREAD; j++) {
-        let e = start + j * WG + t;
-        if (e < prm.n) { x[e] = acc[j]; }
-    }
-}
-
-// x ← src + Σ_d s_d · z_d (Rademacher): the perturbed copy for evaluating
-// a loss at θ ± εz, reading θ once.
-@compute @workgroup_size(256)
-fn perturbed_into(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    let tile = tile_index(wg);
-    let start = tile * TILE;
-    // Whole workgroups past the end (the last row of the grid): uniform exit.
-    if (start >= prm.n) { return; }
-    var acc: array<f32, 64>;
-    for (var j = 0u; j < PER_THREAD; j++) {
-        let e = start + j * WG + t;
-        if (e < prm.n) { acc[j] = src[e]; } else { acc[j] = 0.0; }
-    }
-    apply_dirs(&acc, prm.word_base + tile * TILE_WORDS, t);
-    for (var j = 0u; j < PER_THREAD; j++) {
-        let e = start + j * WG + t;
-        if (e < prm.n) { x[e] = acc[j]; }
-    }
-}
-
-// x ← x + Σ_d s_d · v_d, v = (w >> 8)·2⁻²³ − 1 (one word per element).
-// A tile is 4096 elements = 256 blocks: each thread computes one block.
-@compute @workgroup_size(256)
-fn apply_uniform(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    let tile = tile_index(wg);
-    let start = tile * UTILE;
-    if (start >= prm.n) { return; }
-    var acc: array<f32, 16>;
-    for (var j = 0u; j < 16u; j++) {
-        let e = start + j * WG + t;
-        if (e < prm.n) { acc[j] = x[e]; } else { acc[j] = 0.0; }
-    }
-    for (var d = 0u; d < prm.n_dirs; d++) {
-        workgroupBarrier();
-        let o = chacha8_block(d * 9u, (prm.elem_base + start) / 16u + t);
-        for (var k = 0u; k < 16u; k++) { words[t * 16u + k] = o[k]; }
-        workgroupBarrier();
-        let s = bitcast<f32>(dirs[d * 9u + 8u]);
-        for (var j = 0u; j < 16u; j++) {
-            let w = words[j * WG + t];
-            let v = f32(i32(w >> 8u) - 8388608) * (1.0 / 8388608.0);
-            let p = bitcast<f32>(bitcast<u32>(s * v) ^ prm.guard);
-            acc[j] = acc[j] + p;
-        }
-    }
-    for (var j = 0u; j < 16u; j++) {
-        let e = start + j * WG + t;
-        if (e < prm.n) { x[e] = acc[j]; }
-    }
-}
+// The kernels (apply_rademacher, perturbed_into, apply_uniform, copy) are
+// appended by prng.rs with their per-element statements written out: WGSL
+// has no unroll directive, and a loop over a per-thread array left the array
+// in local memory on NVIDIA (one load in flight per thread, about 0.5 TB/s
+// on an H200); 64 named registers let every load be issued at once.
 
 // out_words[i] ← word first_word + i of direction 0's stream: the raw
 // keystream, for the golden vectors.
