@@ -2,14 +2,18 @@
 //! ([`data`]), burn models matching `tally_protocol::model::ModelArch`
 //! ([`model`]), local SGD training and evaluation ([`train`]), FRL's
 //! supermask networks ([`supermask`]), SPSA's zeroth-order steps ([`zo`]),
-//! parameter files ([`params_file`]), and each update kind's client side
-//! behind one trait and registry ([`update`]).
+//! parameter files ([`params_file`]), each update kind's client side
+//! behind one trait and registry ([`update`]), the run-time choice of CPU or
+//! GPU ([`compute`]) and, with the `gpu` feature, the GPU through wgpu:
+//! adapters, burn's wgpu device and the fused shared-randomness kernels
+//! (`gpu`, see `docs/gpu.md`).
 //!
 //! This is the only crate of the workspace that names burn types. Everything
 //! crosses its boundary as plain Rust: parameters as a flat `Vec<f32>` in the
 //! canonical order of `ModelArch::tensors()`, data as [`data::Dataset`]. The
 //! burn device is chosen by the caller and passed in as a value
-//! ([`train::cpu_device`] gives the CPU one); library code never hard-codes it.
+//! ([`train::cpu_device`] gives the CPU one, [`Compute::open`] a GPU);
+//! library code never hard-codes it.
 //!
 //! It never does networking, never reads the clock, and never seeds from the
 //! OS: training is a pure function of (architecture, parameters, data,
