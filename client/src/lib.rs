@@ -312,7 +312,8 @@ async fn session(
                     let client_id = p.client_id().unwrap_or(0);
                     let started = Instant::now();
                     let job = {
-                        let (train, eval, device) = (opts.train.clone(), opts.eval.clone(), opts.compute.device.clone());
+                        let (train, eval, device) =
+                            (opts.train.clone(), opts.eval.clone(), opts.compute.device.clone());
                         let model = model.clone();
                         move || do_task(&config, client_id, round, seed, task, &model, &train, eval.as_ref(), &device)
                     };

@@ -157,7 +157,8 @@ fn load_data(spec: &str) -> anyhow::Result<Split> {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,quinn=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,quinn=warn,wgpu_hal=warn,wgpu_core=warn,naga=warn,cubecl=warn".into()),
         )
         .with_writer(std::io::stderr)
         // Colour codes only on a terminal: log files and tests read plain text.

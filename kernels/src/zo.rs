@@ -81,7 +81,11 @@ pub fn spsa_steps(
 enum Perturber {
     Cpu,
     #[cfg(feature = "gpu")]
-    Gpu { gpu: std::sync::Arc<crate::gpu::Gpu>, theta: crate::gpu::GpuVec, eval: crate::gpu::GpuVec },
+    Gpu {
+        gpu: std::sync::Arc<crate::gpu::Gpu>,
+        theta: crate::gpu::GpuVec,
+        eval: crate::gpu::GpuVec,
+    },
 }
 
 impl Perturber {

@@ -458,7 +458,10 @@ mod tests {
                 *v += p;
             }
         }
-        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
         assert_eq!(signed_uniform24(0), -1.0);
         assert_eq!(signed_uniform24(u32::MAX), 1.0 - 1.0 / 8_388_608.0);
     }

@@ -26,7 +26,13 @@ fn bits(v: &[f32]) -> Vec<u32> {
 /// The first index where two vectors differ in bits, as a message.
 fn first_diff(got: &[f32], want: &[f32]) -> String {
     match got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits()) {
-        Some(i) => format!("element {i}: gpu {:e} ({:08x}), cpu {:e} ({:08x})", got[i], got[i].to_bits(), want[i], want[i].to_bits()),
+        Some(i) => format!(
+            "element {i}: gpu {:e} ({:08x}), cpu {:e} ({:08x})",
+            got[i],
+            got[i].to_bits(),
+            want[i],
+            want[i].to_bits()
+        ),
         None => format!("lengths {} and {}", got.len(), want.len()),
     }
 }
@@ -136,11 +142,19 @@ pub fn grids_and_chunks(g: &Gpu) -> Result<String, String> {
         let v = g.upload(&x0).map_err(e)?;
         g.run_with(super::prng::Op::Rademacher, &v, None, &dirs, groups, chunk).map_err(e)?;
         let got = g.download(&v).map_err(e)?;
-        ensure!(bits(&got) == bits(&want), "rademacher, {groups} groups per row, chunks of {chunk}: {}", first_diff(&got, &want));
+        ensure!(
+            bits(&got) == bits(&want),
+            "rademacher, {groups} groups per row, chunks of {chunk}: {}",
+            first_diff(&got, &want)
+        );
         let u = g.upload(&x0).map_err(e)?;
         g.run_with(super::prng::Op::Uniform, &u, None, &dirs, groups, chunk).map_err(e)?;
         let got = g.download(&u).map_err(e)?;
-        ensure!(bits(&got) == bits(&wantu), "uniform, {groups} groups per row, chunks of {chunk}: {}", first_diff(&got, &wantu));
+        ensure!(
+            bits(&got) == bits(&wantu),
+            "uniform, {groups} groups per row, chunks of {chunk}: {}",
+            first_diff(&got, &wantu)
+        );
     }
     Ok(String::new())
 }
@@ -196,7 +210,10 @@ pub fn training_tracks_cpu(g: &Gpu) -> Result<String, String> {
         ensure!(rel < 1e-4, "{arch:?}: cpu loss {} gpu loss {}", rc.mean_loss, rg.mean_loss);
         let max = pc.iter().zip(&pg).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         ensure!(max < 1e-5, "{arch:?}: max parameter difference {max}");
-        detail.push(format!("{}: loss rel. diff {rel:.1e}, max param diff {max:.1e}", if matches!(arch, ModelArch::Mlp { .. }) { "MLP" } else { "LeNet-5" }));
+        detail.push(format!(
+            "{}: loss rel. diff {rel:.1e}, max param diff {max:.1e}",
+            if matches!(arch, ModelArch::Mlp { .. }) { "MLP" } else { "LeNet-5" }
+        ));
     }
     Ok(detail.join("; "))
 }
@@ -223,7 +240,11 @@ pub fn supermask_tracks_cpu(g: &Gpu) -> Result<String, String> {
             let total = sc.iter().map(Vec::len).sum::<usize>();
             let off = sc.iter().flatten().zip(sg.iter().flatten()).filter(|(a, b)| (*a - *b).abs() > tol).count();
             let max = sc.iter().flatten().zip(sg.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            ensure!(off * 100 < total, "{} steps: {off} of {total} scores differ by more than {tol} (max {max})", rc.steps);
+            ensure!(
+                off * 100 < total,
+                "{} steps: {off} of {total} scores differ by more than {tol} (max {max})",
+                rc.steps
+            );
             detail.push(format!("{} step(s): {off} of {total} scores differ by > {tol:.0e} (max {max:.1e})", rc.steps));
         }
         detail.push(format!("{} step(s): loss rel. diff {rel:.1e}", rc.steps));

@@ -80,7 +80,11 @@ fn shader_source() -> String {
             // Element j·256 + t sits in word (j·256 + t) / 32 = 8j + t/32 at
             // bit t mod 32; bit 1 → +s, 0 → −s by flipping the sign bit, as
             // the CPU does.
-            let _ = writeln!(s, "        a{j} = a{j} + bitcast<f32>(sbits ^ (((~(words[{}u + wi] >> bit)) & 1u) << 31u));", j * 8);
+            let _ = writeln!(
+                s,
+                "        a{j} = a{j} + bitcast<f32>(sbits ^ (((~(words[{}u + wi] >> bit)) & 1u) << 31u));",
+                j * 8
+            );
         }
         s.push_str("    }\n");
         stores(&mut s, PER_THREAD);
@@ -182,7 +186,12 @@ pub(super) enum Op {
 }
 
 impl Gpu {
-    fn storage_buffer(&self, what: &'static str, bytes: u64, extra: wgpu::BufferUsages) -> Result<wgpu::Buffer, GpuError> {
+    fn storage_buffer(
+        &self,
+        what: &'static str,
+        bytes: u64,
+        extra: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer, GpuError> {
         let limit = self.device.limits().max_buffer_size;
         if bytes > limit {
             return Err(GpuError::TooLarge { what, bytes, limit });
@@ -320,7 +329,16 @@ impl Gpu {
         let layout = pipeline.get_bind_group_layout(0);
         // The copy takes no directions; one empty batch runs it once (a
         // dummy direction keeps the bind group complete).
-        let dummy = [(StreamId { run_seed: 0, purpose: tally_protocol::prng::Purpose::SpsaPerturbation, round: 0, client: 0, step: 0 }, 0.0)];
+        let dummy = [(
+            StreamId {
+                run_seed: 0,
+                purpose: tally_protocol::prng::Purpose::SpsaPerturbation,
+                round: 0,
+                client: 0,
+                step: 0,
+            },
+            0.0,
+        )];
         let dirs = if op == Op::Copy { &dummy[..] } else { dirs };
         for batch in dirs.chunks(DIRS_PER_DISPATCH) {
             let dbuf = self.init_buffer("tally-dirs", &dirs_bytes(batch), wgpu::BufferUsages::STORAGE);
@@ -345,7 +363,10 @@ impl Gpu {
                     wgpu::BufferBinding { buffer: b, offset: start * 4, size: std::num::NonZeroU64::new(n * 4) }
                 }
                 let mut entries = vec![
-                    wgpu::BindGroupEntry { binding: 0, resource: wgpu::BindingResource::Buffer(range(&x.buf, start, n)) },
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: wgpu::BindingResource::Buffer(range(&x.buf, start, n)),
+                    },
                     wgpu::BindGroupEntry { binding: 2, resource: pbuf.as_entire_binding() },
                 ];
                 if op != Op::Copy {
@@ -362,7 +383,8 @@ impl Gpu {
                     layout: &layout,
                     entries: &entries,
                 });
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+                let mut pass =
+                    enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
                 pass.set_pipeline(pipeline);
                 pass.set_bind_group(0, &bg, &[]);
                 pass.dispatch_workgroups(gx as u32, gy as u32, 1);
@@ -438,9 +460,14 @@ impl Gpu {
         let dbuf = self.init_buffer("tally-dirs", &dirs_bytes(&[(*id, 0.0)]), wgpu::BufferUsages::STORAGE);
         let groups = u64::from(n).div_ceil(256);
         if groups > MAX_GROUPS_PER_DIM {
-            return Err(GpuError::TooLarge { what: "word request", bytes: u64::from(n) * 4, limit: MAX_GROUPS_PER_DIM * 1024 });
+            return Err(GpuError::TooLarge {
+                what: "word request",
+                bytes: u64::from(n) * 4,
+                limit: MAX_GROUPS_PER_DIM * 1024,
+            });
         }
-        let pbuf = self.init_buffer("tally-params", &params_bytes([n, 1, 0, 0, 0, 0, first, 0]), wgpu::BufferUsages::UNIFORM);
+        let pbuf =
+            self.init_buffer("tally-params", &params_bytes([n, 1, 0, 0, 0, 0, first, 0]), wgpu::BufferUsages::UNIFORM);
         let pipeline = &self.kernels.stream_words;
         let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
@@ -479,7 +506,15 @@ impl Gpu {
         for _ in 0..reps {
             match (copy, src) {
                 (true, Some(s)) => enc.copy_buffer_to_buffer(&s.buf, 0, &x.buf, 0, x.len as u64 * 4),
-                (false, s) => self.encode(&mut enc, if s.is_some() && dirs.is_empty() { Op::Copy } else { Op::Rademacher }, x, s, dirs, MAX_GROUPS_PER_DIM, u64::MAX)?,
+                (false, s) => self.encode(
+                    &mut enc,
+                    if s.is_some() && dirs.is_empty() { Op::Copy } else { Op::Rademacher },
+                    x,
+                    s,
+                    dirs,
+                    MAX_GROUPS_PER_DIM,
+                    u64::MAX,
+                )?,
                 (true, None) => return Err(GpuError::Device("a copy needs a source".into())),
             }
         }

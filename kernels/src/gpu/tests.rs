@@ -102,8 +102,14 @@ fn spsa_perturbation_on_the_gpu_matches_the_cpu() {
         perturbed_into(&mut want, &params, &dir, 1e-3);
         assert_eq!(g.download(&eval).unwrap(), want);
     }
-    let cfg = tally_protocol::spsa::SpsaConfig { stream_seed: 1, steps_per_client: 2, eps: 1e-3, lr: 0.1, batch_size: 16 };
+    let cfg =
+        tally_protocol::spsa::SpsaConfig { stream_seed: 1, steps_per_client: 2, eps: 1e-3, lr: 0.1, batch_size: 16 };
     let on_gpu = crate::zo::spsa_steps(&arch, &params, &split.train, &cfg, 1, 2, 2, 9, &g.burn_device()).unwrap();
     let on_cpu = crate::zo::spsa_steps(&arch, &params, &split.train, &cfg, 1, 2, 2, 9, &crate::cpu_device()).unwrap();
-    assert!((on_gpu.mean_loss - on_cpu.mean_loss).abs() < 1e-4 * on_cpu.mean_loss, "{} vs {}", on_gpu.mean_loss, on_cpu.mean_loss);
+    assert!(
+        (on_gpu.mean_loss - on_cpu.mean_loss).abs() < 1e-4 * on_cpu.mean_loss,
+        "{} vs {}",
+        on_gpu.mean_loss,
+        on_cpu.mean_loss
+    );
 }
