@@ -5,6 +5,10 @@
 //! before it joins a run: a driver that flushes denormals or contracts a
 //! multiply-add shows here, not as a desynchronised replica.
 
+// `ensure!(x < tol, …)` fails on NaN because `!(NaN < tol)` is true: the
+// negated comparison is the point, not an accident.
+#![allow(clippy::neg_cmp_op_on_partial_ord, reason = "a NaN difference must fail the check")]
+
 use tally_protocol::identity::params_hash;
 use tally_protocol::model::ModelArch;
 use tally_protocol::prng::{Purpose, StreamId, apply_rademacher, apply_uniform, perturbed_into};

@@ -299,6 +299,7 @@ impl Gpu {
 
     /// Records the dispatches of `op` with `dirs` over `x` (and `src` for
     /// the perturbed copy) into `enc`, chunking by the binding limit.
+    #[allow(clippy::too_many_arguments, reason = "the dispatch's inputs and the two caps the tests force")]
     fn encode(
         &self,
         enc: &mut wgpu::CommandEncoder,
@@ -324,7 +325,7 @@ impl Gpu {
         let tile = if op == Op::Uniform { UTILE } else { TILE };
         // Whole tiles per chunk, so every chunk starts on a tile (and so a
         // word and a block) boundary and its byte offset is 64 KiB-aligned.
-        let max_binding = u64::from(self.device.limits().max_storage_buffer_binding_size);
+        let max_binding = self.device.limits().max_storage_buffer_binding_size;
         let chunk_elems = ((max_binding / 4).min(max_chunk) / TILE).max(1) * TILE;
         let layout = pipeline.get_bind_group_layout(0);
         // The copy takes no directions; one empty batch runs it once (a

@@ -26,10 +26,10 @@ fn gpu() -> Option<Arc<Gpu>> {
 }
 
 fn run(f: fn(&Gpu) -> Result<String, String>) {
-    if let Some(g) = gpu() {
-        if let Err(msg) = f(&g) {
-            panic!("on {}: {msg}", g.adapter());
-        }
+    if let Some(g) = gpu()
+        && let Err(msg) = f(&g)
+    {
+        panic!("on {}: {msg}", g.adapter());
     }
 }
 
