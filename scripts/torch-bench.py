@@ -38,12 +38,10 @@ def timed(fn, steps, warmup=5):
     return start.elapsed_time(end) / steps  # ms per call
 
 
-def mlp_bench(batch, steps, dev):
-    model = nn.Sequential(nn.Linear(784, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, 10)).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x = torch.rand(batch, 784, device=dev)
-    y = torch.randint(0, 10, (batch,), device=dev)
-    t0 = time.perf_counter()
+def step_bench(name, model, params, opt_kwargs, x, y, batch, steps):
+    """First step (wall clock, CUDA init and kernels included) and the
+    steady step time of SGD on (x, y)."""
+    opt = torch.optim.SGD(params, **opt_kwargs)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -52,11 +50,19 @@ def mlp_bench(batch, steps, dev):
         opt.step()
         return loss
 
+    t0 = time.perf_counter()
     step().item()
     first = time.perf_counter() - t0
-    ms = timed(lambda: step(), steps)
-    return {"model": "mlp-784-200-200-10", "batch": batch, "device": "torch-cuda", "first_step_secs": first,
+    ms = timed(step, steps)
+    return {"model": name, "batch": batch, "device": "torch-cuda", "first_step_secs": first,
             "ms_per_step": ms, "steps_per_sec": 1e3 / ms}
+
+
+def mlp_bench(batch, steps, dev):
+    model = nn.Sequential(nn.Linear(784, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, 10)).to(dev)
+    x = torch.rand(batch, 784, device=dev)
+    y = torch.randint(0, 10, (batch,), device=dev)
+    return step_bench("mlp-784-200-200-10", model, model.parameters(), {"lr": 0.01}, x, y, batch, steps)
 
 
 class TopHalf(torch.autograd.Function):
@@ -99,23 +105,10 @@ class SupermaskLeNet(nn.Module):
 
 def frl_bench(batch, steps, dev):
     model = SupermaskLeNet().to(dev)
-    opt = torch.optim.SGD(model.scores.parameters(), lr=0.4, momentum=0.9, weight_decay=1e-4)
     x = torch.rand(batch, 1, 28, 28, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
-    t0 = time.perf_counter()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    step().item()
-    first = time.perf_counter() - t0
-    ms = timed(lambda: step(), steps)
-    return {"model": "frl-lenet-supermask", "batch": batch, "device": "torch-cuda", "first_step_secs": first,
-            "ms_per_step": ms, "steps_per_sec": 1e3 / ms}
+    opt = {"lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4}
+    return step_bench("frl-lenet-supermask", model, model.scores.parameters(), opt, x, y, batch, steps)
 
 
 def bandwidth(n, dev, reps=200):

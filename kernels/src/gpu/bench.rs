@@ -187,15 +187,20 @@ fn mlp_figure(device: &Device, name: &str, batch: usize, steps: u32) -> Result<T
     let first = t.elapsed().as_secs_f64();
     let t = Instant::now();
     crate::train_local(&arch, &p, &many, &cfg, device)?;
-    let secs = t.elapsed().as_secs_f64();
-    Ok(TrainFigure {
-        model: "mlp-784-200-200-10".into(),
-        batch,
-        device: name.into(),
-        first_step_secs: first,
-        steps_per_sec: f64::from(steps) / secs,
-        ms_per_step: secs * 1e3 / f64::from(steps),
-    })
+    Ok(TrainFigure::new("mlp-784-200-200-10", batch, name, first, t.elapsed().as_secs_f64(), steps))
+}
+
+impl TrainFigure {
+    fn new(model: &str, batch: usize, device: &str, first: f64, secs: f64, steps: u32) -> Self {
+        TrainFigure {
+            model: model.into(),
+            batch,
+            device: device.into(),
+            first_step_secs: first,
+            steps_per_sec: f64::from(steps) / secs,
+            ms_per_step: secs * 1e3 / f64::from(steps),
+        }
+    }
 }
 
 fn frl_figure(device: &Device, name: &str, batch: usize, steps: u32) -> Result<TrainFigure, KernelError> {
@@ -210,15 +215,7 @@ fn frl_figure(device: &Device, name: &str, batch: usize, steps: u32) -> Result<T
     let first = t.elapsed().as_secs_f64();
     let t = Instant::now();
     net.train(scores, &many, &cfg, device)?;
-    let secs = t.elapsed().as_secs_f64();
-    Ok(TrainFigure {
-        model: "frl-lenet-supermask".into(),
-        batch,
-        device: name.into(),
-        first_step_secs: first,
-        steps_per_sec: f64::from(steps) / secs,
-        ms_per_step: secs * 1e3 / f64::from(steps),
-    })
+    Ok(TrainFigure::new("frl-lenet-supermask", batch, name, first, t.elapsed().as_secs_f64(), steps))
 }
 
 /// Runs the benchmark.
