@@ -100,18 +100,20 @@ impl DeviceArgs {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Server address (host:port).
+    /// Server address: `HOST:PORT` with a host name (`server.example:4433`,
+    /// `localhost:4433`) or an IP address (`10.0.0.5:4433`, `[::1]:4433`).
     #[arg(long)]
-    server: SocketAddr,
+    server: String,
     /// Pin the server certificate by SHA-256 fingerprint (printed by `tally-server --self-signed`).
     #[arg(long, conflicts_with = "ca")]
     fingerprint: Option<String>,
     /// Trust server certificates issued by the CAs in this PEM file.
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// Server name to check against the certificate (CA mode).
-    #[arg(long, default_value = "localhost")]
-    server_name: String,
+    /// Server name to check against the certificate (CA mode). Default: the
+    /// host name of `--server`, or `localhost` when it is an IP address.
+    #[arg(long)]
+    server_name: Option<String>,
     /// Key file; created (and its public key printed) if missing.
     #[arg(long, default_value = "client.key")]
     key: PathBuf,
@@ -258,12 +260,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         train.len(),
         if args.no_eval { 0 } else { split.test.len() }
     );
+    let (server, server_name) = resolve_server(&args.server)?;
     let compute = args.device.open()?;
     let device_name = compute.description.clone();
     let applier = compute.applier();
     let opts = ClientOptions {
-        server: args.server,
-        server_name: args.server_name,
+        server,
+        server_name: args.server_name.unwrap_or(server_name),
         trust,
         identity,
         train,
@@ -289,4 +292,45 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         applier.fallbacks()
     );
     Ok(())
+}
+
+/// `HOST:PORT` → the first address the host resolves to (the system
+/// resolver, once at start) and the name to check in CA mode (the host, or
+/// `localhost` for an IP address).
+fn resolve_server(spec: &str) -> anyhow::Result<(SocketAddr, String)> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = spec.parse::<SocketAddr>() {
+        return Ok((addr, "localhost".to_owned()));
+    }
+    let Some((host, _)) = spec.rsplit_once(':').filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) else {
+        bail!("--server {spec}: expected HOST:PORT (e.g. server.example:4433 or 10.0.0.5:4433)");
+    };
+    let addr = spec
+        .to_socket_addrs()
+        .with_context(|| format!("--server {spec}: cannot resolve {host}"))?
+        .next()
+        .with_context(|| format!("--server {spec}: {host} has no address"))?;
+    Ok((addr, host.to_owned()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::resolve_server;
+
+    #[test]
+    // Host names resolve through /etc/hosts here (`localhost`): no network.
+    fn server_takes_ip_addresses_and_host_names() {
+        let (a, name) = resolve_server("10.0.0.5:4433").unwrap();
+        assert_eq!((a.to_string().as_str(), name.as_str()), ("10.0.0.5:4433", "localhost"));
+        let (a, _) = resolve_server("[::1]:9").unwrap();
+        assert_eq!(a.to_string(), "[::1]:9");
+        let (a, name) = resolve_server("localhost:4433").unwrap();
+        assert!(a.ip().is_loopback() && a.port() == 4433, "{a}");
+        assert_eq!(name, "localhost");
+        for bad in ["localhost", "localhost:", ":4433", "localhost:99999"] {
+            let e = resolve_server(bad).unwrap_err().to_string();
+            assert!(e.contains("expected HOST:PORT"), "{bad}: {e}");
+        }
+    }
 }

@@ -178,7 +178,26 @@ fn main() -> anyhow::Result<()> {
         // Machine-readable lines on stdout (tests and scripts parse them).
         println!("listening on {}", server.local_addr()?);
         println!("fingerprint {}", hex::encode(server.fingerprint()));
+        // Ctrl-C and SIGTERM (what service managers and `kill` send) both
+        // stop the run the same way: state, metrics and the model written.
         let shutdown = async {
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{SignalKind, signal};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut term) => {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server cleanly");
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            }
+            #[cfg(not(unix))]
             let _ = tokio::signal::ctrl_c().await;
         };
         let outcome = server.run(shutdown).await?;

@@ -466,6 +466,35 @@ fn spsa_run_with_a_gpu_client_keeps_every_replica_bit_identical() {
     assert!(summaries[1].contains("device=\"cpu\""), "{}", summaries[1]);
 }
 
+/// SIGTERM (a service manager stopping the server) ends the run like
+/// Ctrl-C: exit status 0, the model written, every completed round's
+/// metrics row on disk.
+#[test]
+fn sigterm_on_the_server_writes_the_model_and_every_metrics_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, pk) = keygen(dir.path(), "t0");
+    let mut server = start_server(dir.path(), &[pk], &["--rounds", "1000", "--min-clients", "1", "--seed", "4"]);
+    let _client = start_client(dir.path(), "t0", &key, &server, &["--shard", "0/20"]);
+    // Round 3 opened: rounds 1 and 2 are closed and their rows written.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !server.proc.stderr().contains("round opened round=3") {
+        assert!(Instant::now() < deadline, "no third round:\n{}", server.proc.stderr());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = server.proc.pid().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = server.proc.wait();
+    assert!(status.success(), "SIGTERM should end the server cleanly ({status}):\n{}", server.proc.stderr());
+    assert!(server.proc.stderr().contains("shutdown requested"), "{}", server.proc.stderr());
+    let m = metrics(&server.out_dir);
+    assert!(m.len() >= 3, "rows for rounds 0..=2 at least: {m:?}");
+    for (i, row) in m.iter().enumerate() {
+        assert_eq!(row["round"], i as u64, "{row}");
+    }
+    let model = std::fs::read(server.out_dir.join("final_model.safetensors")).expect("final model written");
+    ModelArch::mnist_mlp().from_safetensors(&model).unwrap();
+}
+
 #[test]
 fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
     let dir = tempfile::tempdir().unwrap();
