@@ -501,6 +501,29 @@ fn sigterm_on_the_server_writes_the_model_and_every_metrics_row() {
     ModelArch::mnist_mlp().from_safetensors(&model).unwrap();
 }
 
+/// The README's federation as one command: keys, enrolment, server and
+/// clients from `scripts/local-federation`, which checks that every client
+/// ended on the server's final model.
+#[test]
+fn local_federation_script_runs_a_federation_in_one_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let bins = bin("tally-server").parent().unwrap().to_path_buf();
+    let _ = bin("tally-client");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/local-federation");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .args(["--clients", "2", "--rounds", "2", "--seed", "3", "--bin"])
+        .arg(&bins)
+        .arg("--keep")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("every client ended on the server's final model"), "{stdout}");
+    assert_eq!(metrics(&dir.path().join("out")).len(), 3, "rounds 0..=2");
+}
+
 #[test]
 fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
     let dir = tempfile::tempdir().unwrap();
