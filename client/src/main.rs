@@ -156,7 +156,56 @@ fn load_data(spec: &str) -> anyhow::Result<Split> {
     Ok(data::load_mnist_dir(std::path::Path::new(spec))?)
 }
 
-fn main() -> anyhow::Result<()> {
+/// Exit codes (README, "Exit codes"): scripts and service managers tell a
+/// fault that retrying cannot fix from one that it may.
+mod exit_code {
+    /// Anything else (bad data file, training failure, I/O).
+    pub const FAILURE: i32 = 1;
+    // 2: bad command line (clap's own).
+    /// The server refused us for good: not enrolled, another run, a
+    /// finished run, a fatal rejection.
+    pub const REFUSED: i32 = 3;
+    /// The server's certificate is not the pinned one, or not trusted.
+    pub const CERTIFICATE: i32 = 4;
+    /// No server answered within `--max-retries` attempts.
+    pub const UNREACHABLE: i32 = 5;
+    /// The server broke the protocol.
+    pub const PROTOCOL: i32 = 6;
+    /// `--device gpu` and no usable GPU adapter.
+    pub const NO_GPU: i32 = 7;
+}
+
+/// The exit code for an error (see [`exit_code`]).
+fn exit_code_of(e: &anyhow::Error) -> i32 {
+    use tally_client::ClientError;
+    use tally_kernels::KernelError;
+    for cause in e.chain() {
+        if let Some(c) = cause.downcast_ref::<ClientError>() {
+            return match c {
+                ClientError::Refused { .. } => exit_code::REFUSED,
+                ClientError::FingerprintMismatch { .. } | ClientError::Trust(_) => exit_code::CERTIFICATE,
+                ClientError::GaveUp { .. } => exit_code::UNREACHABLE,
+                ClientError::Protocol(_) => exit_code::PROTOCOL,
+                ClientError::Kernel(KernelError::NoGpu(_)) => exit_code::NO_GPU,
+                ClientError::Kernel(_) | ClientError::Io(_) => exit_code::FAILURE,
+            };
+        }
+        if let Some(KernelError::NoGpu(_)) = cause.downcast_ref::<KernelError>() {
+            return exit_code::NO_GPU;
+        }
+    }
+    exit_code::FAILURE
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        // One line with the whole cause chain, then the documented code.
+        eprintln!("Error: {e:#}");
+        std::process::exit(exit_code_of(&e));
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -192,7 +192,7 @@ fn hostile_inputs_are_rejected_with_typed_errors_while_honest_clients_finish() {
     // An unenrolled client is refused at join and exits with the reason.
     let (stranger_key, _) = keygen(dir.path(), "stranger");
     let mut stranger = start_client(dir.path(), "stranger", &stranger_key, &server, &["--max-retries", "0"]);
-    assert!(!stranger.wait().success());
+    assert_eq!(stranger.wait().code(), Some(3), "exit code 3: refused; {}", stranger.stderr());
     assert!(stranger.stderr().contains("UnknownClient"), "stranger stderr:\n{}", stranger.stderr());
 
     let mut clients: Vec<Proc> = honest
@@ -281,7 +281,7 @@ fn client_refuses_a_server_with_another_certificate() {
     // Many retries allowed: a wrong pin must still end the client at the
     // first attempt, naming both fingerprints, rather than retry for minutes.
     let mut c = start_client(dir.path(), "pinned", &key, &server, &["--max-retries", "50"]);
-    assert!(!c.wait().success());
+    assert_eq!(c.wait().code(), Some(4), "exit code 4: certificate");
     let err = c.stderr();
     assert!(err.contains(&format!("presented a certificate with fingerprint {real}")), "{err}");
     assert!(err.contains(&format!("expected {}", "00".repeat(32))), "{err}");
@@ -291,6 +291,23 @@ fn client_refuses_a_server_with_another_certificate() {
     let mut c = start_client(dir.path(), "pinned-ok", &key, &server, &["--shard", "0/8"]);
     assert!(c.wait().success(), "{}", c.stderr());
     assert!(server.proc.wait().success());
+}
+
+/// No server at the address: the client gives up after `--max-retries`
+/// attempts with the documented exit code 5 (unreachable), not 1.
+#[test]
+fn client_with_no_server_gives_up_with_exit_code_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, _) = keygen(dir.path(), "alone");
+    // A loopback port nothing listens on: bound, read, released.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cmd = std::process::Command::new(bin("tally-client"));
+    cmd.args(["run", "--server", &format!("127.0.0.1:{port}"), "--fingerprint", &"00".repeat(32), "--key"])
+        .arg(&key)
+        .args(["--max-retries", "1", "--connect-timeout-secs", "1", "--device", "cpu"]);
+    let mut c = Proc::spawn("alone", &mut cmd, dir.path());
+    assert_eq!(c.wait().code(), Some(5), "{}", c.stderr());
+    assert!(c.stderr().contains("gave up after"), "{}", c.stderr());
 }
 
 #[test]
@@ -1583,7 +1600,7 @@ fn client_facing_a_hostile_server_exits_with_a_typed_error() {
         let mut client = Proc::spawn(name, &mut cmd, dir.path());
         let status = client.wait();
         let stderr = client.stderr();
-        assert_eq!(status.code(), Some(1), "{name}: a clean error exit, not a panic or a signal:\n{stderr}");
+        assert_eq!(status.code(), Some(6), "{name}: exit code 6 (protocol), not a panic or a signal:\n{stderr}");
         assert!(stderr.contains("protocol error from server"), "{name}: not a typed protocol error:\n{stderr}");
         assert!(stderr.contains(needle), "{name}: expected {needle:?}:\n{stderr}");
         assert!(!stderr.contains("panicked") && !stderr.contains("reconnecting"), "{name}:\n{stderr}");
