@@ -146,9 +146,10 @@ fn apply_figure(gpu: &super::Gpu, n: usize) -> Result<ApplyFigure, GpuError> {
     let replay_reps = (reps / 8).max(3);
     let replay = time_reps(gpu, replay_reps, || gpu.apply_rademacher_on(&a, &dirs))?;
     let gbps = |secs: f64, r: u32| bytes * f64::from(r) / secs / 1e9;
-    let b_copy = gbps(gpu.time_batched(&b, Some(&a), &[], true, reps)?, reps);
-    let b_copy_k = gbps(gpu.time_batched(&b, Some(&a), &[], false, reps)?, reps);
-    let b_apply = gbps(gpu.time_batched(&a, None, &dir, false, reps)?, reps);
+    use super::prng::Batched;
+    let b_copy = gbps(gpu.time_batched(Batched::DriverCopy { src: &a }, &b, reps)?, reps);
+    let b_copy_k = gbps(gpu.time_batched(Batched::CopyKernel { src: &a }, &b, reps)?, reps);
+    let b_apply = gbps(gpu.time_batched(Batched::Apply { dirs: &dir }, &a, reps)?, reps);
     let copy_gbps = gbps(copy, reps);
     let copy_kernel_gbps = gbps(copy_k, reps);
     let apply_gbps = gbps(apply, reps);

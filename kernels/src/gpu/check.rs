@@ -135,6 +135,7 @@ pub fn perturbed_and_uniform(g: &Gpu) -> Result<String, String> {
 /// The grid's second dimension and chunked bindings, forced small: the
 /// results must not change.
 pub fn grids_and_chunks(g: &Gpu) -> Result<String, String> {
+    use super::prng::Op;
     let n = 40 * 16_384 + 5;
     let x0: Vec<f32> = (0..n).map(|i| i as f32 * 1e-4).collect();
     let dirs = [(id(1), 0.25f32), (id(2), -0.125)];
@@ -143,22 +144,16 @@ pub fn grids_and_chunks(g: &Gpu) -> Result<String, String> {
     let mut wantu = x0.clone();
     apply_uniform(&mut wantu, &dirs);
     for (groups, chunk) in [(7u64, u64::MAX), (3, 5 * 16_384), (65_535, 16_384)] {
-        let v = g.upload(&x0).map_err(e)?;
-        g.run_with(super::prng::Op::Rademacher, &v, None, &dirs, groups, chunk).map_err(e)?;
-        let got = g.download(&v).map_err(e)?;
-        ensure!(
-            bits(&got) == bits(&want),
-            "rademacher, {groups} groups per row, chunks of {chunk}: {}",
-            first_diff(&got, &want)
-        );
-        let u = g.upload(&x0).map_err(e)?;
-        g.run_with(super::prng::Op::Uniform, &u, None, &dirs, groups, chunk).map_err(e)?;
-        let got = g.download(&u).map_err(e)?;
-        ensure!(
-            bits(&got) == bits(&wantu),
-            "uniform, {groups} groups per row, chunks of {chunk}: {}",
-            first_diff(&got, &wantu)
-        );
+        for (op, name, want) in [(Op::Rademacher, "rademacher", &want), (Op::Uniform, "uniform", &wantu)] {
+            let v = g.upload(&x0).map_err(e)?;
+            g.run_with(op, &v, None, &dirs, groups, chunk).map_err(e)?;
+            let got = g.download(&v).map_err(e)?;
+            ensure!(
+                bits(&got) == bits(want),
+                "{name}, {groups} groups per row, chunks of {chunk}: {}",
+                first_diff(&got, want)
+            );
+        }
     }
     Ok(String::new())
 }

@@ -200,6 +200,14 @@ static OPENED: Mutex<Vec<Arc<Gpu>>> = Mutex::new(Vec::new());
 
 /// Opens the best adapter `preference` allows (the same one on every call).
 pub fn open(preference: Preference) -> Result<Arc<Gpu>, GpuError> {
+    // A GPU this process already opened that the preference allows: no new
+    // adapter enumeration (each loads the Vulkan drivers again).
+    {
+        let opened = OPENED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(g) = opened.iter().find(|g| preference == Preference::AnyAdapter || !g.desc.software) {
+            return Ok(g.clone());
+        }
+    }
     let all = candidates();
     let skipped: Vec<String> = all.iter().filter(|c| c.desc.software).map(|c| c.desc.name.clone()).collect();
     let Some(pick) = all.into_iter().find(|c| preference == Preference::AnyAdapter || !c.desc.software) else {

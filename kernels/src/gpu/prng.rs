@@ -145,6 +145,26 @@ impl Kernels {
     }
 }
 
+/// What [`Gpu::time_batched`] repeats.
+#[derive(Clone, Copy, Debug)]
+pub enum Batched<'a> {
+    /// `copy_buffer_to_buffer` from `src`.
+    DriverCopy {
+        /// The source.
+        src: &'a GpuVec,
+    },
+    /// The copy kernel from `src`.
+    CopyKernel {
+        /// The source.
+        src: &'a GpuVec,
+    },
+    /// The fused Rademacher apply of `dirs`.
+    Apply {
+        /// The directions.
+        dirs: &'a [(StreamId, f32)],
+    },
+}
+
 /// A vector of f32 on the GPU.
 #[derive(Debug)]
 pub struct GpuVec {
@@ -328,21 +348,12 @@ impl Gpu {
         let max_binding = self.device.limits().max_storage_buffer_binding_size;
         let chunk_elems = ((max_binding / 4).min(max_chunk) / TILE).max(1) * TILE;
         let layout = pipeline.get_bind_group_layout(0);
-        // The copy takes no directions; one empty batch runs it once (a
-        // dummy direction keeps the bind group complete).
-        let dummy = [(
-            StreamId {
-                run_seed: 0,
-                purpose: tally_protocol::prng::Purpose::SpsaPerturbation,
-                round: 0,
-                client: 0,
-                step: 0,
-            },
-            0.0,
-        )];
-        let dirs = if op == Op::Copy { &dummy[..] } else { dirs };
-        for batch in dirs.chunks(DIRS_PER_DISPATCH) {
-            let dbuf = self.init_buffer("tally-dirs", &dirs_bytes(batch), wgpu::BufferUsages::STORAGE);
+        // The copy takes no directions: one empty batch runs it once.
+        let batches: Vec<&[(StreamId, f32)]> =
+            if op == Op::Copy { vec![&[]] } else { dirs.chunks(DIRS_PER_DISPATCH).collect() };
+        for batch in batches {
+            let dbuf = (!batch.is_empty())
+                .then(|| self.init_buffer("tally-dirs", &dirs_bytes(batch), wgpu::BufferUsages::STORAGE));
             let mut start = 0u64;
             while start < x.len as u64 {
                 let n = chunk_elems.min(x.len as u64 - start);
@@ -370,8 +381,8 @@ impl Gpu {
                     },
                     wgpu::BindGroupEntry { binding: 2, resource: pbuf.as_entire_binding() },
                 ];
-                if op != Op::Copy {
-                    entries.push(wgpu::BindGroupEntry { binding: 1, resource: dbuf.as_entire_binding() });
+                if let Some(d) = &dbuf {
+                    entries.push(wgpu::BindGroupEntry { binding: 1, resource: d.as_entire_binding() });
                 }
                 if let Some(s) = src {
                     entries.push(wgpu::BindGroupEntry {
@@ -491,32 +502,21 @@ impl Gpu {
         Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
-    /// Seconds the GPU takes for `reps` back-to-back applies of `dirs` to
-    /// `x` (Rademacher; or copies of `src` into `x` with `copy`), recorded
-    /// into one command buffer and submitted once: the kernel's throughput
-    /// without per-call submission costs (the benchmark's batched figures).
-    pub fn time_batched(
-        &self,
-        x: &GpuVec,
-        src: Option<&GpuVec>,
-        dirs: &[(StreamId, f32)],
-        copy: bool,
-        reps: u32,
-    ) -> Result<f64, GpuError> {
+    /// Seconds the GPU takes for `reps` back-to-back runs of `what` on `x`,
+    /// recorded into one command buffer and submitted once: the kernel's
+    /// throughput without per-call submission costs (the benchmark's
+    /// batched figures).
+    pub fn time_batched(&self, what: Batched<'_>, x: &GpuVec, reps: u32) -> Result<f64, GpuError> {
         let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
         for _ in 0..reps {
-            match (copy, src) {
-                (true, Some(s)) => enc.copy_buffer_to_buffer(&s.buf, 0, &x.buf, 0, x.len as u64 * 4),
-                (false, s) => self.encode(
-                    &mut enc,
-                    if s.is_some() && dirs.is_empty() { Op::Copy } else { Op::Rademacher },
-                    x,
-                    s,
-                    dirs,
-                    MAX_GROUPS_PER_DIM,
-                    u64::MAX,
-                )?,
-                (true, None) => return Err(GpuError::Device("a copy needs a source".into())),
+            match what {
+                Batched::DriverCopy { src } => enc.copy_buffer_to_buffer(&src.buf, 0, &x.buf, 0, x.len as u64 * 4),
+                Batched::CopyKernel { src } => {
+                    self.encode(&mut enc, Op::Copy, x, Some(src), &[], MAX_GROUPS_PER_DIM, u64::MAX)?;
+                }
+                Batched::Apply { dirs } => {
+                    self.encode(&mut enc, Op::Rademacher, x, None, dirs, MAX_GROUPS_PER_DIM, u64::MAX)?;
+                }
             }
         }
         let cmd = enc.finish();
@@ -565,10 +565,10 @@ impl GpuApplier {
 
 impl DirectionApplier for GpuApplier {
     fn apply_rademacher(&self, x: &mut [f32], directions: &[(StreamId, f32)]) {
-        // Work on a copy so a failure half-way leaves `x` untouched.
-        let mut y = x.to_vec();
-        match self.gpu.apply_rademacher(&mut y, directions) {
-            Ok(()) => x.copy_from_slice(&y),
+        // `x` is written only once the whole readback arrived, so a failure
+        // at any step leaves it untouched for the CPU fallback.
+        match self.gpu.apply_rademacher(x, directions) {
+            Ok(()) => {}
             Err(_) => {
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
                 tally_protocol::prng::apply_rademacher(x, directions);
