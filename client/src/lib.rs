@@ -86,6 +86,10 @@ pub enum ClientError {
         /// The server's.
         presented: [u8; 32],
     },
+    /// Stopped by the operator (Ctrl-C or SIGTERM, [`run_until`]): we left
+    /// the run, and the server goes on without us.
+    #[error("stopped by a signal; left the run (the server goes on without this client)")]
+    Stopped,
     /// Reconnection attempts exhausted.
     #[error("gave up after {attempts} connection attempts; last error: {last}")]
     GaveUp {
@@ -213,14 +217,42 @@ pub async fn recv_message(conn: &quinn::Connection, limit: usize) -> Result<Vec<
 
 /// Runs the client until the server finishes the run.
 pub async fn run(opts: ClientOptions) -> Result<ClientOutcome, ClientError> {
+    run_until(opts, std::future::pending()).await
+}
+
+/// [`run`], or until `shutdown` completes: then the client leaves at once,
+/// closing its connection so the server stops waiting for it now rather
+/// than at its idle timeout, and returns [`ClientError::Stopped`]. A local
+/// training step in progress is abandoned (its thread is not waited for).
+pub async fn run_until(
+    opts: ClientOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<ClientOutcome, ClientError> {
     let pin = tls::PinnedMismatch::default();
     let endpoint = endpoint_observed(opts.server, &opts.trust, &pin)?;
+    tokio::select! {
+        result = run_sessions(&endpoint, &opts, &pin) => result,
+        () = shutdown => {
+            info!("stopping: leaving the run");
+            endpoint.close(0u32.into(), b"leaving");
+            // Long enough for the close to reach the server, bounded.
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+            Err(ClientError::Stopped)
+        }
+    }
+}
+
+async fn run_sessions(
+    endpoint: &quinn::Endpoint,
+    opts: &ClientOptions,
+    pin: &tls::PinnedMismatch,
+) -> Result<ClientOutcome, ClientError> {
     let mut failures = 0u32;
     let mut backoff = opts.initial_backoff;
     let mut outcome = ClientOutcome::default();
     loop {
         let mut joined = false;
-        match session(&endpoint, &opts, &mut outcome, &mut joined).await {
+        match session(endpoint, opts, &mut outcome, &mut joined).await {
             Ok(()) => {
                 endpoint.close(0u32.into(), b"done");
                 let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;

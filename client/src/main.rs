@@ -173,6 +173,9 @@ mod exit_code {
     pub const PROTOCOL: i32 = 6;
     /// `--device gpu` and no usable GPU adapter.
     pub const NO_GPU: i32 = 7;
+    /// Stopped by Ctrl-C or SIGTERM: the client left the run, which goes on
+    /// without it (the systemd unit counts this as a clean stop).
+    pub const STOPPED: i32 = 8;
 }
 
 /// The exit code for an error (see [`exit_code`]).
@@ -188,6 +191,7 @@ fn exit_code_of(e: &anyhow::Error) -> i32 {
                 ClientError::Protocol(_) => exit_code::PROTOCOL,
                 ClientError::Kernel(KernelError::NoGpu(_)) => exit_code::NO_GPU,
                 ClientError::Kernel(_) | ClientError::Io(_) => exit_code::FAILURE,
+                ClientError::Stopped => exit_code::STOPPED,
             };
         }
         if let Some(KernelError::NoGpu(_)) = cause.downcast_ref::<KernelError>() {
@@ -328,7 +332,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         connect_timeout: Duration::from_secs(args.connect_timeout_secs.max(1)),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    let outcome = runtime.block_on(tally_client::run(opts))?;
+    let outcome = runtime.block_on(tally_client::run_until(opts, shutdown_signal()));
+    // A training step abandoned by a stop may still be running on a
+    // blocking thread: don't wait for it.
+    runtime.shutdown_background();
+    let outcome = outcome?;
     println!(
         "finished rounds={} trained_in={} failed_in={} last_accuracy={} model_hash={} device={:?} replica_applier={:?} applier_fallbacks={}",
         outcome.rounds,
@@ -341,6 +349,28 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         applier.fallbacks()
     );
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM (what service managers and `kill` send).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the client cleanly");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// `HOST:PORT` → the first address the host resolves to (the system

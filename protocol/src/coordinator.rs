@@ -53,6 +53,24 @@ pub const MAX_ROUND_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 /// bound refuses them at the door (finite values pass the NaN checks).
 pub const DEFAULT_MAX_UPDATE_ABS: f32 = 1_000.0;
 
+/// Share of a round's sample whose updates close it, unless configured
+/// ([`default_quorum`]): the sample over-selects by a quarter, as production
+/// systems do (Bonawitz et al., "Towards Federated Learning at Scale", 2019,
+/// select 130% of the clients a round needs), so a round closes at its
+/// deadline although a client or two left or straggled.
+pub const DEFAULT_QUORUM_FRACTION: (usize, usize) = (4, 5);
+
+/// The quorum a driver uses when none is configured: 4/5 of
+/// `clients_per_round` rounded down, at least 1, raised to the smallest
+/// size `rule` accepts (a trimmed mean or Krum needs more updates than it
+/// discards); `clients_per_round` when even that is too small, which the
+/// rule then refuses with its reason.
+pub fn default_quorum(clients_per_round: usize, rule: &RuleSpec) -> usize {
+    let (num, den) = DEFAULT_QUORUM_FRACTION;
+    let base = (clients_per_round.saturating_mul(num) / den).max(1).min(clients_per_round.max(1));
+    (base..=clients_per_round).find(|&q| rule.check_round_size(q).is_ok()).unwrap_or(clients_per_round)
+}
+
 /// Most training rounds a run may have: the evaluation round after the last
 /// one is numbered `rounds + 1`, which must fit the wire's `u32`.
 pub const MAX_ROUNDS: u32 = u32::MAX - 1;
@@ -259,12 +277,21 @@ pub enum Event {
         /// Why.
         error: Error,
     },
-    /// A round missed its quorum at the deadline and was extended.
+    /// A round short of its quorum took more clients: at its deadline
+    /// (stragglers are replaced by clients not yet asked) or when a client
+    /// joined (it replaces one that left). With nobody added and nobody
+    /// `waiting`, the round waits for clients to join, and takes the first
+    /// that do at once.
     RoundExtended {
         /// The round.
         round: u32,
         /// Accepted so far.
         accepted: usize,
+        /// Updates the round needs.
+        quorum: usize,
+        /// Sampled clients still connected that have not answered (after
+        /// the top-up).
+        waiting: usize,
         /// Clients added.
         added: Vec<ClientIndex>,
     },
@@ -348,6 +375,12 @@ pub struct Coordinator {
     /// Replicated kinds: the checkpoint new clients start from, and the
     /// logs of the rounds after it.
     checkpoint: Option<Checkpoint>,
+    /// Whether this instance has opened a round since it was created or
+    /// restored: the first round waits for `min_clients` (after a restart
+    /// the clients are still reconnecting), later ones only for the
+    /// clients a round needs, so a client that is gone for good can't
+    /// stall the run.
+    opened_here: bool,
 }
 
 #[derive(Debug)]
@@ -399,6 +432,7 @@ impl Coordinator {
             key_index,
             violations: BTreeMap::new(),
             completed_rounds: 0,
+            opened_here: false,
             max_message,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -577,6 +611,14 @@ impl Coordinator {
         open.failed > 0 && answered >= self.config.quorum && !pending && !fresh
     }
 
+    /// Whether an open training round can't reach its quorum with the
+    /// updates it has and the sampled clients still connected and pending.
+    fn short_of_quorum(&self, open: &OpenRound) -> bool {
+        let pending =
+            open.sampled.iter().filter(|c| !open.reported.contains(c) && self.by_client.contains_key(c)).count();
+        open.task == Task::Train && open.accepted.saturating_add(pending) < self.config.quorum
+    }
+
     fn on_join(&mut self, now: Instant, conn: ConnectionHandle, join: Join) -> Result<(), (Error, Option<u32>)> {
         let c = self.conns.get(&conn).ok_or((Misuse::UnknownConnection.into(), None))?;
         if c.client.is_some() {
@@ -612,11 +654,7 @@ impl Coordinator {
         self.events.push_back(Event::ClientJoined { conn, client });
 
         match self.phase {
-            Phase::AwaitingJoins => {
-                if self.by_client.len() >= self.config.min_clients {
-                    self.open_next(now);
-                }
-            }
+            Phase::AwaitingJoins => self.open_next(now),
             Phase::AwaitingReports { .. } => {
                 // A sampled client that reconnects gets its task again.
                 if let Some(open) = &self.open
@@ -625,6 +663,11 @@ impl Coordinator {
                 {
                     let msg = open.start_msg.clone();
                     self.transmits.push_back(Transmit { to: conn, bytes: msg });
+                } else if self.open.as_ref().is_some_and(|o| self.short_of_quorum(o) && !o.sampled.contains(&client)) {
+                    // The round can't reach its quorum with the clients it
+                    // asked (some left): the newcomer replaces one at once
+                    // rather than at the next deadline.
+                    self.add_to_round(now, vec![client]);
                 }
                 // A round restored with every report (the host died before
                 // the snapshot that closes it) has nothing left to wait for:
@@ -809,6 +852,7 @@ impl Coordinator {
     }
 
     fn open_round(&mut self, now: Instant, round: u32, task: Task) {
+        self.opened_here = true;
         let sampled = self.sample(round, task);
         self.open_round_quietly(now, round, task, sampled.clone(), false);
         self.append(Record::RoundOpened { round, task, sampled: sampled.iter().copied().collect() });
@@ -875,6 +919,25 @@ impl Coordinator {
         open.restored = false;
         let mut rng = LocalRng::new(crate::rng::mix(self.rng_seed, open.round, open.extensions));
         let added = rng.sample(&fresh, want);
+        self.record_added(added);
+    }
+
+    /// Adds joined clients to the open round outside a deadline (a
+    /// replacement for clients that left) and gives the round a fresh
+    /// deadline, so the newcomers have a whole round's time to train.
+    fn add_to_round(&mut self, now: Instant, added: Vec<ClientIndex>) {
+        let deadline = self.deadline(now);
+        let Some(open) = self.open.as_mut() else { return };
+        open.deadline = deadline;
+        open.extensions = open.extensions.saturating_add(1);
+        open.restored = false;
+        self.record_added(added);
+    }
+
+    /// Sends the open round's task to `added`, counts them as sampled, and
+    /// logs it (a WAL `Extended` record: replay adds the same clients).
+    fn record_added(&mut self, added: Vec<ClientIndex>) {
+        let Some(open) = self.open.as_mut() else { return };
         for c in &added {
             open.sampled.insert(*c);
             if let Some(&conn) = self.by_client.get(c) {
@@ -882,7 +945,15 @@ impl Coordinator {
             }
         }
         let round = open.round;
-        self.events.push_back(Event::RoundExtended { round, accepted: open.accepted, added: added.clone() });
+        let waiting =
+            open.sampled.iter().filter(|c| !open.reported.contains(c) && self.by_client.contains_key(c)).count();
+        self.events.push_back(Event::RoundExtended {
+            round,
+            accepted: open.accepted,
+            quorum: self.config.quorum,
+            waiting,
+            added: added.clone(),
+        });
         self.append(Record::Extended { round, added });
     }
 
@@ -960,10 +1031,15 @@ impl Coordinator {
         // `completed_rounds <= rounds <= MAX_ROUNDS < u32::MAX`, so `+ 1` can't wrap.
         let next = self.completed_rounds.saturating_add(1);
         let more = self.completed_rounds < self.config.rounds || (self.config.final_evaluation && !self.evaluated);
-        if more && self.by_client.len() < self.config.min_clients {
-            // Every round, not just the first, waits for `min_clients`: a round
-            // sampled from too few clients could not reach its quorum, and
-            // after a restart the clients are still reconnecting.
+        // The first round of this instance waits for `min_clients` (at the
+        // start of the run, and after a restart while the clients are still
+        // reconnecting); later rounds for as many as can close one: the
+        // quorum (or `min_clients`, if the operator set it lower). Waiting
+        // for every client a round could sample would let one client that
+        // is gone for good stall the run.
+        let needed =
+            if self.opened_here { self.config.quorum.min(self.config.min_clients) } else { self.config.min_clients };
+        if more && self.by_client.len() < needed {
             self.phase = Phase::AwaitingJoins;
             return;
         }

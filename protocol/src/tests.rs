@@ -519,14 +519,67 @@ fn disconnect_of_sampled_client_lets_round_close_at_quorum() {
     net.closed.push(ConnectionHandle(2));
     net.pump();
     assert_eq!(net.coord.completed_rounds(), 1);
-    // The evaluation round waits until `min_clients` (3) are joined again.
-    assert_eq!(net.coord.phase(), Phase::AwaitingJoins);
-    let conn = ConnectionHandle(30);
-    net.clients.push((conn, Participant::new(ident(2), Some(RUN))));
-    net.seen.push(Vec::new());
-    net.coord.handle_connect(net.now, conn, [30; 32]);
-    net.pump();
+    // Only the first round waits for `min_clients` (3): the next one opens
+    // with the two clients left, enough for its quorum.
     assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Evaluate });
+}
+
+#[test]
+fn rounds_after_the_first_open_with_a_quorum_of_clients_and_wait_below_it() {
+    // Four enrolled, three connected and sampled.
+    let mut cfg = config(4, 3);
+    (cfg.min_clients, cfg.clients_per_round, cfg.quorum) = (3, 3, 2);
+    cfg.final_evaluation = false;
+    let mut net = Net::new(cfg, (0..3).map(ident).collect());
+    net.pump();
+    // Two clients gone for good during round 1: it can't reach its quorum.
+    net.answer_all(&[1, 2]);
+    for c in [1, 2] {
+        net.coord.handle_disconnect(net.now, ConnectionHandle(c));
+        net.closed.push(ConnectionHandle(c));
+    }
+    net.pump();
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 1, task: Task::Train });
+    // At the deadline there is nobody to ask: the round waits, says so,
+    // and does not close below its quorum.
+    net.now = net.coord.poll_timeout().unwrap();
+    net.coord.handle_timeout(net.now);
+    net.pump();
+    assert!(net.coord_events.iter().any(|e| matches!(
+        e,
+        Event::RoundExtended { round: 1, accepted: 1, quorum: 2, waiting: 0, added } if added.is_empty()
+    )));
+    assert_eq!(net.coord.completed_rounds(), 0);
+    // A client joining then replaces one that left at once, with no
+    // deadline in between, and its report closes the round.
+    let conn = ConnectionHandle(40);
+    net.clients.push((conn, Participant::new(ident(3), Some(RUN))));
+    net.seen.push(Vec::new());
+    net.coord.handle_connect(net.now, conn, [40; 32]);
+    net.pump();
+    assert!(net.coord_events.iter().any(|e| matches!(
+        e,
+        Event::RoundExtended { round: 1, added, .. } if added == &vec![3]
+    )));
+    assert!(net.seen[3].iter().any(|e| matches!(e, ParticipantEvent::TaskRequested { round: 1, .. })));
+    net.answer_all(&[1, 2]);
+    assert_eq!(net.coord.completed_rounds(), 1);
+    // Round 2 opens with the two clients joined (< min_clients = 3).
+    assert_eq!(net.coord.phase(), Phase::AwaitingReports { round: 2, task: Task::Train });
+}
+
+#[test]
+fn default_quorum_over_selects_and_respects_the_rule() {
+    use crate::coordinator::default_quorum;
+    use crate::kind::RuleSpec;
+    let mean = RuleSpec::Mean;
+    let got: Vec<usize> = [1, 2, 3, 4, 5, 10, 20, 100].iter().map(|&n| default_quorum(n, &mean)).collect();
+    assert_eq!(got, [1, 1, 2, 3, 4, 8, 16, 80]);
+    // A trimmed mean dropping 2 from each end needs 5 updates.
+    assert_eq!(default_quorum(5, &RuleSpec::TrimmedMean { trim: 2 }), 5);
+    assert_eq!(default_quorum(10, &RuleSpec::TrimmedMean { trim: 4 }), 9);
+    // Unsatisfiable: the sample size, which validation then refuses.
+    assert_eq!(default_quorum(3, &RuleSpec::TrimmedMean { trim: 2 }), 3);
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tally_protocol::coordinator::{DEFAULT_MAX_UPDATE_ABS, MAX_ROUND_TIMEOUT};
+use tally_protocol::coordinator::{DEFAULT_MAX_UPDATE_ABS, MAX_ROUND_TIMEOUT, default_quorum};
 use tally_protocol::kind::{AlgorithmSpec, KindSettings, RuleSpec};
 use tally_protocol::model::ModelArch;
 use tally_protocol::wire::{PublicKeyBytes, RunId, TrainSpec};
@@ -63,7 +63,14 @@ pub struct RawConfig {
     pub min_clients: Option<usize>,
     /// Clients sampled per round. Default: `min_clients`.
     pub clients_per_round: Option<usize>,
-    /// Accepted updates that close a round. Default: `clients_per_round`.
+    /// Accepted updates that close a round. Default: 4/5 of
+    /// `clients_per_round` rounded down (at least 1, and at least what the
+    /// rule needs): the sample over-selects, so a client that leaves or
+    /// straggles does not hold the round past its deadline. A round waits
+    /// for every sampled client still connected until its deadline, then
+    /// closes with what it has if that is the quorum; below it, stragglers
+    /// are replaced by clients not yet asked, and a client that joins
+    /// replaces one that left at once.
     pub quorum: Option<usize>,
     /// Seconds a round waits before closing at quorum or extending. Default
     /// 600: local training on an edge CPU takes minutes. At most one week
@@ -267,7 +274,6 @@ impl RawConfig {
         }
         let min_clients = self.min_clients.unwrap_or(3);
         let clients_per_round = self.clients_per_round.unwrap_or(min_clients);
-        let quorum = self.quorum.unwrap_or(clients_per_round);
         let round_timeout = Duration::from_secs(self.round_timeout_secs.unwrap_or(600));
         // Checked here as well as by the coordinator so the message names the
         // knob; an unbounded value would make `now + timeout` panic.
@@ -298,6 +304,7 @@ impl RawConfig {
             (None, _) => AlgorithmSpec::Fedavg {},
         };
         let rule = self.rule.unwrap_or_default();
+        let quorum = self.quorum.unwrap_or_else(|| default_quorum(clients_per_round, &rule));
         // Checked now with the configured seed, so a bad combination fails
         // at start-up; resolved again with the run's seed when it starts.
         checked_kind(&algorithm, &rule, quorum, seed, &arch)?;
@@ -567,7 +574,8 @@ mod tests {
         .unwrap();
         let cfg = raw.validate([1; 24]).unwrap();
         assert_eq!(cfg.enrolled, vec![id.public_key()]);
-        assert_eq!(cfg.quorum, 3);
+        // Three sampled (min_clients), two close a round: over-selection.
+        assert_eq!((cfg.clients_per_round, cfg.quorum), (3, 2));
         assert_eq!(cfg.arch, ModelArch::LeNet5 { classes: 10 });
         assert!(toml::from_str::<RawConfig>("bogus = 1").is_err());
         std::fs::write(&keys, "nothex\n").unwrap();

@@ -143,6 +143,20 @@ pub enum ServerError {
         /// What the operator can do.
         hint: &'static str,
     },
+    /// The state directory holds a run that finished and was closed:
+    /// starting on it would run nothing.
+    #[error(
+        "{state_dir} holds a run that already finished ({rounds} rounds; its outputs are in {out_dir}); \
+         to start a new run, give another --state-dir (or --out-dir), or move this one away"
+    )]
+    AlreadyFinished {
+        /// State directory.
+        state_dir: PathBuf,
+        /// Where its outputs are.
+        out_dir: PathBuf,
+        /// Rounds it completed.
+        rounds: u32,
+    },
     /// Metrics file.
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
@@ -289,6 +303,13 @@ impl Server {
                 c
             }
         };
+        if coordinator.phase() == tally_protocol::Phase::Finished && state.is_closed() {
+            return Err(ServerError::AlreadyFinished {
+                state_dir: config.state_dir.clone(),
+                out_dir: config.out_dir.clone(),
+                rounds: coordinator.completed_rounds(),
+            });
+        }
         // Persist what the coordinator produced while starting (a new run's
         // first snapshot).
         while let Some(p) = coordinator.poll_persist() {
@@ -329,7 +350,9 @@ impl Server {
         // (after the clients were told), never a reason to strand them.
         let mut outputs_failed: Option<String> = None;
         if coordinator.phase() == tally_protocol::Phase::Finished {
-            warn!(dir = %config.state_dir.display(), "the saved run is already finished; use a new --state-dir for a new run");
+            // Not closed (`bind` refuses closed runs): the server stopped
+            // before its outputs were written or its clients told.
+            warn!(dir = %config.state_dir.display(), "the saved run finished but was not closed: writing its outputs and telling its clients");
             // Written again: the last attempt may have failed.
             if let Err(e) = write_final_outputs(&config, &coordinator, &mut metrics, &model_path) {
                 error!(error = %e, "writing the run's outputs");
@@ -514,8 +537,25 @@ impl Server {
                     Event::Rejected { conn, client, error } => {
                         warn!(conn = conn.0, ?client, %error, "message rejected")
                     }
-                    Event::RoundExtended { round, accepted, added } => {
-                        warn!(round, accepted, added = added.len(), "round below quorum at deadline; extended")
+                    Event::RoundExtended { round, accepted, quorum, waiting, added } => {
+                        if !added.is_empty() {
+                            info!(round, accepted, quorum, waiting, added = ?added, "round short of its quorum: asked more clients")
+                        } else if *waiting > 0 {
+                            warn!(
+                                round,
+                                accepted,
+                                quorum,
+                                waiting,
+                                "round short of its quorum at its deadline; waiting for the clients still training"
+                            )
+                        } else {
+                            warn!(
+                                round,
+                                accepted,
+                                quorum,
+                                "round short of its quorum and nobody left to ask; waiting for clients to join (they join the round at once)"
+                            )
+                        }
                     }
                     Event::RoundCompleted(summary) => {
                         info!(
@@ -564,6 +604,14 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         if let Some(message) = outputs_failed {
             return Err(ServerError::Outputs { message, state_dir: config.state_dir.clone() });
+        }
+        if finished {
+            // Outputs written and clients told (or given FINISH_LINGER to
+            // hear it): a later start on this directory is refused.
+            let summary = format!("{{\"rounds\":{}}}\n", coordinator.completed_rounds());
+            if let Err(e) = state.mark_closed(summary.as_bytes()) {
+                warn!(error = %e, "could not mark the finished run closed; a restart on its state will linger again");
+            }
         }
         Ok(RunOutcome {
             rounds_completed: coordinator.completed_rounds(),

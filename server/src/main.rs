@@ -112,7 +112,27 @@ struct RunArgs {
     key: Option<PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Exit codes (README, "Exit codes"), for scripts and service managers.
+mod exit_code {
+    /// Any failure not listed below (configuration, TLS, I/O, outputs).
+    pub const FAILURE: i32 = 1;
+    /// The state directory holds a run that finished: nothing to run.
+    pub const ALREADY_FINISHED: i32 = 3;
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        // One line with the whole cause chain, then the documented code.
+        eprintln!("Error: {e:#}");
+        let code = match e.downcast_ref::<tally_server::ServerError>() {
+            Some(tally_server::ServerError::AlreadyFinished { .. }) => exit_code::ALREADY_FINISHED,
+            _ => exit_code::FAILURE,
+        };
+        std::process::exit(code);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,quinn=warn".into()),

@@ -63,6 +63,12 @@ const WAL_FILE: &str = "wal.bin";
 const LOCK_FILE: &str = "lock";
 const RUN_FILE: &str = "run.json";
 const PENDING_METRICS_FILE: &str = "metrics-pending.json";
+/// Written once a finished run's outputs are on disk and its clients were
+/// told (or had their chance): a server started on the directory refuses
+/// it instead of running nothing. Without it, a finished state is one whose
+/// server stopped before that, and a restart writes the outputs again and
+/// tells the clients still reconnecting.
+const CLOSED_FILE: &str = "closed";
 
 /// Errors reading or writing state.
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +227,18 @@ impl StateDir {
     pub fn save_config(&self, bytes: &[u8]) -> Result<(), StateError> {
         let path = self.dir.join(RUN_FILE);
         write_durably(&self.dir, &path, bytes)
+    }
+
+    /// Whether the finished run in this directory was closed
+    /// ([`StateDir::mark_closed`]).
+    pub fn is_closed(&self) -> bool {
+        self.dir.join(CLOSED_FILE).exists()
+    }
+
+    /// Records that the finished run's outputs are written and its clients
+    /// told (durably, like the rest of the state).
+    pub fn mark_closed(&self, summary: &[u8]) -> Result<(), StateError> {
+        write_durably(&self.dir, &self.dir.join(CLOSED_FILE), summary)
     }
 
     /// Makes `p` durable.

@@ -58,6 +58,107 @@ fn fedavg_three_clients_three_rounds_over_quic_improves_accuracy() {
         let saved = std::fs::read(dir.path().join(format!("c{i}-final.safetensors"))).unwrap();
         assert_eq!(arch.from_safetensors(&saved).unwrap(), params);
     }
+
+    // The same command again, on the finished run's state: refused at once
+    // with exit code 3 and the way to start a new run, outputs untouched.
+    let out = std::process::Command::new(bin("tally-server"))
+        .args(["--self-signed", "--listen", "127.0.0.1:0", "--enrolled-keys"])
+        .arg(dir.path().join("enrolled.txt"))
+        .arg("--out-dir")
+        .arg(&server.out_dir)
+        .args(["--rounds", "3", "--min-clients", "3", "--seed", "7"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("already finished") && err.contains("--state-dir"), "{err}");
+    assert_eq!(std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap(), bytes);
+    assert_eq!(metrics(&server.out_dir), m);
+}
+
+/// A client killed mid-round (SIGKILL: no goodbye) does not stop the run:
+/// with the default quorum (2 of 3 sampled) each round it was asked in
+/// closes at its deadline with the others' updates, never extended, and the
+/// run ends with every row.
+#[test]
+fn a_client_killed_mid_round_does_not_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<_> = (0..3).map(|i| keygen(dir.path(), &format!("k{i}"))).collect();
+    let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
+    let mut server = start_server(
+        dir.path(),
+        &enrolled,
+        &["--rounds", "3", "--min-clients", "3", "--seed", "11", "--round-timeout-secs", "10"],
+    );
+    let mut clients: Vec<Proc> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| start_client(dir.path(), &format!("k{i}"), key, &server, &["--shard", &format!("{i}/3")]))
+        .collect();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !server.proc.stderr().contains("round opened round=2") {
+        assert!(Instant::now() < deadline, "no second round:\n{}", server.proc.stderr());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(clients.pop());
+    wait_all_succeed(&mut clients);
+    assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
+    let err = server.proc.stderr();
+    assert!(!err.contains("short of its quorum"), "no round should have waited past its deadline:\n{err}");
+    let m = metrics(&server.out_dir);
+    assert_eq!(m.iter().map(|r| r["round"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    for row in &m[1..] {
+        assert!(row["accepted"].as_u64().unwrap() >= 2, "{row}");
+    }
+    let hash = m[3]["model_hash"].as_str().unwrap().to_string();
+    assert_clients_finished_with(&clients, &hash);
+}
+
+/// SIGTERM makes a client leave at once (exit code 8): the server sees the
+/// connection close and the round goes on without it, long before the
+/// default 600 s deadline (which would outlast the test's step timeout).
+#[test]
+fn a_client_stopped_by_sigterm_leaves_and_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<_> = (0..3).map(|i| keygen(dir.path(), &format!("s{i}"))).collect();
+    let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
+    let mut server = start_server(dir.path(), &enrolled, &["--rounds", "3", "--min-clients", "3", "--seed", "12"]);
+    let mut clients: Vec<Proc> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| start_client(dir.path(), &format!("s{i}"), key, &server, &["--shard", &format!("{i}/3")]))
+        .collect();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !server.proc.stderr().contains("round opened round=2") {
+        assert!(Instant::now() < deadline, "no second round:\n{}", server.proc.stderr());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut leaver = clients.pop().unwrap();
+    let pid = leaver.pid().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = leaver.wait();
+    assert_eq!(status.code(), Some(8), "{}", leaver.stderr());
+    assert!(leaver.stderr().contains("left the run"), "{}", leaver.stderr());
+    wait_all_succeed(&mut clients);
+    assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
+    assert_eq!(metrics(&server.out_dir).len(), 4, "rounds 0..=3");
+}
+
+/// A client that joins a run that has finished (the server still answers
+/// for a while) hears so and exits 0 at once; the server, having told every
+/// enrolled client, stops lingering.
+#[test]
+fn a_client_facing_a_finished_run_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ka, pa) = keygen(dir.path(), "fa");
+    let (kb, pb) = keygen(dir.path(), "fb");
+    let mut server = start_server(dir.path(), &[pa, pb], &["--rounds", "1", "--min-clients", "1", "--seed", "13"]);
+    let mut a = start_client(dir.path(), "fa", &ka, &server, &["--shard", "0/20"]);
+    assert!(a.wait().success(), "{}", a.stderr());
+    let mut b = start_client(dir.path(), "fb", &kb, &server, &["--shard", "1/20"]);
+    assert!(b.wait().success(), "{}", b.stderr());
+    assert!(b.drain_lines().iter().any(|l| l.starts_with("finished rounds=1")), "{}", b.stderr());
+    assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
 }
 
 /// Robust aggregation over QUIC: the rule is the server's choice, clients
