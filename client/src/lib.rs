@@ -19,6 +19,7 @@
 //! ([`RejectCode::is_fatal`]), for a server that breaks the protocol (a
 //! typed [`ClientError::Protocol`]), and for local faults (data, backend).
 
+pub mod config;
 pub mod keys;
 pub mod tls;
 

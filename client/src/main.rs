@@ -98,55 +98,124 @@ impl DeviceArgs {
     }
 }
 
+/// `tally-client run`. Every setting can also come from the environment
+/// (the variable named in its help) or from `--config FILE`; a flag wins
+/// over the environment, which wins over the file, which wins over the
+/// default.
 #[derive(clap::Args, Debug)]
 struct RunArgs {
+    /// TOML file with any of the settings below (keys as the flags, with
+    /// `_` for `-`, and `eval = false` for `--no-eval`).
+    #[arg(long, env = "TALLY_CONFIG")]
+    config: Option<PathBuf>,
     /// Server address: `HOST:PORT` with a host name (`server.example:4433`,
     /// `localhost:4433`) or an IP address (`10.0.0.5:4433`, `[::1]:4433`).
-    #[arg(long)]
-    server: String,
+    /// Required (here or in the file).
+    #[arg(long, env = "TALLY_SERVER")]
+    server: Option<String>,
     /// Pin the server certificate by SHA-256 fingerprint (printed by `tally-server --self-signed`).
-    #[arg(long, conflicts_with = "ca")]
+    #[arg(long, env = "TALLY_FINGERPRINT")]
     fingerprint: Option<String>,
     /// Trust server certificates issued by the CAs in this PEM file.
-    #[arg(long)]
+    #[arg(long, env = "TALLY_CA")]
     ca: Option<PathBuf>,
     /// Server name to check against the certificate (CA mode). Default: the
     /// host name of `--server`, or `localhost` when it is an IP address.
-    #[arg(long)]
+    #[arg(long, env = "TALLY_SERVER_NAME")]
     server_name: Option<String>,
-    /// Key file; created (and its public key printed) if missing.
-    #[arg(long, default_value = "client.key")]
-    key: PathBuf,
-    /// `embedded` (a 10k/2k MNIST subset compiled in) or a directory of
-    /// MNIST-format IDX files (raw or .gz), e.g. data/mnist.
-    #[arg(long, default_value = "embedded")]
-    data: String,
+    /// Key file; created (and its public key printed) if missing. Default `client.key`.
+    #[arg(long, env = "TALLY_KEY")]
+    key: Option<PathBuf>,
+    /// `embedded` (a 10k/2k MNIST subset compiled in, the default) or a
+    /// directory of MNIST-format IDX files (raw or .gz), e.g. data/mnist.
+    #[arg(long, env = "TALLY_DATA")]
+    data: Option<String>,
     /// This client's IID shard of the training set, as INDEX/COUNT (e.g. 0/3).
-    #[arg(long, conflicts_with = "partition")]
+    #[arg(long, env = "TALLY_SHARD")]
     shard: Option<String>,
-    /// Seed of the IID sharding; every client of a run must use the same.
-    #[arg(long, default_value_t = 0)]
-    shard_seed: u64,
+    /// Seed of the IID sharding; every client of a run must use the same. Default 0.
+    #[arg(long, env = "TALLY_SHARD_SEED")]
+    shard_seed: Option<u64>,
     /// JSON file with one list of training-set indices per client.
-    #[arg(long, requires = "partition_index")]
+    #[arg(long, env = "TALLY_PARTITION")]
     partition: Option<PathBuf>,
     /// Which list of `--partition` is ours.
-    #[arg(long)]
+    #[arg(long, env = "TALLY_PARTITION_INDEX")]
     partition_index: Option<usize>,
     /// Don't evaluate on the test set (the server then gets no accuracy from us).
     #[arg(long)]
     no_eval: bool,
-    /// Consecutive failed connection attempts before giving up.
-    #[arg(long, default_value_t = 8)]
-    max_retries: u32,
+    /// Consecutive failed connection attempts before giving up. Default 8.
+    #[arg(long, env = "TALLY_MAX_RETRIES")]
+    max_retries: Option<u32>,
     /// Write the final model here (safetensors).
-    #[arg(long)]
+    #[arg(long, env = "TALLY_SAVE_MODEL")]
     save_model: Option<PathBuf>,
-    /// Seconds one connection attempt may take before backing off.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds one connection attempt may take before backing off. Default 10.
+    #[arg(long, env = "TALLY_CONNECT_TIMEOUT_SECS")]
+    connect_timeout_secs: Option<u64>,
+    /// `auto` (a hardware GPU if there is one, else the CPU; the default),
+    /// `cpu`, or `gpu` (any GPU adapter, software ones such as lavapipe
+    /// included; an error if there is none).
+    #[arg(long, env = "TALLY_DEVICE")]
+    device: Option<tally_kernels::DeviceChoice>,
+}
+
+/// [`RunArgs`] with the configuration file and the defaults applied.
+#[derive(Debug)]
+struct RunSettings {
+    server: String,
+    fingerprint: Option<String>,
+    ca: Option<PathBuf>,
+    server_name: Option<String>,
+    key: PathBuf,
+    data: String,
+    shard: Option<String>,
+    shard_seed: u64,
+    partition: Option<PathBuf>,
+    partition_index: Option<usize>,
+    eval: bool,
+    max_retries: u32,
+    save_model: Option<PathBuf>,
     connect_timeout_secs: u64,
-    #[command(flatten)]
-    device: DeviceArgs,
+    device: tally_kernels::DeviceChoice,
+}
+
+impl RunArgs {
+    fn resolve(self) -> anyhow::Result<RunSettings> {
+        let file = match &self.config {
+            Some(path) => tally_client::config::ClientConfig::from_file(path)?,
+            None => Default::default(),
+        };
+        let server = self
+            .server
+            .or(file.server)
+            .context("give the server address: --server HOST:PORT, TALLY_SERVER, or `server = ...` in --config")?;
+        let settings = RunSettings {
+            server,
+            fingerprint: self.fingerprint.or(file.fingerprint),
+            ca: self.ca.or(file.ca),
+            server_name: self.server_name.or(file.server_name),
+            key: self.key.or(file.key).unwrap_or_else(|| PathBuf::from("client.key")),
+            data: self.data.or(file.data).unwrap_or_else(|| "embedded".into()),
+            shard: self.shard.or(file.shard),
+            shard_seed: self.shard_seed.or(file.shard_seed).unwrap_or(0),
+            partition: self.partition.or(file.partition),
+            partition_index: self.partition_index.or(file.partition_index),
+            eval: !self.no_eval && file.eval.unwrap_or(true),
+            max_retries: self.max_retries.or(file.max_retries).unwrap_or(8),
+            save_model: self.save_model.or(file.save_model),
+            connect_timeout_secs: self.connect_timeout_secs.or(file.connect_timeout_secs).unwrap_or(10),
+            device: self.device.or(file.device).unwrap_or_default(),
+        };
+        if settings.shard.is_some() && settings.partition.is_some() {
+            bail!("give a shard or a partition, not both");
+        }
+        if settings.partition.is_some() && settings.partition_index.is_none() {
+            bail!("a partition needs its index (--partition-index, or `partition_index` in --config)");
+        }
+        Ok(settings)
+    }
 }
 
 fn load_data(spec: &str) -> anyhow::Result<Split> {
@@ -278,10 +347,12 @@ fn real_main() -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    let args = args.resolve()?;
     let trust = match (&args.fingerprint, &args.ca) {
         (Some(fp), None) => ServerTrust::fingerprint(fp)?,
         (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
-        _ => bail!("give --fingerprint (pinned self-signed server) or --ca (CA-issued certificate)"),
+        (Some(_), Some(_)) => bail!("give --fingerprint or --ca, not both"),
+        (None, None) => bail!("give --fingerprint (pinned self-signed server) or --ca (CA-issued certificate)"),
     };
     let (identity, created) = keys::load_or_create(&args.key)?;
     if created {
@@ -308,13 +379,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         (None, None) => split.train.clone(),
     };
-    eprintln!(
-        "training on {} examples; evaluating on {}",
-        train.len(),
-        if args.no_eval { 0 } else { split.test.len() }
-    );
+    eprintln!("training on {} examples; evaluating on {}", train.len(), if args.eval { split.test.len() } else { 0 });
     let (server, server_name) = resolve_server(&args.server)?;
-    let compute = args.device.open()?;
+    let compute = DeviceArgs { device: args.device }.open()?;
     let device_name = compute.description.clone();
     let applier = compute.applier();
     let opts = ClientOptions {
@@ -323,7 +390,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         trust,
         identity,
         train,
-        eval: (!args.no_eval).then_some(split.test),
+        eval: args.eval.then_some(split.test),
         compute,
         max_retries: args.max_retries,
         initial_backoff: Duration::from_millis(500),

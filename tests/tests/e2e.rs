@@ -155,8 +155,22 @@ fn a_client_facing_a_finished_run_exits_at_once() {
     let mut server = start_server(dir.path(), &[pa, pb], &["--rounds", "1", "--min-clients", "1", "--seed", "13"]);
     let mut a = start_client(dir.path(), "fa", &ka, &server, &["--shard", "0/20"]);
     assert!(a.wait().success(), "{}", a.stderr());
-    let mut b = start_client(dir.path(), "fb", &kb, &server, &["--shard", "1/20"]);
+    // This one from a configuration file, its key from the environment
+    // (as a service or a pod would run it).
+    let config = dir.path().join("fb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "server = \"{}\"\nfingerprint = \"{}\"\nshard = \"1/20\"\ndevice = \"cpu\"\nkey = \"elsewhere.key\"\n",
+            server.addr, server.fingerprint
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(bin("tally-client"));
+    cmd.args(["run", "--config"]).arg(&config).env("TALLY_KEY", &kb);
+    let mut b = Proc::spawn("fb", &mut cmd, dir.path());
     assert!(b.wait().success(), "{}", b.stderr());
+    assert!(!dir.path().join("elsewhere.key").exists(), "the environment's key wins over the file's");
     assert!(b.drain_lines().iter().any(|l| l.starts_with("finished rounds=1")), "{}", b.stderr());
     assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
 }
