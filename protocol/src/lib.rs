@@ -16,6 +16,7 @@
 pub mod aggregate;
 pub mod codec;
 pub mod coordinator;
+pub mod dp;
 pub mod durable;
 pub mod error;
 pub mod fedavg;
