@@ -16,7 +16,7 @@
 //! **Parameters** are [`Ratio`]s. Limits, each with its reason:
 //! * [`MAX_PARAM_PART`] bounds numerators and denominators, so every
 //!   intermediate product fits in 128 bits (the Gaussian's squared
-//!   deviation is a 256-bit product, [`super::ratio::mul_wide`]).
+//!   deviation is a 256-bit product, `ratio::mul_wide`).
 //! * [`MAX_LAPLACE_SCALE`] and [`MAX_GAUSSIAN_VARIANCE`] keep the noise far
 //!   inside [`NOISE_MAX`].
 //! * [`NOISE_MAX`]: samples are conditioned on `|Y| ≤ 2⁵³` (a rejected
@@ -388,6 +388,9 @@ pub(crate) mod tests {
                 (vok, z, var, cok, stat, crit)
             };
             let (vok, z, var, cok, stat, crit) = fit(scale.to_f64());
+            eprintln!(
+                "laplace scale {scale}: variance z = {z:.2} vs theory {var:.4}; chi2 {stat:.1} (critical {crit:.1})"
+            );
             assert!(vok, "scale {scale}: variance z = {z:.2} (theory {var:.4})");
             assert!(cok, "scale {scale}: chi2 {stat:.1} > {crit:.1}");
             for wrong in [2.0 * scale.to_f64(), 0.5 * scale.to_f64()] {
@@ -414,6 +417,7 @@ pub(crate) mod tests {
                 (vok, z, tv, cok, stat, crit)
             };
             let (vok, z, tv, cok, stat, crit) = fit(var.to_f64());
+            eprintln!("gaussian σ² {var}: variance z = {z:.2} vs theory {tv:.4}; chi2 {stat:.1} (critical {crit:.1})");
             assert!(vok, "σ²={var}: variance z = {z:.2} (theory {tv:.4})");
             assert!(cok, "σ²={var}: chi2 {stat:.1} > {crit:.1}");
             for wrong in [2.0 * var.to_f64(), 0.5 * var.to_f64()] {

@@ -204,6 +204,10 @@ impl SparseVector {
             Target::TopK { .. } => None,
         };
         let k_max = cfg.max_switches();
+        if k_max > u64::from(u32::MAX) {
+            // Refresh and threshold streams are named by the switch number.
+            return Err(DpError::OutOfRange { what: "switch budget 2T/τ + 1", limit: "below 2^32 (raise τ)" });
+        }
         let total = Ratio::integer(u128::from(k_max)).checked_mul(cfg.eps_svt.checked_add(cfg.eps_sel)?)?;
         let state = SvtState {
             version: SVT_STATE_VERSION,
@@ -280,8 +284,8 @@ impl SparseVector {
     }
 
     fn stream(&self, client: u32, step: u64) -> NoiseSource {
-        // step ≤ max(T, k_max) ≤ 2³² + 1 would not fit only for the refresh
-        // after 2³² switches, which needs T > 2³² records.
+        // step is t − 1 < T ≤ 2³² or a switch number ≤ k_max < 2³² (both
+        // checked at construction), so it fits.
         self.cfg.seed.stream(self.cfg.instance, client, step as u32)
     }
 
@@ -558,8 +562,13 @@ mod tests {
         s.selected = vec![3, 3];
         assert!(matches!(SparseVector::restore(c.clone(), &s), Err(DpError::InvalidState { .. })));
         assert!(matches!(
-            SparseVector::new(SvtConfig { target: Target::TopK { k: 11 }, ..c }),
+            SparseVector::new(SvtConfig { target: Target::TopK { k: 11 }, ..c.clone() }),
             Err(DpError::InvalidParameter { .. })
+        ));
+        // A switch budget whose stream names would not fit in u32.
+        assert!(matches!(
+            SparseVector::new(SvtConfig { horizon: MAX_HORIZON, threshold: 1, ..c }),
+            Err(DpError::OutOfRange { .. })
         ));
     }
 }
