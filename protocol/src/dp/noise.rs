@@ -28,7 +28,8 @@
 //! **Uniform integers.** [`NoiseSource::below`] draws `u64`s (two words, low
 //! word first) for moduli up to 2⁶⁴ and `u128`s (four words) above, and
 //! rejects values in the last incomplete multiple of the modulus, so every
-//! residue is exactly equally likely. No float is involved.
+//! residue is exactly equally likely; a modulus of 1 draws nothing. A fair
+//! bit is bit 0 of one word. No float is involved.
 
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
@@ -119,7 +120,11 @@ impl NoiseSource {
     /// treated as 1 (returns 0): callers pass positive moduli by
     /// construction, and a panic in a server would be worse.
     pub fn below(&mut self, m: u128) -> u128 {
-        let m = m.max(1);
+        if m <= 1 {
+            // One possible value: nothing to draw (the samplers ask for
+            // uniforms on 0..1 constantly, e.g. in Bernoulli(exp(−1))).
+            return 0;
+        }
         if m <= 1 << 64 {
             // 2⁶⁴ values; accept the largest multiple of m below 2⁶⁴.
             let span = 1u128 << 64;

@@ -428,6 +428,30 @@ pub(crate) mod tests {
         }
     }
 
+    /// The stream derivation and the samplers, pinned: a restored server
+    /// (or any later build) must draw exactly these values. If this fails
+    /// on purpose, bump `noise::NOISE_KEY_DOMAIN` and re-pin.
+    #[test]
+    fn dp_noise_golden_values() {
+        let seed = NoiseSeed::insecure_from_u64(0x0123_4567_89ab_cdef);
+        assert_eq!(hex::encode(seed.stream_key(1, 2, 3)), GOLDEN_KEY);
+        let mut src = seed.stream(1, 2, 3);
+        let words: Vec<u32> = (0..4).map(|_| src.word()).collect();
+        assert_eq!(words, GOLDEN_WORDS);
+        let lap = DiscreteLaplace::new(r(7, 2)).unwrap();
+        assert_eq!(draws(12, 0x0123_4567_89ab_cdef, |s| lap.sample(s)), GOLDEN_LAPLACE);
+        let g = DiscreteGaussian::new(r(10, 3)).unwrap();
+        assert_eq!(draws(12, 0x0123_4567_89ab_cdef, |s| g.sample(s)), GOLDEN_GAUSSIAN);
+        let mut src = seed.stream(0, 0, 0);
+        let bits: Vec<bool> = (0..12).map(|_| bernoulli_exp(&mut src, r(1, 2))).collect();
+        assert_eq!(bits, GOLDEN_BERNOULLI);
+    }
+    const GOLDEN_KEY: &str = "a27cda2b7d1c510ce7ba9fe5013df8fe985ee5d0b2e6b9a18ec7f00e7677caa7";
+    const GOLDEN_WORDS: [u32; 4] = [1_325_224_462, 2_570_797_861, 4_021_462_385, 2_604_646_052];
+    const GOLDEN_LAPLACE: [i64; 12] = [3, 7, -2, 7, 0, 1, 1, -5, -3, 8, 10, 2];
+    const GOLDEN_GAUSSIAN: [i64; 12] = [4, -2, -1, 3, -1, 1, -1, 1, 1, 0, -3, 0];
+    const GOLDEN_BERNOULLI: [bool; 12] = [false, true, true, false, true, true, true, true, true, true, true, false];
+
     #[test]
     fn dp_samplers_are_deterministic_per_stream() {
         let g = DiscreteGaussian::new(r(50, 1)).unwrap();
