@@ -144,6 +144,10 @@ pub struct SvtRelease {
     pub switches: u64,
     /// Privacy spent so far.
     pub spent: Spent,
+    /// What this release added to it (`ε_sel` and, unless the budget of
+    /// switches is now used up, `ε_svt` for the next instance), for a caller
+    /// that also keeps a run-wide [`Accountant`].
+    pub charged: Vec<Cost>,
 }
 
 /// The sparse-vector mechanism (module docs).
@@ -361,6 +365,7 @@ impl SparseVector {
             *c += v as u64;
         }
         let mut switched = false;
+        let mut charged = Vec::new();
         if st.switches < self.k_max {
             let q = self.query(&st.counts);
             let nu = self.query_noise.sample(&mut self.stream(QUERY_STREAM, st.t - 1));
@@ -377,10 +382,13 @@ impl SparseVector {
                         st.estimate = max + noise;
                     }
                 }
-                accountant.charge(Cost::Pure(self.cfg.eps_sel))?;
+                charged.push(Cost::Pure(self.cfg.eps_sel));
                 if s < self.k_max {
                     st.noisy_threshold = self.draw_threshold(s);
-                    accountant.charge(Cost::Pure(self.cfg.eps_svt))?;
+                    charged.push(Cost::Pure(self.cfg.eps_svt));
+                }
+                for &cost in &charged {
+                    accountant.charge(cost)?;
                 }
                 st.switches = s;
                 switched = true;
@@ -399,6 +407,7 @@ impl SparseVector {
             switched,
             switches: self.state.switches,
             spent: self.accountant.spent(),
+            charged,
         })
     }
 }
@@ -525,8 +534,15 @@ mod tests {
         let mut a = SparseVector::new(c.clone()).unwrap();
         assert_eq!(a.spent().epsilon, Some(r(1, 3)), "the first AboveThreshold is charged at start");
         let mut outs = Vec::new();
+        let mut run = Accountant::new(Budget::Pure(r(1000, 1)));
+        run.charge(Cost::Pure(r(1, 3))).unwrap();
         for t in 1..=300 {
             let rel = a.step(&rotation(t, 10, 3, 7)).unwrap();
+            for &cost in &rel.charged {
+                run.charge(cost).unwrap();
+            }
+            assert_eq!(run.spent(), rel.spent);
+            assert_eq!(rel.switched, !rel.charged.is_empty());
             let s = u128::from(rel.switches);
             let instances = (s + 1).min(u128::from(a.max_switches()));
             assert_eq!(rel.spent.epsilon, Some(r(s + instances, 3)));

@@ -201,6 +201,9 @@ pub struct TreeRelease {
     pub values: Vec<i64>,
     /// Privacy spent by releases `1..=t`.
     pub spent: Spent,
+    /// What this release added to it (a level's cost when `t` is a power of
+    /// two), for a caller that also keeps a run-wide [`Accountant`].
+    pub charged: Option<Cost>,
 }
 
 /// The binary-tree continual counter (module docs).
@@ -382,7 +385,11 @@ impl TreeCounter {
                 values = add(&values, &self.noisy[l])?;
             }
         }
-        let spent = if t.is_power_of_two() { self.accountant.after(self.level_cost)? } else { self.spent() };
+        let charged = t.is_power_of_two().then_some(self.level_cost);
+        let spent = match charged {
+            Some(cost) => self.accountant.after(cost)?,
+            None => self.spent(),
+        };
         // Commit.
         for l in 0..l0 {
             self.exact[l].fill(0);
@@ -391,10 +398,10 @@ impl TreeCounter {
         self.exact[l0] = node;
         self.noisy[l0] = noisy;
         self.t = t;
-        if t.is_power_of_two() {
-            self.accountant.charge(self.level_cost)?;
+        if let Some(cost) = charged {
+            self.accountant.charge(cost)?;
         }
-        Ok(TreeRelease { t, values, spent })
+        Ok(TreeRelease { t, values, spent, charged })
     }
 }
 
@@ -565,8 +572,18 @@ mod tests {
         assert!(matches!(c.step(&[0, 1, 2, 0]), Err(DpError::RecordOutOfDomain { .. })));
         assert!(matches!(c.step(&[0, 1]), Err(DpError::WrongDimension { .. })));
         assert_eq!(c.state(), before);
+        // A run-wide ledger fed with the releases' charges agrees, and one
+        // with a smaller budget refuses at the level that would exceed it.
+        let mut ledger = Accountant::new(Budget::Pure(eps));
+        let mut small = Accountant::new(Budget::Pure(r(1, 1)));
         for t in 1..=12u64 {
             let rel = c.step(&record(t, 4)).unwrap();
+            if let Some(cost) = rel.charged {
+                assert!(t.is_power_of_two());
+                assert_eq!(ledger.charge(cost).unwrap(), rel.spent);
+                // ε/L = 2/5 per level: the third level (t = 4) would make 6/5 > 1.
+                assert_eq!(small.charge(cost).is_ok(), t < 4, "t={t}");
+            }
             // (⌊log₂t⌋ + 1) levels of ε/L each.
             let levels_used = u128::from(t.ilog2() + 1);
             assert_eq!(rel.spent.epsilon, Some(r(2 * levels_used, 5)), "t={t}");
