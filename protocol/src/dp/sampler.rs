@@ -23,10 +23,13 @@
 //!   sample is redrawn), so a sum of up to 64 of them fits in an `i64` and
 //!   every sample is exact in an `f64` report. With the scale limits the
 //!   discarded tail has probability below `exp(−2²¹)`; the samplers are
-//!   therefore exactly the truncated distributions, and the truncation
-//!   costs a `δ` below `exp(−2²⁰)` in the privacy analysis (a neighbour can
-//!   shift the support by at most the sensitivity), far below anything a
-//!   report prints.
+//!   therefore exactly the truncated distributions. Truncation makes the
+//!   guarantees approximate: a neighbour shifts the support by at most the
+//!   sensitivity, so "ε-DP" is (ε, δ)-DP and "ρ-zCDP" is δ-approximate
+//!   ρ-zCDP with `δ < exp(−2²⁰)`, far below anything a report prints.
+//!
+//! Not constant time: rejection loops run longer for some values than for
+//! others (a release a round makes this a small channel, but one).
 //!
 //! Loop counters: the number of Bernoulli(exp(−1)) trials in
 //! Bernoulli(exp(−γ)) for `γ ≥ 2¹²⁸` is capped at `2¹²⁸ − 1`; reaching the
