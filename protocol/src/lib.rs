@@ -5,8 +5,10 @@
 //! the client's [`Participant`] state machines, aggregation ([`aggregate`]),
 //! update kinds as plug-ins ([`kind`]: one module each, [`fedavg`],
 //! [`fedavgm`], [`spsa`], [`frl`]) and aggregation rules over vectors
-//! ([`rule`]), and model shapes shared by every party ([`model`], and FRL's
-//! seed-derived networks in [`supermask`]).
+//! ([`rule`]), model shapes shared by every party ([`model`], and FRL's
+//! seed-derived networks in [`supermask`]), and differential privacy under
+//! continual release ([`dp`]: exact samplers, the tree counter, sparse
+//! vector, accounting; not wired into a kind yet).
 //!
 //! What it never does: open sockets, read the clock (every input carries the
 //! host's `now`), draw OS randomness (every generator is seeded by the host),
@@ -16,6 +18,7 @@
 pub mod aggregate;
 pub mod codec;
 pub mod coordinator;
+pub mod dp;
 pub mod durable;
 pub mod error;
 pub mod fedavg;

@@ -73,6 +73,12 @@ pub enum Purpose {
     FrlWeights = 3,
     /// FRL initial scores.
     FrlScores = 4,
+    /// Differential-privacy noise ([`crate::dp`]). Unlike every other
+    /// purpose, its streams are never keyed by the public run seed through
+    /// [`StreamId::key`]: anyone who can regenerate DP noise can subtract
+    /// it. [`crate::dp::noise`] binds this value, with the stream's round,
+    /// client and step, into a key derived from a server-secret seed.
+    DpNoise = 5,
 }
 
 /// The name of a stream.
