@@ -583,6 +583,18 @@ mod tests {
         assert!(matches!(raw.validate([0; 24]), Err(ConfigError::Invalid(_))));
     }
 
+    /// The configuration files shipped in deploy/ stay valid.
+    #[test]
+    fn the_deployment_configs_parse() {
+        for text in [
+            include_str!("../../deploy/k8s/base/server.toml"),
+            include_str!("../../deploy/k8s/overlays/edge/server.toml"),
+        ] {
+            let raw: RawConfig = toml::from_str(text).unwrap();
+            assert!(raw.enrolled_keys.is_some() && raw.tls.is_some() && raw.state_dir.is_some());
+        }
+    }
+
     #[test]
     fn round_timeout_is_bounded() {
         let dir = tempfile::tempdir().unwrap();

@@ -1721,3 +1721,106 @@ fn client_facing_a_hostile_server_exits_with_a_typed_error() {
         assert!(!stderr.contains("panicked") && !stderr.contains("reconnecting"), "{name}:\n{stderr}");
     }
 }
+
+/// The deployment files are valid: the systemd units pass `systemd-analyze
+/// verify` with no complaint, and every Kubernetes overlay renders with
+/// `kubectl kustomize` and has what it must (deploy/k8s/check).
+#[test]
+fn deployment_files_verify_and_every_overlay_renders() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let dir = tempfile::tempdir().unwrap();
+    // verify wants the ExecStart binaries to exist: point them at ours.
+    let mut units = Vec::new();
+    for name in ["tally-client", "tally-server"] {
+        let text = std::fs::read_to_string(format!("{root}/deploy/systemd/{name}.service")).unwrap();
+        let text = text.replace(&format!("/usr/local/bin/{name}"), bin(name).to_str().unwrap());
+        let unit = dir.path().join(format!("{name}.service"));
+        std::fs::write(&unit, text).unwrap();
+        units.push(unit);
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&units)
+        .output()
+        .expect("systemd-analyze (Debian package systemd) must be installed: .ci/run installs it");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "systemd-analyze verify:\n{err}");
+
+    let out = std::process::Command::new("python3")
+        .arg(format!("{root}/deploy/k8s/check"))
+        .output()
+        .expect("python3 with PyYAML and kubectl: .ci/run installs them");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("static checks passed"), "{text}");
+}
+
+/// The container images (scripts/container-image) run the README's
+/// federation (server and 3 clients, non-root, from the images alone) to
+/// the same final model as the binaries, and run the Kubernetes dev
+/// overlay's pods as its manifests describe them (deploy/k8s/check
+/// --run-dev). Needs podman; skipped with a reason where it is missing,
+/// unless TALLY_REQUIRE_CONTAINER is set (.ci/run sets it).
+#[test]
+fn container_images_run_a_federation_and_the_dev_overlay() {
+    if std::process::Command::new("podman").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("TALLY_REQUIRE_CONTAINER").is_none(),
+            "TALLY_REQUIRE_CONTAINER is set and podman is missing"
+        );
+        eprintln!("SKIPPED: podman is not installed (apt-get install podman runc)");
+        return;
+    }
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let bins = bin("tally-server").parent().unwrap().to_path_buf();
+    let _ = (bin("tally-client"), bin("tally-sim"));
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().unwrap();
+        let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{cmd:?}:\n{text}");
+        text
+    };
+    run(std::process::Command::new("bash")
+        .arg(format!("{root}/scripts/container-image"))
+        .args(["--tag", "dev", "--bin"])
+        .arg(&bins));
+    let user = run(std::process::Command::new("podman").args([
+        "image",
+        "inspect",
+        "tally-server:dev",
+        "--format",
+        "{{.Config.User}}",
+    ]));
+    assert_eq!(user.trim(), "10001:10001", "the images run as a non-root user");
+
+    let dir = tempfile::tempdir().unwrap();
+    let fed = dir.path().join("fed");
+    let text = run(std::process::Command::new("bash")
+        .arg(format!("{root}/scripts/local-federation"))
+        .args(["--container", "podman", "--tag", "dev", "--clients", "3", "--rounds", "2", "--seed", "3", "--keep"])
+        .arg(&fed));
+    assert!(text.contains("every client ended on the server's final model"), "{text}");
+    let reference = dir.path().join("ref");
+    let from_bins = run(std::process::Command::new("bash")
+        .arg(format!("{root}/scripts/local-federation"))
+        .args(["--clients", "3", "--rounds", "2", "--seed", "3", "--bin"])
+        .arg(&bins)
+        .arg("--keep")
+        .arg(&reference));
+    let hash = |t: &str| {
+        t.lines().find_map(|l| l.strip_prefix("every client ended on the server's final model ")).map(str::to_string)
+    };
+    assert_eq!(hash(&text), hash(&from_bins), "images and binaries must train the same model");
+
+    let secrets = dir.path().join("secrets");
+    run(std::process::Command::new("bash")
+        .arg(format!("{root}/deploy/k8s/make-secrets"))
+        .arg("--bin")
+        .arg(&bins)
+        .arg(&secrets));
+    let text = run(std::process::Command::new("python3")
+        .arg(format!("{root}/deploy/k8s/check"))
+        .arg("--run-dev")
+        .arg(&secrets));
+    assert!(text.contains("dev overlay ran"), "{text}");
+}
