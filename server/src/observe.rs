@@ -802,3 +802,389 @@ fn respond(head: &[u8], registry: &Registry) -> Response {
         _ => Response::error(404, "Not Found"),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::time::Duration;
+
+    use tally_protocol::error::{Malformed, Misbehaviour, Misuse};
+    use tally_protocol::model::ModelArch;
+    use tally_protocol::wire::{RunId, TrainSpec};
+    use tally_protocol::{CoordinatorConfig, Identity, RoundSummary};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::admission::AdmissionLimits;
+
+    /// A sample: series name, labels, value.
+    type Sample = (String, Vec<(String, String)>, f64);
+
+    /// One family of an exposition: its type and samples.
+    #[derive(Debug, Default)]
+    struct Family {
+        kind: String,
+        samples: Vec<Sample>,
+    }
+
+    fn is_name(s: &str) -> bool {
+        let mut c = s.chars();
+        c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+            && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
+    }
+
+    /// Parses the text format strictly: HELP then TYPE before every
+    /// family's samples, each family in one block, `name{labels} value`
+    /// samples, histograms cumulative and ending with `+Inf` = `_count`.
+    fn parse(text: &str) -> BTreeMap<String, Family> {
+        assert!(text.ends_with('\n'), "the exposition ends with a newline");
+        let mut families: BTreeMap<String, Family> = BTreeMap::new();
+        let mut current: Option<String> = None;
+        let mut help: Option<String> = None;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, doc) = rest.split_once(' ').unwrap();
+                assert!(is_name(name) && !doc.is_empty(), "{line}");
+                assert!(!families.contains_key(name), "{name} twice");
+                help = Some(name.to_string());
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert_eq!(help.as_deref(), Some(name), "TYPE of {name} right after its HELP");
+                assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+                families.insert(name.to_string(), Family { kind: kind.into(), samples: vec![] });
+                current = Some(name.to_string());
+            } else {
+                assert!(!line.starts_with('#') && !line.is_empty(), "unexpected line {line:?}");
+                let family = current.clone().expect("a sample after a TYPE");
+                let (series, value) = line.rsplit_once(' ').unwrap();
+                let value: f64 = value.parse().unwrap_or_else(|_| panic!("value of {line:?}"));
+                let (name, labels) = match series.split_once('{') {
+                    Some((n, l)) => {
+                        let l = l.strip_suffix('}').expect("labels close");
+                        let labels = l
+                            .split(',')
+                            .map(|kv| {
+                                let (k, v) = kv.split_once('=').unwrap();
+                                assert!(is_name(k), "{line}");
+                                let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).expect("quoted");
+                                (k.to_string(), v.to_string())
+                            })
+                            .collect();
+                        (n, labels)
+                    }
+                    None => (series, vec![]),
+                };
+                let f = families.get_mut(&family).unwrap();
+                let expected: Vec<String> = match f.kind.as_str() {
+                    "histogram" => ["_bucket", "_sum", "_count"].iter().map(|s| format!("{family}{s}")).collect(),
+                    _ => vec![family.clone()],
+                };
+                assert!(expected.iter().any(|e| e == name), "{name} outside its family {family}");
+                if f.kind == "counter" {
+                    assert!(name.ends_with("_total"), "counter {name}");
+                }
+                f.samples.push((name.to_string(), labels, value));
+            }
+        }
+        for (name, f) in &families {
+            assert!(!f.samples.is_empty(), "{name} has no samples");
+            if f.kind != "histogram" {
+                continue;
+            }
+            let buckets: Vec<(&str, f64)> =
+                f.samples.iter().filter(|s| s.0.ends_with("_bucket")).map(|s| (s.1[0].1.as_str(), s.2)).collect();
+            assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "{name}: buckets cumulative");
+            let bounds: Vec<f64> = buckets.iter().map(|b| b.0.parse::<f64>().unwrap()).collect();
+            assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{name}: bounds ascending");
+            let count = f.samples.iter().find(|s| s.0.ends_with("_count")).unwrap().2;
+            assert_eq!(buckets.last().unwrap(), &("+Inf", count), "{name}: +Inf bucket is the count");
+        }
+        families
+    }
+
+    fn value(families: &BTreeMap<String, Family>, name: &str, label: Option<(&str, &str)>) -> f64 {
+        families
+            .values()
+            .flat_map(|f| &f.samples)
+            .find(|s| s.0 == name && label.is_none_or(|(k, v)| s.1.iter().any(|l| l.0 == k && l.1 == v)))
+            .unwrap_or_else(|| panic!("{name} {label:?} missing"))
+            .2
+    }
+
+    fn coordinator() -> Coordinator {
+        let cfg = CoordinatorConfig {
+            run_id: RunId([1; 16]),
+            arch: ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 },
+            rounds: 5,
+            enrolled: (1..=3u8).map(|i| Identity::from_secret([i; 32]).public_key()).collect(),
+            min_clients: 3,
+            clients_per_round: 3,
+            quorum: 3,
+            round_timeout: Duration::from_secs(10),
+            train: TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 },
+            kind: tally_protocol::KindSettings::FedAvg,
+            rule: tally_protocol::RuleSpec::Mean,
+            max_violations: 5,
+            max_update_abs: 1000.0,
+            schedule: None,
+            final_evaluation: true,
+        };
+        let init = cfg.arch.init_params(1);
+        Coordinator::new(cfg, init, 7).unwrap()
+    }
+
+    fn summary(round: u32) -> RoundSummary {
+        RoundSummary {
+            round,
+            task: Task::Train,
+            sampled: 3,
+            accepted: 2,
+            failed: 1,
+            rejected: 1,
+            stats: None,
+            eval_of_incoming: None,
+            model_hash: [0; 32],
+            bytes_received: 100,
+        }
+    }
+
+    #[test]
+    fn the_exposition_is_strict_complete_and_deterministic() {
+        let coordinator = coordinator();
+        let mut obs = Observer::bind(5, None).unwrap();
+        let admission =
+            Admission::new(AdmissionLimits { max_connections: 1, max_pending: 1, max_pending_per_source: 1 });
+        let _ticket = admission.try_admit("10.0.0.1".parse().unwrap()).unwrap();
+        assert!(admission.try_admit("10.0.0.2".parse().unwrap()).is_err());
+        let _ = obs.registry.admission.set(admission);
+        let conn = ConnectionHandle(4);
+        obs.connected(conn, "10.0.0.1:5000".parse().unwrap());
+        obs.events(
+            &[
+                Event::ClientJoined { conn, client: 0 },
+                Event::RoundOpened { round: 1, task: Task::Train, sampled: vec![0, 1, 2] },
+                Event::ReportAccepted { round: 1, client: 0 },
+                Event::ReportAccepted { round: 1, client: 1 },
+                Event::TrainingFailed { round: 1, client: 2 },
+                Event::Rejected { conn, client: Some(0), error: Error::Late { got: 0, open: Some(1) } },
+                Event::Rejected { conn, client: None, error: Malformed::Oversize { len: 10, limit: 5 }.into() },
+                Event::Rejected { conn, client: None, error: Misbehaviour::Duplicate(1).into() },
+                Event::Rejected { conn, client: None, error: Misbehaviour::Duplicate(1).into() },
+                Event::Rejected { conn, client: None, error: Misuse::UnknownConnection.into() },
+                Event::RoundCompleted(summary(1)),
+            ],
+            &coordinator,
+        );
+        assert!(obs.took(1).is_some() && obs.took(2).is_none());
+        obs.received(1000);
+        obs.registry.sent(300);
+        obs.persisted(&Persist::Snapshot(coordinator.snapshot()), Duration::from_millis(3));
+        obs.disconnected(conn);
+        let text = obs.registry.snapshot().render();
+        assert_eq!(text, obs.registry.snapshot().render(), "rendering is deterministic");
+        let m = parse(&text);
+        assert_eq!(value(&m, "tally_rounds_configured", None), 5.0);
+        assert_eq!(value(&m, "tally_reports_accepted_total", None), 2.0);
+        assert_eq!(value(&m, "tally_training_failures_total", None), 1.0);
+        let rejected = |r| value(&m, "tally_messages_rejected_total", Some(("reason", r)));
+        assert_eq!((rejected("late"), rejected("oversize"), rejected("duplicate")), (1.0, 1.0, 2.0));
+        assert_eq!((rejected("misuse"), rejected("wrong_shape")), (1.0, 0.0));
+        // Every reason is there from the start, and nothing else.
+        assert_eq!(m["tally_messages_rejected_total"].samples.len(), REJECT_REASONS.len());
+        assert_eq!(value(&m, "tally_received_bytes_total", None), 1000.0);
+        assert_eq!(value(&m, "tally_sent_bytes_total", None), 300.0);
+        assert_eq!(value(&m, "tally_round_duration_seconds_count", None), 1.0);
+        assert_eq!(value(&m, "tally_snapshot_write_seconds_count", None), 1.0);
+        assert_eq!(value(&m, "tally_snapshot_write_seconds_bucket", Some(("le", "0.0025"))), 0.0);
+        assert_eq!(value(&m, "tally_snapshot_write_seconds_bucket", Some(("le", "0.005"))), 1.0);
+        assert_eq!(value(&m, "tally_wal_append_seconds_count", None), 0.0);
+        assert_eq!((value(&m, "tally_connections", None), value(&m, "tally_connections_pending", None)), (1.0, 1.0));
+        let refused = |l| value(&m, "tally_connections_refused_total", Some(("limit", l)));
+        assert_eq!((refused("max_connections"), refused("max_pending_connections")), (1.0, 0.0));
+        // Waiting for joins: no round open.
+        assert_eq!((value(&m, "tally_round", None), value(&m, "tally_run_finished", None)), (0.0, 0.0));
+        assert_eq!(m.len(), 17, "{:?}", m.keys());
+    }
+
+    #[test]
+    fn histogram_buckets_include_their_upper_bound() {
+        let mut h = Histogram::new(&ROUND_SECONDS_BUCKETS);
+        for v in [0.5, 1.0, 1.5, 3600.0, 7200.0] {
+            h.observe(v);
+        }
+        assert_eq!(h.counts[0], 2);
+        assert_eq!(h.counts[1], 1);
+        assert_eq!(h.counts[ROUND_SECONDS_BUCKETS.len() - 1], 1);
+        assert_eq!(h.counts[ROUND_SECONDS_BUCKETS.len()], 1);
+        assert_eq!(h.count(), 5);
+        assert_eq!(h.sum, 0.5 + 1.0 + 1.5 + 3600.0 + 7200.0);
+    }
+
+    #[test]
+    fn durations_read_in_human_units() {
+        let h = |ms: u64| Human(Duration::from_millis(ms)).to_string();
+        assert_eq!(h(0), "0.0 s");
+        assert_eq!(h(1_240), "1.2 s");
+        assert_eq!(h(12_449), "12.4 s");
+        assert_eq!(h(59_940), "59.9 s");
+        assert_eq!(h(59_960), "1 min 0 s");
+        assert_eq!(h(184_000), "3 min 4 s");
+        assert_eq!(h(3_599_600), "1 h 0 min");
+        assert_eq!(h(7_500_000), "2 h 5 min");
+    }
+
+    #[test]
+    fn the_progress_line_says_how_far_the_round_is() {
+        let p = RoundProgress { round: 3, task: Task::Train, sampled: Some(3), accepted: 2, failed: 1, opened: None };
+        assert_eq!(ProgressLine(&p, 5).to_string(), "round 3/5: 2/3 reports, 1 failed");
+        let p = RoundProgress { task: Task::Evaluate, sampled: None, failed: 0, opened: Some(Instant::now()), ..p };
+        assert_eq!(ProgressLine(&p, 5).to_string(), "final evaluation: 2 reports, 0.0 s");
+    }
+
+    /// Sends `request` (then closes the sending half), returns the response.
+    async fn exchange(request: &[u8]) -> String {
+        let registry = Registry::new(5);
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(async move { handle(server, &registry).await });
+        // The handler may answer (and close) before reading everything.
+        let _ = client.write_all(request).await;
+        let _ = client.shutdown().await;
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        task.await.unwrap().unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn status(response: &str) -> &str {
+        response.split(' ').nth(1).unwrap_or("")
+    }
+
+    fn body(response: &str) -> &str {
+        response.split_once("\r\n\r\n").unwrap().1
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_answers_scrapes_and_health_checks() {
+        let r = exchange(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n").await;
+        assert_eq!(status(&r), "200");
+        assert!(r.contains(&format!("\r\nContent-Type: {METRICS_CONTENT_TYPE}\r\n")), "{r}");
+        assert!(r.contains("\r\nConnection: close\r\n"), "{r}");
+        let len: usize = r.split("Content-Length: ").nth(1).unwrap().split("\r\n").next().unwrap().parse().unwrap();
+        assert_eq!(len, body(&r).len());
+        parse(body(&r));
+        // A query string is ignored; HTTP/1.0 and bare newlines are fine.
+        let r = exchange(b"GET /metrics?x=1 HTTP/1.0\n\n").await;
+        assert_eq!(status(&r), "200");
+        let r = exchange(b"GET /healthz HTTP/1.1\r\n\r\n").await;
+        assert_eq!((status(&r), body(&r)), ("200", "ok\n"));
+        let r = exchange(b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
+        assert_eq!((status(&r), body(&r)), ("200", ""));
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_refuses_what_it_does_not_serve() {
+        for (request, code) in [
+            (&b"GET / HTTP/1.1\r\n\r\n"[..], "404"),
+            (b"GET /metricsx HTTP/1.1\r\n\r\n", "404"),
+            (b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", "405"),
+            (b"GET /metrics HTTP/2.0\r\n\r\n", "400"),
+            (b"GET /metrics\r\n\r\n", "400"),
+            (b"GET  /metrics HTTP/1.1\r\n\r\n", "400"),
+            (b"GET metrics HTTP/1.1\r\n\r\n", "400"),
+            (b"\xff\xfe\x00garbage\r\n\r\n", "400"),
+            (b"\r\n\r\n", "400"),
+            // Closed before the end of the head.
+            (b"GET /metrics HTTP/1.1\r\n", "400"),
+        ] {
+            let r = exchange(request).await;
+            assert_eq!(status(&r), code, "{request:?}: {r}");
+            assert!(r.ends_with('\n') && r.contains("Connection: close"), "{r}");
+        }
+        // Nothing sent: nothing answered.
+        assert_eq!(exchange(b"").await, "");
+    }
+
+    #[tokio::test]
+    async fn an_oversize_request_is_refused_without_reading_it_all() {
+        let mut huge = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        huge.resize(MAX_REQUEST_BYTES * 4, b'a');
+        let r = exchange(&huge).await;
+        assert_eq!(status(&r), "431", "{r}");
+        // A terminator just past the limit is still too much.
+        let mut late = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        late.resize(MAX_REQUEST_BYTES + 1, b'a');
+        late.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(status(&exchange(&late).await), "431");
+        // Just under it is fine, also when split across reads.
+        let mut fits = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        fits.resize(MAX_REQUEST_BYTES, b'a');
+        fits.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(status(&exchange(&fits).await), "200");
+    }
+
+    /// A scraper that connects and stalls holds its own connection only:
+    /// another scrape is answered meanwhile.
+    #[tokio::test]
+    async fn a_stalled_scraper_does_not_hold_up_another() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, Registry::new(2)));
+        let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stalled.write_all(b"GET /metr").await.unwrap();
+        let mut scrape = tokio::net::TcpStream::connect(addr).await.unwrap();
+        scrape.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        scrape.read_to_string(&mut out).await.unwrap();
+        assert_eq!((status(&out), body(&out)), ("200", "ok\n"));
+        // Past the connection limit, connections are closed at once.
+        let mut held = Vec::new();
+        for _ in 0..MAX_SCRAPE_CONNECTIONS {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut over = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = Vec::new();
+        let n = over.read_to_end(&mut buf).await.unwrap_or(0);
+        assert_eq!(n, 0);
+        drop((stalled, held));
+        server.abort();
+    }
+
+    #[test]
+    fn reject_reasons_are_the_listed_names() {
+        for e in [
+            Error::Late { got: 1, open: None },
+            Misuse::NoPendingTask.into(),
+            Misbehaviour::BadSignature.into(),
+            Misbehaviour::NotEnrolled("x".into()).into(),
+            Malformed::Truncated.into(),
+        ] {
+            assert!(REJECT_REASONS.contains(&reject_reason(&e)), "{e}");
+        }
+        let all = {
+            use RejectCode::*;
+            [
+                Malformed,
+                Oversize,
+                IncompatibleVersion,
+                UnknownClient,
+                BadSignature,
+                WrongRun,
+                WrongRound,
+                Duplicate,
+                NotSampled,
+                WrongShape,
+                NonFinite,
+                Unexpected,
+                Superseded,
+                TooManyViolations,
+                NotAPermutation,
+                Late,
+                OutOfBounds,
+            ]
+        };
+        for code in all {
+            assert!(REJECT_REASONS.contains(&code_name(code)), "{code:?}");
+        }
+        assert!(REJECT_REASONS.windows(2).all(|w| w[0] < w[1]), "sorted, as rendered");
+    }
+}
