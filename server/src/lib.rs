@@ -354,8 +354,8 @@ impl Server {
             max_pending: config.max_pending_connections,
             max_pending_per_source: config.max_pending_per_source,
         });
-        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), tx, admission.clone(), config.handshake_timeout));
         observer.start(&coordinator, admission.clone()).map_err(io_err("serving metrics"))?;
+        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), tx, admission.clone(), config.handshake_timeout));
         // Connections that have not joined yet, and when they must have.
         let mut pending_join: HashMap<ConnectionHandle, Instant> = HashMap::new();
         // Per-connection read limits: handshake-sized until the client has
@@ -462,7 +462,6 @@ impl Server {
                 }
             }
             let events: Vec<Event> = std::iter::from_fn(|| coordinator.poll_event()).collect();
-            observer.events(&events, &coordinator);
             // Outputs before durability, and before anything is sent: a
             // closed round's metrics reach the disk before the snapshot that
             // closes it (after a crash, either the rows are there or the
@@ -511,6 +510,9 @@ impl Server {
                     }
                 }
             }
+            // After durability: a scrape never shows a round closed whose
+            // snapshot isn't written yet.
+            observer.events(&events, &coordinator);
             while let Some(t) = coordinator.poll_transmit() {
                 if let Some(w) = writers.get(&t.to) {
                     // A closed writer means the connection is gone; the

@@ -513,8 +513,11 @@ impl Observer {
     /// A connection is gone.
     pub fn disconnected(&mut self, conn: ConnectionHandle) {
         match self.peers.remove(&conn) {
-            Some(p) => {
-                info!(conn = conn.0, remote = %p.remote, client = ?p.client, "disconnected after {}", Human(p.since.elapsed()))
+            Some(Peer { remote, since, client: Some(client) }) => {
+                info!(conn = conn.0, %remote, client, "disconnected after {}", Human(since.elapsed()))
+            }
+            Some(Peer { remote, since, client: None }) => {
+                info!(conn = conn.0, %remote, "disconnected before joining, after {}", Human(since.elapsed()))
             }
             None => debug!(conn = conn.0, "disconnected"),
         }
