@@ -692,7 +692,20 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, registry: 
         Head::Closed { empty: false } => Response::error(400, "Bad Request"),
     };
     stream.write_all(&response.0).await?;
-    stream.shutdown().await
+    stream.shutdown().await?;
+    // Read what the peer still sends (a body we don't serve, a pipelined
+    // request) until it closes: closing a socket with unread bytes resets
+    // the connection, which can destroy the response before the peer reads
+    // it. Bounded like the head, and by the caller's deadline.
+    let mut chunk = [0u8; 1024];
+    let mut drained = 0usize;
+    while drained <= MAX_REQUEST_BYTES {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+    Ok(())
 }
 
 /// What a peer sent before the blank line ending a request head.
