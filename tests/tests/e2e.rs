@@ -1623,7 +1623,8 @@ fn prometheus_endpoint_is_scraped_during_a_run() {
     let mut server = start_server(
         dir.path(),
         &enrolled,
-        &["--rounds", "2", "--min-clients", "3", "--seed", "7", "--metrics-listen", "127.0.0.1:0"],
+        // Quorum 3: every round waits for the report of the client driven here.
+        &["--rounds", "2", "--min-clients", "3", "--quorum", "3", "--seed", "7", "--metrics-listen", "127.0.0.1:0"],
     );
     let addr = server.proc.expect_line("metrics on ");
     assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".to_string()));
