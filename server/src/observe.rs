@@ -23,6 +23,10 @@
 //! ([`SCRAPE_TIMEOUT`]), and nothing a peer sends can make the handler
 //! panic. The endpoint is plain HTTP without authentication, like any
 //! Prometheus target: bind it to loopback or a management network.
+//!
+//! Progress goes to the log as plain lines, also on a terminal: a line
+//! rewritten in place would interleave with the other log lines on the
+//! same stderr, and log files stay readable.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
