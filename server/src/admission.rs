@@ -112,6 +112,12 @@ pub struct TurnedAway {
 }
 
 impl TurnedAway {
+    fn from_counts(
+        [retried, refused_total, refused_pending, refused_per_source, handshake_timeouts]: [u64; 5],
+    ) -> Self {
+        TurnedAway { retried, refused_total, refused_pending, refused_per_source, handshake_timeouts }
+    }
+
     /// Nothing was turned away.
     pub fn is_empty(&self) -> bool {
         *self == TurnedAway::default()
@@ -124,14 +130,22 @@ impl TurnedAway {
 pub struct Admission {
     limits: AdmissionLimits,
     counts: Mutex<Counts>,
-    // Counters of `TurnedAway`, in its field order.
+    // Counters of `TurnedAway`, in its field order, since the start: never
+    // reset, so that the metrics endpoint can expose them as counters.
     turned_away: [AtomicU64; 5],
+    // Their values at the last `take_turned_away` (the log's summaries).
+    summarised: [AtomicU64; 5],
 }
 
 impl Admission {
     /// Empty budgets with these limits.
     pub fn new(limits: AdmissionLimits) -> Arc<Admission> {
-        Arc::new(Admission { limits, counts: Mutex::new(Counts::default()), turned_away: Default::default() })
+        Arc::new(Admission {
+            limits,
+            counts: Mutex::new(Counts::default()),
+            turned_away: Default::default(),
+            summarised: Default::default(),
+        })
     }
 
     fn counts(&self) -> MutexGuard<'_, Counts> {
@@ -182,15 +196,17 @@ impl Admission {
 
     /// What was turned away since the last call.
     pub fn take_turned_away(&self) -> TurnedAway {
-        let [a, b, c, d, e] = &self.turned_away;
-        let take = |x: &AtomicU64| x.swap(0, Ordering::Relaxed);
-        TurnedAway {
-            retried: take(a),
-            refused_total: take(b),
-            refused_pending: take(c),
-            refused_per_source: take(d),
-            handshake_timeouts: take(e),
+        let mut since = [0u64; 5];
+        for ((n, total), seen) in since.iter_mut().zip(&self.turned_away).zip(&self.summarised) {
+            let now = total.load(Ordering::Relaxed);
+            *n = now.saturating_sub(seen.swap(now, Ordering::Relaxed));
         }
+        TurnedAway::from_counts(since)
+    }
+
+    /// What was turned away since the start (never reset).
+    pub fn turned_away_total(&self) -> TurnedAway {
+        TurnedAway::from_counts(self.turned_away.each_ref().map(|x| x.load(Ordering::Relaxed)))
     }
 
     /// (all connections, pending connections) now.
@@ -290,6 +306,10 @@ mod tests {
             }
         );
         assert!(a.take_turned_away().is_empty());
+        // The totals are not reset by the log's summaries.
+        a.note_handshake_timeout();
+        assert_eq!(a.take_turned_away(), TurnedAway { handshake_timeouts: 1, ..Default::default() });
+        assert_eq!(a.turned_away_total(), TurnedAway { handshake_timeouts: 1, ..t });
         assert!(a.counts().per_source.is_empty());
     }
 

@@ -57,6 +57,11 @@ pub enum ConfigError {
 pub struct RawConfig {
     /// UDP address to listen on. Default `0.0.0.0:4433`; port 0 picks a free port.
     pub listen: Option<SocketAddr>,
+    /// TCP address of the Prometheus endpoint (`GET /metrics`, `GET
+    /// /healthz`; plain HTTP, no authentication: bind it to loopback or a
+    /// management network). Default: none, no endpoint. Port 0 picks a free
+    /// port (printed as `metrics on <addr>`).
+    pub metrics_listen: Option<SocketAddr>,
     /// Training rounds. Default 5.
     pub rounds: Option<u32>,
     /// Clients that must join before round 1. Default 3.
@@ -177,6 +182,8 @@ pub enum TlsSource {
 pub struct ServerConfig {
     /// Listen address.
     pub listen: SocketAddr,
+    /// See [`RawConfig::metrics_listen`].
+    pub metrics_listen: Option<SocketAddr>,
     /// Rounds.
     pub rounds: u32,
     /// See [`RawConfig::min_clients`].
@@ -340,6 +347,7 @@ impl RawConfig {
         };
         Ok(ServerConfig {
             listen: self.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 4433))),
+            metrics_listen: self.metrics_listen,
             rounds,
             min_clients,
             clients_per_round,
@@ -386,7 +394,7 @@ impl ServerConfig {
 /// state directory (`run.json`) when the run starts and compared on every
 /// restart. A resumed run used to ignore another `--seed` silently and apply
 /// another `--lr` mid-run. Operational settings are not in it and may change
-/// across a restart: listen address, TLS, connection limits, join and round
+/// across a restart: listen addresses, TLS, connection limits, join and round
 /// timeouts, the violation limit, output directory, and the initial model
 /// (only read when a run starts). The enrolment list is checked by the
 /// snapshot itself.

@@ -17,6 +17,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod fuzz_entry;
 pub mod metrics;
+pub mod observe;
 pub mod state;
 #[cfg(test)]
 mod tests;
@@ -227,6 +228,7 @@ pub struct Server {
     fingerprint: [u8; 32],
     state: state::StateDir,
     resumed: bool,
+    observer: observe::Observer,
 }
 
 impl Server {
@@ -315,16 +317,24 @@ impl Server {
         while let Some(p) = coordinator.poll_persist() {
             state.persist(&p)?;
         }
+        let observer = observe::Observer::bind(config.rounds, config.metrics_listen)
+            .map_err(io_err(format!("binding the metrics endpoint {:?}", config.metrics_listen)))?;
         let socket = std::net::UdpSocket::bind(config.listen).map_err(io_err(format!("binding {}", config.listen)))?;
         let endpoint =
             quinn::Endpoint::new(endpoint_config, Some(server_config), socket, Arc::new(quinn::TokioRuntime))
                 .map_err(io_err(format!("binding {}", config.listen)))?;
-        Ok(Server { config, endpoint, coordinator, fingerprint, state, resumed })
+        Ok(Server { config, endpoint, coordinator, fingerprint, state, resumed, observer })
     }
 
     /// The bound address (the real port when configured with port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
         self.endpoint.local_addr().map_err(io_err("local address"))
+    }
+
+    /// The metrics endpoint's address (the real port when configured with
+    /// port 0), if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.observer.metrics_addr()
     }
 
     /// SHA-256 fingerprint of the certificate, for clients to pin.
@@ -335,7 +345,7 @@ impl Server {
     /// Runs until the run finishes or `shutdown` resolves; writes the model
     /// and metrics either way.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunOutcome, ServerError> {
-        let Server { config, endpoint, mut coordinator, mut state, resumed, .. } = self;
+        let Server { config, endpoint, mut coordinator, mut state, resumed, mut observer, .. } = self;
         std::fs::create_dir_all(&config.out_dir).map_err(io_err(format!("creating {}", config.out_dir.display())))?;
         let metrics_path = config.out_dir.join("metrics.jsonl");
         let model_path = config.out_dir.join("final_model.safetensors");
@@ -367,6 +377,7 @@ impl Server {
             max_pending: config.max_pending_connections,
             max_pending_per_source: config.max_pending_per_source,
         });
+        observer.start(&coordinator, admission.clone()).map_err(io_err("serving metrics"))?;
         let acceptor = tokio::spawn(accept_loop(endpoint.clone(), tx, admission.clone(), config.handshake_timeout));
         // Connections that have not joined yet, and when they must have.
         let mut pending_join: HashMap<ConnectionHandle, Instant> = HashMap::new();
@@ -408,12 +419,13 @@ impl Server {
                 msg = rx.recv() => match msg {
                     None => break,
                     Some(Inbound::Connected(conn, connection, read_limit, ticket)) => {
+                        observer.connected(conn, connection.remote_address());
                         limits.insert(conn, read_limit);
                         tickets.insert(conn, ticket);
                         pending_join.insert(conn, Instant::now() + config.join_timeout);
                         let (otx, orx) = mpsc::unbounded_channel();
                         writers.insert(conn, otx);
-                        writer_tasks.spawn(writer(connection, orx));
+                        writer_tasks.spawn(writer(connection, orx, observer.registry()));
                         // A fresh, unpredictable challenge per connection.
                         let mut challenge = [0u8; 32];
                         if let Err(e) = getrandom::fill(&mut challenge) {
@@ -424,6 +436,7 @@ impl Server {
                         coordinator.handle_connect(now(Instant::now()), conn, challenge);
                     }
                     Some(Inbound::Message(conn, bytes, reservation)) => {
+                        observer.received(bytes.len());
                         if let Err(e) = coordinator.handle_message(now(Instant::now()), conn, &bytes) {
                             debug!(conn = conn.0, error = %e, "message refused");
                         }
@@ -444,6 +457,7 @@ impl Server {
                         coordinator.handle_oversize(now(Instant::now()), conn, len);
                     }
                     Some(Inbound::Closed(conn)) => {
+                        observer.disconnected(conn);
                         writers.remove(&conn);
                         limits.remove(&conn);
                         tickets.remove(&conn);
@@ -492,7 +506,9 @@ impl Server {
             // Durable before sent: every record and snapshot produced by this
             // input reaches the disk before its Acks and round messages leave.
             while let Some(p) = coordinator.poll_persist() {
+                let persist_started = std::time::Instant::now();
                 state.persist(&p)?;
+                observer.persisted(&p, persist_started.elapsed());
                 if let Some(fault) = config.danger_fault {
                     use tally_protocol::durable::{Persist, Record};
                     let hit = match (&p, fault) {
@@ -517,6 +533,9 @@ impl Server {
                     }
                 }
             }
+            // After durability: a scrape never shows a round closed whose
+            // snapshot isn't written yet.
+            observer.events(&events, &coordinator);
             while let Some(t) = coordinator.poll_transmit() {
                 if let Some(w) = writers.get(&t.to) {
                     // A closed writer means the connection is gone; the
@@ -565,7 +584,8 @@ impl Server {
                             rejected = summary.rejected,
                             train_loss = summary.stats.as_ref().map(|s| s.train_loss),
                             incoming_accuracy = summary.eval_of_incoming.map(|e| e.accuracy()),
-                            "round completed"
+                            "round completed{}",
+                            observer.took(summary.round).map_or(String::new(), |t| format!(" in {t}"))
                         );
                     }
                     Event::CloseConnection { conn, reason } => {
@@ -858,7 +878,11 @@ async fn reader(
 
 /// Writes one message per stream, in queue order; closes on request or when
 /// the driver drops the queue (after the last stream is read).
-async fn writer(connection: quinn::Connection, mut rx: mpsc::UnboundedReceiver<Outbound>) {
+async fn writer(
+    connection: quinn::Connection,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    registry: Arc<observe::Registry>,
+) {
     let mut last: Option<quinn::SendStream> = None;
     let mut reason = (0u32, "run over");
     while let Some(out) = rx.recv().await {
@@ -870,6 +894,7 @@ async fn writer(connection: quinn::Connection, mut rx: mpsc::UnboundedReceiver<O
                 if stream.write_all(&bytes).await.is_err() || stream.finish().is_err() {
                     return;
                 }
+                registry.sent(bytes.len());
                 last = Some(stream);
             }
             Outbound::Close(code) => {

@@ -43,6 +43,10 @@ struct RunArgs {
     /// UDP listen address (port 0 picks a free port).
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// TCP address of the Prometheus endpoint (GET /metrics, /healthz);
+    /// none by default. Plain HTTP: bind it to loopback or a management network.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Training rounds.
     #[arg(long)]
     rounds: Option<u32>,
@@ -157,6 +161,7 @@ fn real_main() -> anyhow::Result<()> {
     }
     over!(
         listen,
+        metrics_listen,
         rounds,
         min_clients,
         clients_per_round,
@@ -198,6 +203,9 @@ fn real_main() -> anyhow::Result<()> {
         // Machine-readable lines on stdout (tests and scripts parse them).
         println!("listening on {}", server.local_addr()?);
         println!("fingerprint {}", hex::encode(server.fingerprint()));
+        if let Some(addr) = server.metrics_addr() {
+            println!("metrics on {addr}");
+        }
         // Ctrl-C and SIGTERM (what service managers and `kill` send) both
         // stop the run the same way: state, metrics and the model written.
         let shutdown = async {

@@ -1823,4 +1823,229 @@ fn container_images_run_a_federation_and_the_dev_overlay() {
         .arg("--run-dev")
         .arg(&secrets));
     assert!(text.contains("dev overlay ran"), "{text}");
+
+/// `--metrics-listen`: the Prometheus endpoint of a running server, scraped
+/// over plain TCP while the run goes on, its exposition parsed strictly.
+/// Two real clients and one driven from here, which paces the run (no round
+/// closes without its report), so each scrape sees a known moment: a
+/// session joining and leaving before the run, round 1 waiting for the
+/// last report, round 2 after round 1 closed and a late report refused.
+#[test]
+fn prometheus_endpoint_is_scraped_during_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let real: Vec<_> = (0..2).map(|i| keygen(dir.path(), &format!("c{i}"))).collect();
+    let paced_id = Identity::from_secret([0x7e; 32]);
+    let mut enrolled: Vec<String> = real.iter().map(|(_, pk)| pk.clone()).collect();
+    enrolled.push(paced_id.public_key().to_string());
+    let mut server = start_server(
+        dir.path(),
+        &enrolled,
+        // Quorum 3: every round waits for the report of the client driven here.
+        &["--rounds", "2", "--min-clients", "3", "--quorum", "3", "--seed", "7", "--metrics-listen", "127.0.0.1:0"],
+    );
+    let addr = server.proc.expect_line("metrics on ");
+    assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(http_get(&addr, "/nope").0, 404);
+    let m = scrape(&addr);
+    assert_eq!(m["tally_rounds_configured"], 2.0);
+    assert_eq!((m["tally_clients_joined"], m["tally_connections"]), (0.0, 0.0));
+    assert_eq!((m["tally_round"], m["tally_rounds_completed_total"]), (0.0, 0.0));
+    let poll = |what: &str, done: &dyn Fn(&Metrics) -> bool| {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let m = scrape(&addr);
+            if done(&m) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "no scrape with {what} within {STEP_TIMEOUT:?}: {m:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // A session that joins and leaves before the run starts: the gauges follow.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let early = rt.block_on(RawClient::join(&server, paced_id.clone()));
+    let m = scrape(&addr);
+    assert_eq!((m["tally_clients_joined"], m["tally_connections"], m["tally_connections_pending"]), (1.0, 1.0, 0.0));
+    early.conn.close(0u32.into(), b"bye");
+    drop(early);
+    poll("the session gone", &|m| m["tally_connections"] == 0.0 && m["tally_clients_joined"] == 0.0);
+
+    let mut clients: Vec<Proc> = real
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| {
+            start_client(dir.path(), &format!("client{i}"), key, &server, &["--shard", &format!("{i}/2")])
+        })
+        .collect();
+    let mut paced = rt.block_on(RawClient::join(&server, paced_id));
+    let (round, task, model) = rt.block_on(paced.wait_task());
+    assert_eq!((round, task), (1, Task::Train));
+    let dim = model.len();
+    // Round 1 waits for our report: the real clients' two are all it can have.
+    let open = poll("the real clients' reports of round 1", &|m| m["tally_reports_accepted_total"] >= 2.0);
+    assert_eq!(open["tally_reports_accepted_total"], 2.0, "{open:?}");
+    assert_eq!((open["tally_clients_joined"], open["tally_connections"]), (3.0, 3.0), "{open:?}");
+    assert_eq!((open["tally_round"], open["tally_rounds_completed_total"]), (1.0, 0.0), "{open:?}");
+    assert_eq!((open["tally_run_finished"], open["tally_round_duration_seconds_count"]), (0.0, 0.0));
+    // Every accepted report is in the log, fsynced, before its Ack.
+    assert!(open["tally_wal_append_seconds_count"] >= 2.0, "{open:?}");
+    assert!(open["tally_received_bytes_total"] > 0.0 && open["tally_sent_bytes_total"] > 0.0, "{open:?}");
+    assert_eq!(refused(&open), 0.0, "{open:?}");
+
+    // Our report closes round 1; sent again in round 2, it is refused as late.
+    let round_1 = paced.p.sign_report(&report(&paced.p, 1, vec![0.0; dim]));
+    rt.block_on(async {
+        paced.send_raw(&round_1).await;
+        paced.expect_ack(1).await;
+        assert_eq!(paced.wait_task().await.0, 2);
+        paced.send_raw(&round_1).await;
+        paced.expect_reject(RejectCode::Late).await;
+    });
+    let next = poll("the real clients' reports of round 2", &|m| m["tally_reports_accepted_total"] >= 5.0);
+    assert_eq!(next["tally_reports_accepted_total"], 5.0, "{next:?}");
+    assert_eq!((next["tally_round"], next["tally_rounds_completed_total"]), (2.0, 1.0), "{next:?}");
+    assert_eq!(next["tally_clients_joined"], 3.0, "{next:?}");
+    assert_eq!(next["tally_messages_rejected_total{reason=\"late\"}"], 1.0, "{next:?}");
+    assert_eq!(refused(&next), 1.0, "the late report only: {next:?}");
+    assert_eq!(next["tally_round_duration_seconds_count"], 1.0, "{next:?}");
+    // Round 1's closing snapshot, and a record per report and round opened.
+    assert!(next["tally_snapshot_write_seconds_count"] >= 1.0, "{next:?}");
+    assert!(next["tally_wal_append_seconds_count"] >= 7.0, "{next:?}");
+    assert!(next["tally_received_bytes_total"] > open["tally_received_bytes_total"], "{next:?}");
+    assert!(next["tally_sent_bytes_total"] > open["tally_sent_bytes_total"], "{next:?}");
+
+    // Round 2, the final evaluation, the end.
+    rt.block_on(async {
+        paced.send_raw(&paced.p.sign_report(&report(&paced.p, 2, vec![0.0; dim]))).await;
+        paced.expect_ack(2).await;
+        let (_, task, _) = paced.wait_task().await;
+        assert_eq!(task, Task::Evaluate);
+        paced.p.submit(Instant::now(), None, None).unwrap();
+        while !paced.next().await.iter().any(|e| matches!(e, ParticipantEvent::Finished { rounds: 2, .. })) {}
+    });
+    wait_all_succeed(&mut clients);
+    assert!(server.proc.wait().success(), "server failed:\n{}", server.proc.stderr());
+    // The same story in the log: connections, progress, round durations.
+    let log = server.proc.stderr();
+    for needle in ["connected conn=", "disconnected after ", "round 1/2: 2/3 reports", "round 1/2: 3/3 reports"] {
+        assert!(log.contains(needle), "no {needle:?} in the log:\n{log}");
+    }
+    assert!(log.contains("round completed in "), "{log}");
+}
+
+/// Messages refused so far, over every reason.
+fn refused(m: &Metrics) -> f64 {
+    m.iter().filter(|(k, _)| k.starts_with("tally_messages_rejected_total{")).map(|(_, v)| v).sum()
+}
+
+/// A scrape: every sample as `name{labels}` → value, after a strict parse.
+type Metrics = std::collections::BTreeMap<String, f64>;
+
+/// `GET path` over plain HTTP/1.1: (status, body), the body checked
+/// against its Content-Length.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("a status code");
+    let header = |name: &str| {
+        head.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(": "))).map(str::to_string)
+    };
+    assert_eq!(header("Content-Length"), Some(body.len().to_string()), "{head}");
+    if path == "/metrics" {
+        assert_eq!(header("Content-Type").as_deref(), Some("text/plain; version=0.0.4; charset=utf-8"));
+    }
+    (status, body.to_string())
+}
+
+/// Scrapes `/metrics` and parses the text format (0.0.4) strictly: `# HELP`
+/// then `# TYPE` opening each family, each family in one block, every other
+/// line `name{labels} value` of that family, counters named `_total`,
+/// histogram buckets ascending and cumulative, ending with `+Inf` equal to
+/// `_count`.
+fn scrape(addr: &str) -> Metrics {
+    let (status, text) = http_get(addr, "/metrics");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.ends_with('\n'), "ends with a newline");
+    let name_ok = |s: &str| {
+        let mut c = s.chars();
+        c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+            && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
+    };
+    let mut out = Metrics::new();
+    let mut families: Vec<(String, String)> = Vec::new();
+    let mut help: Option<String> = None;
+    let mut sampled = std::collections::BTreeSet::new();
+    // The open histogram's buckets: (le, cumulative count).
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, doc) = rest.split_once(' ').expect("HELP name text");
+            assert!(name_ok(name) && !doc.trim().is_empty(), "{line}");
+            assert!(families.iter().all(|f| f.0 != name), "{name} twice");
+            help = Some(name.to_string());
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert_eq!(help.take().as_deref(), Some(name), "TYPE right after the HELP of {name}");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            families.push((name.to_string(), kind.to_string()));
+            buckets.clear();
+            continue;
+        }
+        assert!(!line.starts_with('#') && !line.is_empty(), "unexpected line {line:?}");
+        let (family, kind) = families.last().expect("a sample after a TYPE");
+        let (series, value) = line.rsplit_once(' ').expect("name value");
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("value of {line:?}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, Some(l.strip_suffix('}').unwrap_or_else(|| panic!("labels of {line:?}")))),
+            None => (series, None),
+        };
+        let mut le = None;
+        for pair in labels.into_iter().flat_map(|l| l.split(',')) {
+            let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("label of {line:?}"));
+            let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or_else(|| panic!("{line:?}"));
+            assert!(name_ok(k) && !v.contains('"'), "{line:?}");
+            if k == "le" {
+                le = Some(if v == "+Inf" { f64::INFINITY } else { v.parse::<f64>().unwrap() });
+            }
+        }
+        match kind.as_str() {
+            "histogram" => {
+                let suffix = name.strip_prefix(family.as_str()).unwrap_or_else(|| panic!("{name} outside {family}"));
+                match suffix {
+                    "_bucket" => {
+                        let le = le.unwrap_or_else(|| panic!("bucket without le: {line}"));
+                        if let Some((prev_le, prev)) = buckets.last() {
+                            assert!(le > *prev_le && value >= *prev, "{family}: buckets ascending, cumulative");
+                        }
+                        buckets.push((le, value));
+                    }
+                    "_sum" => {}
+                    "_count" => {
+                        assert_eq!(buckets.last(), Some(&(f64::INFINITY, value)), "{family}: +Inf bucket = _count")
+                    }
+                    _ => panic!("{name} in histogram {family}"),
+                }
+            }
+            kind => {
+                assert_eq!(name, family, "{line:?} outside its family");
+                assert_eq!(kind == "counter", name.ends_with("_total"), "{name}: counters and only they end in _total");
+                assert!(value >= 0.0, "{line}");
+            }
+        }
+        assert!(out.insert(series.to_string(), value).is_none(), "{series} twice");
+        sampled.insert(family.clone());
+    }
+    assert!(help.is_none(), "a HELP without its TYPE");
+    for (family, _) in &families {
+        assert!(sampled.contains(family), "{family} has no samples");
+    }
+    out
 }
