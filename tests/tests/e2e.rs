@@ -1823,6 +1823,7 @@ fn container_images_run_a_federation_and_the_dev_overlay() {
         .arg("--run-dev")
         .arg(&secrets));
     assert!(text.contains("dev overlay ran"), "{text}");
+}
 
 /// `--metrics-listen`: the Prometheus endpoint of a running server, scraped
 /// over plain TCP while the run goes on, its exposition parsed strictly.
