@@ -231,6 +231,11 @@ pub struct RoundSummary {
     pub model_hash: [u8; 32],
     /// Bytes of reports accepted this round (signed frames).
     pub bytes_received: u64,
+    /// Bytes the host was handed to send since the previous round closed:
+    /// this round's model broadcast, the previous round's replication log,
+    /// acknowledgements and refusals (message bytes, without QUIC's
+    /// framing).
+    pub bytes_sent: u64,
 }
 
 /// Something the host may want to act on or log.
@@ -375,6 +380,9 @@ pub struct Coordinator {
     /// Replicated kinds: the checkpoint new clients start from, and the
     /// logs of the rounds after it.
     checkpoint: Option<Checkpoint>,
+    /// Bytes handed to the host ([`Coordinator::poll_transmit`]) since the
+    /// last round closed; reported in its [`RoundSummary::bytes_sent`].
+    sent_since_close: u64,
     /// Whether this instance has opened a round since it was created or
     /// restored: the first round waits for `min_clients` (after a restart
     /// the clients are still reconnecting), later ones only for the
@@ -433,6 +441,7 @@ impl Coordinator {
             violations: BTreeMap::new(),
             completed_rounds: 0,
             opened_here: false,
+            sent_since_close: 0,
             max_message,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -507,7 +516,9 @@ impl Coordinator {
 
     /// Next message to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        let t = self.transmits.pop_front()?;
+        self.sent_since_close = self.sent_since_close.saturating_add(t.bytes.len() as u64);
+        Some(t)
     }
 
     /// Next event.
@@ -1021,6 +1032,7 @@ impl Coordinator {
             eval_of_incoming: open.eval,
             model_hash: params_hash(&self.model),
             bytes_received: open.bytes_received,
+            bytes_sent: std::mem::take(&mut self.sent_since_close),
         }));
         self.save_snapshot();
         self.open_next(now);

@@ -33,6 +33,7 @@ pub mod frl;
 pub mod fuzz_entry;
 pub mod identity;
 pub mod kind;
+pub mod metrics;
 pub mod model;
 pub mod participant;
 pub mod prng;

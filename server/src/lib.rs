@@ -613,6 +613,17 @@ impl Server {
                 error!(error = %e, "writing the current model");
                 outputs_failed.get_or_insert(e);
             }
+            if let Err(e) = metrics.write_csv() {
+                warn!(error = %e, "writing metrics.csv");
+            }
+        }
+        // Only a model the clients evaluated has an accuracy: the final one
+        // when the run held its final evaluation round; otherwise the last
+        // figure is of an earlier model, and is not reported as final.
+        let final_accuracy = (finished && config.final_evaluation).then(|| metrics.last_accuracy()).flatten();
+        let summary = run_summary(&config, &coordinator, finished, final_accuracy, std_start.elapsed().as_secs_f64());
+        if let Err(e) = write_atomic(&config.out_dir.join("summary.json"), summary.as_bytes()) {
+            warn!(error = %e, "writing summary.json");
         }
 
         // Let writers deliver what is queued (the Finished message), then close.
@@ -638,9 +649,35 @@ impl Server {
             finished,
             model_path,
             metrics_path,
-            final_accuracy: metrics.last_accuracy(),
+            final_accuracy,
         })
     }
+}
+
+/// `summary.json` beside the metrics: what the run was (its configuration
+/// as saved in the state directory), how far it got, its final model's
+/// hash, and the metrics schema its files follow.
+fn run_summary(
+    config: &ServerConfig,
+    coordinator: &Coordinator,
+    finished: bool,
+    final_accuracy: Option<f64>,
+    wall_secs: f64,
+) -> String {
+    let summary = serde_json::json!({
+        "metrics_schema": tally_protocol::metrics::SCHEMA_VERSION,
+        "tool": "tally-server",
+        "version": env!("CARGO_PKG_VERSION"),
+        "finished": finished,
+        "rounds_completed": coordinator.completed_rounds(),
+        "final_model_hash": hex::encode(tally_protocol::identity::params_hash(coordinator.model())),
+        "final_accuracy": final_accuracy,
+        // This process's time: a resumed run counts from its restart.
+        "wall_secs": wall_secs,
+        "config": serde_json::to_value(config::RunRecord::of(config)).unwrap_or_default(),
+        "files": { "metrics": "metrics.jsonl", "metrics_csv": "metrics.csv", "model": "final_model.safetensors" },
+    });
+    format!("{summary:#}\n")
 }
 
 /// Checks a resumed run's configuration against the one it started with

@@ -189,7 +189,9 @@ impl MetricsWriter {
                 line.insert("samples".into(), json!(st.samples));
                 line.insert("train_loss".into(), json!(st.train_loss));
             }
-            line.insert("bytes_received".into(), json!(s.bytes_received));
+            // The shared schema's names (tally_protocol::metrics).
+            line.insert("bytes_up".into(), json!(s.bytes_received));
+            line.insert("bytes_down".into(), json!(s.bytes_sent));
             line.insert("model_hash".into(), json!(hex::encode(s.model_hash)));
             line.insert("elapsed_secs".into(), json!(elapsed_secs));
             write_durably(&self.pending_path, &Value::Object(line.clone()).to_string().into_bytes())
@@ -200,13 +202,25 @@ impl MetricsWriter {
     }
 
     /// The run finished: writes the pending row (if any) though its
-    /// evaluation never came (a run without a final evaluation).
+    /// evaluation never came (a run without a final evaluation), then the
+    /// CSV copy of the rows.
     pub fn finish(&mut self) -> Result<(), MetricsError> {
         if let Some(mut line) = self.pending.take() {
             add_eval(&mut line, None);
             self.write(line)?;
         }
-        Ok(())
+        self.write_csv()
+    }
+
+    /// `metrics.csv` beside `metrics.jsonl`: the same rows in the shared
+    /// schema's columns ([`tally_protocol::metrics::to_csv`]), rebuilt
+    /// from the JSON lines (the durable record) whenever it is written, so
+    /// it never holds a row the JSON lines lack.
+    pub fn write_csv(&self) -> Result<(), MetricsError> {
+        let text = std::fs::read_to_string(&self.path).map_err(io(&self.path))?;
+        let rows: Vec<Map<String, Value>> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let csv_path = self.path.with_extension("csv");
+        write_durably(&csv_path, tally_protocol::metrics::to_csv(&rows).as_bytes()).map_err(io(&csv_path))
     }
 
     fn note(&mut self, e: Option<EvalReport>) {
@@ -288,6 +302,7 @@ mod tests {
             eval_of_incoming: Some(EvalReport { correct: u64::from(round - 1), total: 100, loss_sum: 1.0 }),
             model_hash: [round as u8; 32],
             bytes_received: 10,
+            bytes_sent: 20,
         }
     }
 

@@ -965,6 +965,7 @@ mod tests {
             eval_of_incoming: None,
             model_hash: [0; 32],
             bytes_received: 100,
+            bytes_sent: 0,
         }
     }
 

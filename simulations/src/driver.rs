@@ -208,6 +208,11 @@ impl<'a> Sim<'a> {
         Ok((e.accuracy(), e.mean_loss()))
     }
 
+    /// Examples one central evaluation counts.
+    fn test_examples(&self) -> u64 {
+        self.split.test.len() as u64
+    }
+
     fn record(&mut self, rec: RoundRecord, on_record: &mut dyn FnMut(&RoundRecord)) {
         on_record(&rec);
         self.records.push(rec);
@@ -220,11 +225,13 @@ impl<'a> Sim<'a> {
             round: 0,
             sampled: 0,
             accepted: 0,
+            failed: 0,
             rejected: 0,
             samples: 0,
             train_loss: None,
             test_accuracy: Some(accuracy),
             test_loss: Some(loss),
+            test_examples: Some(self.test_examples()),
             bytes_up: 0,
             bytes_down: 0,
             virtual_secs: 0.0,
@@ -261,11 +268,13 @@ impl<'a> Sim<'a> {
             round: summary.round,
             sampled: summary.sampled,
             accepted: summary.accepted,
+            failed: summary.failed,
             rejected: summary.rejected,
             samples: summary.stats.as_ref().map_or(0, |s| s.samples),
             train_loss: summary.stats.as_ref().map(|s| s.train_loss),
             test_accuracy: accuracy,
             test_loss: loss,
+            test_examples: accuracy.map(|_| self.test_examples()),
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
             virtual_secs: self.net.now.as_secs_f64(),

@@ -82,6 +82,8 @@ pub struct RoundRecord {
     pub sampled: usize,
     /// Updates accepted.
     pub accepted: usize,
+    /// Sampled clients that answered that their local training failed.
+    pub failed: usize,
     /// Messages refused.
     pub rejected: u32,
     /// Training samples behind the accepted updates.
@@ -92,6 +94,9 @@ pub struct RoundRecord {
     pub test_accuracy: Option<f64>,
     /// Test loss of the model after this round (if evaluated).
     pub test_loss: Option<f64>,
+    /// Test examples behind `test_accuracy` (central evaluation: the test
+    /// set once), if evaluated.
+    pub test_examples: Option<u64>,
     /// Bytes clients sent this round (encoded frames).
     pub bytes_up: u64,
     /// Bytes the server sent this round.

@@ -172,6 +172,32 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = &cli.save_model {
         tally_kernels::params_file::save_safetensors(path, &s.model, &report.final_model)?;
     }
+    // The same rows as CSV, and what the run was, beside the JSON lines
+    // (one schema with tally-server's: docs/metrics.md).
+    let rows: Vec<serde_json::Map<String, serde_json::Value>> = report
+        .records
+        .iter()
+        .filter_map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_object().cloned()))
+        .collect();
+    let csv_path = s.out.with_extension("csv");
+    std::fs::write(&csv_path, tally_protocol::metrics::to_csv(&rows))
+        .with_context(|| format!("writing {}", csv_path.display()))?;
+    let summary = serde_json::json!({
+        "metrics_schema": tally_protocol::metrics::SCHEMA_VERSION,
+        "tool": "tally-sim",
+        "version": env!("CARGO_PKG_VERSION"),
+        "rounds_completed": report.records.last().map_or(0, |r| r.round),
+        "diverged_at": report.diverged_at,
+        "final_model_hash": hex::encode(tally_protocol::identity::params_hash(&report.final_model)),
+        "final_accuracy": report.final_accuracy(),
+        "wall_secs": started.elapsed().as_secs_f64(),
+        "device": compute.description,
+        "scenario": serde_json::to_value(&s).unwrap_or_default(),
+        "files": { "metrics": s.out.file_name().map(|n| n.to_string_lossy().into_owned()), "metrics_csv": csv_path.file_name().map(|n| n.to_string_lossy().into_owned()) },
+    });
+    let summary_path = s.out.with_extension("summary.json");
+    std::fs::write(&summary_path, format!("{summary:#}\n"))
+        .with_context(|| format!("writing {}", summary_path.display()))?;
     let rounds = report.wall_secs_per_round.len().max(1) as f64;
     let mean_round = report.wall_secs_per_round.iter().sum::<f64>() / rounds;
     let mean_eval = report.wall_secs_eval.iter().sum::<f64>() / report.wall_secs_eval.len().max(1) as f64;

@@ -45,7 +45,18 @@ fn fedavg_three_clients_three_rounds_over_quic_improves_accuracy() {
     for line in &m[1..=3] {
         assert_eq!(line["accepted"], 3);
         assert_eq!(line["rejected"], 0);
+        // Each client's report up, the model (and acks) down to three clients.
+        let (up, down) = (line["bytes_up"].as_u64().unwrap(), line["bytes_down"].as_u64().unwrap());
+        assert!(up > 3 * 4 * 199_210 && down > 3 * 4 * 199_210, "up {up}, down {down}");
     }
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(server.out_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["metrics_schema"], 1);
+    assert_eq!(summary["final_accuracy"], m[3]["test_accuracy"], "{summary}");
+    assert_eq!(summary["final_model_hash"], m[3]["model_hash"]);
+    let csv = std::fs::read_to_string(server.out_dir.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5, "header and rounds 0..=3: {csv}");
+    assert!(csv.lines().next().unwrap().contains("bytes_up,bytes_down,elapsed_secs"), "{csv}");
 
     // The final model on disk is the one every client was told about.
     let arch = ModelArch::mnist_mlp();
@@ -499,6 +510,22 @@ fn simulator_writes_byte_identical_metrics_for_the_same_seed() {
     assert_eq!(a, b, "same seed, same bytes");
     assert_eq!(a.iter().filter(|&&c| c == b'\n').count(), 4, "rounds 0..=3");
     assert_ne!(a, run("c.jsonl", "6"), "another seed, another run");
+    // The shared schema's CSV and the run summary beside the JSON lines.
+    let csv = std::fs::read_to_string(dir.path().join("a.csv")).unwrap();
+    let header = csv.lines().next().unwrap();
+    assert!(
+        header.starts_with("round,sampled,accepted,failed,rejected,") && header.contains("bytes_up,bytes_down"),
+        "{header}"
+    );
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("a.summary.json")).unwrap()).unwrap();
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8(a).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(summary["metrics_schema"], 1);
+    assert_eq!(summary["final_model_hash"], rows[3]["model_hash"]);
+    assert_eq!(summary["final_accuracy"], rows[3]["test_accuracy"]);
+    assert_eq!(rows[3]["test_examples"], 2000, "central evaluation counts the test set once");
 }
 
 #[test]
@@ -527,7 +554,7 @@ fn spsa_run_over_quic_keeps_every_replica_bit_identical() {
     for line in &m[1..=3] {
         assert_eq!(line["accepted"], 3);
         // 3 signed reports of 16 one-byte steps each, envelope included.
-        assert!(line["bytes_received"].as_u64().unwrap() < 3 * 200, "{line}");
+        assert!(line["bytes_up"].as_u64().unwrap() < 3 * 200, "{line}");
     }
     let params = ModelArch::mnist_mlp()
         .from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap())
@@ -631,6 +658,11 @@ fn sigterm_on_the_server_writes_the_model_and_every_metrics_row() {
     );
     let model = std::fs::read(server.out_dir.join("final_model.safetensors")).expect("final model written");
     ModelArch::mnist_mlp().from_safetensors(&model).unwrap();
+    // Stopped, not finished: no model was evaluated as the final one.
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(server.out_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!((summary["finished"].as_bool(), summary["final_accuracy"].is_null()), (Some(false), true), "{summary}");
+    assert!(server.out_dir.join("metrics.csv").exists());
 }
 
 /// The README's federation as one command: keys, enrolment, server and
@@ -686,7 +718,7 @@ fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
         assert_eq!(line["accepted"], 3);
         assert_eq!(line["rejected"], 0);
         // Three packed rankings (4.25 MB each) plus a small signed envelope.
-        let got = line["bytes_received"].as_u64().unwrap();
+        let got = line["bytes_up"].as_u64().unwrap();
         assert!(got > 3 * packed && got < 3 * (packed + 200), "{got}");
     }
     let acc = |r: usize| m[r]["test_accuracy"].as_f64().unwrap();
