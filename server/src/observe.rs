@@ -508,9 +508,12 @@ impl Observer {
         v.clients_joined = coordinator.joined_clients();
     }
 
-    /// A connection finished its handshake.
+    /// A connection finished its handshake. Logged at debug only: anyone
+    /// can make one, and one info line per attempt would let an
+    /// unauthenticated peer flood the log (the admission summary counts
+    /// them instead); a client is logged at info when it joins.
     pub fn connected(&mut self, conn: ConnectionHandle, remote: SocketAddr) {
-        info!(conn = conn.0, %remote, "connected");
+        debug!(conn = conn.0, %remote, "connected");
         self.peers.insert(conn, Peer { remote, since: Instant::now(), client: None });
     }
 
@@ -521,7 +524,7 @@ impl Observer {
                 info!(conn = conn.0, %remote, client, "disconnected after {}", Human(since.elapsed()))
             }
             Some(Peer { remote, since, client: None }) => {
-                info!(conn = conn.0, %remote, "disconnected before joining, after {}", Human(since.elapsed()))
+                debug!(conn = conn.0, %remote, "disconnected before joining, after {}", Human(since.elapsed()))
             }
             None => debug!(conn = conn.0, "disconnected"),
         }

@@ -1961,7 +1961,7 @@ fn prometheus_endpoint_is_scraped_during_a_run() {
     assert!(server.proc.wait().success(), "server failed:\n{}", server.proc.stderr());
     // The same story in the log: connections, progress, round durations.
     let log = server.proc.stderr();
-    for needle in ["connected conn=", "disconnected after ", "round 1/2: 2/3 reports", "round 1/2: 3/3 reports"] {
+    for needle in ["client joined conn=", "disconnected after ", "round 1/2: 2/3 reports", "round 1/2: 3/3 reports"] {
         assert!(log.contains(needle), "no {needle:?} in the log:\n{log}");
     }
     assert!(log.contains("round completed in "), "{log}");
