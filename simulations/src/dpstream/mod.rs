@@ -40,7 +40,7 @@ pub enum DpStreamError {
     /// A mechanism refused its configuration or a record (a bug here, or
     /// parameters past the dp module's limits).
     #[error("dp mechanism: {0}")]
-    Dp(#[from] DpError),
+    Dp(Box<DpError>),
     /// A configuration that can't run.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -57,6 +57,14 @@ pub enum DpStreamError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<DpError> for DpStreamError {
+    fn from(e: DpError) -> Self {
+        // Boxed: DpError carries three ratios, and every experiment function
+        // returns this error type.
+        DpStreamError::Dp(Box::new(e))
+    }
 }
 
 /// What to run. [`Default`] is the documented run behind
@@ -111,7 +119,7 @@ impl Default for DpStreamConfig {
             rho: Ratio::new(1, 2).unwrap_or(Ratio::integer(1)),
             count_horizons: powers(6, 14),
             count_dim: 8,
-            count_dims: powers(0, 10).into_iter().map(|d| d as usize).collect(),
+            count_dims: powers(1, 10).into_iter().map(|d| d as usize).collect(),
             count_dim_horizon: 1 << 10,
             select_horizons: powers(10, 18),
             select_dim: 64,
@@ -131,7 +139,7 @@ impl DpStreamConfig {
             seeds: 3,
             count_horizons: powers(4, 7),
             count_dim: 4,
-            count_dims: vec![1, 4, 16],
+            count_dims: vec![2, 4, 16],
             count_dim_horizon: 64,
             select_horizons: powers(8, 10),
             select_dim: 8,
@@ -158,7 +166,7 @@ impl DpStreamConfig {
             .iter()
             .chain(&self.select_horizons)
             .chain([&self.count_dim_horizon, &self.select_dim_horizon]);
-        if all_t.clone().any(|&t| t < 2 || t > 1 << 30) {
+        if all_t.clone().any(|&t| !(2..=1 << 30).contains(&t)) {
             return bad("horizons must be in 2..=2^30");
         }
         let all_d = self.count_dims.iter().chain(&self.select_dims).chain([&self.count_dim, &self.select_dim]);
@@ -206,6 +214,9 @@ pub struct Row {
     pub mean_error: f64,
 }
 
+/// Where a worker leaves a job's rows (or its error).
+type Slot = Mutex<Option<Result<Vec<Row>, DpStreamError>>>;
+
 /// One unit of work: a cell and a seed.
 #[derive(Clone, Copy, Debug)]
 struct Job {
@@ -252,7 +263,7 @@ pub fn run_rows(cfg: &DpStreamConfig, progress: &(dyn Fn(usize, usize) + Sync)) 
     // Largest jobs first, so the last thread to finish is not holding one.
     let mut order: Vec<usize> = (0..jobs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(jobs[i].horizon.saturating_mul(jobs[i].dim as u64 + 16)));
-    let results: Vec<Mutex<Option<Result<Vec<Row>, DpStreamError>>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
+    let results: Vec<Slot> = jobs.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let unit = [1.0];
