@@ -148,9 +148,13 @@ struct DpStreamArgs {
     /// SVT threshold multipliers τ/τ₀ for selection against T, comma separated.
     #[arg(long, value_delimiter = ',')]
     tau_mult: Option<Vec<f64>>,
-    /// Run the tree-then-max selection only where T·d is at most this.
+    /// Selection against T: run the tree-then-max mechanism only where T·d
+    /// is at most this.
     #[arg(long)]
     tree_max_limit: Option<u64>,
+    /// Selection against d: the same limit.
+    #[arg(long)]
+    tree_max_limit_d: Option<u64>,
     /// Worker threads (results do not depend on it).
     #[arg(long)]
     threads: Option<usize>,
@@ -202,7 +206,8 @@ fn dp_stream(args: &DpStreamArgs) -> anyhow::Result<()> {
         ($($f:ident => $g:ident),*) => { $( if let Some(v) = args.$f.clone() { cfg.$g = v; } )* };
     }
     over!(seeds => seeds, seed_base => seed_base, epsilon => epsilon, rho => rho, count_dim => count_dim,
-        select_dim => select_dim, tau_mult => tau_multipliers, tree_max_limit => tree_max_limit, threads => threads);
+        select_dim => select_dim, tau_mult => tau_multipliers, tree_max_limit => tree_max_limit,
+        tree_max_limit_d => tree_max_limit_d, threads => threads);
     if let Some(v) = &args.count_t {
         cfg.count_horizons.clone_from(&v.0);
     }

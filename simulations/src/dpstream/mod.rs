@@ -98,9 +98,12 @@ pub struct DpStreamConfig {
     pub select_dim_horizon: u64,
     /// SVT threshold multipliers of `select_T` (τ = m·τ₀); `select_d` uses 1.
     pub tau_multipliers: Vec<f64>,
-    /// The tree-then-max mechanism runs only where `T·d` is at most this
-    /// (it draws `d` noise values per step; the SVT draws one).
+    /// In `select_T`, the tree-then-max mechanism runs only where `T·d` is at
+    /// most this (it draws `d` noise values per step; the SVT draws one).
     pub tree_max_limit: u64,
+    /// The same limit for `select_d` (higher by default, so that the
+    /// crossover with the SVT near `d ≈ T^{2/3}` shows).
+    pub tree_max_limit_d: u64,
     /// Worker threads (results do not depend on it).
     pub threads: usize,
 }
@@ -127,6 +130,7 @@ impl Default for DpStreamConfig {
             select_dim_horizon: 1 << 14,
             tau_multipliers: vec![0.25, 0.5, 1.0, 2.0, 4.0],
             tree_max_limit: 1 << 20,
+            tree_max_limit_d: 1 << 22,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
@@ -147,6 +151,7 @@ impl DpStreamConfig {
             select_dim_horizon: 256,
             tau_multipliers: vec![0.5, 1.0, 2.0],
             tree_max_limit: 1 << 13,
+            tree_max_limit_d: 1 << 13,
             threads: 2,
             ..DpStreamConfig::default()
         }
@@ -286,7 +291,9 @@ pub fn run_rows(cfg: &DpStreamConfig, progress: &(dyn Fn(usize, usize) + Sync)) 
                         ),
                         _ => {
                             let mults: &[f64] = if j.experiment == "select_T" { &cfg.tau_multipliers } else { &unit };
-                            let tree = j.horizon.saturating_mul(j.dim as u64) <= cfg.tree_max_limit;
+                            let limit =
+                                if j.experiment == "select_T" { cfg.tree_max_limit } else { cfg.tree_max_limit_d };
+                            let tree = j.horizon.saturating_mul(j.dim as u64) <= limit;
                             experiments::selection(
                                 j.experiment,
                                 j.horizon,
