@@ -210,7 +210,7 @@ fn find<'a>(cells: &'a [Cell], exp: &str, problem: &str, mech: &str) -> Vec<&'a 
 type Curve = Box<dyn Fn(u64, usize) -> f64>;
 
 /// Theory curves, as functions of the cell, for the fits and plots.
-fn theory(cfg: &DpStreamConfig, exp: &str, problem: &str, mech: &str, stat: &str) -> Option<(String, Curve)> {
+fn theory(cfg: &DpStreamConfig, problem: &str, mech: &str, stat: &str) -> Option<(String, Curve)> {
     let (eps, rho) = (cfg.epsilon.to_f64(), cfg.rho.to_f64());
     let lv = |t: u64| levels_for(t) as f64;
     let b: (String, Curve) = match (problem, mech, stat) {
@@ -254,7 +254,6 @@ fn theory(cfg: &DpStreamConfig, exp: &str, problem: &str, mech: &str, stat: &str
         }
         _ => return None,
     };
-    let _ = exp;
     Some(b)
 }
 
@@ -290,7 +289,7 @@ fn fits(cfg: &DpStreamConfig, cells: &[Cell]) -> Vec<FitRow> {
         let pts = fit_points(&cs, stat, against);
         let Some(f) = fit_loglog(&pts) else { return };
         let th_name = if mech.starts_with("svt") { "svt" } else { mech };
-        let (tname, tslope) = match theory(cfg, exp, problem, th_name, stat) {
+        let (tname, tslope) = match theory(cfg, problem, th_name, stat) {
             Some((name, curve)) => {
                 let tp: Vec<(f64, f64)> =
                     cs.iter().zip(&pts).map(|(c, (x, _))| (*x, curve(c.horizon, c.dim))).collect();
@@ -499,7 +498,7 @@ fn trio(
         });
     }
     let th = if mech.starts_with("svt") { "svt" } else { mech };
-    if let Some((_, curve)) = theory(cfg, "", problem, th, "max") {
+    if let Some((_, curve)) = theory(cfg, problem, th, "max") {
         let tv: Vec<(f64, f64)> = cs.iter().map(|c| (x(c), curve(c.horizon, c.dim))).collect();
         let logs: Vec<f64> =
             pts.iter().zip(&tv).filter(|(p, t)| p.1 > 0.0 && t.1 > 0.0).map(|(p, t)| p.1.ln() - t.1.ln()).collect();
