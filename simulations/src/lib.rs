@@ -18,6 +18,7 @@
 //! in the metrics (wall-clock timings go to the summary only).
 
 pub mod attack;
+pub mod dpstream;
 mod driver;
 mod net;
 pub mod scenario;

@@ -1,4 +1,5 @@
-//! `tally-sim` command line: run a scenario, write per-round metrics.
+//! `tally-sim` command line: run a scenario, write per-round metrics; or
+//! (`tally-sim dp-stream`) run the DP continual-release experiments.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,13 +9,19 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 use tally_protocol::RuleSpec;
+use tally_protocol::dp::Ratio;
+use tally_sim::dpstream::DpStreamConfig;
 use tally_sim::{PartitionSpec, Scenario};
 
 /// Simulate a federation of Tally clients in one process (virtual clock, real
 /// training, the real protocol state machines).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+// Subcommands are optional so that `tally-sim [flags]` keeps running a
+// scenario; scenario flags and a subcommand don't mix.
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Scenario file (TOML); flags below override it. Without one, the
     /// default scenario runs: FedAvg, 20 clients (10 per round, Dirichlet
     /// α = 1) on the embedded MNIST subset, MLP 784-200-200-10, 60 rounds.
@@ -80,6 +87,178 @@ struct Cli {
     device: Option<tally_kernels::DeviceChoice>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Measure the DP continual-release mechanisms (tree counter, sparse
+    /// vector MaxSum / SumSelect) against the theory: errors against T and d
+    /// over many seeds, fitted slopes, SVG plots and a Markdown report.
+    DpStream(DpStreamArgs),
+}
+
+/// `tally-sim dp-stream` flags. Ranges of horizons and dimensions are given
+/// as base-2 exponents `A..B` (inclusive): `--count-t 6..14` is T = 2^6 … 2^14.
+#[derive(clap::Args, Debug)]
+struct DpStreamArgs {
+    /// Directory for the CSV files and plots.
+    #[arg(long, default_value = "docs/results/dp-continual")]
+    out: PathBuf,
+    /// The Markdown report (default: the output directory's path with `.md`).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Start from the tiny test configuration (seconds) instead of the
+    /// documented one; other flags still override it.
+    #[arg(long)]
+    tiny: bool,
+    /// Number of seeds.
+    #[arg(long)]
+    seeds: Option<u64>,
+    /// First seed.
+    #[arg(long)]
+    seed_base: Option<u64>,
+    /// ε of the Laplace counters, e.g. `1` or `1/2` or `0.5` (exact).
+    #[arg(long, value_parser = parse_ratio)]
+    epsilon: Option<Ratio>,
+    /// ρ (zCDP) of the Gaussian counters and of the selection mechanisms.
+    #[arg(long, value_parser = parse_ratio)]
+    rho: Option<Ratio>,
+    /// Counting against T: horizons 2^A..2^B.
+    #[arg(long, value_parser = parse_pow2_range)]
+    count_t: Option<Pow2s>,
+    /// Counting against T: dimension.
+    #[arg(long)]
+    count_dim: Option<usize>,
+    /// Counting against d: dimensions 2^A..2^B.
+    #[arg(long, value_parser = parse_pow2_range)]
+    count_d: Option<Pow2s>,
+    /// Counting against d: horizon exponent (T = 2^E).
+    #[arg(long)]
+    count_d_t: Option<u32>,
+    /// Selection against T: horizons 2^A..2^B.
+    #[arg(long, value_parser = parse_pow2_range)]
+    select_t: Option<Pow2s>,
+    /// Selection against T: dimension.
+    #[arg(long)]
+    select_dim: Option<usize>,
+    /// Selection against d: dimensions 2^A..2^B.
+    #[arg(long, value_parser = parse_pow2_range)]
+    select_d: Option<Pow2s>,
+    /// Selection against d: horizon exponent (T = 2^E).
+    #[arg(long)]
+    select_d_t: Option<u32>,
+    /// SVT threshold multipliers τ/τ₀ for selection against T, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    tau_mult: Option<Vec<f64>>,
+    /// Selection against T: run the tree-then-max mechanism only where T·d
+    /// is at most this.
+    #[arg(long)]
+    tree_max_limit: Option<u64>,
+    /// Selection against d: the same limit.
+    #[arg(long)]
+    tree_max_limit_d: Option<u64>,
+    /// Worker threads (results do not depend on it).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Don't draw a progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// `n`, `n/d` or a decimal `a.b`, as an exact ratio.
+fn parse_ratio(s: &str) -> Result<Ratio, String> {
+    let s = s.trim();
+    let int = |t: &str| t.parse::<u128>().map_err(|e| format!("{t:?}: {e}"));
+    let r = if let Some((n, d)) = s.split_once('/') {
+        Ratio::new(int(n)?, int(d)?)
+    } else if let Some((a, b)) = s.split_once('.') {
+        if b.len() > 18 {
+            return Err("at most 18 decimals".into());
+        }
+        let den = 10u128.pow(b.len() as u32);
+        let whole = if a.is_empty() { 0 } else { int(a)? };
+        let frac = if b.is_empty() { 0 } else { int(b)? };
+        Ratio::new(whole * den + frac, den)
+    } else {
+        Ok(Ratio::integer(int(s)?))
+    };
+    let r = r.map_err(|e| e.to_string())?;
+    if r.is_zero() { Err("must be positive".into()) } else { Ok(r) }
+}
+
+/// Powers of two from a `A..B` flag (a newtype: clap would take a bare
+/// `Vec` for a flag given many times).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Pow2s(Vec<u64>);
+
+/// `A..B` (exponents, inclusive) as the powers of two `2^A..=2^B`.
+fn parse_pow2_range(s: &str) -> Result<Pow2s, String> {
+    let (a, b) = s.split_once("..").unwrap_or((s, s));
+    let e = |t: &str| t.trim().parse::<u32>().map_err(|e| format!("{t:?}: {e}"));
+    let (a, b) = (e(a)?, e(b)?);
+    if a > b || b > 30 {
+        return Err("want A..B with A <= B <= 30".into());
+    }
+    Ok(Pow2s((a..=b).map(|k| 1u64 << k).collect()))
+}
+
+fn dp_stream(args: &DpStreamArgs) -> anyhow::Result<()> {
+    let mut cfg = if args.tiny { DpStreamConfig::tiny() } else { DpStreamConfig::default() };
+    macro_rules! over {
+        ($($f:ident => $g:ident),*) => { $( if let Some(v) = args.$f.clone() { cfg.$g = v; } )* };
+    }
+    over!(seeds => seeds, seed_base => seed_base, epsilon => epsilon, rho => rho, count_dim => count_dim,
+        select_dim => select_dim, tau_mult => tau_multipliers, tree_max_limit => tree_max_limit,
+        tree_max_limit_d => tree_max_limit_d, threads => threads);
+    if let Some(v) = &args.count_t {
+        cfg.count_horizons.clone_from(&v.0);
+    }
+    if let Some(v) = &args.select_t {
+        cfg.select_horizons.clone_from(&v.0);
+    }
+    if let Some(v) = &args.count_d {
+        cfg.count_dims = v.0.iter().map(|&d| d as usize).collect();
+    }
+    if let Some(v) = &args.select_d {
+        cfg.select_dims = v.0.iter().map(|&d| d as usize).collect();
+    }
+    if let Some(e) = args.count_d_t {
+        cfg.count_dim_horizon = 1u64.checked_shl(e).filter(|_| e <= 30).context("--count-d-t at most 30")?;
+    }
+    if let Some(e) = args.select_d_t {
+        cfg.select_dim_horizon = 1u64.checked_shl(e).filter(|_| e <= 30).context("--select-d-t at most 30")?;
+    }
+    cfg.validate()?;
+    let report = args.report.clone().unwrap_or_else(|| args.out.with_extension("md"));
+    // The command as typed, minus the binary's path, for the report.
+    let command =
+        std::iter::once("tally-sim".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
+    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} cells×seeds [{elapsed_precise}<{eta_precise}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let outputs = tally_sim::dpstream::run(&cfg, &args.out, &report, &command, &|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    for f in &outputs.fits {
+        if f.statistic != "mean" && f.against != "L" {
+            println!(
+                "{:9} {:10} {:22} {:5} vs {}: slope {:6.3} (theory curve {:6.3})",
+                f.experiment, f.problem, f.mechanism, f.statistic, f.against, f.slope, f.theory_slope
+            );
+        }
+    }
+    println!(
+        "wrote {} files (report {}) in {:.1} s",
+        outputs.files.len(),
+        report.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
@@ -88,6 +267,9 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Some(Command::DpStream(args)) = &cli.command {
+        return dp_stream(args);
+    }
     let mut s = match &cli.scenario {
         Some(p) => Scenario::from_file(p)?,
         None => Scenario::default(),
@@ -239,5 +421,36 @@ mod tests {
         assert_eq!(cli.rule, Some(RuleSpec::Median));
         assert_eq!(parse_rule("mean"), Ok(RuleSpec::Mean));
         assert!(Cli::try_parse_from(["tally-sim", "--rule", "trimmed-mean"]).is_err());
+    }
+
+    #[test]
+    fn dp_stream_subcommand_parses_without_changing_the_default_invocation() {
+        let cli = Cli::try_parse_from(["tally-sim", "--rounds", "3", "--quiet"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.rounds, Some(3));
+        let cli = Cli::try_parse_from([
+            "tally-sim",
+            "dp-stream",
+            "--out",
+            "x",
+            "--rho",
+            "1/2",
+            "--epsilon",
+            "0.25",
+            "--count-t",
+            "6..8",
+            "--tau-mult",
+            "0.5,1",
+        ])
+        .unwrap();
+        let Some(Command::DpStream(a)) = cli.command else { panic!("no subcommand") };
+        assert_eq!(a.rho, Some(Ratio::new(1, 2).unwrap()));
+        assert_eq!(a.epsilon, Some(Ratio::new(1, 4).unwrap()));
+        assert_eq!(a.count_t, Some(Pow2s(vec![64, 128, 256])));
+        assert_eq!(a.tau_mult, Some(vec![0.5, 1.0]));
+        // Scenario flags and the subcommand don't mix.
+        assert!(Cli::try_parse_from(["tally-sim", "--rounds", "3", "dp-stream"]).is_err());
+        assert!(parse_ratio("0").is_err() && parse_ratio("1/0").is_err());
+        assert!(parse_pow2_range("9..3").is_err());
     }
 }
