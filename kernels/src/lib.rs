@@ -107,6 +107,16 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+    /// A model file's metadata or tensors were refused
+    /// (`tally_protocol::model_file`).
+    #[error("{}: {source}", path.display())]
+    ModelFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: tally_protocol::model_file::ModelFileError,
+    },
     /// A parameter file was read but doesn't fit the model.
     #[error("{}: {source}", path.display())]
     ParamsFile {

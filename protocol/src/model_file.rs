@@ -125,6 +125,22 @@ impl ModelMeta {
         }
     }
 
+    /// The metadata of a model of `arch` trained by the kind `kind` for
+    /// `rounds` rounds of an unnamed run (the simulator's).
+    pub fn of_kind(arch: ModelArch, kind: &KindSettings, rounds: Option<u32>) -> ModelMeta {
+        let frl = match kind {
+            KindSettings::Frl(frl) => Some(frl.clone()),
+            _ => None,
+        };
+        ModelMeta { arch, algorithm: Some(kind.name().to_owned()), run_id: None, rounds, frl }
+    }
+
+    /// Whether this is an FRL model with its settings, i.e. one that has a
+    /// dense export ([`write_frl_dense_file`]).
+    pub fn has_dense_export(&self) -> bool {
+        matches!(self.arch, ModelArch::Supermask(_)) && self.frl.is_some()
+    }
+
     /// A model known by its architecture only (e.g. `tally-sim` without a run id).
     pub fn of_arch(arch: ModelArch) -> ModelMeta {
         ModelMeta { arch, algorithm: None, run_id: None, rounds: None, frl: None }
@@ -256,6 +272,13 @@ pub fn write_frl_dense_file(meta: &ModelMeta, scores: &[f32]) -> Result<Vec<u8>,
     let dense = masked_weights(net, frl.seed, &mask);
     let bytes = write_f32_tensors(&dense_specs(net), &dense)?;
     with_metadata(bytes, metadata(meta, Content::FrlDense, &params_hash(scores)))
+}
+
+/// Where the dense export of the model file `path` goes: `X.safetensors` →
+/// `X_dense.safetensors` (the server's `final_model_dense.safetensors`).
+pub fn dense_path(path: &std::path::Path) -> std::path::PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!("{stem}_dense.safetensors"))
 }
 
 /// The tensors of an FRL dense export.
@@ -628,6 +651,9 @@ mod tests {
         let mut extra = d.values.clone();
         extra[pruned] = frozen.concat()[pruned];
         assert!(matches!(frl_scores_of_dense(&meta, &extra), Err(ModelFileError::NotMaskedNetwork(_))));
+        assert!(meta.has_dense_export() && !mlp_meta().has_dense_export());
+        let p = std::path::Path::new("out/final_model.safetensors");
+        assert_eq!(dense_path(p), std::path::Path::new("out/final_model_dense.safetensors"));
         // Dense exports need an FRL model with its settings.
         assert_eq!(write_frl_dense_file(&mlp_meta(), &[0.0; 23]).unwrap_err(), ModelFileError::NotFrl);
         let no_frl = ModelMeta { frl: None, ..meta.clone() };
