@@ -108,8 +108,9 @@ pub enum KernelError {
         source: std::io::Error,
     },
     /// A model file's metadata or tensors were refused
-    /// (`tally_protocol::model_file`).
-    #[error("{}: {source}", path.display())]
+    /// (`tally_protocol::model_file`). Displays the file only: the reason is
+    /// the source, which `{:#}` and error reporters print after it.
+    #[error("{}", path.display())]
     ModelFile {
         /// The file.
         path: PathBuf,

@@ -70,7 +70,7 @@ pub fn load_model_file(path: &Path, given: Option<&ModelArch>) -> Result<ModelFi
     if !is_safetensors {
         let arch = given.ok_or_else(|| KernelError::ModelFile {
             path: path.to_path_buf(),
-            source: model_file::ModelFileError::NoMetadata,
+            source: model_file::ModelFileError::RawWithoutArch,
         })?;
         let values = load_params(path, arch)?;
         return Ok(ModelFile { arch: arch.clone(), meta: None, content: Content::Parameters, values });
@@ -177,12 +177,18 @@ mod tests {
         save_model(&st, &ModelMeta::of_arch(other.clone()), &other.init_params(1)).unwrap();
         assert!(matches!(load_params(&st, &arch), Err(KernelError::ParamsFile { .. })));
         let e = load_model_file(&st, Some(&arch)).unwrap_err();
-        assert!(matches!(e, KernelError::ModelFile { .. }) && e.to_string().contains("other.safetensors"), "{e}");
+        let KernelError::ModelFile { path, source } = &e else { panic!("{e}") };
+        assert!(path.ends_with("other.safetensors"), "{e}");
+        assert!(matches!(source, model_file::ModelFileError::ArchMismatch { .. }), "{source}");
+        assert_eq!(e.to_string(), path.display().to_string());
         // A file without metadata needs the architecture, and says which file.
         let old = dir.path().join("old.safetensors");
         std::fs::write(&old, arch.to_safetensors(&p).unwrap()).unwrap();
         let e = load_model_file(&old, None).unwrap_err();
-        assert!(e.to_string().contains("old.safetensors") && e.to_string().contains("--arch"), "{e}");
+        let KernelError::ModelFile { path, source } = &e else { panic!("{e}") };
+        assert!(path.ends_with("old.safetensors") && source.to_string().contains("--arch"), "{source}");
+        let e = load_model_file(&raw, None).unwrap_err();
+        assert!(matches!(e, KernelError::ModelFile { source: model_file::ModelFileError::RawWithoutArch, .. }));
         assert_eq!(load_model_file(&old, Some(&arch)).unwrap().values, p);
         // Raw bytes named .safetensors.
         let fake = dir.path().join("fake.safetensors");
@@ -235,7 +241,8 @@ mod tests {
         // Without its metadata an FRL model can't be evaluated.
         let bare = ModelFile { meta: None, ..load_model_file(&st, None).unwrap() };
         let e = evaluate_model_file(&st, &bare, &data, &device, 32).unwrap_err();
-        assert!(e.to_string().contains("tally.frl"), "{e}");
+        let KernelError::ModelFile { source, .. } = &e else { panic!("{e}") };
+        assert!(source.to_string().contains("tally.frl"), "{source}");
     }
 
     /// The protocol's mask (used by the server's dense export) is the one

@@ -185,6 +185,9 @@ pub enum ModelFileError {
          so its architecture is unknown: give it (--arch)"
     )]
     NoMetadata,
+    /// A raw f32 file (no header at all) and no architecture from the caller.
+    #[error("a raw f32 file has no header to say its architecture: give it (--arch)")]
+    RawWithoutArch,
     /// A Tally metadata key is missing.
     #[error("metadata key {0} is missing")]
     MissingKey(&'static str),
