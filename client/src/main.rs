@@ -32,7 +32,8 @@ enum Command {
         key: PathBuf,
     },
     /// Join a server and train until the run finishes.
-    Run(RunArgs),
+    // Boxed: far larger than the other subcommands' arguments.
+    Run(Box<RunArgs>),
     /// Evaluate a model file on a test set: dense parameters, an FRL
     /// model's scores, or an FRL dense export (docs/model-files.md).
     Evaluate {
@@ -321,7 +322,7 @@ fn real_main() -> anyhow::Result<()> {
             let r = tally_kernels::params_file::evaluate_model_file(&model, &file, &split.test, &compute.device, 1000)?;
             println!("accuracy={:.4} loss={:.4} examples={}", r.accuracy(), r.mean_loss(), r.total);
         }
-        Command::Run(args) => run(args)?,
+        Command::Run(args) => run(*args)?,
         Command::Devices => {
             #[cfg(feature = "gpu")]
             for a in tally_kernels::gpu::adapters() {
