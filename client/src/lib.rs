@@ -395,7 +395,7 @@ async fn session(
                     outcome.rounds = rounds;
                     outcome.model_hash = model_hash;
                     info!(rounds, model_hash = %hex::encode(model_hash), "run finished");
-                    save_final(opts, p.run_config().map(|c| &c.arch), last_model.as_deref(), model_hash);
+                    save_final(opts, p.run_config(), last_model.as_deref(), rounds, model_hash);
                     conn.close(0u32.into(), b"bye");
                     return Ok(());
                 }
@@ -407,17 +407,27 @@ async fn session(
     }
 }
 
-fn save_final(opts: &ClientOptions, arch: Option<&ModelArch>, model: Option<&[f32]>, hash: [u8; 32]) {
-    let (Some(path), Some(arch), Some(model)) = (&opts.save_model, arch, model) else {
+fn save_final(opts: &ClientOptions, run: Option<&RunConfig>, model: Option<&[f32]>, rounds: u32, hash: [u8; 32]) {
+    let (Some(path), Some(run), Some(model)) = (&opts.save_model, run, model) else {
         return;
     };
     if tally_protocol::identity::params_hash(model) != hash {
         warn!("the last model we received is not the final one; not saving it");
         return;
     }
-    match tally_kernels::params_file::save_safetensors(path, arch, model) {
+    // The file says what it holds (tally_protocol::model_file); an FRL
+    // model also gets its dense export next to it.
+    let meta = tally_protocol::model_file::ModelMeta::of_run(run, rounds);
+    match tally_kernels::params_file::save_model(path, &meta, model) {
         Ok(()) => info!(path = %path.display(), "final model saved"),
         Err(e) => warn!(error = %e, "could not save the final model"),
+    }
+    if meta.has_dense_export() {
+        let dense = tally_protocol::model_file::dense_path(path);
+        match tally_kernels::params_file::save_frl_dense(&dense, &meta, model) {
+            Ok(()) => info!(path = %dense.display(), "dense export of the final model saved"),
+            Err(e) => warn!(error = %e, "could not save the dense export of the final model"),
+        }
     }
 }
 
@@ -477,6 +487,13 @@ pub fn do_task(
 
 /// Parses a model description: `mlp:784-200-200-10` or `lenet5` / `lenet5:10`.
 pub fn parse_arch(s: &str) -> Result<ModelArch, String> {
+    // The JSON form a model file's `tally.arch` holds (any architecture,
+    // supermask networks included).
+    if s.trim_start().starts_with('{') {
+        let arch: ModelArch = serde_json::from_str(s).map_err(|e| format!("{s}: {e}"))?;
+        arch.validate().map_err(|e| e.to_string())?;
+        return Ok(arch);
+    }
     let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
     let arch = match kind {
         "mlp" => {
@@ -493,7 +510,7 @@ pub fn parse_arch(s: &str) -> Result<ModelArch, String> {
         "lenet5" => ModelArch::LeNet5 {
             classes: if rest.is_empty() { 10 } else { rest.parse().map_err(|e| format!("{s}: {e}"))? },
         },
-        _ => return Err(format!("unknown model {s:?}: use mlp:784-200-200-10 or lenet5")),
+        _ => return Err(format!("unknown model {s:?}: use mlp:784-200-200-10, lenet5, or the JSON of tally.arch")),
     };
     arch.validate().map_err(|e| e.to_string())?;
     Ok(arch)
@@ -515,6 +532,11 @@ mod tests {
         assert_eq!(parse_arch("mlp:4-3-2").unwrap(), ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 });
         assert!(parse_arch("mlp:").is_err());
         assert!(parse_arch("mlp:4--2").is_err());
+        // The JSON of a model file's tally.arch, supermask networks included.
+        let frl = r#"{"kind":"supermask","net":"lenet","classes":10}"#;
+        assert_eq!(parse_arch(frl).unwrap(), ModelArch::Supermask(tally_protocol::supermask::FrlArch::MNIST_LENET));
+        assert!(parse_arch(r#"{"kind":"mlp","input":0,"hidden":[],"classes":2}"#).is_err());
+        assert!(parse_arch("{").is_err());
     }
 
     #[test]

@@ -32,18 +32,27 @@ enum Command {
         key: PathBuf,
     },
     /// Join a server and train until the run finishes.
-    Run(RunArgs),
-    /// Evaluate a model file on a test set.
+    // Boxed: far larger than the other subcommands' arguments.
+    Run(Box<RunArgs>),
+    /// Evaluate a model file on a test set: dense parameters, an FRL
+    /// model's scores, or an FRL dense export (docs/model-files.md).
     Evaluate {
-        /// Model parameters (safetensors or raw f32).
+        /// Model file: safetensors (a file Tally wrote says its
+        /// architecture and run in its header) or raw f32 (needs --arch).
         #[arg(long)]
         model: PathBuf,
-        /// Architecture: mlp:784-200-200-10 or lenet5.
-        #[arg(long, default_value = "mlp:784-200-200-10")]
-        arch: String,
+        /// Architecture: mlp:784-200-200-10, lenet5, or the JSON of the
+        /// file's tally.arch. Required for files without Tally metadata;
+        /// for the others it must be the file's.
+        #[arg(long)]
+        arch: Option<String>,
         /// `embedded` or a directory of MNIST-format IDX files.
         #[arg(long, default_value = "embedded")]
         data: String,
+        /// Also write the dense export of an FRL model here: frozen weights
+        /// × mask as plain conv/linear weights (docs/model-files.md).
+        #[arg(long)]
+        export_dense: Option<PathBuf>,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -296,15 +305,24 @@ fn real_main() -> anyhow::Result<()> {
             println!("{}", id.public_key());
         }
         Command::Pubkey { key } => println!("{}", keys::load(&key)?.public_key()),
-        Command::Evaluate { model, arch, data, device } => {
-            let arch = parse_arch(&arch).map_err(anyhow::Error::msg)?;
-            let params = tally_kernels::params_file::load_params(&model, &arch)?;
+        Command::Evaluate { model, arch, data, export_dense, device } => {
+            let given = arch.as_deref().map(parse_arch).transpose().map_err(anyhow::Error::msg)?;
+            let file = tally_kernels::params_file::load_model_file(&model, given.as_ref())?;
+            describe_model(&model, &file);
+            if let Some(out) = &export_dense {
+                let meta = match (&file.meta, file.content) {
+                    (Some(meta), tally_protocol::model_file::Content::Parameters) => meta,
+                    _ => bail!("--export-dense: {} is not an FRL model's scores with its metadata", model.display()),
+                };
+                tally_kernels::params_file::save_frl_dense(out, meta, &file.values)?;
+                eprintln!("wrote the dense export {}", out.display());
+            }
             let split = load_data(&data)?;
             let compute = device.open()?;
-            let r = tally_kernels::evaluate(&arch, &params, &split.test, &compute.device, 1000)?;
+            let r = tally_kernels::params_file::evaluate_model_file(&model, &file, &split.test, &compute.device, 1000)?;
             println!("accuracy={:.4} loss={:.4} examples={}", r.accuracy(), r.mean_loss(), r.total);
         }
-        Command::Run(args) => run(args)?,
+        Command::Run(args) => run(*args)?,
         Command::Devices => {
             #[cfg(feature = "gpu")]
             for a in tally_kernels::gpu::adapters() {
@@ -344,6 +362,22 @@ fn real_main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One line on stderr saying what the file holds, as its metadata says.
+fn describe_model(path: &std::path::Path, file: &tally_protocol::model_file::ModelFile) {
+    let arch = serde_json::to_string(&file.arch).unwrap_or_default();
+    match &file.meta {
+        None => eprintln!("{}: {arch} (no metadata)", path.display()),
+        Some(m) => eprintln!(
+            "{}: {arch}, {}, algorithm {}, rounds {}, run {}",
+            path.display(),
+            file.content.as_str(),
+            m.algorithm.as_deref().unwrap_or("unknown"),
+            m.rounds.map_or("unknown".into(), |r| r.to_string()),
+            m.run_id.map_or("unknown".into(), |r| r.to_string()),
+        ),
+    }
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {

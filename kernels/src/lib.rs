@@ -107,6 +107,17 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+    /// A model file's metadata or tensors were refused
+    /// (`tally_protocol::model_file`). Displays the file only: the reason is
+    /// the source, which `{:#}` and error reporters print after it.
+    #[error("{}", path.display())]
+    ModelFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: tally_protocol::model_file::ModelFileError,
+    },
     /// A parameter file was read but doesn't fit the model.
     #[error("{}: {source}", path.display())]
     ParamsFile {

@@ -299,7 +299,8 @@ pub fn durable_record(data: &[u8]) {
 }
 
 /// Model files: [`ModelArch::from_safetensors`] and [`ModelArch::from_raw_f32`]
-/// for one of a few small architectures (first byte). A model that loads has
+/// for one of a few small architectures (first byte), and
+/// [`crate::model_file::read_model_file`] with and without it. A model that loads has
 /// the architecture's size, is finite, and survives a safetensors round trip.
 pub fn model_load(data: &[u8]) {
     let Some((&pick, bytes)) = data.split_first() else { return };
@@ -315,6 +316,20 @@ pub fn model_load(data: &[u8]) {
         match arch.to_safetensors(&params).map(|st| arch.from_safetensors(&st)) {
             Ok(Ok(again)) => assert_eq!(again, params, "safetensors round trip changed the model"),
             Ok(Err(e)) | Err(e) => panic!("a loaded model does not round-trip: {e}"),
+        }
+    }
+    // The same bytes as a model file with metadata (`crate::model_file`):
+    // refused or read, never a panic; what is read is written back the same.
+    for given in [None, Some(&arch)] {
+        let Ok(file) = crate::model_file::read_model_file(bytes, given) else { continue };
+        assert!(file.values.iter().all(|v| v.is_finite()));
+        if let (Some(meta), crate::model_file::Content::Parameters) = (&file.meta, file.content) {
+            let again = crate::model_file::write_model_file(meta, &file.values)
+                .and_then(|b| crate::model_file::read_model_file(&b, None));
+            match again {
+                Ok(f) => assert_eq!(f, file, "a model file does not round-trip"),
+                Err(e) => panic!("a read model file does not round-trip: {e}"),
+            }
         }
     }
 }
@@ -1013,6 +1028,14 @@ mod seeds {
             let params = arch.init_params(u64::from(pick));
             write("model_load", &format!("st-{pick}"), &[&[pick][..], &arch.to_safetensors(&params).unwrap()].concat());
             write("model_load", &format!("raw-{pick}"), &[&[pick][..], &floats(&params)].concat());
+            let meta = crate::model_file::ModelMeta {
+                algorithm: Some("fedavg".into()),
+                run_id: Some(RUN),
+                rounds: Some(3),
+                ..crate::model_file::ModelMeta::of_arch(arch)
+            };
+            let file = crate::model_file::write_model_file(&meta, &params).unwrap();
+            write("model_load", &format!("meta-{pick}"), &[&[pick][..], &file].concat());
         }
 
         // coordinator_ops: clients 0-3 join up front, then good reports from

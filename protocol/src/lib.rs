@@ -6,7 +6,8 @@
 //! update kinds as plug-ins ([`kind`]: one module each, [`fedavg`],
 //! [`fedavgm`], [`spsa`], [`frl`]) and aggregation rules over vectors
 //! ([`rule`]), model shapes shared by every party ([`model`], and FRL's
-//! seed-derived networks in [`supermask`]), and differential privacy under
+//! seed-derived networks in [`supermask`]; the files models leave the
+//! system in, [`model_file`]), and differential privacy under
 //! continual release ([`dp`]: exact samplers, the tree counter, sparse
 //! vector, accounting; not wired into a kind yet).
 //!
@@ -35,6 +36,7 @@ pub mod identity;
 pub mod kind;
 pub mod metrics;
 pub mod model;
+pub mod model_file;
 pub mod participant;
 pub mod prng;
 pub mod rng;

@@ -262,57 +262,19 @@ impl ModelArch {
     }
 
     /// Serialises parameters as safetensors (F32, little endian, PyTorch names).
+    ///
+    /// No header metadata: files that leave the system are written by
+    /// [`crate::model_file`], which adds the architecture and the run.
     pub fn to_safetensors(&self, params: &[f32]) -> Result<Vec<u8>, ModelError> {
         self.check_params(params)?;
-        let specs = self.tensors();
-        let mut views = Vec::with_capacity(specs.len());
-        let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
-        // check_params made `params.len()` the sum of the tensors' sizes, so
-        // the split can't run short; it is checked anyway instead of sliced.
-        let mut rest = bytes.as_slice();
-        for spec in &specs {
-            let len = spec.numel().saturating_mul(4);
-            let (data, tail) = rest
-                .split_at_checked(len)
-                .ok_or(ModelError::WrongLength { expected: self.num_params(), actual: params.len() })?;
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, spec.shape.clone(), data)
-                .map_err(|e| ModelError::Safetensors(e.to_string()))?;
-            views.push((spec.name.clone(), view));
-            rest = tail;
-        }
-        safetensors::tensor::serialize(views, None).map_err(|e| ModelError::Safetensors(e.to_string()))
+        write_f32_tensors(&self.tensors(), params)
     }
 
     /// Reads parameters from safetensors bytes: every tensor of the model must
     /// be present with the exact shape and dtype F32; extra tensors are refused.
+    /// Header metadata is ignored (see [`crate::model_file`] for reading it).
     pub fn from_safetensors(&self, bytes: &[u8]) -> Result<Vec<f32>, ModelError> {
-        check_safetensors_offsets(bytes)?;
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
-        let specs = self.tensors();
-        if st.len() != specs.len() {
-            return Err(ModelError::Safetensors(format!(
-                "file has {} tensors, the model has {}",
-                st.len(),
-                specs.len()
-            )));
-        }
-        let mut out = Vec::with_capacity(self.num_params());
-        for spec in &specs {
-            let view = st.tensor(&spec.name).map_err(|e| ModelError::Safetensors(format!("{}: {e}", spec.name)))?;
-            if view.dtype() != safetensors::Dtype::F32 || view.shape() != spec.shape.as_slice() {
-                return Err(ModelError::Safetensors(format!(
-                    "{}: expected F32 {:?}, found {:?} {:?}",
-                    spec.name,
-                    spec.shape,
-                    view.dtype(),
-                    view.shape()
-                )));
-            }
-            // safetensors checked the data is exactly numel × 4 bytes for the
-            // F32 shape, so there is no remainder.
-            let (chunks, _) = view.data().as_chunks::<4>();
-            out.extend(chunks.iter().map(|c| f32::from_le_bytes(*c)));
-        }
+        let out = read_f32_tensors(bytes, &self.tensors())?;
         self.check_params(&out)?;
         Ok(out)
     }
@@ -333,6 +295,61 @@ impl ModelArch {
     }
 }
 
+/// Serialises `values` as the F32 tensors `specs` (their sizes must add up
+/// to `values.len()`), with no metadata.
+pub(crate) fn write_f32_tensors(specs: &[TensorSpec], values: &[f32]) -> Result<Vec<u8>, ModelError> {
+    let total = specs.iter().fold(0usize, |n, t| n.saturating_add(t.numel()));
+    let wrong = || ModelError::WrongLength { expected: total, actual: values.len() };
+    if total != values.len() {
+        return Err(wrong());
+    }
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut views = Vec::with_capacity(specs.len());
+    // The sizes add up to the length (checked above), so the split can't run
+    // short; it is checked anyway instead of sliced.
+    let mut rest = bytes.as_slice();
+    for spec in specs {
+        let len = spec.numel().saturating_mul(4);
+        let (data, tail) = rest.split_at_checked(len).ok_or_else(wrong)?;
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, spec.shape.clone(), data)
+            .map_err(|e| ModelError::Safetensors(e.to_string()))?;
+        views.push((spec.name.clone(), view));
+        rest = tail;
+    }
+    safetensors::tensor::serialize(views, None).map_err(|e| ModelError::Safetensors(e.to_string()))
+}
+
+/// Reads exactly the F32 tensors `specs` (names, shapes) from safetensors
+/// bytes, concatenated in the order of `specs`; extra tensors are refused.
+/// Finiteness is the caller's check.
+pub(crate) fn read_f32_tensors(bytes: &[u8], specs: &[TensorSpec]) -> Result<Vec<f32>, ModelError> {
+    check_safetensors_offsets(bytes)?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
+    if st.len() != specs.len() {
+        return Err(ModelError::Safetensors(format!("file has {} tensors, the model has {}", st.len(), specs.len())));
+    }
+    let total = specs.iter().fold(0usize, |n, t| n.saturating_add(t.numel()));
+    // Capped like `init_params`: the shapes are the caller's, validated.
+    let mut out = Vec::with_capacity(total.min(MAX_PARAMETERS));
+    for spec in specs {
+        let view = st.tensor(&spec.name).map_err(|e| ModelError::Safetensors(format!("{}: {e}", spec.name)))?;
+        if view.dtype() != safetensors::Dtype::F32 || view.shape() != spec.shape.as_slice() {
+            return Err(ModelError::Safetensors(format!(
+                "{}: expected F32 {:?}, found {:?} {:?}",
+                spec.name,
+                spec.shape,
+                view.dtype(),
+                view.shape()
+            )));
+        }
+        // safetensors checked the data is exactly numel × 4 bytes for the
+        // F32 shape, so there is no remainder.
+        let (chunks, _) = view.data().as_chunks::<4>();
+        out.extend(chunks.iter().map(|c| f32::from_le_bytes(*c)));
+    }
+    Ok(out)
+}
+
 /// Checks every tensor's data offsets against the file before safetensors
 /// parses it.
 ///
@@ -341,7 +358,7 @@ impl ModelArch {
 /// offsets sum to nearly `usize::MAX` (shapes of 2^61 bytes each pass its
 /// per-tensor checks) overflows there, which panics in any build with overflow
 /// checks. With every offset at most the file size, that sum can't overflow.
-fn check_safetensors_offsets(bytes: &[u8]) -> Result<(), ModelError> {
+pub(crate) fn check_safetensors_offsets(bytes: &[u8]) -> Result<(), ModelError> {
     let err = |m: String| ModelError::Safetensors(m);
     let Some((len_bytes, rest)) = bytes.split_first_chunk::<8>() else {
         return Err(err("shorter than the 8-byte header length".into()));

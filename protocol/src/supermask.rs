@@ -333,6 +333,52 @@ pub fn initial_scores(arch: &FrlArch, run_seed: u64) -> Vec<f32> {
     out
 }
 
+/// One layer's mask from its scores: edge `i` is kept iff `(|s_i|, i)` is
+/// among the `keep` largest pairs in lexicographic order (`|s|` compared by
+/// [`crate::frl::magnitude_key`], i.e. by value with both zeros equal), so
+/// among equal `|s|` lower indices are pruned first. This is the mask every
+/// client's forward pass applies (`tally_kernels::supermask::mask`, an `O(n)`
+/// radix selection kept bit-identical to this by a test there); here for
+/// parties without burn, such as the server writing the dense export.
+pub fn layer_mask(scores: &[f32], keep: usize) -> Vec<bool> {
+    let n = scores.len();
+    if keep >= n {
+        return vec![true; n];
+    }
+    if keep == 0 {
+        return vec![false; n];
+    }
+    // (key, index) packed so that u64 order is the lexicographic order:
+    // indices are below MAX_PARAMETERS < 2^32.
+    let pair = |i: usize, s: f32| (u64::from(crate::frl::magnitude_key(s)) << 32) | i as u64;
+    let mut pairs: Vec<u64> = scores.iter().enumerate().map(|(i, &s)| pair(i, s)).collect();
+    // The smallest kept pair is the (n - keep)-th smallest (0-based).
+    let (_, &mut threshold, _) = pairs.select_nth_unstable(n - keep);
+    scores.iter().enumerate().map(|(i, &s)| pair(i, s) >= threshold).collect()
+}
+
+/// The global mask of a supermask network from its scores (the parameter
+/// vector of a [`crate::model::ModelArch::Supermask`] model, canonical flat
+/// order): each layer keeps [`crate::frl::keep_count`]`(n_l, k_fraction)`
+/// edges by [`layer_mask`].
+pub fn network_mask(arch: &FrlArch, k_fraction: f64, scores: &[f32]) -> Result<Vec<bool>, ModelError> {
+    arch.validate()?;
+    let expected = arch.num_edges();
+    if scores.len() != expected {
+        return Err(ModelError::WrongLength { expected, actual: scores.len() });
+    }
+    let mut out = Vec::with_capacity(expected);
+    let mut rest = scores;
+    for n in arch.layer_sizes() {
+        // The total was checked, so each layer's split is in bounds.
+        let (layer, tail) =
+            rest.split_at_checked(n).ok_or(ModelError::WrongLength { expected, actual: scores.len() })?;
+        out.extend(layer_mask(layer, crate::frl::keep_count(n, k_fraction)));
+        rest = tail;
+    }
+    Ok(out)
+}
+
 /// The effective (masked) weights `W ⊙ mask` of every layer, concatenated:
 /// a dense, bias-free model anyone can run without knowing FRL.
 /// `mask` is the global mask in canonical flat order
@@ -394,6 +440,27 @@ mod tests {
         let m = masked_weights(&arch, 7, &mask);
         assert_eq!(m[0], w[0]);
         assert_eq!(m[1], 0.0);
+    }
+
+    #[test]
+    fn layer_mask_keeps_the_largest_magnitudes_ties_to_higher_indices() {
+        // |s| = 3, 1, 1, 0, 2, 1 : keep 3 → indices 0 (3), 4 (2), then the
+        // highest index among the 1s (5).
+        let s = [-3.0, 1.0, -1.0, 0.0, 2.0, 1.0];
+        assert_eq!(layer_mask(&s, 3), [true, false, false, false, true, true]);
+        assert_eq!(layer_mask(&s, 0), [false; 6]);
+        assert_eq!(layer_mask(&s, 9), [true; 6]);
+        assert_eq!(layer_mask(&[0.0, -0.0], 1), [false, true]);
+        let arch = FrlArch::MNIST_LENET;
+        let scores = initial_scores(&arch, 3);
+        let mask = network_mask(&arch, 0.5, &scores).unwrap();
+        let mut start = 0;
+        for n in arch.layer_sizes() {
+            let kept = mask[start..start + n].iter().filter(|&&k| k).count();
+            assert_eq!(kept, crate::frl::keep_count(n, 0.5));
+            start += n;
+        }
+        assert!(network_mask(&arch, 0.5, &scores[1..]).is_err());
     }
 
     #[test]

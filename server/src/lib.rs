@@ -364,7 +364,7 @@ impl Server {
             // before its outputs were written or its clients told.
             warn!(dir = %config.state_dir.display(), "the saved run finished but was not closed: writing its outputs and telling its clients");
             // Written again: the last attempt may have failed.
-            if let Err(e) = write_final_outputs(&config, &coordinator, &mut metrics, &model_path) {
+            if let Err(e) = write_final_outputs(&coordinator, &mut metrics, &model_path) {
                 error!(error = %e, "writing the run's outputs");
                 outputs_failed.get_or_insert(e);
             }
@@ -495,7 +495,7 @@ impl Server {
                     Event::RoundCompleted(summary) => metrics
                         .record(summary, std_start.elapsed().as_secs_f64())
                         .map_err(|e| format!("writing metrics: {e}")),
-                    Event::Finished { .. } => write_final_outputs(&config, &coordinator, &mut metrics, &model_path),
+                    Event::Finished { .. } => write_final_outputs(&coordinator, &mut metrics, &model_path),
                     _ => Ok(()),
                 };
                 if let Err(e) = written {
@@ -609,7 +609,7 @@ impl Server {
             // Interrupted: the current model, for inspection. The newest
             // metrics row stays pending: its evaluation comes when the run
             // resumes.
-            if let Err(e) = write_model(&config, &coordinator, &model_path) {
+            if let Err(e) = write_model(&coordinator, &model_path) {
                 error!(error = %e, "writing the current model");
                 outputs_failed.get_or_insert(e);
             }
@@ -743,21 +743,31 @@ fn check_run_config(
     Ok(())
 }
 
-/// Writes the model as `final_model.safetensors` (atomically).
-fn write_model(config: &ServerConfig, coordinator: &Coordinator, path: &std::path::Path) -> Result<(), String> {
-    let bytes = config.arch.to_safetensors(coordinator.model()).map_err(|e| format!("{}: {e}", path.display()))?;
-    write_atomic(path, &bytes).map_err(|e| format!("writing {}: {e}", path.display()))
+/// Writes the model as `final_model.safetensors` (atomically), with the
+/// run in its header (`tally_protocol::model_file`); an FRL run's also as
+/// `final_model_dense.safetensors`, its masked network as plain weights.
+fn write_model(coordinator: &Coordinator, path: &std::path::Path) -> Result<(), String> {
+    use tally_protocol::model_file::{ModelMeta, dense_path, write_frl_dense_file, write_model_file};
+    let meta = ModelMeta::of_run(&coordinator.run_config(), coordinator.completed_rounds());
+    let model = coordinator.model();
+    let bytes = write_model_file(&meta, model).map_err(|e| format!("{}: {e}", path.display()))?;
+    write_atomic(path, &bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    if meta.has_dense_export() {
+        let dense = dense_path(path);
+        let bytes = write_frl_dense_file(&meta, model).map_err(|e| format!("{}: {e}", dense.display()))?;
+        write_atomic(&dense, &bytes).map_err(|e| format!("writing {}: {e}", dense.display()))?;
+    }
+    Ok(())
 }
 
 /// A finished run's outputs: its last metrics row, then the final model.
 fn write_final_outputs(
-    config: &ServerConfig,
     coordinator: &Coordinator,
     metrics: &mut MetricsWriter,
     model_path: &std::path::Path,
 ) -> Result<(), String> {
     let rows = metrics.finish().map_err(|e| format!("writing metrics: {e}"));
-    let model = write_model(config, coordinator, model_path);
+    let model = write_model(coordinator, model_path);
     rows.and(model)
 }
 

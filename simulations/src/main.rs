@@ -352,7 +352,15 @@ fn main() -> anyhow::Result<()> {
         return Err(e).with_context(|| format!("writing {}", s.out.display()));
     }
     if let Some(path) = &cli.save_model {
-        tally_kernels::params_file::save_safetensors(path, &s.model, &report.final_model)?;
+        // With its metadata (tally_protocol::model_file); an FRL model also
+        // gets its dense export next to it.
+        let rounds = report.records.last().map(|r| r.round);
+        let meta = tally_protocol::model_file::ModelMeta::of_kind(s.model.clone(), &s.kind_settings()?, rounds);
+        tally_kernels::params_file::save_model(path, &meta, &report.final_model)?;
+        if meta.has_dense_export() {
+            let dense = tally_protocol::model_file::dense_path(path);
+            tally_kernels::params_file::save_frl_dense(&dense, &meta, &report.final_model)?;
+        }
     }
     // The same rows as CSV, and what the run was, beside the JSON lines
     // (one schema with tally-server's: docs/metrics.md).

@@ -732,6 +732,171 @@ fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
     assert_clients_finished_with(&clients, &hash);
 }
 
+/// A Python interpreter with NumPy for scripts/check-exported-model.py:
+/// `$TALLY_PYTHON`, else `python3`, else `/usr/bin/python3` (where Debian's
+/// python3-numpy installs when `python3` is another interpreter, e.g. a
+/// pyenv one). `None` (the NumPy check skipped with a reason) unless
+/// TALLY_REQUIRE_NUMPY is set.
+fn python_with_numpy() -> Option<String> {
+    let candidates: Vec<String> = std::env::var("TALLY_PYTHON")
+        .ok()
+        .into_iter()
+        .chain(["python3".to_string(), "/usr/bin/python3".to_string()])
+        .collect();
+    let found = candidates.into_iter().find(|py| {
+        std::process::Command::new(py).args(["-c", "import numpy"]).output().is_ok_and(|o| o.status.success())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("TALLY_REQUIRE_NUMPY").is_none(),
+            "TALLY_REQUIRE_NUMPY is set and no python3 imports numpy (apt-get install python3-numpy)"
+        );
+        eprintln!("SKIPPED the NumPy check: no python3 with numpy (apt-get install python3-numpy)");
+    }
+    found
+}
+
+/// `tally-client evaluate ARGS` → the accuracy it prints (stdout
+/// `accuracy=A loss=L examples=N`), or its stderr on failure.
+fn evaluate_model(args: &[&std::ffi::OsStr]) -> Result<f64, String> {
+    let out = std::process::Command::new(bin("tally-client"))
+        .arg("evaluate")
+        .args(args)
+        .args(["--device", "cpu"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    if !out.status.success() {
+        return Err(stderr);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(stdout.contains("examples=2000"), "{stdout}");
+    Ok(stdout.split_once("accuracy=").unwrap().1.split(' ').next().unwrap().parse().unwrap())
+}
+
+/// Runs scripts/check-exported-model.py on `model`, expecting `accuracy`
+/// within a tenth of a point.
+fn numpy_check(python: &str, model: &std::path::Path, accuracy: f64) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/check-exported-model.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(model)
+        .args(["--expect-accuracy", &accuracy.to_string(), "--tolerance", "0.001"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{}: {text}", model.display());
+    eprintln!("numpy: {}: {text}", model.display());
+}
+
+/// Models that leave the system (docs/model-files.md): a short FedAvg
+/// federation's and a short FRL federation's final models say their
+/// architecture and run in their header, so `tally-client evaluate` needs no
+/// `--arch` (a wrong one is refused); the FRL run also writes its dense
+/// export, which evaluates exactly as its scores; clients' `--save-model`
+/// files are the server's byte for byte; and scripts/check-exported-model.py
+/// reproduces both accuracies in NumPy.
+#[test]
+fn exported_models_evaluate_without_arch_and_in_numpy() {
+    use tally_protocol::model_file::{Content, read_model_file};
+    let python = python_with_numpy();
+    let dir = tempfile::tempdir().unwrap();
+    let federation = |name: &str, config: Option<&str>, rounds: &str, shards: u32| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let keys: Vec<_> = (0..2).map(|i| keygen(&d, &format!("k{i}"))).collect();
+        let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
+        let mut args = vec!["--rounds", rounds, "--min-clients", "2", "--seed", "13"];
+        let cfg = d.join("server.toml");
+        let cfg = cfg.to_str().unwrap();
+        if let Some(text) = config {
+            std::fs::write(cfg, text).unwrap();
+            args.extend(["--config", cfg]);
+        }
+        let mut server = start_server(&d, &enrolled, &args);
+        let saved = d.join("client0.safetensors");
+        let mut clients: Vec<Proc> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, (key, _))| {
+                let shard = format!("{i}/{shards}");
+                let mut extra = vec!["--shard", &shard];
+                if i == 0 {
+                    extra.extend(["--save-model", saved.to_str().unwrap()]);
+                }
+                start_client(&d, &format!("k{i}"), key, &server, &extra)
+            })
+            .collect();
+        wait_all_succeed(&mut clients);
+        assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
+        let m = metrics(&server.out_dir);
+        (server.out_dir.clone(), saved, m.last().unwrap().clone())
+    };
+
+    // FedAvg, the default MLP.
+    let (out, saved, last) = federation("fedavg", None, "2", 5);
+    let model = out.join("final_model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    let file = read_model_file(&bytes, None).unwrap();
+    let meta = file.meta.clone().unwrap();
+    assert_eq!((file.arch.clone(), file.content), (ModelArch::mnist_mlp(), Content::Parameters));
+    assert_eq!((meta.algorithm.as_deref(), meta.rounds, meta.frl), (Some("fedavg"), Some(2), None));
+    assert_eq!(last["model_hash"], hex::encode(tally_protocol::identity::params_hash(&file.values)).as_str());
+    assert_eq!(std::fs::read(&saved).unwrap(), bytes, "the client saves the server's file");
+    let fedavg_acc = evaluate_model(&["--model".as_ref(), model.as_os_str()]).unwrap();
+    assert!((fedavg_acc - last["test_accuracy"].as_f64().unwrap()).abs() < 1e-4, "{fedavg_acc} {last}");
+    assert!(fedavg_acc > 0.5, "{fedavg_acc}");
+    // --arch is still taken, and must be the file's.
+    let same =
+        evaluate_model(&["--model".as_ref(), model.as_os_str(), "--arch".as_ref(), "mlp:784-200-200-10".as_ref()]);
+    assert_eq!(same, Ok(fedavg_acc));
+    let wrong = evaluate_model(&["--model".as_ref(), model.as_os_str(), "--arch".as_ref(), "lenet5".as_ref()]);
+    let wrong = wrong.unwrap_err();
+    assert!(wrong.contains("final_model.safetensors") && wrong.contains("not the given"), "{wrong}");
+    // A file without metadata (as written before) still loads with --arch.
+    let old = dir.path().join("old.safetensors");
+    std::fs::write(&old, ModelArch::mnist_mlp().to_safetensors(&file.values).unwrap()).unwrap();
+    let e = evaluate_model(&["--model".as_ref(), old.as_os_str()]).unwrap_err();
+    assert!(e.contains("old.safetensors") && e.contains("--arch"), "{e}");
+    assert_eq!(
+        evaluate_model(&["--model".as_ref(), old.as_os_str(), "--arch".as_ref(), "mlp:784-200-200-10".as_ref()]),
+        Ok(fedavg_acc)
+    );
+
+    // FRL, FRL's LeNet supermask: one round on small shards.
+    let frl_config = "model = { kind = \"supermask\", net = \"lenet\", classes = 10 }\n\
+                      train = { lr = 0.4, batch_size = 8, epochs = 1 }\nalgorithm = { kind = \"frl\" }\n";
+    let (out, saved, last) = federation("frl", Some(frl_config), "1", 30);
+    let scores = out.join("final_model.safetensors");
+    let dense = out.join("final_model_dense.safetensors");
+    let bytes = std::fs::read(&scores).unwrap();
+    let file = read_model_file(&bytes, None).unwrap();
+    let meta = file.meta.clone().unwrap();
+    assert!(matches!(file.arch, ModelArch::Supermask(_)));
+    assert_eq!((meta.algorithm.as_deref(), meta.frl.as_ref().map(|f| f.seed)), (Some("frl"), Some(13)));
+    assert_eq!(last["model_hash"], hex::encode(tally_protocol::identity::params_hash(&file.values)).as_str());
+    assert_eq!(std::fs::read(&saved).unwrap(), bytes, "the client saves the server's file");
+    let dense_bytes = std::fs::read(&dense).unwrap();
+    assert_eq!(read_model_file(&dense_bytes, None).unwrap().content, Content::FrlDense);
+    assert_eq!(std::fs::read(tally_protocol::model_file::dense_path(&saved)).unwrap(), dense_bytes);
+    let frl_acc = evaluate_model(&["--model".as_ref(), scores.as_os_str()]).unwrap();
+    assert!((frl_acc - last["test_accuracy"].as_f64().unwrap()).abs() < 1e-4, "{frl_acc} {last}");
+    assert!(frl_acc > 0.3, "one FRL round learns something: {frl_acc}");
+    assert_eq!(evaluate_model(&["--model".as_ref(), dense.as_os_str()]), Ok(frl_acc));
+    // The client exports the same dense model from the scores.
+    let exported = dir.path().join("exported.safetensors");
+    let again =
+        evaluate_model(&["--model".as_ref(), scores.as_os_str(), "--export-dense".as_ref(), exported.as_os_str()]);
+    assert_eq!(again, Ok(frl_acc));
+    assert_eq!(std::fs::read(&exported).unwrap(), dense_bytes);
+
+    // NumPy reproduces both, from the files alone.
+    if let Some(py) = python {
+        numpy_check(&py, &model, fedavg_acc);
+        numpy_check(&py, &dense, frl_acc);
+    }
+}
+
 /// Runs a federation of `rounds` rounds (FedAvg, or the update kind of
 /// `config`, a server TOML) whose server is stopped at each of `crashes` in
 /// turn (a `TALLY_FAULT` abort, or a SIGKILL from here when the server logs
