@@ -187,12 +187,16 @@ fn a_client_facing_a_finished_run_exits_at_once() {
 }
 
 /// Robust aggregation over QUIC: the rule is the server's choice, clients
-/// need nothing; a trimmed mean and a Krum run complete and learn.
+/// need nothing; every robust rule (trimmed mean, Multi-Krum, Krum,
+/// coordinate-wise median, norm clipping) completes a run and learns.
 #[test]
 fn robust_rules_over_quic_complete_and_improve_accuracy() {
     for (name, rule) in [
         ("trimmed", "rule = { kind = \"trimmed-mean\", trim = 1 }\n"),
-        ("krum", "rule = { kind = \"multi-krum\", byzantine = 0 }\n"),
+        ("multikrum", "rule = { kind = \"multi-krum\", byzantine = 0 }\n"),
+        ("krum", "rule = { kind = \"krum\", byzantine = 0 }\n"),
+        ("median", "rule = \"median\"\n"),
+        ("clip", "rule = { kind = \"norm-clip\", max_norm = 10.0 }\n"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let keys: Vec<_> = (0..3).map(|i| keygen(dir.path(), &format!("c{i}"))).collect();
