@@ -617,7 +617,7 @@ impl Coordinator {
     /// updates by waiting: see [`Coordinator::handle_timeout`].
     fn round_cannot_fill(&self, open: &OpenRound) -> bool {
         let answered = open.accepted.saturating_add(open.failed);
-        let pending = open.sampled.iter().any(|c| !open.reported.contains(c) && self.by_client.contains_key(c));
+        let pending = self.live_pending(open) > 0;
         let fresh = self.by_client.keys().any(|c| !open.sampled.contains(c));
         open.failed > 0 && answered >= self.config.quorum && !pending && !fresh
     }
@@ -625,9 +625,12 @@ impl Coordinator {
     /// Whether an open training round can't reach its quorum with the
     /// updates it has and the sampled clients still connected and pending.
     fn short_of_quorum(&self, open: &OpenRound) -> bool {
-        let pending =
-            open.sampled.iter().filter(|c| !open.reported.contains(c) && self.by_client.contains_key(c)).count();
-        open.task == Task::Train && open.accepted.saturating_add(pending) < self.config.quorum
+        open.task == Task::Train && open.accepted.saturating_add(self.live_pending(open)) < self.config.quorum
+    }
+
+    /// Sampled clients of `open` that are connected and have not answered.
+    fn live_pending(&self, open: &OpenRound) -> usize {
+        open.sampled.iter().filter(|c| !open.reported.contains(c) && self.by_client.contains_key(c)).count()
     }
 
     fn on_join(&mut self, now: Instant, conn: ConnectionHandle, join: Join) -> Result<(), (Error, Option<u32>)> {
@@ -955,12 +958,11 @@ impl Coordinator {
                 self.transmits.push_back(Transmit { to: conn, bytes: open.start_msg.clone() });
             }
         }
-        let round = open.round;
-        let waiting =
-            open.sampled.iter().filter(|c| !open.reported.contains(c) && self.by_client.contains_key(c)).count();
+        let (round, accepted) = (open.round, open.accepted);
+        let waiting = self.open.as_ref().map_or(0, |o| self.live_pending(o));
         self.events.push_back(Event::RoundExtended {
             round,
-            accepted: open.accepted,
+            accepted,
             quorum: self.config.quorum,
             waiting,
             added: added.clone(),
