@@ -16,7 +16,7 @@
 //! global model unchanged when it returns an error.
 
 use crate::error::Misbehaviour;
-use crate::wire::{ClientUpdate, LogEntry, MAX_SAMPLES_PER_UPDATE, ModelSync};
+use crate::wire::{ClientUpdate, LogBody, MAX_SAMPLES_PER_UPDATE, ModelSync};
 
 /// Stable identity of a client: its index in the enrolment list.
 pub type ClientIndex = u32;
@@ -135,7 +135,7 @@ pub trait Aggregator: Send + std::fmt::Debug {
     /// For replicated kinds: the log of the round just finished, which every
     /// replica applies to reach the new model. `None` for kinds whose model
     /// is published otherwise.
-    fn take_log(&mut self) -> Option<Vec<LogEntry>> {
+    fn take_log(&mut self) -> Option<LogBody> {
         None
     }
     /// State that lives across rounds, for the durable snapshot (taken when

@@ -213,7 +213,7 @@ mod tests {
     fn golden_bytes() {
         // Checked-in encodings: a change of the wire format breaks these on purpose.
         let ack = encode(&Message::Ack(Ack { round: 300 }));
-        assert_eq!(hex::encode(&ack), "544c5903".to_string() + "05fb2c01");
+        assert_eq!(hex::encode(&ack), "544c5904".to_string() + "05fb2c01");
         let hello = encode(&Message::Hello(Hello { run_id: RunId([0xab; 16]), challenge: [1; 32] }));
         assert_eq!(hello.len(), 4 + 1 + 16 + 32);
         assert_eq!(&hello[..5], &[b'T', b'L', b'Y', PROTOCOL_VERSION, 0]);
@@ -265,10 +265,10 @@ mod tests {
             crate::spsa::SpsaConfig { stream_seed: 3, steps_per_client: 32, eps: 1e-3, lr: 0.01, batch_size: 64 };
         let log = |round: u32| RoundLog {
             round,
-            entries: vec![
+            body: crate::wire::LogBody::PerClient(vec![
                 crate::wire::LogEntry { client: 0, bytes: vec![0x00, 0x40, 0xc1] },
                 crate::wire::LogEntry { client: 9, bytes: vec![0x7f] },
-            ],
+            ]),
             model_hash: [round as u8; 32],
         };
         let frame = |name: &str, m: Message| (name.to_string(), Golden::Frame(m));
@@ -367,6 +367,31 @@ mod tests {
                 }),
             ),
             frame("RoundLog", Message::RoundLog(log(4))),
+            frame(
+                "RoundLog/skipped",
+                Message::RoundLog(RoundLog { round: 5, body: crate::wire::LogBody::Skipped, model_hash: [5; 32] }),
+            ),
+            frame(
+                "RoundLog/combined",
+                Message::RoundLog(RoundLog {
+                    round: 6,
+                    body: crate::wire::LogBody::Combined(crate::ferret::encode_entries(&[
+                        crate::ferret::Coefficient { k: 3, g: 0, value: -0.5 },
+                        crate::ferret::Coefficient { k: 1, g: 2, value: 2.0 },
+                    ])),
+                    model_hash: [6; 32],
+                }),
+            ),
+            frame(
+                "Welcome/ferret",
+                Message::Welcome(Welcome {
+                    client_id: 4,
+                    config: RunConfig {
+                        kind: crate::kind::KindSettings::Ferret(crate::ferret::FerretSpec::default().resolve(17)),
+                        ..run_config(ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 })
+                    },
+                }),
+            ),
             frame("Sync", Message::Sync(Sync { round: 2, params: vec![0.25, -2.0], logs: vec![log(3), log(4)] })),
             (
                 "ReportBody/spsa".to_string(),
@@ -394,6 +419,23 @@ mod tests {
                         payload: crate::frl::payload(
                             &crate::frl::Ranking::new(vec![vec![2, 0, 1], vec![4, 1, 3, 0, 2]], &[3, 5]).unwrap(),
                         ),
+                    }),
+                }),
+            ),
+            (
+                "ReportBody/ferret".to_string(),
+                Golden::ReportBody(Report {
+                    run_id,
+                    round: 6,
+                    eval: None,
+                    update: Some(ClientUpdate {
+                        num_samples: 600,
+                        train_loss: 1.25,
+                        payload: crate::ferret::payload(&[
+                            crate::ferret::Coefficient { k: 0, g: 0, value: 0.125 },
+                            crate::ferret::Coefficient { k: 7, g: 0, value: -3.0 },
+                            crate::ferret::Coefficient { k: 2, g: 1, value: 1e-3 },
+                        ]),
                     }),
                 }),
             ),
@@ -430,7 +472,7 @@ mod tests {
     }
 
     const GOLDEN_HEADER: &str = "\
-# Golden encodings of the Tally wire format, version 3: one `name hex` per line.
+# Golden encodings of the Tally wire format, version 4: one `name hex` per line.
 # Checked by codec::tests::golden_messages_match_checked_in_file. A change here
 # is a wire change: bump PROTOCOL_VERSION or justify it. To regenerate after an
 # intentional change:

@@ -30,7 +30,7 @@ use crate::kind::{KindSettings, RuleSpec, RunShape, UpdateKind};
 use crate::model::ModelArch;
 use crate::rng::LocalRng;
 use crate::wire::{
-    self, Ack, EvalReport, Finished, Hello, Join, LogEntry, Message, PublicKeyBytes, RejectCode, Rejected, RoundLog,
+    self, Ack, EvalReport, Finished, Hello, Join, LogBody, Message, PublicKeyBytes, RejectCode, Rejected, RoundLog,
     RoundStart, RunConfig, RunId, SignedReport, Sync, Task, TrainSpec, Welcome,
 };
 
@@ -414,6 +414,7 @@ impl Coordinator {
         let shape = RunShape {
             arch: &config.arch,
             clients_per_round: config.clients_per_round,
+            rounds: config.rounds,
             max_update_abs: config.max_update_abs,
         };
         let mut aggregator = kind.aggregator(&shape, &config.rule, &initial)?;
@@ -1009,14 +1010,14 @@ impl Coordinator {
             Task::Train | Task::Evaluate => None,
         };
         if open.task == Task::Train {
-            let entries = match stats {
+            let body = match stats {
                 Some(_) => self.aggregator.take_log(),
-                // A replicated run's skipped round still gets a log, with no
-                // entries, so that replicas count it and stay in step.
-                None => self.kind.replicated().then(Vec::new),
+                // A replicated run's skipped round still gets a log, so that
+                // replicas count it and stay in step.
+                None => self.kind.replicated().then_some(LogBody::Skipped),
             };
-            if let Some(entries) = entries {
-                self.publish_log(open.round, entries);
+            if let Some(body) = body {
+                self.publish_log(open.round, body);
             }
         }
         match open.task {
@@ -1188,8 +1189,8 @@ impl Coordinator {
     /// Broadcasts a round's log to every joined client and files it behind
     /// the checkpoint, taking a new checkpoint when the logs outgrow their
     /// budget.
-    fn publish_log(&mut self, round: u32, entries: Vec<LogEntry>) {
-        let log = RoundLog { round, entries, model_hash: params_hash(&self.model) };
+    fn publish_log(&mut self, round: u32, body: LogBody) {
+        let log = RoundLog { round, body, model_hash: params_hash(&self.model) };
         let msg: Arc<[u8]> = codec::encode(&Message::RoundLog(log.clone())).into();
         for &conn in self.by_client.values() {
             self.transmits.push_back(Transmit { to: conn, bytes: msg.clone() });

@@ -27,8 +27,9 @@ use crate::wire::{MAX_MESSAGE_BYTES, RoundLog, RunId, SignatureBytes, Task};
 
 /// Format version of snapshots and records; bumped on any change. Version 2
 /// added [`Snapshot::aggregator_state`] and kind-tagged payloads inside the
-/// recorded reports (wire v3).
-pub const DURABLE_VERSION: u32 = 2;
+/// recorded reports (wire v3); version 3 stores round logs with a
+/// [`crate::wire::LogBody`] (wire v4).
+pub const DURABLE_VERSION: u32 = 3;
 
 /// Largest snapshot accepted when decoding: a full model, a replicated run's
 /// checkpoint (another model) and its logs, and the per-client counters.

@@ -204,6 +204,20 @@ pub enum PayloadFault {
         /// Position of the entry.
         index: usize,
     },
+    /// An entry naming an index outside the run (Ferret: a seed or block
+    /// that does not exist).
+    #[error("entry {index} is out of range")]
+    OutOfRange {
+        /// Position of the entry.
+        index: usize,
+    },
+    /// An entry that repeats or precedes the one before it, in a payload
+    /// whose entries must be strictly ascending (one encoding per content).
+    #[error("entry {index} is not after the one before it (entries must be strictly ascending)")]
+    NotAscending {
+        /// Position of the entry.
+        index: usize,
+    },
     /// A non-canonical encoding (non-zero padding bits): a second encoding
     /// of the same value, or a covert channel.
     #[error("part {part}: non-canonical encoding")]

@@ -202,7 +202,7 @@ pub fn spsa_update(data: &[u8]) {
         }
         finish_round(&mut agg, &mut global);
         // Every replica applies the same log; it must be the accepted bytes.
-        if let Some(log) = agg.take_log() {
+        if let Some(crate::wire::LogBody::PerClient(log)) = agg.take_log() {
             assert!(log.iter().all(|e| (1..=steps_per_client as usize).contains(&e.bytes.len())));
         }
     }
@@ -756,7 +756,11 @@ pub fn participant_frames(data: &[u8]) {
         let entries = vec![LogEntry { client: 1, bytes: vec![3; cfg.steps_per_client as usize] }];
         let mut after = initial.clone();
         crate::spsa::apply_round(&mut after, &cfg, 1, &entries);
-        let log = RoundLog { round: 1, entries, model_hash: crate::identity::params_hash(&after) };
+        let log = RoundLog {
+            round: 1,
+            body: crate::wire::LogBody::PerClient(entries),
+            model_hash: crate::identity::params_hash(&after),
+        };
         corpus.push(Message::Sync(Sync { round: 0, params: initial, logs: Vec::new() }));
         corpus.push(Message::RoundLog(log));
     }
@@ -1004,8 +1008,11 @@ mod seeds {
             }),
         };
         write("durable_snapshot", "dense", &durable::encode_snapshot(&snap));
-        let log =
-            RoundLog { round: 1, entries: vec![LogEntry { client: 0, bytes: vec![1, 2, 3] }], model_hash: [4; 32] };
+        let log = RoundLog {
+            round: 1,
+            body: crate::wire::LogBody::PerClient(vec![LogEntry { client: 0, bytes: vec![1, 2, 3] }]),
+            model_hash: [4; 32],
+        };
         let replicated = Snapshot { replica_checkpoint: Some((0, vec![0.25; 23], vec![log])), ..snap };
         write("durable_snapshot", "replicated", &durable::encode_snapshot(&replicated));
         let records = [

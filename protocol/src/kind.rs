@@ -50,6 +50,9 @@ pub enum KindSettings {
     Frl(crate::frl::FrlRun),
     /// FedAvg with server momentum ([`crate::fedavgm`]).
     FedAvgM(crate::fedavgm::FedAvgMConfig),
+    /// Ferret ([`crate::ferret`]): coefficients on shared random bases, a
+    /// replicated run whose logs are the combined update.
+    Ferret(crate::ferret::FerretConfig),
 }
 
 impl KindSettings {
@@ -62,6 +65,7 @@ impl KindSettings {
             KindSettings::Spsa(cfg) => Arc::new(crate::spsa::SpsaKind::new(cfg.clone(), arch)?),
             KindSettings::Frl(run) => Arc::new(crate::frl::FrlKind::new(run.clone(), arch)?),
             KindSettings::FedAvgM(cfg) => Arc::new(crate::fedavgm::FedAvgMKind::new(cfg.clone(), arch)?),
+            KindSettings::Ferret(cfg) => Arc::new(crate::ferret::FerretKind::new(cfg.clone(), arch)?),
         })
     }
 
@@ -72,6 +76,7 @@ impl KindSettings {
             KindSettings::Spsa(_) => crate::spsa::NAME,
             KindSettings::Frl(_) => crate::frl::NAME,
             KindSettings::FedAvgM(_) => crate::fedavgm::NAME,
+            KindSettings::Ferret(_) => crate::ferret::NAME,
         }
     }
 }
@@ -95,6 +100,9 @@ pub struct RunShape<'a> {
     pub arch: &'a ModelArch,
     /// Clients sampled per round (bounds a replicated round's log).
     pub clients_per_round: usize,
+    /// Training rounds of the run (schedules over the run, such as
+    /// Ferret's server learning rate).
+    pub rounds: u32,
     /// Largest `|value|` a dense update may carry
     /// ([`crate::coordinator::CoordinatorConfig::max_update_abs`]). Kinds
     /// whose payloads are bounded by construction (SPSA's bytes, FRL's
@@ -365,6 +373,8 @@ pub enum AlgorithmSpec {
     Spsa(crate::spsa::SpsaSpec),
     /// FRL rank voting (needs a supermask model).
     Frl(crate::frl::FrlSpec),
+    /// Ferret: coefficients on shared random bases.
+    Ferret(crate::ferret::FerretSpec),
 }
 
 impl Default for AlgorithmSpec {
@@ -382,6 +392,7 @@ impl AlgorithmSpec {
             AlgorithmSpec::Fedavgm(s) => KindSettings::FedAvgM(s.resolve()),
             AlgorithmSpec::Spsa(s) => KindSettings::Spsa(s.resolve(seed)),
             AlgorithmSpec::Frl(s) => KindSettings::Frl(s.resolve(seed, arch)?),
+            AlgorithmSpec::Ferret(s) => KindSettings::Ferret(s.resolve(seed)),
         };
         // Validates the settings against the model.
         settings.build(arch)?;
@@ -453,7 +464,7 @@ mod tests {
     }
 
     fn shape(arch: &ModelArch) -> RunShape<'_> {
-        RunShape { arch, clients_per_round: 10, max_update_abs: f32::MAX }
+        RunShape { arch, clients_per_round: 10, rounds: 10, max_update_abs: f32::MAX }
     }
 
     #[test]
@@ -466,6 +477,7 @@ mod tests {
             (AlgorithmSpec::Fedavgm(Default::default()), &mlp, "fedavgm", crate::fedavg::DENSE_RULES),
             (AlgorithmSpec::Spsa(Default::default()), &mlp, "spsa", &["mean"]),
             (AlgorithmSpec::Frl(Default::default()), &net, "frl", &["mean"]),
+            (AlgorithmSpec::Ferret(Default::default()), &mlp, "ferret", crate::fedavg::DENSE_RULES),
         ];
         for (spec, arch, name, rules) in cases {
             let settings = spec.resolve(3, arch).unwrap();
@@ -510,7 +522,7 @@ mod tests {
             "algorithm = { kind = \"fedavg\", momentum = 0.9 }",
             "algorithm = { kind = \"spsa\", step_per_client = 3 }",
             "algorithm = { kind = \"frl\", kfraction = 0.3 }",
-            "algorithm = { kind = \"ferret\" }",
+            "algorithm = { kind = \"ferret\", K = 8 }",
         ] {
             assert!(parse(bad).is_err(), "{bad} was accepted");
         }

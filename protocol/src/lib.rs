@@ -24,6 +24,7 @@ pub mod durable;
 pub mod error;
 pub mod fedavg;
 pub mod fedavgm;
+pub mod ferret;
 pub mod frl;
 // Entry points of the cargo-fuzz targets in `fuzz/`, here so stable tests can
 // run them over the checked-in corpus. They read files and the clock, so

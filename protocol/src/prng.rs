@@ -234,6 +234,11 @@ pub fn signed_uniform24(word: u32) -> f32 {
 pub trait DirectionApplier: Send + Sync + std::fmt::Debug {
     /// Same result as [`apply_rademacher`].
     fn apply_rademacher(&self, x: &mut [f32], directions: &[(StreamId, f32)]);
+    /// Same result as [`apply_uniform`] (Ferret's bases). By default this
+    /// module's CPU code.
+    fn apply_uniform(&self, x: &mut [f32], directions: &[(StreamId, f32)]) {
+        apply_uniform(x, directions);
+    }
     /// Where the directions are applied, for logs (e.g. `"cpu"`).
     fn name(&self) -> String;
     /// Calls this engine could not serve and passed to [`apply_rademacher`]

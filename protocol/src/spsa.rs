@@ -45,7 +45,7 @@ use crate::kind::{self, KindError, KindId, KindSettings, RuleSpec, RunShape, Upd
 use crate::model::ModelArch;
 use crate::prng::{Purpose, StreamId};
 pub use crate::wire::LogEntry;
-use crate::wire::{ClientUpdate, ModelSync, RoundLog, UpdatePayload};
+use crate::wire::{ClientUpdate, LogBody, ModelSync, RoundLog, UpdatePayload};
 
 /// The kind's name in configuration files.
 pub const NAME: &str = "spsa";
@@ -289,13 +289,18 @@ impl UpdateKind for SpsaKind {
         log: &RoundLog,
         applier: &dyn crate::prng::DirectionApplier,
     ) -> Result<(), Misbehaviour> {
-        if log.entries.windows(2).any(|w| w[0].client >= w[1].client) {
+        let entries = match &log.body {
+            LogBody::Skipped => return Ok(()),
+            LogBody::PerClient(entries) => entries,
+            LogBody::Combined(_) => return Err(Misbehaviour::Unexpected("a combined RoundLog in an SPSA run")),
+        };
+        if entries.windows(2).any(|w| w[0].client >= w[1].client) {
             return Err(Misbehaviour::Unexpected("RoundLog entries not in ascending client order"));
         }
-        for e in &log.entries {
+        for e in entries {
             check_bytes(&e.bytes, &self.cfg)?;
         }
-        apply_round_with(params, &self.cfg, log.round, &log.entries, applier);
+        apply_round_with(params, &self.cfg, log.round, entries, applier);
         Ok(())
     }
 }
@@ -356,8 +361,8 @@ impl Aggregator for Spsa {
         Ok(stats)
     }
 
-    fn take_log(&mut self) -> Option<Vec<LogEntry>> {
-        Some(std::mem::take(&mut self.last_log))
+    fn take_log(&mut self) -> Option<LogBody> {
+        Some(LogBody::PerClient(std::mem::take(&mut self.last_log)))
     }
 
     fn publish(&self, global: &[f32]) -> ModelSync {
@@ -442,7 +447,7 @@ mod tests {
         a.absorb(2, &upd(vec![70, 200])).unwrap();
         a.absorb(1, &upd(vec![64, 65, 0, 190])).unwrap();
         a.finish(&mut g).unwrap();
-        let log = a.take_log().unwrap();
+        let Some(LogBody::PerClient(log)) = a.take_log() else { panic!("SPSA logs per client") };
         assert_eq!(log.iter().map(|e| e.client).collect::<Vec<_>>(), vec![1, 2]);
         // A replica applying the log gets the same bits.
         let mut r = vec![0.5f32; 1000];

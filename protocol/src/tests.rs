@@ -15,6 +15,7 @@ use crate::wire::{
 };
 
 mod durable;
+mod ferret;
 mod frl;
 mod fuzz;
 mod spsa;
@@ -279,7 +280,7 @@ fn tampered_replayed_duplicate_oversize_and_bad_updates_are_refused() {
     // Oversize as reported by the driver, and garbage bytes.
     let err = net.coord.handle_oversize(net.now, conn, net.coord.max_message_bytes() + 1);
     assert!(matches!(err, Error::Malformed(Malformed::Oversize { .. })));
-    assert!(matches!(net.coord.handle_message(net.now, conn, b"TLY\x03\xff\xff"), Err(Error::Malformed(_))));
+    assert!(matches!(net.coord.handle_message(net.now, conn, b"TLY\x04\xff\xff"), Err(Error::Malformed(_))));
 
     // Another client's report relayed on our connection fails its signature check.
     let other = Participant::new(ident(1), None).sign_report(&good(1, vec![0.5; dim]));

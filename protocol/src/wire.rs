@@ -21,8 +21,9 @@ use crate::model::{MAX_PARAMETERS, ModelArch};
 /// incompatible before its message body is decoded. Version 2 added FRL runs;
 /// version 3 made update kinds plug-ins: `RunConfig::kind` holds one kind's
 /// settings, payloads and round logs are kind-tagged bytes, and a kind's
-/// published model is `ModelSync::Published`.
-pub const PROTOCOL_VERSION: u8 = 3;
+/// published model is `ModelSync::Published`; version 4 gave round logs a
+/// [`LogBody`] (per-client payloads or one combined update) for Ferret.
+pub const PROTOCOL_VERSION: u8 = 4;
 
 /// Slack on top of a dense model for the envelope, signature and report
 /// fields: generous (64 KiB) because none of them is large, tight enough to
@@ -180,15 +181,33 @@ pub struct LogEntry {
     pub bytes: Vec<u8>,
 }
 
+/// What a replicated round's log carries: what every replica needs to move
+/// its model exactly as the server moved the global one.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum LogBody {
+    /// The round was skipped (closed short of its quorum, or its update
+    /// would not have been finite): the model is unchanged. Replicas still
+    /// count the round.
+    Skipped,
+    /// Every accepted payload, ascending client id (SPSA): each replica
+    /// replays all of them, so it needs no state beyond its parameters.
+    PerClient(Vec<LogEntry>),
+    /// The round's combined update in the kind's own format (Ferret: the
+    /// aggregated coefficients after server momentum, as applied). Kinds
+    /// with cross-round server state send this, so that replicas never need
+    /// that state: a late joiner's checkpoint plus logs is enough.
+    Combined(Vec<u8>),
+}
+
 /// Server → every joined client of a replicated run when a round closes: the
-/// round's accepted payloads in ascending client order, and the hash every
-/// replica must reach after applying them.
+/// round's update ([`LogBody`]) and the hash every replica must reach after
+/// applying it.
 #[derive(Clone, Debug, PartialEq, Encode, Decode)]
 pub struct RoundLog {
     /// The round.
     pub round: u32,
-    /// Ascending client id.
-    pub entries: Vec<LogEntry>,
+    /// What to apply.
+    pub body: LogBody,
     /// Hash of the global model after applying the log.
     pub model_hash: [u8; 32],
 }

@@ -4,7 +4,8 @@
 //!
 //! Each update kind's client side is one module implementing [`LocalKind`]:
 //! [`dense`] (FedAvg and FedAvgM: local SGD returning the dense delta),
-//! [`spsa`] (zeroth-order steps, one byte each) and [`frl`] (supermask
+//! [`spsa`] (zeroth-order steps, one byte each), [`ferret`] (local SGD
+//! projected onto shared bases) and [`frl`] (supermask
 //! scores trained locally, returned as a ranking). [`local_kind`] is the
 //! registry: the one `match` over kinds in this crate, mirroring
 //! `tally_protocol::kind::KindSettings::build` on the protocol side. Adding a
@@ -18,10 +19,12 @@ use crate::data::Dataset;
 use crate::{Device, KernelError};
 
 pub mod dense;
+pub mod ferret;
 pub mod frl;
 pub mod spsa;
 
 pub use dense::{DenseLocal, dense_update};
+pub use ferret::FerretLocal;
 pub use frl::{FrlLocal, frl_network, frl_train_config, frl_update};
 pub use spsa::SpsaLocal;
 
@@ -75,6 +78,7 @@ pub fn local_kind(settings: &KindSettings) -> Box<dyn LocalKind + '_> {
         KindSettings::FedAvgM(_) => Box::new(DenseLocal { kind: tally_protocol::fedavgm::ID }),
         KindSettings::Spsa(cfg) => Box::new(SpsaLocal(cfg)),
         KindSettings::Frl(run) => Box::new(FrlLocal(run)),
+        KindSettings::Ferret(cfg) => Box::new(FerretLocal(cfg)),
     }
 }
 

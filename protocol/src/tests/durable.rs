@@ -8,7 +8,7 @@ use crate::durable::{Persist, Record, Snapshot, decode_record, decode_snapshot, 
 /// The host's disk: the last snapshot and the records since, kept as bytes
 /// (so the codec is exercised too).
 #[derive(Default, Clone)]
-struct Disk {
+pub(super) struct Disk {
     snapshot: Option<Vec<u8>>,
     log: Vec<Vec<u8>>,
     /// The host dies just before it writes the next snapshot: that and
@@ -17,7 +17,7 @@ struct Disk {
 }
 
 impl Disk {
-    fn absorb(&mut self, coord: &mut Coordinator) {
+    pub(super) fn absorb(&mut self, coord: &mut Coordinator) {
         while let Some(p) = coord.poll_persist() {
             if self.die_at_snapshot && matches!(p, Persist::Snapshot(_)) {
                 while coord.poll_persist().is_some() {}
@@ -33,7 +33,7 @@ impl Disk {
         }
     }
 
-    fn load(&self) -> (Snapshot, Vec<Record>) {
+    pub(super) fn load(&self) -> (Snapshot, Vec<Record>) {
         let snap = decode_snapshot(self.snapshot.as_ref().expect("a snapshot was written")).unwrap();
         (snap, self.log.iter().map(|b| decode_record(b).unwrap()).collect())
     }

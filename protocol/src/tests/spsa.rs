@@ -7,7 +7,7 @@ use super::*;
 use crate::identity::params_hash;
 use crate::rng::LocalRng;
 use crate::spsa::SpsaConfig;
-use crate::wire::RoundLog;
+use crate::wire::{LogBody, RoundLog};
 
 fn spsa_cfg() -> SpsaConfig {
     SpsaConfig { stream_seed: 77, steps_per_client: 32, eps: 1e-3, lr: 0.05, batch_size: 8 }
@@ -127,13 +127,13 @@ fn a_tampered_log_is_detected_by_the_replica() {
     let mut honest = params.clone();
     crate::spsa::apply_round(&mut honest, &spsa_cfg(), round + 1, &entries);
     entries[0].bytes[1] = 4;
-    let forged = RoundLog { round: round + 1, entries, model_hash: params_hash(&honest) };
+    let forged = RoundLog { round: round + 1, body: LogBody::PerClient(entries), model_hash: params_hash(&honest) };
     let err = net.clients[0].1.handle_message(net.now, &codec::encode(&Message::RoundLog(forged.clone()))).unwrap_err();
     assert_eq!(err, Error::Misbehaving(Misbehaviour::ReplicaMismatch { round: round + 1 }));
     // A log that skips a round is refused before it is applied.
     let mut p = Participant::new(ident(1), Some(RUN));
     let _ = p.handle_message(net.now, &codec::encode(&Message::RoundLog(forged)));
-    let gap = RoundLog { round: round + 2, entries: vec![], model_hash: params_hash(&params) };
+    let gap = RoundLog { round: round + 2, body: LogBody::Skipped, model_hash: params_hash(&params) };
     let err = net.clients[1].1.handle_message(net.now, &codec::encode(&Message::RoundLog(gap))).unwrap_err();
     assert_eq!(err, Error::Misbehaving(Misbehaviour::OutOfOrderLog { have: round, got: round + 2 }));
 }
