@@ -51,6 +51,8 @@ pub(crate) enum Flow {
 
 /// The simulated federation (see the module docs).
 pub(crate) struct Sim<'a> {
+    /// Shared by every participant's replica (`crate::replicas`).
+    applier: std::sync::Arc<crate::replicas::SharedApplier>,
     s: &'a Scenario,
     split: &'a Split,
     device: &'a Device,
@@ -136,7 +138,11 @@ impl<'a> Sim<'a> {
         };
         let coord = Coordinator::new(config, initial, s.seed)?;
         let run_config = coord.run_config();
-        let clients: Vec<Participant> = identities.into_iter().map(|id| Participant::new(id, None)).collect();
+        // Every replica's directions go through one applier, which computes
+        // each distinct application once (`crate::replicas`).
+        let applier = std::sync::Arc::new(crate::replicas::SharedApplier::default());
+        let clients: Vec<Participant> =
+            identities.into_iter().map(|id| Participant::new(id, None).with_applier(applier.clone())).collect();
         let attack = s.attack()?;
         let malicious = attack.as_ref().map_or(0, |a| a.malicious(s.clients));
         let threads = match s.threads {
@@ -150,6 +156,7 @@ impl<'a> Sim<'a> {
             net.push(Duration::ZERO, Delivery::Connect(i));
         }
         Ok(Sim {
+            applier,
             s,
             split,
             device,
@@ -442,7 +449,7 @@ impl<'a> Sim<'a> {
                     let p = self.clients.get_mut(i).ok_or(SimError::UnknownConnection(i as u64))?;
                     if p.run_config().is_none() && !self.reconnecting.contains(&i) {
                         self.reconnecting.insert(i);
-                        *p = Participant::new(sim_identity(self.s.seed, i), None);
+                        *p = Participant::new(sim_identity(self.s.seed, i), None).with_applier(self.applier.clone());
                         self.net.push(end.max(now), Delivery::Connect(i));
                     }
                 }

@@ -21,6 +21,7 @@ pub mod attack;
 pub mod dpstream;
 mod driver;
 mod net;
+pub mod replicas;
 pub mod scenario;
 
 use serde::Serialize;
