@@ -147,7 +147,7 @@ fn role_hash(play: &str, name: &str, tag: u64) -> u64 {
 /// (FNV-1a of `play ‖ 0 ‖ name`, then SplitMix64). Deterministic and
 /// independent of which other roles exist.
 pub fn role_group(play: &str, name: &str, pretrain_percent: u8) -> RoleGroup {
-    if role_hash(play, name, 0x6772_6f75_70) % 100 < u64::from(pretrain_percent) {
+    if role_hash(play, name, 0x0067_726f_7570) % 100 < u64::from(pretrain_percent) {
         RoleGroup::Pretrain
     } else {
         RoleGroup::Federated
@@ -157,7 +157,7 @@ pub fn role_group(play: &str, name: &str, pretrain_percent: u8) -> RoleGroup {
 /// A sort key for taking roles in a play-mixing but fixed order (an
 /// independent hash of play and name).
 pub fn role_order(play: &str, name: &str) -> u64 {
-    role_hash(play, name, 0x6f72_6465_72)
+    role_hash(play, name, 0x006f_7264_6572)
 }
 
 /// Whether a file name is a play of this federation: `*_gut.txt`, not a
