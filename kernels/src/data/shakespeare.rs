@@ -528,7 +528,7 @@ mod tests {
         );
         assert_eq!(f.clients.len(), EMBEDDED_CLIENTS);
         assert_eq!((f.train.len(), f.test.len()), EMBEDDED_WINDOWS);
-        assert!(f.clients.iter().any(|c| c.play == "hamlet" && c.name == "Ham"));
+        assert!(f.clients.iter().any(|c| c.play == "hamlet" && c.name == "Hor"));
         assert!(f.clients.iter().any(|c| c.play == "midsummer_nights_dream" && c.name == "THESEUS"));
         // Same parse twice.
         assert_eq!(federation(&clients(&embedded_sample(), WINDOW), WINDOW).unwrap(), f);
