@@ -1,12 +1,15 @@
 //! Image-classification datasets: an in-memory [`Dataset`] of 8-bit greyscale
 //! images, a bounded reader for MNIST's IDX format (raw or gzip), the MNIST
 //! subset compiled into the library, and client partitions ([`partition`]).
+//! Also the Shakespeare next-character federation ([`shakespeare`]), whose
+//! 80-character windows are stored as one-row images of character ids.
 //!
 //! Nothing here touches burn: the trainer converts pixels to tensors itself.
 //! Every input is treated as hostile (a file on disk may be truncated, padded
 //! or a gzip bomb): parsing returns a [`DataError`] and never panics.
 
 pub mod partition;
+pub mod shakespeare;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -146,6 +149,17 @@ pub enum DataError {
     /// A partition parameter is invalid (e.g. a Dirichlet alpha that is not positive).
     #[error("invalid partition parameter: {0}")]
     InvalidParameter(String),
+    /// A text file (a Shakespeare play) holds bytes that are not text.
+    #[error("not a text file: {reason} at byte {offset}")]
+    NotText {
+        /// Byte offset of the first offending byte.
+        offset: usize,
+        /// What is wrong there.
+        reason: &'static str,
+    },
+    /// A play file has no speech (no speaker line followed by spoken text).
+    #[error("no speeches found (expected speaker lines such as `Ham.` after a blank line)")]
+    NoSpeeches,
 }
 
 impl DataError {
@@ -375,13 +389,18 @@ pub fn dataset_from_idx(images: IdxImages, labels: Vec<u8>, classes: usize) -> R
 /// Reads a whole file, refusing files larger than [`MAX_IDX_BYTES`] (the
 /// compressed size of a valid file is always below its decompressed size).
 fn read_capped(path: &Path) -> Result<Vec<u8>, DataError> {
+    read_capped_to(path, MAX_IDX_BYTES)
+}
+
+/// Reads a whole file, refusing files larger than `limit` bytes.
+fn read_capped_to(path: &Path, limit: usize) -> Result<Vec<u8>, DataError> {
     let io = |source| DataError::Io { path: path.to_path_buf(), source };
     let file = std::fs::File::open(path).map_err(io)?;
     let mut out = Vec::new();
-    let cap = u64::try_from(MAX_IDX_BYTES).unwrap_or(u64::MAX).saturating_add(1);
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
     file.take(cap).read_to_end(&mut out).map_err(io)?;
-    if out.len() > MAX_IDX_BYTES {
-        return Err(DataError::TooLarge { limit: MAX_IDX_BYTES }.in_file(path));
+    if out.len() > limit {
+        return Err(DataError::TooLarge { limit }.in_file(path));
     }
     Ok(out)
 }

@@ -10,13 +10,21 @@
 //! Every model takes images flattened to `[batch, rows * cols]` with pixels
 //! scaled to `[0, 1]` (`pixel / 255`) and returns logits `[batch, classes]`;
 //! LeNet-5 reshapes to `[batch, 1, 28, 28]` itself.
+//!
+//! The character model ([`CharGru`]) takes the same tensor, but its "pixels"
+//! are character ids (a text window stored as a one-row image, see
+//! `data::shakespeare`): its forward turns `id / 255` back into the exact
+//! integer id (`round(x · 255)`; the f32 error of `id / 255 · 255` is below
+//! 1e-4, far from the 0.5 that would change the rounding). So the trainer,
+//! the batcher and the evaluation stay the same code for images and text,
+//! and MNIST runs are untouched.
 
 use burn::module::{Module, Param};
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
-use burn::nn::{Linear, PaddingConfig2d};
-use burn::tensor::activation::relu;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::nn::{Embedding, Linear, PaddingConfig2d};
+use burn::tensor::activation::{relu, sigmoid};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use tally_protocol::model::{ModelArch, ModelError};
 
 use crate::KernelError;
@@ -79,6 +87,64 @@ impl LeNet5 {
     }
 }
 
+/// The character-level GRU of `ModelArch::CharGru`: embedding → one GRU
+/// layer (PyTorch's equations and gate order r, z, n) → linear head on the
+/// last hidden state.
+///
+/// Per step, with `x_t` the embedded character and `h` the state (zeros at
+/// the start): `r = σ(W_ir x + b_ir + W_hr h + b_hr)`, `z = σ(W_iz x + b_iz +
+/// W_hz h + b_hz)`, `n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))`,
+/// `h' = (1 − z) ⊙ n + z ⊙ h`.
+#[derive(Module, Debug)]
+pub struct CharGru {
+    /// `[vocab, embed]`.
+    pub embed: Embedding,
+    /// Input weights, stored `[embed, 3·hidden]` (PyTorch's `weight_ih_l0` transposed).
+    pub w_ih: Param<Tensor<2>>,
+    /// Recurrent weights, stored `[hidden, 3·hidden]` (`weight_hh_l0` transposed).
+    pub w_hh: Param<Tensor<2>>,
+    /// `[3·hidden]`.
+    pub b_ih: Param<Tensor<1>>,
+    /// `[3·hidden]`.
+    pub b_hh: Param<Tensor<1>>,
+    /// `hidden → vocab`.
+    pub out: Linear,
+}
+
+impl CharGru {
+    /// Logits `[batch, vocab]` for `x: [batch, seq]` holding `id / 255`.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let [batch, seq] = x.dims();
+        let [vocab, _] = self.embed.weight.dims();
+        let [_, h3] = self.w_hh.dims();
+        let hidden = h3 / 3;
+        // Back to exact ids; clamped so that a hostile byte can never index
+        // past the table (training and evaluation refuse such data first,
+        // with a typed error: `check_inputs`).
+        let ids: Tensor<2, Int> = x.mul_scalar(255.0).round().int().clamp(0, vocab.saturating_sub(1) as i64);
+        let emb = self.embed.forward(ids); // [batch, seq, embed]
+        let [_, _, embed] = emb.dims();
+        let device = emb.device();
+        let w_ih = self.w_ih.val();
+        let w_hh = self.w_hh.val();
+        let b_ih = self.b_ih.val().unsqueeze_dim::<2>(0);
+        let b_hh = self.b_hh.val().unsqueeze_dim::<2>(0);
+        let mut h: Tensor<2> = Tensor::zeros([batch, hidden], &device);
+        for t in 0..seq {
+            let x_t = emb.clone().slice([0..batch, t..t + 1, 0..embed]).reshape([batch, embed]);
+            let gi = x_t.matmul(w_ih.clone()) + b_ih.clone();
+            let gh = h.clone().matmul(w_hh.clone()) + b_hh.clone();
+            let part = |g: &Tensor<2>, k: usize| g.clone().slice([0..batch, k * hidden..(k + 1) * hidden]);
+            let r = sigmoid(part(&gi, 0) + part(&gh, 0));
+            let z = sigmoid(part(&gi, 1) + part(&gh, 1));
+            let n = (part(&gi, 2) + r * part(&gh, 2)).tanh();
+            // h' = (1 − z) n + z h = n + z (h − n)
+            h = n.clone() + z * (h - n);
+        }
+        self.out.forward(h)
+    }
+}
+
 /// A model of any supported architecture.
 #[derive(Module, Debug)]
 #[allow(clippy::large_enum_variant, reason = "one model per training call; boxing buys nothing")]
@@ -87,6 +153,8 @@ pub enum Model {
     Mlp(Mlp),
     /// See [`LeNet5`].
     LeNet5(LeNet5),
+    /// See [`CharGru`].
+    CharGru(CharGru),
 }
 
 /// Number of pixels per image `arch` takes, and a human description of it.
@@ -98,6 +166,7 @@ pub fn input_size(arch: &ModelArch) -> (usize, String) {
             let (c, side) = net.input_shape();
             (c.saturating_mul(side).saturating_mul(side), format!("{c}x{side}x{side}"))
         }
+        ModelArch::CharGru { seq, .. } => (*seq as usize, format!("1x{seq} character ids")),
     }
 }
 
@@ -111,8 +180,23 @@ pub fn check_image_size(arch: &ModelArch, rows: usize, cols: usize) -> Result<()
             let (c, side) = net.input_shape();
             c == 1 && rows == side && cols == side
         }
+        ModelArch::CharGru { seq, .. } => rows == 1 && cols == *seq as usize,
     };
     if ok { Ok(()) } else { Err(KernelError::ImageSize { arch_input, expected, rows, cols }) }
+}
+
+/// Checks the inputs' values fit `arch`: for [`ModelArch::CharGru`] every
+/// byte is a character id below the vocabulary (images take any byte).
+pub fn check_inputs(arch: &ModelArch, data: &crate::data::Dataset) -> Result<(), KernelError> {
+    if let ModelArch::CharGru { vocab, .. } = arch
+        && let Some(index) = data.pixels.iter().position(|&p| u32::from(p) >= *vocab)
+    {
+        return Err(KernelError::InvalidConfig(format!(
+            "character id {} at byte {index} of the inputs is not below the model's vocabulary of {vocab}",
+            data.pixels.get(index).copied().unwrap_or_default()
+        )));
+    }
+    Ok(())
 }
 
 fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
@@ -232,6 +316,22 @@ impl Model {
             ModelArch::Supermask(_) => {
                 return Err(ModelError::InvalidArch("a supermask network is trained by crate::supermask").into());
             }
+            ModelArch::CharGru { vocab, embed, hidden, .. } => {
+                let (v, e, h) = (*vocab as usize, *embed as usize, *hidden as usize);
+                let emb = r.take(v * e)?;
+                let w_ih = r.take(3 * h * e)?;
+                let w_hh = r.take(3 * h * h)?;
+                let b_ih = r.take(3 * h)?;
+                let b_hh = r.take(3 * h)?;
+                Model::CharGru(CharGru {
+                    embed: Embedding { weight: Param::from_tensor(tensor(emb.to_vec(), [v, e], device)) },
+                    w_ih: Param::from_tensor(tensor(transpose(w_ih, 3 * h, e), [e, 3 * h], device)),
+                    w_hh: Param::from_tensor(tensor(transpose(w_hh, 3 * h, h), [h, 3 * h], device)),
+                    b_ih: Param::from_tensor(tensor(b_ih.to_vec(), [3 * h], device)),
+                    b_hh: Param::from_tensor(tensor(b_hh.to_vec(), [3 * h], device)),
+                    out: r.linear(h, v, device)?,
+                })
+            }
             ModelArch::LeNet5 { classes } => Model::LeNet5(LeNet5 {
                 conv1: r.conv(1, 6, 5, 2, device)?,
                 conv2: r.conv(6, 16, 5, 0, device)?,
@@ -269,6 +369,16 @@ impl Model {
                     write_linear(&mut out, l)?;
                 }
             }
+            Model::CharGru(m) => {
+                out.extend(read_tensor(m.embed.weight.val())?);
+                let [e, h3] = m.w_ih.dims();
+                out.extend(transpose(&read_tensor(m.w_ih.val())?, e, h3));
+                let [h, _] = m.w_hh.dims();
+                out.extend(transpose(&read_tensor(m.w_hh.val())?, h, h3));
+                out.extend(read_tensor(m.b_ih.val())?);
+                out.extend(read_tensor(m.b_hh.val())?);
+                write_linear(&mut out, &m.out)?;
+            }
         }
         Ok(out)
     }
@@ -278,6 +388,7 @@ impl Model {
         match self {
             Model::Mlp(m) => m.forward(x),
             Model::LeNet5(m) => m.forward(x),
+            Model::CharGru(m) => m.forward(x),
         }
     }
 }
@@ -455,6 +566,80 @@ mod tests {
         for (g, w) in got.iter().zip(&want) {
             assert!((*g as f64 - w).abs() < 1e-4, "burn {g} vs reference {w}");
         }
+    }
+
+    /// PyTorch's GRU equations in plain f64 over the flat (PyTorch-layout)
+    /// parameters: proves the gate order, the transposes and the head.
+    fn reference_char_gru(arch: &ModelArch, p: &[f32], ids: &[u8]) -> Vec<f64> {
+        let ModelArch::CharGru { vocab, embed, hidden, .. } = *arch else { unreachable!() };
+        let (v, e, h) = (vocab as usize, embed as usize, hidden as usize);
+        let p: Vec<f64> = p.iter().map(|&x| x as f64).collect();
+        let (emb, rest) = p.split_at(v * e);
+        let (w_ih, rest) = rest.split_at(3 * h * e);
+        let (w_hh, rest) = rest.split_at(3 * h * h);
+        let (b_ih, rest) = rest.split_at(3 * h);
+        let (b_hh, rest) = rest.split_at(3 * h);
+        let (w_out, b_out) = rest.split_at(v * h);
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let mut state = vec![0f64; h];
+        for &id in ids {
+            let x = &emb[id as usize * e..(id as usize + 1) * e];
+            let gi: Vec<f64> =
+                (0..3 * h).map(|j| b_ih[j] + (0..e).map(|k| w_ih[j * e + k] * x[k]).sum::<f64>()).collect();
+            let gh: Vec<f64> =
+                (0..3 * h).map(|j| b_hh[j] + (0..h).map(|k| w_hh[j * h + k] * state[k]).sum::<f64>()).collect();
+            state = (0..h)
+                .map(|j| {
+                    let r = sig(gi[j] + gh[j]);
+                    let z = sig(gi[h + j] + gh[h + j]);
+                    let n = (gi[2 * h + j] + r * gh[2 * h + j]).tanh();
+                    (1.0 - z) * n + z * state[j]
+                })
+                .collect();
+        }
+        (0..v).map(|o| b_out[o] + (0..h).map(|k| w_out[o * h + k] * state[k]).sum::<f64>()).collect()
+    }
+
+    #[test]
+    fn char_gru_forward_matches_hand_computation() {
+        let device = cpu_device();
+        let arch = ModelArch::CharGru { vocab: 7, embed: 3, hidden: 5, seq: 6 };
+        let p = arch.init_params(9);
+        let model = Model::from_flat(&arch, &p, &device).unwrap();
+        assert_eq!(model.to_flat().unwrap(), p);
+        assert_eq!(model.num_params(), arch.num_params());
+        let windows: [[u8; 6]; 2] = [[0, 1, 2, 3, 4, 5], [6, 6, 0, 3, 1, 2]];
+        // The trainer's encoding: id / 255.
+        let x: Vec<f32> = windows.iter().flatten().map(|&b| b as f32 / 255.0).collect();
+        let out = model.forward(Tensor::from_data(TensorData::new(x, [2, 6]), &device));
+        assert_eq!(out.dims(), [2, 7]);
+        let got = read_tensor(out).unwrap();
+        for (b, w) in windows.iter().enumerate() {
+            let want = reference_char_gru(&arch, &p, w);
+            for (g, r) in got[b * 7..(b + 1) * 7].iter().zip(&want) {
+                assert!((*g as f64 - r).abs() < 1e-5, "window {b}: burn {g} vs reference {r}");
+            }
+        }
+        // Shape checks: one row of `seq` ids.
+        assert!(check_image_size(&arch, 1, 6).is_ok());
+        assert!(check_image_size(&arch, 1, 7).is_err());
+        assert!(check_image_size(&arch, 2, 3).is_err());
+    }
+
+    #[test]
+    fn char_gru_refuses_ids_beyond_its_vocabulary() {
+        let arch = ModelArch::CharGru { vocab: 7, embed: 3, hidden: 5, seq: 2 };
+        let ok = crate::data::Dataset::new(1, 2, vec![0, 6], vec![1], 7).unwrap();
+        assert!(check_inputs(&arch, &ok).is_ok());
+        let bad = crate::data::Dataset::new(1, 2, vec![0, 7], vec![1], 7).unwrap();
+        assert!(matches!(check_inputs(&arch, &bad), Err(KernelError::InvalidConfig(_))));
+        // Images take any byte.
+        assert!(check_inputs(&ModelArch::mnist_mlp(), &bad).is_ok());
+        // The forward itself never indexes past the table.
+        let device = cpu_device();
+        let model = Model::from_flat(&arch, &arch.init_params(1), &device).unwrap();
+        let x = Tensor::from_data(TensorData::new(vec![1.0f32, 0.9], [1, 2]), &device);
+        assert_eq!(model.forward(x).dims(), [1, 7]);
     }
 
     #[test]

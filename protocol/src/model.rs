@@ -26,6 +26,10 @@ pub const MAX_PARAMETERS: usize = 16 * 1024 * 1024;
 /// Most hidden layers an MLP may declare (a sanity bound on decoded configs).
 pub const MAX_MLP_LAYERS: usize = 16;
 
+/// Longest input window a [`ModelArch::CharGru`] may declare: the GRU runs
+/// one step per character, so this bounds a forward pass's length.
+pub const MAX_CHAR_SEQ: u32 = 1024;
+
 /// A model architecture. Encoded in the round configuration so that every
 /// party agrees on shapes before any parameter is exchanged.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
@@ -54,6 +58,21 @@ pub enum ModelArch {
     /// order; there are no biases. Clients exchange rankings of it
     /// ([`crate::frl`]), never the floats.
     Supermask(crate::supermask::FrlArch),
+    /// A character-level GRU language model (the Shakespeare federation):
+    /// `seq` character ids → embedding (`vocab × embed`) → one GRU layer of
+    /// `hidden` units (PyTorch's `nn.GRU` gate layout and equations) → the
+    /// last hidden state → linear `hidden → vocab` logits over the next
+    /// character. Inputs are ids, not pixels: see `tally_kernels::model`.
+    CharGru {
+        /// Vocabulary size: input ids and output classes (at most 256, ids are bytes).
+        vocab: u32,
+        /// Embedding width.
+        embed: u32,
+        /// GRU hidden units.
+        hidden: u32,
+        /// Characters per input window.
+        seq: u32,
+    },
 }
 
 /// One named tensor of a model, in the flat order.
@@ -136,6 +155,17 @@ impl ModelArch {
             }
             // Its own check bounds every size before multiplying.
             ModelArch::Supermask(net) => return net.validate(),
+            ModelArch::CharGru { vocab, embed, hidden, seq } => {
+                if *vocab == 0 || *embed == 0 || *hidden == 0 || *seq == 0 {
+                    return Err(ModelError::InvalidArch("zero-sized char-gru dimension"));
+                }
+                if *vocab > 256 {
+                    return Err(ModelError::InvalidArch("char-gru vocab above 256 (ids are bytes)"));
+                }
+                if *seq > MAX_CHAR_SEQ {
+                    return Err(ModelError::InvalidArch("char-gru seq above MAX_CHAR_SEQ"));
+                }
+            }
         }
         // Count in u128 so that hostile widths can't overflow before the check.
         // Every layer (linear or conv) has fan_in * out weights and out biases.
@@ -163,6 +193,12 @@ impl ModelArch {
             ModelArch::LeNet5 { classes } => vec![(25, 6), (150, 16), (400, 120), (120, 84), (84, *classes as u64)],
             // Validated separately (no biases); never reached from `validate`.
             ModelArch::Supermask(_) => Vec::new(),
+            // The embedding has no bias; counting one per column only
+            // over-estimates, which is safe for a size check.
+            ModelArch::CharGru { vocab, embed, hidden, .. } => {
+                let (v, e, h) = (*vocab as u64, *embed as u64, *hidden as u64);
+                vec![(v, e), (e, 3 * h), (h, 3 * h), (h, v)]
+            }
         }
     }
 
@@ -204,6 +240,23 @@ impl ModelArch {
                 .enumerate()
                 .map(|(l, layer)| t(format!("layers.{l}.scores"), layer.shape(), layer.fan_in()))
                 .collect(),
+            // PyTorch names and layouts (`nn.Embedding`, `nn.GRU` with gates
+            // stacked r, z, n along the first axis, `nn.Linear`). Fan-ins
+            // give PyTorch's default init: U(±1/√hidden) for the GRU and the
+            // output layer; the embedding gets fan-in 1, i.e. U(±1) (PyTorch
+            // draws N(0, 1); a bounded draw keeps one scheme for every tensor).
+            ModelArch::CharGru { vocab, embed, hidden, .. } => {
+                let (v, e, h) = (*vocab as usize, *embed as usize, *hidden as usize);
+                vec![
+                    t("embed.weight".into(), vec![v, e], 1),
+                    t("gru.weight_ih_l0".into(), vec![3 * h, e], h),
+                    t("gru.weight_hh_l0".into(), vec![3 * h, h], h),
+                    t("gru.bias_ih_l0".into(), vec![3 * h], h),
+                    t("gru.bias_hh_l0".into(), vec![3 * h], h),
+                    t("out.weight".into(), vec![v, h], h),
+                    t("out.bias".into(), vec![v], h),
+                ]
+            }
         }
     }
 
@@ -219,6 +272,7 @@ impl ModelArch {
         match self {
             ModelArch::Mlp { classes, .. } | ModelArch::LeNet5 { classes } => *classes as usize,
             ModelArch::Supermask(net) => net.classes(),
+            ModelArch::CharGru { vocab, .. } => *vocab as usize,
         }
     }
 
@@ -390,6 +444,38 @@ mod tests {
     fn param_counts() {
         assert_eq!(ModelArch::mnist_mlp().num_params(), 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10);
         assert_eq!(ModelArch::LeNet5 { classes: 10 }.num_params(), 61_706);
+        // PyTorch: Embedding(81, 8) + GRU(8, 128) + Linear(128, 81).
+        let gru = ModelArch::CharGru { vocab: 81, embed: 8, hidden: 128, seq: 80 };
+        assert_eq!(gru.num_params(), 81 * 8 + (384 * 8 + 384 * 128 + 2 * 384) + (81 * 128 + 81));
+        assert_eq!(gru.classes(), 81);
+    }
+
+    #[test]
+    fn char_gru_validation_and_config_names() {
+        let ok = ModelArch::CharGru { vocab: 81, embed: 8, hidden: 128, seq: 80 };
+        ok.validate().unwrap();
+        let json = serde_json::to_string(&ok).unwrap();
+        assert_eq!(json, r#"{"kind":"char-gru","vocab":81,"embed":8,"hidden":128,"seq":80}"#);
+        assert_eq!(serde_json::from_str::<ModelArch>(&json).unwrap(), ok);
+        for bad in [
+            ModelArch::CharGru { vocab: 0, embed: 8, hidden: 128, seq: 80 },
+            ModelArch::CharGru { vocab: 81, embed: 8, hidden: 0, seq: 80 },
+            ModelArch::CharGru { vocab: 257, embed: 8, hidden: 128, seq: 80 },
+            ModelArch::CharGru { vocab: 81, embed: 8, hidden: 128, seq: MAX_CHAR_SEQ + 1 },
+        ] {
+            assert!(matches!(bad.validate(), Err(ModelError::InvalidArch(_))), "{bad:?}");
+        }
+        let huge = ModelArch::CharGru { vocab: 256, embed: u32::MAX, hidden: u32::MAX, seq: 80 };
+        assert!(matches!(huge.validate(), Err(ModelError::TooLarge(_))));
+        // Safetensors round trip with the PyTorch names.
+        let small = ModelArch::CharGru { vocab: 5, embed: 2, hidden: 3, seq: 4 };
+        let p = small.init_params(3);
+        assert_eq!(p.len(), small.num_params());
+        assert!(p[10..].iter().all(|v| v.abs() <= 1.0 / 3f32.sqrt()));
+        let bytes = small.to_safetensors(&p).unwrap();
+        assert_eq!(small.from_safetensors(&bytes).unwrap(), p);
+        let names: Vec<String> = small.tensors().into_iter().map(|t| t.name).collect();
+        assert_eq!(names[1], "gru.weight_ih_l0");
     }
 
     #[test]

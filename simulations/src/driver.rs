@@ -21,7 +21,7 @@ use crate::attack::{Attack, AttackEnv, RoundTask};
 use crate::net::{Delivery, VirtualNet};
 use crate::{
     RoundRecord, Scenario, SimError, SimReport, TAG_CHALLENGE, TAG_DROPOUT, TAG_RUN, TAG_STRAGGLER, hash_seed, par_map,
-    partition, scenario, sim_identity, unit,
+    partition_with, scenario, sim_identity, unit,
 };
 
 /// Deadline extensions of one round after which the simulator reports a
@@ -89,7 +89,12 @@ impl<'a> Sim<'a> {
     /// clients' shards, the coordinator with the scenario's kind and rule,
     /// one participant per client, the attack, and every client's
     /// connection queued.
-    pub(crate) fn setup(s: &'a Scenario, split: &'a Split, device: &'a Device) -> Result<Self, SimError> {
+    pub(crate) fn setup(
+        s: &'a Scenario,
+        split: &'a Split,
+        roles: Option<&[Vec<usize>]>,
+        device: &'a Device,
+    ) -> Result<Self, SimError> {
         let train = match s.train_range {
             Some([a, b]) => {
                 let n = split.train.len();
@@ -105,7 +110,7 @@ impl<'a> Sim<'a> {
             }
             None => split.train.clone(),
         };
-        let parts = partition(s, &train)?;
+        let parts = partition_with(s, &train, roles)?;
         let shards: Vec<Dataset> = parts.iter().map(|p| train.subset(p)).collect::<Result<_, _>>()?;
         let schedule = s.schedule.as_ref().map(|p| scenario::read_schedule(p, s.clients)).transpose()?;
         let initial = match &s.initial_model {

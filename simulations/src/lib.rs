@@ -30,7 +30,9 @@ use tally_kernels::{Dataset, Device};
 use tally_protocol::Identity;
 
 pub use attack::{Attack, AttackError};
-pub use scenario::{AttackSpec, NetworkSpec, PartitionFault, PartitionSpec, Scenario, ScenarioError};
+pub use scenario::{
+    AttackSpec, DataSource, NetworkSpec, PartitionFault, PartitionSpec, Scenario, ScenarioError, ShakespeareSpec,
+};
 
 /// Errors that stop a simulation.
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +174,7 @@ pub(crate) fn unit(seed: u64, tag: u64, index: u64) -> f64 {
     (hash_seed(seed, tag, index) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Loads the scenario's dataset.
+/// Loads an MNIST-format dataset: `embedded` or a directory of IDX files.
 pub fn load_data(spec: &str) -> Result<Split, SimError> {
     if spec == "embedded" {
         return Ok(data::embedded_mnist());
@@ -180,9 +182,92 @@ pub fn load_data(spec: &str) -> Result<Split, SimError> {
     Ok(data::load_mnist_dir(std::path::Path::new(spec))?)
 }
 
+/// A scenario's data: the split, and for Shakespeare the natural clients
+/// (each chosen role's training indices, in client order).
+#[derive(Debug, Clone)]
+pub struct SimData {
+    /// Training and test sets.
+    pub split: Split,
+    /// One list of training indices per natural client (Shakespeare roles).
+    pub roles: Option<Vec<Vec<usize>>>,
+}
+
+/// Loads the scenario's data (`s.data`, see [`DataSource`]). For
+/// Shakespeare: the roles of the scenario's group with enough text, in
+/// [`shakespeare::role_order`]; with `partition = roles` only the first
+/// `clients` of them (and at most `max_roles` in any case); the test set is those roles' test windows, thinned to
+/// `max_test` if set.
+pub fn load_scenario_data(s: &Scenario) -> Result<SimData, SimError> {
+    use data::shakespeare::{self, RoleGroup};
+    let dir = match DataSource::parse(&s.data) {
+        DataSource::Mnist(_) => return Ok(SimData { split: load_data(&s.data)?, roles: None }),
+        DataSource::Shakespeare(dir) => dir,
+    };
+    let t = &s.shakespeare;
+    let roles = match &dir {
+        Some(dir) => shakespeare::load_dir(dir)?,
+        None => shakespeare::embedded_sample(),
+    };
+    let mut chosen: Vec<&shakespeare::Role> = shakespeare::clients(&roles, t.window)
+        .into_iter()
+        .filter(|r| {
+            t.group == RoleGroup::All || shakespeare::role_group(&r.play, &r.name, t.pretrain_percent) == t.group
+        })
+        .collect();
+    chosen.sort_by(|a, b| {
+        (shakespeare::role_order(&a.play, &a.name), &a.play, &a.name).cmp(&(
+            shakespeare::role_order(&b.play, &b.name),
+            &b.play,
+            &b.name,
+        ))
+    });
+    if let Some(k) = t.max_roles {
+        chosen.truncate(k);
+    }
+    if s.partition == PartitionSpec::Roles {
+        if chosen.len() < s.clients {
+            return Err(ScenarioError::Invalid(format!(
+                "{} clients asked for, the {:?} group of {} has {} roles",
+                s.clients,
+                t.group,
+                s.data,
+                chosen.len()
+            ))
+            .into());
+        }
+        chosen.truncate(s.clients);
+    }
+    let fed = shakespeare::federation(&chosen, t.window)?;
+    let roles = fed.partition();
+    let test = match t.max_test {
+        Some(k) if k < fed.test.len() => {
+            let n = fed.test.len();
+            fed.test.subset(&(0..k).map(|i| i * n / k).collect::<Vec<_>>())?
+        }
+        _ => fed.test,
+    };
+    Ok(SimData { split: Split { train: fed.train, test }, roles: Some(roles) })
+}
+
 /// Splits the training set per the scenario.
 pub fn partition(s: &Scenario, train: &Dataset) -> Result<Vec<Vec<usize>>, SimError> {
+    partition_with(s, train, None)
+}
+
+/// Splits the training set per the scenario; `roles` are the data's
+/// natural clients, which `partition = roles` takes as they are.
+pub fn partition_with(
+    s: &Scenario,
+    train: &Dataset,
+    roles: Option<&[Vec<usize>]>,
+) -> Result<Vec<Vec<usize>>, SimError> {
     let parts = match &s.partition {
+        PartitionSpec::Roles => match roles {
+            Some(r) => r.to_vec(),
+            None => {
+                return Err(ScenarioError::Invalid("partition roles needs Shakespeare data".into()).into());
+            }
+        },
         PartitionSpec::Iid => data::partition::iid(train.len(), s.clients, s.seed),
         PartitionSpec::Dirichlet { alpha } => {
             data::partition::dirichlet(&train.labels, train.classes, s.clients, *alpha, s.seed)?
@@ -211,8 +296,18 @@ pub fn run(
     on_record: &mut dyn FnMut(&RoundRecord),
 ) -> Result<SimReport, SimError> {
     scenario.validate()?;
-    let split = load_data(&scenario.data)?;
-    run_on(scenario, &split, device, on_record)
+    let data = load_scenario_data(scenario)?;
+    run_on_data(scenario, &data, device, on_record)
+}
+
+/// [`run_on`] with the natural clients of the data (Shakespeare roles).
+pub fn run_on_data(
+    s: &Scenario,
+    data: &SimData,
+    device: &Device,
+    on_record: &mut dyn FnMut(&RoundRecord),
+) -> Result<SimReport, SimError> {
+    run_inner(s, &data.split, data.roles.as_deref(), device, on_record)
 }
 
 /// Runs a scenario on already loaded data: sets the federation up
@@ -231,8 +326,18 @@ pub fn run_on(
     device: &Device,
     on_record: &mut dyn FnMut(&RoundRecord),
 ) -> Result<SimReport, SimError> {
+    run_inner(s, split, None, device, on_record)
+}
+
+fn run_inner(
+    s: &Scenario,
+    split: &Split,
+    roles: Option<&[Vec<usize>]>,
+    device: &Device,
+    on_record: &mut dyn FnMut(&RoundRecord),
+) -> Result<SimReport, SimError> {
     s.validate()?;
-    let mut sim = driver::Sim::setup(s, split, device)?;
+    let mut sim = driver::Sim::setup(s, split, roles, device)?;
     sim.record_initial(on_record)?;
     while !sim.finished() {
         if sim.local_work_due() {
@@ -492,6 +597,62 @@ mod tests {
         s.train_range = Some([split.train.len() + 5, split.train.len() + 10]);
         let err = run_on(&s, &split, &tally_kernels::cpu_device(), &mut |_| {}).unwrap_err().to_string();
         assert!(err.contains("train_range") && err.contains("training examples"), "{err}");
+    }
+
+    /// Shakespeare end to end on the embedded sample: central pre-training
+    /// on the pre-training roles (one client), saved, then FedAvg over the
+    /// other roles (one client per role) from it; accuracy rises.
+    #[test]
+    fn shakespeare_pretrain_then_federated_fine_tuning() {
+        use tally_kernels::data::shakespeare::RoleGroup;
+        let arch = tally_protocol::model::ModelArch::CharGru { vocab: 81, embed: 8, hidden: 16, seq: 80 };
+        let text = ShakespeareSpec { group: RoleGroup::Pretrain, max_test: Some(300), ..ShakespeareSpec::default() };
+        let pre = Scenario {
+            data: "shakespeare".into(),
+            shakespeare: text.clone(),
+            clients: 1,
+            clients_per_round: 1,
+            rounds: 2,
+            partition: PartitionSpec::Iid,
+            model: arch.clone(),
+            train: tally_protocol::wire::TrainSpec { lr: 1.0, batch_size: 16, epochs: 1 },
+            ..Scenario::default()
+        };
+        let dev = tally_kernels::cpu_device();
+        let data = load_scenario_data(&pre).unwrap();
+        assert_eq!(data.split.test.len(), 300);
+        assert_eq!((data.split.train.rows, data.split.train.cols), (1, 80));
+        let p = run_on_data(&pre, &data, &dev, &mut |_| {}).unwrap();
+        assert!(p.final_accuracy().unwrap() > p.records[0].test_accuracy.unwrap() + 0.1, "{:?}", p.records);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pre.safetensors");
+        let meta = tally_protocol::model_file::ModelMeta::of_kind(arch.clone(), &pre.kind_settings().unwrap(), Some(2));
+        tally_kernels::params_file::save_model(&file, &meta, &p.final_model).unwrap();
+        let fine = Scenario {
+            shakespeare: ShakespeareSpec { group: RoleGroup::Federated, ..text },
+            clients: 4,
+            clients_per_round: 2,
+            rounds: 2,
+            partition: PartitionSpec::Roles,
+            initial_model: Some(file),
+            train: tally_protocol::wire::TrainSpec { lr: 0.5, batch_size: 16, epochs: 1 },
+            ..pre.clone()
+        };
+        let fdata = load_scenario_data(&fine).unwrap();
+        let roles = fdata.roles.as_ref().unwrap();
+        assert_eq!(roles.len(), 4);
+        // The roles' windows, client after client.
+        assert_eq!(roles.iter().map(Vec::len).sum::<usize>(), fdata.split.train.len());
+        let f = run_on_data(&fine, &fdata, &dev, &mut |_| {}).unwrap();
+        assert!(f.records[1..].iter().all(|r| r.accepted == 2 && r.rejected == 0), "{:?}", f.records);
+        // Starts from the pre-trained model (well above chance), then improves.
+        assert!(f.records[0].test_accuracy.unwrap() > 0.15, "{:?}", f.records[0]);
+        assert!(f.final_accuracy().unwrap() > f.records[0].test_accuracy.unwrap(), "{:?}", f.records);
+        assert_eq!(run_on_data(&fine, &fdata, &dev, &mut |_| {}).unwrap().records, f.records);
+        // Too many clients for the group, and roles without Shakespeare data.
+        assert!(load_scenario_data(&Scenario { clients: 1000, clients_per_round: 1, ..fine.clone() }).is_err());
+        let mnist = Scenario { data: "embedded".into(), ..fine };
+        assert!(mnist.validate().is_err());
     }
 
     #[test]

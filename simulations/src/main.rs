@@ -30,7 +30,8 @@ struct Cli {
     /// Seed of everything.
     #[arg(long)]
     seed: Option<u64>,
-    /// `embedded` or a directory of MNIST-format IDX files (e.g. data/mnist).
+    /// `embedded`, a directory of MNIST-format IDX files (e.g. data/mnist),
+    /// `shakespeare` (embedded sample) or `shakespeare:DIR` (e.g. shakespeare:data/shakespeare).
     #[arg(long)]
     data: Option<String>,
     /// Clients in the federation.

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tally_kernels::data::shakespeare::{self, RoleGroup};
 use tally_protocol::coordinator::{MAX_ENROLLED, MAX_ROUND_TIMEOUT};
 use tally_protocol::kind::{AlgorithmSpec, KindError, KindSettings, RuleSpec};
 use tally_protocol::model::ModelArch;
@@ -81,6 +82,67 @@ pub enum PartitionSpec {
         /// The file.
         path: PathBuf,
     },
+    /// The dataset's natural clients: with Shakespeare data, one client per
+    /// (play, role), the first `clients` roles of the chosen group in a
+    /// fixed hash order ([`tally_kernels::data::shakespeare::role_order`]).
+    Roles,
+}
+
+/// How Shakespeare data (`data = "shakespeare"` for the embedded sample,
+/// `"shakespeare:DIR"` for the full plays) is cut into clients and groups.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShakespeareSpec {
+    /// Which roles take part: `all`, `pretrain` or `federated` (default `all`).
+    pub group: RoleGroup,
+    /// Percentage of roles in the pre-training group (by a hash of play and
+    /// role). Default 50.
+    pub pretrain_percent: u8,
+    /// Characters per example window. Default 80 (LEAF); the model's `seq`
+    /// must match.
+    pub window: usize,
+    /// Evaluate on at most this many test windows (evenly spaced over the
+    /// chosen clients' test windows). Default: all of them.
+    pub max_test: Option<usize>,
+    /// Use at most this many roles of the group (the first in the fixed
+    /// hash order), e.g. to pre-train on a part of the full plays. Default: all.
+    pub max_roles: Option<usize>,
+}
+
+impl Default for ShakespeareSpec {
+    fn default() -> Self {
+        ShakespeareSpec {
+            group: RoleGroup::All,
+            pretrain_percent: 50,
+            window: shakespeare::WINDOW,
+            max_test: None,
+            max_roles: None,
+        }
+    }
+}
+
+/// Where a scenario's `data` points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataSource {
+    /// MNIST-format IDX files: `embedded` (`None`) or a directory.
+    Mnist(Option<PathBuf>),
+    /// Shakespeare plays: the embedded sample (`None`) or a directory of `*_gut.txt`.
+    Shakespeare(Option<PathBuf>),
+}
+
+impl DataSource {
+    /// Reads a scenario's `data` string: `embedded`, `shakespeare`,
+    /// `shakespeare:DIR`, or an MNIST directory.
+    pub fn parse(spec: &str) -> DataSource {
+        match spec {
+            "embedded" => DataSource::Mnist(None),
+            "shakespeare" => DataSource::Shakespeare(None),
+            _ => match spec.strip_prefix("shakespeare:") {
+                Some(dir) => DataSource::Shakespeare(Some(PathBuf::from(dir))),
+                None => DataSource::Mnist(Some(PathBuf::from(spec))),
+            },
+        }
+    }
 }
 
 /// Simulated network and devices. Times are virtual: they drive deadlines and
@@ -139,9 +201,13 @@ pub struct Scenario {
     /// Seed of everything: identities, partition, initial model, sampling,
     /// network. Default 1.
     pub seed: u64,
-    /// `embedded` (10k/2k MNIST subset compiled in) or a directory of
-    /// MNIST-format IDX files (`data/mnist`, `data/fashion-mnist`). Default `embedded`.
+    /// `embedded` (10k/2k MNIST subset compiled in), a directory of
+    /// MNIST-format IDX files (`data/mnist`, `data/fashion-mnist`),
+    /// `shakespeare` (the embedded sample of three plays) or
+    /// `shakespeare:DIR` (the plays, `data/shakespeare`). Default `embedded`.
     pub data: String,
+    /// How Shakespeare data is cut into clients (ignored for MNIST).
+    pub shakespeare: ShakespeareSpec,
     /// Clients in the federation. Default 20.
     pub clients: usize,
     /// Clients sampled per round. Default 10.
@@ -199,6 +265,7 @@ impl Default for Scenario {
         Scenario {
             seed: 1,
             data: "embedded".into(),
+            shakespeare: ShakespeareSpec::default(),
             clients: 20,
             clients_per_round: 10,
             quorum: None,
@@ -299,6 +366,28 @@ impl Scenario {
         }
         if self.eval_every == 0 {
             return bad("eval_every must be at least 1");
+        }
+        let text = matches!(DataSource::parse(&self.data), DataSource::Shakespeare(_));
+        if self.partition == PartitionSpec::Roles {
+            if !text {
+                return bad("partition roles needs Shakespeare data (data = \"shakespeare\" or \"shakespeare:DIR\")");
+            }
+            if self.train_range.is_some() {
+                return bad("train_range does not apply to partition roles (choose roles with [shakespeare] group)");
+            }
+        }
+        if text {
+            let t = &self.shakespeare;
+            if t.pretrain_percent > 100
+                || t.window == 0
+                || t.window > 1024
+                || t.max_test == Some(0)
+                || t.max_roles == Some(0)
+            {
+                return bad(
+                    "shakespeare: pretrain_percent in 0..=100, window in 1..=1024, max_test and max_roles at least 1",
+                );
+            }
         }
         self.model.validate().map_err(|e| ScenarioError::Invalid(e.to_string()))?;
         // The kind's settings against the model, then the rule against the
@@ -485,6 +574,32 @@ mod tests {
             attacked("fedavg", "frl-reverse").unwrap_err().to_string(),
             "invalid scenario: attack frl-reverse needs the frl kind, not fedavg"
         );
+    }
+
+    #[test]
+    fn shakespeare_data_and_roles_partition() {
+        assert_eq!(DataSource::parse("embedded"), DataSource::Mnist(None));
+        assert_eq!(DataSource::parse("data/mnist"), DataSource::Mnist(Some("data/mnist".into())));
+        assert_eq!(DataSource::parse("shakespeare"), DataSource::Shakespeare(None));
+        assert_eq!(DataSource::parse("shakespeare:data/x"), DataSource::Shakespeare(Some("data/x".into())));
+        let text = "data = \"shakespeare\"\npartition = { kind = \"roles\" }\nclients = 4\nclients_per_round = 2\n\
+                    model = { kind = \"char-gru\", vocab = 81, embed = 8, hidden = 32, seq = 80 }\n\
+                    [shakespeare]\ngroup = \"federated\"\npretrain_percent = 30\nmax_test = 100\n";
+        let s: Scenario = toml::from_str(text).unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.shakespeare.group, RoleGroup::Federated);
+        assert_eq!((s.shakespeare.pretrain_percent, s.shakespeare.window), (30, 80));
+        let refused = |change: &dyn Fn(&mut Scenario)| {
+            let mut t = s.clone();
+            change(&mut t);
+            t.validate().is_err()
+        };
+        assert!(refused(&|t| t.data = "embedded".into()));
+        assert!(refused(&|t| t.train_range = Some([0, 10])));
+        assert!(refused(&|t| t.shakespeare.pretrain_percent = 101));
+        assert!(refused(&|t| t.shakespeare.window = 0));
+        assert!(refused(&|t| t.shakespeare.max_test = Some(0)));
+        assert!(toml::from_str::<Scenario>("[shakespeare]\ngroup = \"some\"").is_err());
     }
 
     #[test]
