@@ -44,6 +44,8 @@ pub const TARGETS: &[Target] = &[
     ("report", report),
     ("dense_update", dense_update),
     ("spsa_update", spsa_update),
+    ("ferret_update", ferret_update),
+    ("ferret_config", ferret_config),
     ("frl_ranking", frl_ranking),
     ("frl_vote", frl_vote),
     ("durable_snapshot", durable_snapshot),
@@ -204,6 +206,81 @@ pub fn spsa_update(data: &[u8]) {
         // Every replica applies the same log; it must be the accepted bytes.
         if let Some(crate::wire::LogBody::PerClient(log)) = agg.take_log() {
             assert!(log.iter().all(|e| (1..=steps_per_client as usize).contains(&e.bytes.len())));
+        }
+    }
+}
+
+/// Ferret coefficient payloads through the [`crate::ferret::Ferret`]
+/// aggregator on a 23-parameter MLP (4 blocks): K of 2–17, momentum on or
+/// off, 1–4 clients, each payload's bytes (any length) from the input.
+/// Whatever is accepted, a replica applying the round's log reaches the
+/// server's model bit for bit.
+pub fn ferret_update(data: &[u8]) {
+    let mut c = Cursor::new(data);
+    let head = c.u8();
+    let k = u32::from(head % 16) + 2;
+    let clients = u32::from(head >> 4) % 4 + 1;
+    let momentum = if c.u8() % 2 == 0 { 0.0 } else { 0.5 };
+    let cfg = crate::ferret::FerretConfig {
+        momentum,
+        ..crate::ferret::FerretSpec { k, server_lr: 0.5, ..Default::default() }.resolve(5)
+    };
+    let arch = ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 };
+    let Ok(kind) = crate::kind::KindSettings::Ferret(cfg).build(&arch) else { return };
+    let shape = crate::kind::RunShape { arch: &arch, clients_per_round: 4, rounds: 3, max_update_abs: 1e6 };
+    let mut global = arch.init_params(1);
+    let Ok(mut agg) = kind.aggregator(&shape, &crate::kind::RuleSpec::Mean, &global) else { return };
+    let mut replica = global.clone();
+    for round in 1..=3 {
+        if c.is_empty() {
+            break;
+        }
+        agg.begin_round(round, &global);
+        for client in 0..clients {
+            let update = fuzz_update(&mut c, |c| {
+                let len = usize::from(c.u8() % 48);
+                UpdatePayload { kind: crate::ferret::ID, data: c.take(len).to_vec() }
+            });
+            let _ = agg.absorb(client, &update);
+        }
+        let before: Vec<u32> = global.iter().map(|v| v.to_bits()).collect();
+        match agg.finish(&mut global) {
+            Ok(_) => {
+                assert!(global.iter().all(|v| v.is_finite()), "aggregation made the model non-finite");
+                let body = agg.take_log().expect("a replicated kind logs every round");
+                let log = RoundLog { round, body, model_hash: crate::identity::params_hash(&global) };
+                kind.apply_log(&mut replica, &log, &crate::prng::CpuApplier).expect("the server's own log applies");
+                let (a, b): (Vec<u32>, Vec<u32>) =
+                    (global.iter().map(|v| v.to_bits()).collect(), replica.iter().map(|v| v.to_bits()).collect());
+                assert_eq!(a, b, "a replica applying the log left the server's model");
+            }
+            Err(_) => {
+                let after: Vec<u32> = global.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(before, after, "a refused round changed the model");
+            }
+        }
+    }
+}
+
+/// Ferret settings as a (possibly hostile) server sends them in a
+/// `Welcome` (bincode), through the registry a participant uses: build
+/// against two models, make an aggregator, project and apply a tiny update.
+/// Bad settings are errors, never panics.
+pub fn ferret_config(data: &[u8]) {
+    let limit = bincode::config::standard().with_limit::<1024>();
+    let Ok((cfg, _)) = bincode::decode_from_slice::<crate::ferret::FerretConfig, _>(data, limit) else { return };
+    for arch in [ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 }, ModelArch::LeNet5 { classes: 10 }] {
+        let Ok(kind) = KindSettings::Ferret(cfg.clone()).build(&arch) else { continue };
+        let shape = crate::kind::RunShape { arch: &arch, clients_per_round: 4, rounds: 5, max_update_abs: 1e6 };
+        let init = arch.init_params(1);
+        let _ = kind.aggregator(&shape, &RuleSpec::Mean, &init);
+        // Small models only: LeNet's projection is a million basis draws per seed.
+        if init.len() < 100 {
+            let blocks = crate::ferret::blocks(&arch);
+            let delta: Vec<f32> = init.iter().map(|v| v * 0.01).collect();
+            let entries = crate::ferret::project(&cfg, &blocks, 1, &delta, 3);
+            let mut replica = init.clone();
+            crate::ferret::apply_scaled(&cfg, &blocks, 1, &mut replica, &entries, &crate::prng::CpuApplier);
         }
     }
 }
@@ -969,6 +1046,33 @@ mod seeds {
             spsa.extend(update_bytes(4, &[&[8u8][..], &bytes].concat()));
         }
         write("spsa_update", "two-clients", &spsa);
+
+        // ferret_update: K = 4, momentum, 2 clients; entries (k u16, g u16, f32).
+        let entry = |k: u16, g: u16, v: f32| [&k.to_le_bytes()[..], &g.to_le_bytes(), &v.to_le_bytes()].concat();
+        let mut ferret = vec![2 | (1 << 4), 1];
+        for entries in [vec![entry(0, 0, 0.5), entry(3, 0, -1.0), entry(1, 2, 2.0)], vec![entry(2, 1, 0.25)]] {
+            let bytes = entries.concat();
+            ferret.extend(update_bytes(4, &[&[bytes.len() as u8][..], &bytes].concat()));
+        }
+        write("ferret_update", "two-clients", &ferret);
+        let mut hostile = vec![2, 0];
+        let bad = [entry(1, 0, 1.0), entry(1, 0, f32::NAN)].concat();
+        hostile.extend(update_bytes(4, &[&[bad.len() as u8][..], &bad].concat()));
+        write("ferret_update", "hostile", &hostile);
+        // ferret_config: the settings as a Welcome carries them.
+        let cfg_bytes =
+            |c: &crate::ferret::FerretConfig| bincode::encode_to_vec(c, bincode::config::standard()).unwrap();
+        write("ferret_config", "defaults", &cfg_bytes(&crate::ferret::FerretSpec::default().resolve(3)));
+        let all = crate::ferret::FerretSpec {
+            k: 8,
+            anneal: crate::ferret::Anneal::Cosine,
+            momentum: 0.9,
+            unbiased: true,
+            ..Default::default()
+        };
+        write("ferret_config", "all", &cfg_bytes(&all.resolve(4)));
+        let too_many = crate::ferret::FerretSpec { k: 16384, ..Default::default() };
+        write("ferret_config", "too-many", &cfg_bytes(&too_many.resolve(4)));
 
         // frl_ranking: layer sizes, then a packed ranking.
         for sizes in [vec![3usize, 5], vec![64], vec![1, 2, 17, 40]] {

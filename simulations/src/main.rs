@@ -71,6 +71,10 @@ struct Cli {
     /// Aggregation rule: `mean` or `median` (median for dense kinds only).
     #[arg(long, value_parser = parse_rule)]
     rule: Option<RuleSpec>,
+    /// The update kind and its settings, as the scenario's `algorithm`
+    /// table, e.g. `--algorithm '{ kind = "ferret", k = 512, server_lr = 3 }'`.
+    #[arg(long, value_parser = parse_algorithm)]
+    algorithm: Option<tally_protocol::AlgorithmSpec>,
     /// Evaluate every N rounds (and after the last).
     #[arg(long)]
     eval_every: Option<u32>,
@@ -278,7 +282,7 @@ fn main() -> anyhow::Result<()> {
     macro_rules! over {
         ($($f:ident),*) => { $( if let Some(v) = cli.$f.clone() { s.$f = v; } )* };
     }
-    over!(seed, data, clients, clients_per_round, rounds, rule, eval_every, out, device);
+    over!(seed, data, clients, clients_per_round, rounds, rule, algorithm, eval_every, out, device);
     if let Some(a) = cli.dirichlet {
         s.partition = PartitionSpec::Dirichlet { alpha: a };
     }
@@ -413,6 +417,15 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An `algorithm` table as written in scenario files, inline.
+fn parse_algorithm(text: &str) -> Result<tally_protocol::AlgorithmSpec, String> {
+    #[derive(serde::Deserialize)]
+    struct One {
+        algorithm: tally_protocol::AlgorithmSpec,
+    }
+    toml::from_str::<One>(&format!("algorithm = {text}")).map(|o| o.algorithm).map_err(|e| e.to_string())
+}
+
 /// A rule by its name in scenario files (`mean`, `median`).
 fn parse_rule(name: &str) -> Result<RuleSpec, String> {
     RuleSpec::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(name))
@@ -423,6 +436,14 @@ fn parse_rule(name: &str) -> Result<RuleSpec, String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn algorithm_flag_takes_an_inline_table() {
+        let cli = Cli::try_parse_from(["tally-sim", "--algorithm", "{ kind = \"ferret\", k = 64 }"]).unwrap();
+        assert!(matches!(cli.algorithm, Some(tally_protocol::AlgorithmSpec::Ferret(f)) if f.k == 64));
+        assert!(Cli::try_parse_from(["tally-sim", "--algorithm", "{ kind = \"ferret\", K = 64 }"]).is_err());
+        assert!(Cli::try_parse_from(["tally-sim", "--algorithm", "ferret"]).is_err());
+    }
 
     #[test]
     fn rule_flag_takes_the_scenario_names() {
