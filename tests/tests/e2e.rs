@@ -570,6 +570,51 @@ fn spsa_run_over_quic_keeps_every_replica_bit_identical() {
     assert_clients_finished_with(&clients, &hash);
 }
 
+/// Ferret over QUIC: three clients upload coefficients on shared bases
+/// (never their model), the server broadcasts the combined update with
+/// server momentum, and every replica ends on the server's model, bit for
+/// bit (each client checks its replica's hash after every round).
+#[test]
+fn ferret_run_over_quic_uploads_coefficients_and_keeps_replicas_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<_> = (0..3).map(|i| keygen(dir.path(), &format!("f{i}"))).collect();
+    let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "algorithm = { kind = \"ferret\", k = 64, server_lr = 1.0, momentum = 0.9, anneal = \"linear\" }\n",
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap().to_string();
+    let mut server =
+        start_server(dir.path(), &enrolled, &["--config", &cfg, "--rounds", "3", "--min-clients", "3", "--seed", "13"]);
+    let mut clients: Vec<Proc> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| start_client(dir.path(), &format!("f{i}"), key, &server, &["--shard", &format!("{i}/3")]))
+        .collect();
+    wait_all_succeed(&mut clients);
+    assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
+    let m = metrics(&server.out_dir);
+    assert_eq!(m.len(), 4);
+    let dense = 4 * ModelArch::mnist_mlp().num_params() as u64;
+    for line in &m[1..=3] {
+        assert_eq!(line["accepted"], 3);
+        // At most K seeds for each of the MLP's 6 blocks, 8 bytes each, per
+        // client, plus the signed envelope: under 2% of one dense update.
+        let up = line["bytes_up"].as_u64().unwrap();
+        assert!(up < 3 * (64 * 6 * 8 + 300), "{line}");
+        assert!(up * 50 < 3 * dense, "{line}");
+    }
+    let params = ModelArch::mnist_mlp()
+        .from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap())
+        .unwrap();
+    assert_ne!(m[0]["model_hash"], m[3]["model_hash"], "the model moved");
+    let hash = hex::encode(tally_protocol::identity::params_hash(&params));
+    assert_eq!(m[3]["model_hash"], hash.as_str());
+    assert_clients_finished_with(&clients, &hash);
+}
+
 /// One client trains and replays the round logs on a GPU (lavapipe in CI),
 /// two on the CPU: every replica ends bit-identical. Each client checks its
 /// replica against the server's hash after every round, so one differing bit
