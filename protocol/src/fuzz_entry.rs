@@ -590,7 +590,7 @@ pub fn coordinator_ops(data: &[u8]) {
         clients_per_round: 2,
         quorum: usize::from((setup >> 2) & 1) + 1,
         round_timeout: Duration::from_secs(10),
-        train: TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 },
+        train: TrainSpec::sgd(0.1, 2, 1),
         kind: kind_settings(kind),
         rule: RuleSpec::Mean,
         max_violations: 3,
@@ -808,7 +808,7 @@ pub fn participant_frames(data: &[u8]) {
         run_id: RUN,
         arch: arch.clone(),
         rounds: 2,
-        train: TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 },
+        train: TrainSpec::sgd(0.1, 2, 1),
         kind: kind_settings(kind),
     };
     let (round1, round2) = match kind {

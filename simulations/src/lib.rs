@@ -438,7 +438,7 @@ mod tests {
         let (mut s, split) = tiny();
         s.model = tally_protocol::model::ModelArch::Supermask(tally_protocol::supermask::FrlArch::MNIST_LENET);
         s.algorithm = tally_protocol::AlgorithmSpec::Frl(tally_protocol::frl::FrlSpec::default());
-        s.train = tally_protocol::wire::TrainSpec { lr: 0.4, batch_size: 8, epochs: 1 };
+        s.train = tally_protocol::wire::TrainSpec::sgd(0.4, 8, 1);
         s.rounds = 2;
         (s, split)
     }
@@ -615,7 +615,7 @@ mod tests {
             rounds: 2,
             partition: PartitionSpec::Iid,
             model: arch.clone(),
-            train: tally_protocol::wire::TrainSpec { lr: 1.0, batch_size: 16, epochs: 1 },
+            train: tally_protocol::wire::TrainSpec::sgd(1.0, 16, 1),
             ..Scenario::default()
         };
         let dev = tally_kernels::cpu_device();
@@ -635,7 +635,7 @@ mod tests {
             rounds: 2,
             partition: PartitionSpec::Roles,
             initial_model: Some(file),
-            train: tally_protocol::wire::TrainSpec { lr: 0.5, batch_size: 16, epochs: 1 },
+            train: tally_protocol::wire::TrainSpec::sgd(0.5, 16, 1),
             ..pre.clone()
         };
         let fdata = load_scenario_data(&fine).unwrap();

@@ -275,7 +275,7 @@ impl Default for Scenario {
             schedule: None,
             initial_model: None,
             model: ModelArch::mnist_mlp(),
-            train: TrainSpec { lr: 0.1, batch_size: 32, epochs: 2 },
+            train: TrainSpec::sgd(0.1, 32, 2),
             network: NetworkSpec::default(),
             eval_every: 1,
             out: PathBuf::from("runs/sim/metrics.jsonl"),
