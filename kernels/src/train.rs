@@ -484,6 +484,31 @@ mod tests {
         w
     }
 
+    /// FRL's LeNet trained densely (FRL's FedAvg baseline): the generic
+    /// trainer runs it, with momentum, and it learns.
+    #[cfg(feature = "embedded-data")]
+    #[test]
+    fn frl_dense_lenet_trains_with_momentum() {
+        let device = cpu_device();
+        let arch = ModelArch::FrlDense(tally_protocol::supermask::FrlArch::MNIST_LENET);
+        let split = crate::data::embedded_mnist();
+        let data = split.train.subset(&(0..128).collect::<Vec<_>>()).unwrap();
+        let p0 = arch.init_params(2);
+        let before = evaluate(&arch, &p0, &data, &device, 64).unwrap();
+        let c = TrainConfig { momentum: 0.9, ..TrainConfig::sgd(0.01, 16, 3, 1) };
+        let (p1, r) = train_local(&arch, &p0, &data, &c, &device).unwrap();
+        assert_eq!(r.steps, 24);
+        let after = evaluate(&arch, &p1, &data, &device, 64).unwrap();
+        assert!(
+            after.loss_sum < 0.8 * before.loss_sum && after.correct > before.correct,
+            "loss {} -> {}, correct {} -> {}",
+            before.loss_sum,
+            after.loss_sum,
+            before.correct,
+            after.correct
+        );
+    }
+
     #[cfg(feature = "embedded-data")]
     #[test]
     fn momentum_and_weight_decay_match_pytorch_sgd() {
