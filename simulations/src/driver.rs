@@ -384,8 +384,11 @@ impl<'a> Sim<'a> {
             threads: self.threads,
             device: self.device,
             seed: self.s.seed,
+            per_round: self.s.clients_per_round,
+            rule: self.s.rule,
         };
-        let task = RoundTask { round: first.round, seed: first.seed, model: &first.model };
+        let malicious = self.malicious_sampled.get(&first.round).copied().unwrap_or(0).max(clients.len());
+        let task = RoundTask { round: first.round, seed: first.seed, model: &first.model, malicious };
         attack.craft(&env, &task, &clients)
     }
 

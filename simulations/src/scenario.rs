@@ -303,6 +303,7 @@ impl Scenario {
         let Some(spec) = &self.attack else { return Ok(None) };
         let attack = spec.build()?;
         attack.check(&self.kind_settings()?)?;
+        attack.check_model(&self.model)?;
         Ok(Some(attack))
     }
 
@@ -397,7 +398,9 @@ impl Scenario {
         // The rule's parameters must hold for a round of quorum size.
         self.rule.check_round_size(self.quorum.unwrap_or(self.clients_per_round))?;
         if let Some(spec) = &self.attack {
-            spec.build()?.check(&settings)?;
+            let attack = spec.build()?;
+            attack.check(&settings)?;
+            attack.check_model(&self.model)?;
         }
         Ok(())
     }
