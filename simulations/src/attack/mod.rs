@@ -26,6 +26,8 @@
 //! FRL's code does), and whether it knows the aggregation rule.
 
 pub mod dense;
+#[cfg(test)]
+mod effect_tests;
 pub mod frl_reverse;
 pub mod gaussian;
 pub mod label_flip;
