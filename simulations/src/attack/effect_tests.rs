@@ -203,3 +203,139 @@ fn tailored_multi_krum_copies_are_chosen_by_multi_krum() {
     let farther = dense::shifted(&mu, 4.0 * lambda + 1.0, &dense::std(&benign, &mu));
     assert!(round(&farther).iter().filter(|&&i| i < 3).count() < 3);
 }
+
+/// Every kind an attack applies to accepts its payloads: one round per kind,
+/// every report accepted (a mistagged or malformed payload is refused).
+#[test]
+fn payloads_are_well_formed_for_every_kind_they_apply_to() {
+    use tally_protocol::AlgorithmSpec;
+    let split = split();
+    let small = Scenario { clients: 6, clients_per_round: 3, rounds: 1, redraw_majority: false, ..scenario() };
+    let dense_attacks = [
+        AttackSpec::SignFlip { fraction: 0.5, scale: 1.0 },
+        AttackSpec::Gaussian { fraction: 0.5, std: 0.1 },
+        AttackSpec::LabelFlip { fraction: 0.5, source: Some(1), target: Some(7) },
+        AttackSpec::Lie { fraction: 0.5, z: None, pool: 25 },
+        AttackSpec::MinMax { fraction: 0.5, deviation: Default::default(), gamma_init: 50.0, pool: 25 },
+        AttackSpec::MinSum { fraction: 0.5, deviation: Default::default(), gamma_init: 50.0, pool: 25 },
+    ];
+    let mut kinds = vec![
+        AlgorithmSpec::Fedavgm(tally_protocol::fedavgm::FedAvgMSpec::default()),
+        AlgorithmSpec::Ferret(tally_protocol::ferret::FerretSpec::default()),
+    ];
+    for algorithm in kinds.drain(..) {
+        let s = Scenario { algorithm, ..small.clone() };
+        for attack in dense_attacks.iter().cloned().chain([
+            AttackSpec::TailoredTrimmedMean { fraction: 0.5, lambda_init: 5.0, pool: 25 },
+            AttackSpec::TailoredMultiKrum { fraction: 0.5, lambda_init: 5.0, pool: 25 },
+        ]) {
+            let s = Scenario { attack: Some(attack.clone()), ..s.clone() };
+            if s.validate().is_err() {
+                // The tailored attacks refuse Ferret (its rule runs on coefficients).
+                assert!(matches!(s.algorithm, AlgorithmSpec::Ferret(_)) && attack.name().starts_with("tailored"));
+                continue;
+            }
+            let r = run(&s, &split);
+            let x = &r.records[1];
+            assert!(x.malicious.unwrap() > 0, "{}: {x:?}", attack.name());
+            assert_eq!((x.accepted, x.rejected), (3, 0), "{} on {:?}: {x:?}", attack.name(), s.algorithm);
+        }
+    }
+    // Label flip on the kinds that train without dense deltas.
+    let spsa = Scenario {
+        algorithm: AlgorithmSpec::Spsa(tally_protocol::spsa::SpsaSpec::default()),
+        attack: Some(AttackSpec::LabelFlip { fraction: 0.5, source: None, target: None }),
+        ..small.clone()
+    };
+    let r = run(&spsa, &split);
+    assert!(r.records[1].malicious.unwrap() > 0 && r.records[1].rejected == 0, "{:?}", r.records[1]);
+}
+
+#[test]
+fn label_flip_on_frl_is_accepted() {
+    let split = split();
+    let s = Scenario {
+        clients: 6,
+        clients_per_round: 3,
+        rounds: 1,
+        model: tally_protocol::model::ModelArch::Supermask(tally_protocol::supermask::FrlArch::MNIST_LENET),
+        algorithm: tally_protocol::AlgorithmSpec::Frl(tally_protocol::frl::FrlSpec::default()),
+        train: tally_protocol::wire::TrainSpec { lr: 0.4, batch_size: 8, epochs: 1 },
+        attack: Some(AttackSpec::LabelFlip { fraction: 0.5, source: None, target: None }),
+        ..Scenario::default()
+    };
+    let r = run(&s, &split);
+    assert!(r.records[1].malicious.unwrap() > 0, "{:?}", r.records[1]);
+    assert_eq!((r.records[1].accepted, r.records[1].rejected), (3, 0));
+}
+
+/// Bad scenarios fail before the run, with an error naming the field.
+#[test]
+fn bad_attack_settings_are_refused_naming_the_field() {
+    let refused = |toml_text: &str, needle: &str| {
+        let err = match toml::from_str::<Scenario>(toml_text) {
+            Err(e) => e.to_string(),
+            Ok(s) => s.validate().expect_err(toml_text).to_string(),
+        };
+        assert!(err.contains(needle), "{toml_text}: {err}");
+    };
+    refused("attack = { kind = \"sign-flop\", fraction = 0.1 }", "sign-flop");
+    refused("attack = { kind = \"gaussian\", fraction = 1.0 }", "fraction");
+    refused("attack = { kind = \"lie\", fraction = -0.1 }", "fraction");
+    refused("attack = { kind = \"sign-flip\", fraction = 0.1, scale = -1.0 }", "scale");
+    refused("attack = { kind = \"gaussian\", fraction = 0.1, std = 0.0 }", "std");
+    refused("attack = { kind = \"lie\", fraction = 0.1, z = -1.0 }", "z must");
+    refused("attack = { kind = \"lie\", fraction = 0.1, pool = 0 }", "pool");
+    refused("attack = { kind = \"min-max\", fraction = 0.1, deviation = \"cosine\" }", "cosine");
+    refused("attack = { kind = \"min-sum\", fraction = 0.1, gamma_init = 0.0 }", "gamma_init");
+    refused("attack = { kind = \"tailored-trimmed-mean\", fraction = 0.1, lambda_init = -5.0 }", "lambda_init");
+    refused("attack = { kind = \"tailored-multi-krum\", fraction = 0.1, colour = 1 }", "colour");
+    refused("attack = { kind = \"label-flip\", fraction = 0.1, source = 3 }", "source and target");
+    refused("attack = { kind = \"label-flip\", fraction = 0.1, source = 3, target = 10 }", "source and target");
+    // Kinds an attack does not apply to.
+    let frl = "model = { kind = \"supermask\", net = \"lenet\", classes = 10 }\nalgorithm = { kind = \"frl\" }\n";
+    for a in ["sign-flip", "gaussian", "lie", "min-max", "min-sum", "tailored-trimmed-mean", "tailored-multi-krum"] {
+        refused(&format!("{frl}attack = {{ kind = \"{a}\", fraction = 0.1 }}"), &format!("attack {a} needs"));
+    }
+    refused("algorithm = { kind = \"ferret\" }\nattack = { kind = \"tailored-multi-krum\", fraction = 0.1 }", "needs");
+    // The minority rule must be satisfiable: 10 clients, 6 malicious, 8 a round.
+    refused(
+        "clients = 10\nclients_per_round = 8\nredraw_majority = true\nattack = { kind = \"gaussian\", fraction = 0.6 }",
+        "redraw_majority",
+    );
+    // The same settings are fine where they hold.
+    let ok: Scenario = toml::from_str(
+        "redraw_majority = true\nattack = { kind = \"min-max\", fraction = 0.2, deviation = \"unit-vec\" }",
+    )
+    .unwrap();
+    ok.validate().unwrap();
+    assert_eq!(
+        ok.attack,
+        Some(AttackSpec::MinMax {
+            fraction: 0.2,
+            deviation: super::min_max::Deviation::UnitVec,
+            gamma_init: 50.0,
+            pool: 25
+        })
+    );
+}
+
+/// FRL's rule: with `redraw_majority` no round samples malicious clients as
+/// half or more of it; without it, some round of the same seed does.
+#[test]
+fn redraw_majority_keeps_malicious_clients_a_minority() {
+    let split = split();
+    let s = Scenario {
+        clients: 10,
+        clients_per_round: 4,
+        rounds: 8,
+        attack: Some(AttackSpec::Gaussian { fraction: 0.4, std: 0.1 }),
+        ..scenario()
+    };
+    let counts = |s: &Scenario| run(s, &split).records[1..].iter().map(|x| x.malicious.unwrap()).collect::<Vec<_>>();
+    let redrawn = counts(&s);
+    assert!(redrawn.iter().all(|&m| 2 * m < 4), "{redrawn:?}");
+    let plain = counts(&Scenario { redraw_majority: false, ..s.clone() });
+    assert!(plain.iter().any(|&m| 2 * m >= 4), "{plain:?}");
+    assert_eq!(counts(&s), redrawn);
+}
