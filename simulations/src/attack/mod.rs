@@ -391,6 +391,44 @@ mod tests {
     }
 
     #[test]
+    fn the_catalogue_applies_to_its_kinds_only() {
+        let ferret = KindSettings::Ferret(tally_protocol::ferret::FerretSpec::default().resolve(1));
+        let all: Vec<KindSettings> = kinds().into_iter().chain([ferret]).collect();
+        // fedavg, fedavgm, spsa, frl, ferret
+        let dense_and_ferret = [true, true, false, false, true];
+        for (spec, expected) in [
+            (AttackSpec::SignFlip { fraction: 0.1, scale: 1.0 }, dense_and_ferret),
+            (AttackSpec::Gaussian { fraction: 0.1, std: 1.0 }, dense_and_ferret),
+            (AttackSpec::LabelFlip { fraction: 0.1, source: None, target: None }, [true; 5]),
+            (AttackSpec::Lie { fraction: 0.1, z: None, pool: 25 }, dense_and_ferret),
+            (
+                AttackSpec::MinMax { fraction: 0.1, deviation: min_max::Deviation::Std, gamma_init: 50.0, pool: 25 },
+                dense_and_ferret,
+            ),
+            (
+                AttackSpec::MinSum { fraction: 0.1, deviation: min_max::Deviation::Sign, gamma_init: 50.0, pool: 25 },
+                dense_and_ferret,
+            ),
+            (
+                AttackSpec::TailoredTrimmedMean { fraction: 0.1, lambda_init: 5.0, pool: 25 },
+                [true, true, false, false, false],
+            ),
+            (
+                AttackSpec::TailoredMultiKrum { fraction: 0.1, lambda_init: 5.0, pool: 25 },
+                [true, true, false, false, false],
+            ),
+        ] {
+            let a = spec.build().unwrap();
+            assert_eq!(a.name(), spec.name());
+            let applies: Vec<bool> = all.iter().map(|k| a.check(k).is_ok()).collect();
+            assert_eq!(applies, expected, "{}", a.name());
+            for k in all.iter().filter(|k| a.check(k).is_err()) {
+                assert!(matches!(a.check(k), Err(AttackError::WrongKind { .. })));
+            }
+        }
+    }
+
+    #[test]
     fn settings_out_of_range_are_refused() {
         let refused = |a: AttackSpec| matches!(a.build(), Err(AttackError::Invalid { .. }));
         assert!(refused(AttackSpec::Scale { fraction: 1.0, scale: 1.0 }));
