@@ -254,13 +254,16 @@ fn payloads_are_well_formed_for_every_kind_they_apply_to() {
 #[test]
 fn label_flip_on_frl_is_accepted() {
     let split = split();
+    // Field by field: robust to TrainSpec growing fields.
+    let mut train = Scenario::default().train;
+    (train.lr, train.batch_size, train.epochs) = (0.4, 8, 1);
     let s = Scenario {
         clients: 6,
         clients_per_round: 3,
         rounds: 1,
         model: tally_protocol::model::ModelArch::Supermask(tally_protocol::supermask::FrlArch::MNIST_LENET),
         algorithm: tally_protocol::AlgorithmSpec::Frl(tally_protocol::frl::FrlSpec::default()),
-        train: tally_protocol::wire::TrainSpec { lr: 0.4, batch_size: 8, epochs: 1 },
+        train,
         attack: Some(AttackSpec::LabelFlip { fraction: 0.5, source: None, target: None }),
         ..Scenario::default()
     };
