@@ -220,7 +220,7 @@ pub fn ferret_update(data: &[u8]) {
     let head = c.u8();
     let k = u32::from(head % 16) + 2;
     let clients = u32::from(head >> 4) % 4 + 1;
-    let momentum = if c.u8() % 2 == 0 { 0.0 } else { 0.5 };
+    let momentum = if c.u8().is_multiple_of(2) { 0.0 } else { 0.5 };
     let cfg = crate::ferret::FerretConfig {
         momentum,
         ..crate::ferret::FerretSpec { k, server_lr: 0.5, ..Default::default() }.resolve(5)
@@ -247,9 +247,12 @@ pub fn ferret_update(data: &[u8]) {
         match agg.finish(&mut global) {
             Ok(_) => {
                 assert!(global.iter().all(|v| v.is_finite()), "aggregation made the model non-finite");
-                let body = agg.take_log().expect("a replicated kind logs every round");
+                let body = agg.take_log();
+                assert!(body.is_some(), "a replicated kind logs every round");
+                let Some(body) = body else { return };
                 let log = RoundLog { round, body, model_hash: crate::identity::params_hash(&global) };
-                kind.apply_log(&mut replica, &log, &crate::prng::CpuApplier).expect("the server's own log applies");
+                let applied = kind.apply_log(&mut replica, &log, &crate::prng::CpuApplier);
+                assert!(applied.is_ok(), "the server's own log does not apply: {applied:?}");
                 let (a, b): (Vec<u32>, Vec<u32>) =
                     (global.iter().map(|v| v.to_bits()).collect(), replica.iter().map(|v| v.to_bits()).collect());
                 assert_eq!(a, b, "a replica applying the log left the server's model");
