@@ -575,6 +575,16 @@ impl DirectionApplier for GpuApplier {
             }
         }
     }
+    /// Ferret's bases (uniform directions), with the same fallback.
+    fn apply_uniform(&self, x: &mut [f32], directions: &[(StreamId, f32)]) {
+        match self.gpu.apply_uniform(x, directions) {
+            Ok(()) => {}
+            Err(_) => {
+                self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                tally_protocol::prng::apply_uniform(x, directions);
+            }
+        }
+    }
     fn name(&self) -> String {
         format!("gpu: {}", self.gpu.adapter())
     }

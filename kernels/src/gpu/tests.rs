@@ -113,3 +113,32 @@ fn spsa_perturbation_on_the_gpu_matches_the_cpu() {
         on_cpu.mean_loss
     );
 }
+
+/// A Ferret round's log applied by the GPU applier (the path a GPU client's
+/// replica takes) gives the CPU replica's bits, with hundreds of bases per
+/// block (more than one dispatch's worth).
+#[test]
+fn ferret_log_applied_on_the_gpu_matches_the_cpu() {
+    use tally_protocol::ferret::{self, Coefficient, FerretSpec};
+    use tally_protocol::prng::{CpuApplier, DirectionApplier};
+    let Some(g) = gpu() else { return };
+    let arch = ModelArch::Mlp { input: 64, hidden: vec![48], classes: 10 };
+    let cfg = FerretSpec { k: 300, ..Default::default() }.resolve(3);
+    let blocks = ferret::blocks(&arch);
+    let entries: Vec<Coefficient> = (0..blocks.len() as u16)
+        .flat_map(|g| {
+            (0..300u16).map(move |k| Coefficient { k, g, value: ((k as f32) * 0.37 + g as f32).sin() * 1e-2 })
+        })
+        .collect();
+    let init = arch.init_params(4);
+    let (mut cpu, mut gpu_params) = (init.clone(), init.clone());
+    ferret::apply_scaled(&cfg, &blocks, 1, &mut cpu, &entries, &CpuApplier);
+    let applier = super::GpuApplier::new(g);
+    ferret::apply_scaled(&cfg, &blocks, 1, &mut gpu_params, &entries, &applier);
+    assert_eq!(applier.fallbacks(), 0, "the GPU served every block");
+    assert_ne!(cpu, init);
+    assert_eq!(
+        cpu.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        gpu_params.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+}
