@@ -21,8 +21,11 @@ pub mod attack;
 pub mod dpstream;
 mod driver;
 mod net;
+pub mod output;
 pub mod replicas;
+pub mod report;
 pub mod scenario;
+pub mod sweep;
 
 use serde::Serialize;
 use tally_kernels::data::{self, Split};
@@ -113,8 +116,55 @@ pub struct RoundRecord {
     /// Malicious clients among the sampled (attack scenarios only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub malicious: Option<usize>,
+    /// The messages of `rejected`, by reason (the protocol's
+    /// [`RejectCode`](tally_protocol::wire::RejectCode) in snake case;
+    /// `misuse` for a refusal that is the host's own fault). Only reasons
+    /// that occurred; empty when nothing was refused.
+    pub rejected_by_reason: std::collections::BTreeMap<String, u32>,
+    /// How well the attack works after this round (attack scenarios only,
+    /// where evaluated; see [`attack_success_kind`]): for a label flip with
+    /// a source class, the test error on that class; for other attacks, the
+    /// accuracy drop against the same-seed clean run, which a sweep fills in
+    /// when that run is part of it (`null` otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attack_success: Option<Option<f64>>,
+    /// Test accuracy per class (label order), where evaluated: only in runs
+    /// that need it (a label-flip attack with a source class).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_class_accuracy: Option<Vec<f64>>,
     /// The scenario seed.
     pub seed: u64,
+}
+
+/// How a scenario's attack success is measured (see
+/// [`RoundRecord::attack_success`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttackSuccessKind {
+    /// A targeted label flip: the test error on this (source) class.
+    ClassError(usize),
+    /// An untargeted attack: the accuracy drop against the same-seed clean
+    /// run (known to a sweep that has it).
+    AccuracyDrop,
+}
+
+/// The attack-success measure of a scenario's attack, `None` without one.
+/// Attacks are read through their serde form ([`AttackSpec`]), so new
+/// variants need nothing here: a `kind` that names a label flip
+/// (`label-flip`, `targeted-label-flip`, …) with a source class under
+/// `source`, `source_class`, `from` or `class` is measured by the error on
+/// that class; every other attack is untargeted.
+pub fn attack_success_kind(attack: Option<&AttackSpec>) -> Option<AttackSuccessKind> {
+    let spec = serde_json::to_value(attack?).ok()?;
+    let kind = spec.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+    if kind.contains("label-flip") || kind.contains("label_flip") {
+        let source = ["source", "source_class", "from", "class"]
+            .iter()
+            .find_map(|k| spec.get(*k).and_then(serde_json::Value::as_u64));
+        if let Some(c) = source {
+            return Some(AttackSuccessKind::ClassError(c as usize));
+        }
+    }
+    Some(AttackSuccessKind::AccuracyDrop)
 }
 
 /// Result of a simulation.
