@@ -154,17 +154,21 @@ pub enum AttackSuccessKind {
 /// `source`, `source_class`, `from` or `class` is measured by the error on
 /// that class; every other attack is untargeted.
 pub fn attack_success_kind(attack: Option<&AttackSpec>) -> Option<AttackSuccessKind> {
-    let spec = serde_json::to_value(attack?).ok()?;
+    Some(attack_success_of(&serde_json::to_value(attack?).ok()?))
+}
+
+/// [`attack_success_kind`] of an attack's serde form.
+fn attack_success_of(spec: &serde_json::Value) -> AttackSuccessKind {
     let kind = spec.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
     if kind.contains("label-flip") || kind.contains("label_flip") {
         let source = ["source", "source_class", "from", "class"]
             .iter()
             .find_map(|k| spec.get(*k).and_then(serde_json::Value::as_u64));
         if let Some(c) = source {
-            return Some(AttackSuccessKind::ClassError(c as usize));
+            return AttackSuccessKind::ClassError(c as usize);
         }
     }
-    Some(AttackSuccessKind::AccuracyDrop)
+    AttackSuccessKind::AccuracyDrop
 }
 
 /// Result of a simulation.
@@ -482,6 +486,75 @@ mod tests {
         let r = run_on(&s, &split, &tally_kernels::cpu_device(), &mut |_| {}).unwrap();
         assert_eq!(r.records.len(), 4);
         assert!(r.records[1..].iter().any(|x| x.accepted < 3), "some client should miss a deadline");
+        // Every refusal is counted under its reason.
+        for x in &r.records {
+            assert_eq!(x.rejected_by_reason.values().sum::<u32>(), x.rejected, "{x:?}");
+        }
+    }
+
+    #[test]
+    fn refusals_are_named_by_their_reject_code() {
+        use tally_protocol::error::Misbehaviour;
+        assert_eq!(driver::reject_reason(&tally_protocol::Error::Late { got: 2, open: Some(3) }), "late");
+        let bad = tally_protocol::Error::Misbehaving(Misbehaviour::BadSignature);
+        assert_eq!(driver::reject_reason(&bad), "bad_signature");
+        let rec = RoundRecord { rejected_by_reason: [("late".to_string(), 2)].into(), ..tiny_record() };
+        let v = serde_json::to_value(&rec).unwrap();
+        assert_eq!(v["rejected_by_reason"]["late"], 2);
+        // No attack: no attack_success or per-class fields at all.
+        assert!(v.get("attack_success").is_none() && v.get("test_class_accuracy").is_none());
+    }
+
+    fn tiny_record() -> RoundRecord {
+        RoundRecord {
+            round: 1,
+            sampled: 0,
+            accepted: 0,
+            failed: 0,
+            rejected: 0,
+            samples: 0,
+            train_loss: None,
+            test_accuracy: None,
+            test_loss: None,
+            test_examples: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            virtual_secs: 0.0,
+            model_hash: String::new(),
+            malicious: None,
+            rejected_by_reason: Default::default(),
+            attack_success: None,
+            test_class_accuracy: None,
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn attack_success_is_the_flipped_class_error_for_label_flips_else_a_drop() {
+        use serde_json::json;
+        assert_eq!(attack_success_kind(None), None);
+        let scale = AttackSpec::Scale { fraction: 0.1, scale: 10.0 };
+        assert_eq!(attack_success_kind(Some(&scale)), Some(AttackSuccessKind::AccuracyDrop));
+        let flip = json!({"kind": "label-flip", "fraction": 0.1, "source": 7, "target": 1});
+        assert_eq!(attack_success_of(&flip), AttackSuccessKind::ClassError(7));
+        let flip = json!({"kind": "targeted-label-flip", "fraction": 0.1, "from": 3});
+        assert_eq!(attack_success_of(&flip), AttackSuccessKind::ClassError(3));
+        // A flip of every class has no single flipped class: a drop.
+        let flip = json!({"kind": "label-flip", "fraction": 0.1});
+        assert_eq!(attack_success_of(&flip), AttackSuccessKind::AccuracyDrop);
+    }
+
+    #[test]
+    fn an_attacked_run_marks_attack_success_unknown_until_a_sweep_fills_it() {
+        let (mut s, split) = tiny();
+        s.rounds = 1;
+        s.attack = Some(AttackSpec::Scale { fraction: 0.5, scale: 1e5 });
+        let mut r = run_on(&s, &split, &tally_kernels::cpu_device(), &mut |_| {}).unwrap();
+        assert!(r.records.iter().all(|x| x.attack_success == Some(None)), "{:?}", r.records);
+        let clean: std::collections::BTreeMap<u32, f64> = [(0, 0.1), (1, 0.9)].into();
+        sweep::fill_drop(&mut r.records, &clean);
+        let drop = r.records[1].attack_success.unwrap().unwrap();
+        assert!((drop - (0.9 - r.records[1].test_accuracy.unwrap())).abs() < 1e-12);
     }
 
     fn tiny_frl() -> (Scenario, Split) {

@@ -97,7 +97,7 @@ enum Command {
     /// Measure the DP continual-release mechanisms (tree counter, sparse
     /// vector MaxSum / SumSelect) against the theory: errors against T and d
     /// over many seeds, fitted slopes, SVG plots and a Markdown report.
-    DpStream(DpStreamArgs),
+    DpStream(Box<DpStreamArgs>),
     /// Run every scenario of a sweep file (a scenario plus a `[sweep]` table
     /// of lists: their cartesian product), in parallel; runs already
     /// completed in the output directory are reused.
@@ -598,6 +598,7 @@ mod tests {
         ])
         .unwrap();
         let Some(Command::DpStream(a)) = cli.command else { panic!("no subcommand") };
+        let a = *a;
         assert_eq!(a.rho, Some(Ratio::new(1, 2).unwrap()));
         assert_eq!(a.epsilon, Some(Ratio::new(1, 4).unwrap()));
         assert_eq!(a.count_t, Some(Pow2s(vec![64, 128, 256])));

@@ -23,7 +23,11 @@ pub struct RunFiles {
 impl RunFiles {
     /// The files beside `out`.
     pub fn new(out: &Path) -> RunFiles {
-        RunFiles { jsonl: out.to_path_buf(), csv: out.with_extension("csv"), summary: out.with_extension("summary.json") }
+        RunFiles {
+            jsonl: out.to_path_buf(),
+            csv: out.with_extension("csv"),
+            summary: out.with_extension("summary.json"),
+        }
     }
 }
 
@@ -34,10 +38,8 @@ pub fn json_line(rec: &RoundRecord) -> Result<String, serde_json::Error> {
 
 /// The records as CSV ([`tally_protocol::metrics::to_csv`]).
 pub fn csv(records: &[RoundRecord]) -> String {
-    let rows: Vec<serde_json::Map<String, serde_json::Value>> = records
-        .iter()
-        .filter_map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_object().cloned()))
-        .collect();
+    let rows: Vec<serde_json::Map<String, serde_json::Value>> =
+        records.iter().filter_map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_object().cloned())).collect();
     tally_protocol::metrics::to_csv(&rows)
 }
 
@@ -51,7 +53,8 @@ pub fn summary(
     device: &str,
 ) -> serde_json::Value {
     let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
-    let best = records.iter().filter_map(|r| r.test_accuracy).fold(None, |b: Option<f64>, a| Some(b.map_or(a, |b| b.max(a))));
+    let best =
+        records.iter().filter_map(|r| r.test_accuracy).fold(None, |b: Option<f64>, a| Some(b.map_or(a, |b| b.max(a))));
     serde_json::json!({
         "metrics_schema": tally_protocol::metrics::SCHEMA_VERSION,
         "tool": "tally-sim",

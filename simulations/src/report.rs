@@ -35,7 +35,10 @@ pub struct RunData {
 impl RunData {
     /// `round → test_accuracy` of the evaluated rows.
     pub fn accuracy(&self) -> BTreeMap<u32, f64> {
-        self.rows.iter().filter_map(|r| Some((r.get("round")?.as_u64()? as u32, r.get("test_accuracy")?.as_f64()?))).collect()
+        self.rows
+            .iter()
+            .filter_map(|r| Some((r.get("round")?.as_u64()? as u32, r.get("test_accuracy")?.as_f64()?)))
+            .collect()
     }
 
     fn field(&self, path: &[&str]) -> Option<&serde_json::Value> {
@@ -68,8 +71,7 @@ impl RunData {
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Object(o)) => {
                 let name = o.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
-                let params: Vec<String> =
-                    o.iter().filter(|(k, _)| *k != "kind").map(|(_, v)| v.to_string()).collect();
+                let params: Vec<String> = o.iter().filter(|(k, _)| *k != "kind").map(|(_, v)| v.to_string()).collect();
                 if params.is_empty() { name.to_string() } else { format!("{name}({})", params.join(", ")) }
             }
             _ => "?".into(),
@@ -110,8 +112,8 @@ pub fn load_runs(dir: &Path) -> anyhow::Result<Vec<RunData>> {
     let mut runs = Vec::new();
     let index = dir.join("index.json");
     if index.exists() {
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&index)?)
-            .with_context(|| format!("parsing {}", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index)?).with_context(|| format!("parsing {}", index.display()))?;
         for r in v.get("runs").and_then(|r| r.as_array()).into_iter().flatten() {
             let Some(name) = r.get("name").and_then(|n| n.as_str()) else { continue };
             let files = crate::sweep::run_files(dir, r.get("dir").and_then(|d| d.as_str()).unwrap_or(name));
@@ -136,7 +138,11 @@ pub fn load_runs(dir: &Path) -> anyhow::Result<Vec<RunData>> {
             let files = crate::output::RunFiles::new(&p.join("metrics.jsonl"));
             runs.push(RunData { name: stem, rows: read_jsonl(&files.jsonl)?, scenario: read_scenario(&files.summary) });
         } else if let Some(name) = stem.strip_suffix(".jsonl") {
-            runs.push(RunData { name: name.into(), rows: read_jsonl(&p)?, scenario: read_scenario(&p.with_extension("summary.json")) });
+            runs.push(RunData {
+                name: name.into(),
+                rows: read_jsonl(&p)?,
+                scenario: read_scenario(&p.with_extension("summary.json")),
+            });
         }
     }
     Ok(runs)
@@ -247,16 +253,14 @@ pub fn round_table(runs: &[RunData], columns: &[Column]) -> anyhow::Result<Strin
 /// without a scenario share one figure.
 pub fn figures(runs: &[RunData]) -> BTreeMap<(String, String), Vec<&RunData>> {
     let mut figs: BTreeMap<(String, String), Vec<&RunData>> = BTreeMap::new();
-    let attacked: BTreeMap<String, Vec<String>> = runs.iter().filter(|r| r.scenario.is_some() && r.attack() != "none").fold(
-        BTreeMap::new(),
-        |mut m, r| {
+    let attacked: BTreeMap<String, Vec<String>> =
+        runs.iter().filter(|r| r.scenario.is_some() && r.attack() != "none").fold(BTreeMap::new(), |mut m, r| {
             let v: &mut Vec<String> = m.entry(r.data()).or_default();
             if !v.contains(&r.attack()) {
                 v.push(r.attack());
             }
             m
-        },
-    );
+        });
     for r in runs {
         if r.scenario.is_none() {
             figs.entry(("runs".into(), "".into())).or_default().push(r);
@@ -417,7 +421,11 @@ pub fn report(dir: &Path, page: &Path, plots: &Path) -> anyhow::Result<Vec<PathB
         let stem = file_stem(&data, &attack);
         let (svg, png) = (plots.join(format!("{stem}.svg")), plots.join(format!("{stem}.png")));
         plot(&title, &lines, &svg, &png)?;
-        md.push_str(&format!("\n## {title}\n\n![{title}]({}) ([PNG]({}))\n", rel.join(format!("{stem}.svg")).display(), rel.join(format!("{stem}.png")).display()));
+        md.push_str(&format!(
+            "\n## {title}\n\n![{title}]({}) ([PNG]({}))\n",
+            rel.join(format!("{stem}.svg")).display(),
+            rel.join(format!("{stem}.png")).display()
+        ));
         written.push(svg);
         written.push(png);
     }

@@ -18,8 +18,9 @@
 //!
 //! is 2 × 2 × 3 = 12 runs. A value replaces the whole field (a table
 //! replaces the whole table); shallower paths are put in first, so
-//! `attack = [...]` with `attack.fraction = [...]` sets each fraction in
-//! each attack. A field whose own values are lists (`train_range`) takes a
+//! `attack = [...]` with `"attack.fraction" = [...]` sets each fraction in
+//! each attack (TOML wants the dotted key quoted beside a list of the same
+//! name; a quoted dotted key is a path like any other). A field whose own values are lists (`train_range`) takes a
 //! list of lists. Files without `[sweep]` are one run, and ordinary
 //! scenario files never have one (the scenario refuses unknown fields), so
 //! the two kinds of files cannot be confused.
@@ -200,11 +201,7 @@ fn run_name(axes: &[(String, Vec<toml::Value>)], values: &[(String, toml::Value)
     if parts.is_empty() {
         return "base".into();
     }
-    parts
-        .join(",")
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._+=-,".contains(c) { c } else { '-' })
-        .collect()
+    parts.join(",").chars().map(|c| if c.is_ascii_alphanumeric() || "._+=-,".contains(c) { c } else { '-' }).collect()
 }
 
 /// A value in a run name.
@@ -241,8 +238,12 @@ fn clean_key(s: &Scenario) -> String {
 /// For each run, the index of its same-seed clean run in the sweep (for
 /// attacked runs whose attack success is an accuracy drop), if any.
 pub fn baselines(runs: &[SweepRun]) -> Vec<Option<usize>> {
-    let clean: Vec<(usize, String)> =
-        runs.iter().enumerate().filter(|(_, r)| is_clean(&r.scenario)).map(|(i, r)| (i, clean_key(&r.scenario))).collect();
+    let clean: Vec<(usize, String)> = runs
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| is_clean(&r.scenario))
+        .map(|(i, r)| (i, clean_key(&r.scenario)))
+        .collect();
     runs.iter()
         .map(|r| {
             let drop = crate::attack_success_kind(r.scenario.attack.as_ref()) == Some(AttackSuccessKind::AccuracyDrop);
@@ -307,6 +308,9 @@ pub struct IndexEntry {
     pub best_accuracy: Option<f64>,
 }
 
+/// How a run ended, its final and best accuracy.
+type Outcome = (RunStatus, Option<f64>, Option<f64>);
+
 /// What a finished run leaves for the runs that wait on it.
 #[derive(Debug, Clone)]
 enum Slot {
@@ -357,7 +361,9 @@ fn accuracies(jsonl: &str) -> Option<BTreeMap<u32, f64>> {
     let mut out = BTreeMap::new();
     for line in jsonl.lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line).ok()?;
-        if let (Some(r), Some(a)) = (v.get("round").and_then(|r| r.as_u64()), v.get("test_accuracy").and_then(|a| a.as_f64())) {
+        if let (Some(r), Some(a)) =
+            (v.get("round").and_then(|r| r.as_u64()), v.get("test_accuracy").and_then(|a| a.as_f64()))
+        {
             out.insert(r as u32, a);
         }
     }
@@ -379,9 +385,13 @@ pub fn run(sweep: &Sweep, opts: &SweepOptions) -> anyhow::Result<Vec<IndexEntry>
     order.extend((0..runs.len()).filter(|&i| !is_clean(&runs[i].scenario)));
     let slots = Mutex::new(vec![Slot::Pending; runs.len()]);
     let changed = Condvar::new();
-    let statuses: Mutex<Vec<Option<(RunStatus, Option<f64>, Option<f64>)>>> = Mutex::new(vec![None; runs.len()]);
+    let statuses: Mutex<Vec<Option<Outcome>>> = Mutex::new(vec![None; runs.len()]);
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let multi = MultiProgress::with_draw_target(if opts.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
+    let multi = MultiProgress::with_draw_target(if opts.quiet {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    });
     let total_bar = multi.add(ProgressBar::new(runs.len() as u64));
     total_bar.set_style(
         ProgressStyle::with_template("sweep {bar:30} {pos}/{len} runs {msg} [{elapsed_precise}<{eta_precise}]")
@@ -390,7 +400,7 @@ pub fn run(sweep: &Sweep, opts: &SweepOptions) -> anyhow::Result<Vec<IndexEntry>
     let data_cache: Mutex<BTreeMap<String, Arc<SimData>>> = Mutex::new(BTreeMap::new());
     let run_threads = opts.run_threads();
 
-    let work = |i: usize| -> anyhow::Result<(RunStatus, Option<f64>, Option<f64>)> {
+    let work = |i: usize| -> anyhow::Result<Outcome> {
         let r = &runs[i];
         let files = run_files(&opts.out, &r.name);
         let mut s = r.scenario.clone();
@@ -461,7 +471,8 @@ pub fn run(sweep: &Sweep, opts: &SweepOptions) -> anyhow::Result<Vec<IndexEntry>
             jsonl.push('\n');
         }
         std::fs::write(&files.jsonl, jsonl).with_context(|| format!("writing {}", files.jsonl.display()))?;
-        std::fs::write(&files.csv, output::csv(&records)).with_context(|| format!("writing {}", files.csv.display()))?;
+        std::fs::write(&files.csv, output::csv(&records))
+            .with_context(|| format!("writing {}", files.csv.display()))?;
         let summary =
             output::summary(&s, &report, &records, &files, started.elapsed().as_secs_f64(), &compute.description);
         output::write_atomically(&files.summary, &format!("{summary:#}\n"))?;
@@ -505,7 +516,11 @@ pub fn run(sweep: &Sweep, opts: &SweepOptions) -> anyhow::Result<Vec<IndexEntry>
             IndexEntry {
                 name: r.name.clone(),
                 dir: r.name.clone(),
-                values: r.values.iter().map(|(p, v)| (p.clone(), serde_json::to_value(v).unwrap_or_default())).collect(),
+                values: r
+                    .values
+                    .iter()
+                    .map(|(p, v)| (p.clone(), serde_json::to_value(v).unwrap_or_default()))
+                    .collect(),
                 baseline: b.map(|b| runs[b].name.clone()),
                 status,
                 final_accuracy,
@@ -576,7 +591,7 @@ mod tests {
         let text = r#"
             [sweep]
             attack = [{ kind = "scale", fraction = 0.0, scale = 10.0 }]
-            attack.fraction = [0.1, 0.3]
+            "attack.fraction" = [0.1, 0.3]
             algorithm = [{ kind = "fedavg" }, { kind = "fedavgm", momentum = 0.9 }]
         "#;
         let sw = expand(text).unwrap();
@@ -602,6 +617,8 @@ mod tests {
         let e = err("[sweep]\nseed = [1, \"two\"]");
         assert!(e.contains("sweep.seed[1]"), "{e}");
         let e = err("[sweep]\nrounds.x = [1]");
+        assert!(e.contains("sweep.rounds.x[0]") && e.contains("rounds"), "{e}");
+        let e = err("rounds = 3\n[sweep]\nrounds.x = [1]");
         assert!(e.contains("sweep.rounds.x: rounds is not a table"), "{e}");
         let e = err("[sweep]\nattack.fraction = [0.1]");
         assert!(e.contains("sweep.attack.fraction[0]") && e.contains("kind"), "{e}");
