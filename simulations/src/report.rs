@@ -436,3 +436,58 @@ pub fn report(dir: &Path, page: &Path, plots: &Path) -> anyhow::Result<Vec<PathB
     written.push(page.to_path_buf());
     Ok(written)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// `docs/results/frl-mnist.md`'s per-round table is what `tally-sim
+    /// report docs/results/data --column … --drop … --malicious …` prints
+    /// (the command on that page).
+    #[test]
+    fn the_frl_mnist_page_table_is_reproduced_from_its_data() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let page = std::fs::read_to_string(root.join("docs/results/frl-mnist.md")).unwrap();
+        let start = page.find("| round | FRL, no attack | FRL, 20% reverse |").expect("the table");
+        let expected: String =
+            page[start..].lines().take_while(|l| l.starts_with('|')).map(|l| format!("{l}\n")).collect();
+        let runs = load_runs(&root.join("docs/results/data")).unwrap();
+        let acc = |t: &str, r: &str| Column::Accuracy { title: t.into(), run: r.into() };
+        let drop = |t: &str, c: &str, a: &str| Column::Drop { title: t.into(), clean: c.into(), attacked: a.into() };
+        let columns = [
+            acc("FRL, no attack", "frl-mnist"),
+            acc("FRL, 20% reverse", "frl-mnist-attack20"),
+            acc("FedAvg, no attack", "fedavg-mnist-frl"),
+            acc("FedAvg, 20% scaling", "fedavg-mnist-frl-scale20"),
+            drop("FRL drop", "frl-mnist", "frl-mnist-attack20"),
+            drop("FedAvg drop", "fedavg-mnist-frl", "fedavg-mnist-frl-scale20"),
+            Column::Malicious { title: "malicious in FRL round".into(), run: "frl-mnist-attack20".into() },
+        ];
+        assert_eq!(round_table(&runs, &columns).unwrap(), expected);
+        assert!(round_table(&runs, &[acc("x", "no-such-run")]).is_err());
+    }
+
+    #[test]
+    fn clean_runs_join_every_attacked_figure_of_their_dataset() {
+        let run = |name: &str, attack: serde_json::Value| RunData {
+            name: name.into(),
+            rows: vec![],
+            scenario: Some(
+                serde_json::json!({"data": "embedded", "attack": attack, "rule": "mean", "algorithm": {"kind": "fedavg"}}),
+            ),
+        };
+        let runs = [
+            run("clean", serde_json::Value::Null),
+            run("scale", serde_json::json!({"kind": "scale", "fraction": 0.2})),
+            run("flip", serde_json::json!({"kind": "sign-flip", "fraction": 0.1})),
+        ];
+        let figs = figures(&runs);
+        let names =
+            |k: &str| figs[&("embedded".to_string(), k.to_string())].iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        assert_eq!(figs.len(), 2);
+        assert_eq!(names("scale"), ["clean", "scale"]);
+        assert_eq!(names("sign-flip"), ["clean", "flip"]);
+        assert_eq!(runs[1].aggregator(), "fedavg / mean");
+    }
+}

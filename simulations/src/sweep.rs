@@ -602,6 +602,21 @@ mod tests {
     }
 
     #[test]
+    fn checked_in_sweeps_expand_and_validate() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("sweeps");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let sw = from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(sw.runs.len() > 1, "{}", path.display());
+                n += 1;
+            }
+        }
+        assert!(n >= 1);
+    }
+
+    #[test]
     fn a_file_without_a_sweep_table_is_one_run() {
         let sw = expand("rounds = 3").unwrap();
         assert_eq!(sw.runs.len(), 1);
