@@ -176,13 +176,7 @@ impl<'a> Sim<'a> {
                     ))
                     .into());
                 }
-                let by_class = (0..test.classes)
-                    .map(|k| {
-                        let idx: Vec<usize> = (0..test.len()).filter(|&i| usize::from(test.labels[i]) == k).collect();
-                        test.subset(&idx)
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Some(by_class)
+                Some(split_by_class(test)?)
             }
             _ => None,
         };
@@ -258,17 +252,7 @@ impl<'a> Sim<'a> {
     /// needs it.
     fn class_accuracy(&self) -> Result<Option<Vec<f64>>, SimError> {
         let Some(by_class) = &self.test_by_class else { return Ok(None) };
-        let mut out = Vec::with_capacity(by_class.len());
-        for d in by_class {
-            if d.is_empty() {
-                out.push(0.0);
-                continue;
-            }
-            let e =
-                tally_kernels::update::evaluate_run(&self.run_config, self.coord.model(), d, self.device, EVAL_BATCH)?;
-            out.push(e.accuracy());
-        }
-        Ok(Some(out))
+        Ok(Some(per_class_accuracy(&self.run_config, self.coord.model(), by_class, self.device)?))
     }
 
     /// The attack-success value of a row (see
@@ -623,4 +607,32 @@ pub(crate) fn reject_reason(error: &tally_protocol::Error) -> String {
         }
     }
     out
+}
+
+/// The test set's examples of each class, class by class.
+pub(crate) fn split_by_class(test: &Dataset) -> Result<Vec<Dataset>, SimError> {
+    (0..test.classes)
+        .map(|k| {
+            let idx: Vec<usize> = (0..test.len()).filter(|&i| usize::from(test.labels[i]) == k).collect();
+            Ok(test.subset(&idx)?)
+        })
+        .collect()
+}
+
+/// Accuracy of `model` on each class's examples (0 for a class without any).
+pub(crate) fn per_class_accuracy(
+    run: &RunConfig,
+    model: &[f32],
+    by_class: &[Dataset],
+    device: &Device,
+) -> Result<Vec<f64>, SimError> {
+    let mut out = Vec::with_capacity(by_class.len());
+    for d in by_class {
+        if d.is_empty() {
+            out.push(0.0);
+            continue;
+        }
+        out.push(tally_kernels::update::evaluate_run(run, model, d, device, EVAL_BATCH)?.accuracy());
+    }
+    Ok(out)
 }

@@ -545,6 +545,44 @@ mod tests {
     }
 
     #[test]
+    fn per_class_accuracies_add_up_to_the_overall_accuracy() {
+        let (s, split) = tiny();
+        let dev = tally_kernels::cpu_device();
+        let run = tally_protocol::Coordinator::new(
+            tally_protocol::CoordinatorConfig {
+                run_id: tally_protocol::wire::RunId([0; 16]),
+                arch: s.model.clone(),
+                rounds: 1,
+                enrolled: vec![sim_identity(1, 0).public_key()],
+                min_clients: 1,
+                clients_per_round: 1,
+                quorum: 1,
+                round_timeout: std::time::Duration::from_secs(1),
+                train: s.train.clone(),
+                kind: s.kind_settings().unwrap(),
+                rule: s.rule,
+                max_violations: 1,
+                max_update_abs: f32::MAX,
+                schedule: None,
+                final_evaluation: false,
+            },
+            s.model.init_params(3),
+            3,
+        )
+        .unwrap();
+        let (config, model) = (run.run_config(), run.model().to_vec());
+        let by_class = driver::split_by_class(&split.test).unwrap();
+        assert_eq!(by_class.len(), 10);
+        assert!(by_class.iter().enumerate().all(|(k, d)| d.labels.iter().all(|&l| usize::from(l) == k)));
+        let per = driver::per_class_accuracy(&config, &model, &by_class, &dev).unwrap();
+        let overall = tally_kernels::update::evaluate_run(&config, &model, &split.test, &dev, 1000).unwrap();
+        let correct: f64 = per.iter().zip(&by_class).map(|(a, d)| a * d.len() as f64).sum();
+        assert!((correct - overall.correct as f64).abs() < 0.5, "{per:?}: {correct} vs {}", overall.correct);
+        // An untrained model is not equally good at every class.
+        assert!(per.iter().any(|&a| a != per[0]), "{per:?}");
+    }
+
+    #[test]
     fn an_attacked_run_marks_attack_success_unknown_until_a_sweep_fills_it() {
         let (mut s, split) = tiny();
         s.rounds = 1;
