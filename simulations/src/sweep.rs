@@ -346,11 +346,17 @@ fn normalise(mut v: serde_json::Value) -> serde_json::Value {
 }
 
 /// A completed run's per-round accuracies, if `files` hold a completed
-/// run of `s` (its summary is written last and names the same scenario).
-fn completed(files: &RunFiles, s: &Scenario) -> Option<BTreeMap<u32, f64>> {
+/// run of `s` (its summary is written last and names the same scenario)
+/// whose attack success was measured against the same clean run
+/// (`baseline`: a run made when the sweep had no clean run is redone once
+/// it has one).
+fn completed(files: &RunFiles, s: &Scenario, baseline: Option<&str>) -> Option<BTreeMap<u32, f64>> {
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.summary).ok()?).ok()?;
     let stored = normalise(summary.get("scenario")?.clone());
-    if stored != reuse_key(s) || summary.get("metrics_schema")? != tally_protocol::metrics::SCHEMA_VERSION {
+    if stored != reuse_key(s)
+        || summary.get("metrics_schema")? != tally_protocol::metrics::SCHEMA_VERSION
+        || summary.get("attack_baseline").and_then(|b| b.as_str()) != baseline
+    {
         return None;
     }
     accuracies(&std::fs::read_to_string(&files.jsonl).ok()?)
@@ -406,7 +412,8 @@ pub fn run(sweep: &Sweep, opts: &SweepOptions) -> anyhow::Result<Vec<IndexEntry>
         let mut s = r.scenario.clone();
         s.out = files.jsonl.clone();
         s.threads = if s.threads == 0 { run_threads } else { s.threads.min(run_threads) };
-        if let Some(acc) = completed(&files, &s) {
+        let baseline = base_of[i].map(|b| runs[b].name.as_str());
+        if let Some(acc) = completed(&files, &s, baseline) {
             let (last, best) = (acc.values().last().copied(), acc.values().copied().reduce(f64::max));
             lock(&slots)[i] = Slot::Done(Arc::new(acc));
             changed.notify_all();
@@ -473,8 +480,11 @@ pub fn run(sweep: &Sweep, opts: &SweepOptions) -> anyhow::Result<Vec<IndexEntry>
         std::fs::write(&files.jsonl, jsonl).with_context(|| format!("writing {}", files.jsonl.display()))?;
         std::fs::write(&files.csv, output::csv(&records))
             .with_context(|| format!("writing {}", files.csv.display()))?;
-        let summary =
+        let mut summary =
             output::summary(&s, &report, &records, &files, started.elapsed().as_secs_f64(), &compute.description);
+        if let Some(o) = summary.as_object_mut() {
+            o.insert("attack_baseline".into(), baseline.into());
+        }
         output::write_atomically(&files.summary, &format!("{summary:#}\n"))?;
         let acc: BTreeMap<u32, f64> = records.iter().filter_map(|r| r.test_accuracy.map(|a| (r.round, a))).collect();
         let (last, best) = (records.last().and_then(|r| r.test_accuracy), acc.values().copied().reduce(f64::max));

@@ -93,6 +93,29 @@ fn completed_runs_are_reused_and_half_written_ones_redone() {
         assert_eq!(matches!(e.status, RunStatus::Reused), !redone, "{}: {:?}", e.name, e.status);
     }
     assert_eq!(outputs(&out, &sw), before);
+    // An attacked run made without its clean run is redone once the sweep
+    // has one (its attack success was unknown).
+    let attacked_only = sweep::expand(
+        &SWEEP
+            .replace("seed = [1, 2]", "seed = [1]")
+            .replace("attack.fraction = [0.0, 0.4]", "attack.fraction = [0.4]"),
+    )
+    .unwrap();
+    let other = dir.path().join("t");
+    sweep::run(&attacked_only, &opts(&other, 2, 2)).unwrap();
+    let f = sweep::run_files(&other, &attacked_only.runs[0].name);
+    let csv = std::fs::read_to_string(&f.csv).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = header.iter().position(|c| *c == "attack_success").unwrap();
+    assert!(csv.lines().skip(1).all(|l| l.split(',').nth(col) == Some("")), "{csv}");
+    // (The same runs, now named with the fraction since it varies.)
+    for r in &attacked_only.runs {
+        let to = other.join(format!("attack.fraction=0.4,{}", r.name));
+        std::fs::rename(other.join(&r.name), &to).unwrap();
+    }
+    let entries = sweep::run(&sw, &opts(&other, 2, 2)).unwrap();
+    assert!(entries.iter().all(|e| matches!(e.status, RunStatus::Done)), "{entries:?}");
+    assert_eq!(outputs(&other, &sw), before);
     // A changed scenario is not reused.
     let longer =
         sweep::expand(&SWEEP.replace("seed = [1, 2]", "seed = [1]").replace("rounds = 3", "rounds = 4")).unwrap();
