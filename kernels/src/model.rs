@@ -145,6 +145,40 @@ impl CharGru {
     }
 }
 
+/// One of FRL's networks with dense, trainable weights (FRL's baselines;
+/// `ModelArch::FrlDense`): the supermask network's exact forward
+/// ([`crate::supermask`]'s layer code) with the weights themselves as
+/// parameters instead of `frozen weight × mask`.
+#[derive(Module, Debug)]
+pub struct FrlDense {
+    /// Convolution weights `[out, in, 3, 3]`, in layer order.
+    convs: Vec<Param<Tensor<4>>>,
+    /// Linear weights `[out, in]` (PyTorch's layout, used as is), in layer order.
+    linears: Vec<Param<Tensor<2>>>,
+    /// The layers, for the forward's shapes and pooling.
+    #[module(skip)]
+    net: tally_protocol::supermask::FrlArch,
+}
+
+impl FrlDense {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let layers = self.net.layers();
+        let (mut c, mut l) = (self.convs.iter(), self.linears.iter());
+        let weights: Vec<crate::supermask::LayerTensor> = layers
+            .iter()
+            .filter_map(|layer| match layer.kind {
+                tally_protocol::supermask::LayerKind::Conv3x3 => {
+                    c.next().map(|w| crate::supermask::LayerTensor::Conv(w.val()))
+                }
+                tally_protocol::supermask::LayerKind::Linear => {
+                    l.next().map(|w| crate::supermask::LayerTensor::Linear(w.val()))
+                }
+            })
+            .collect();
+        crate::supermask::forward(&layers, self.net.input_shape(), x, &weights)
+    }
+}
+
 /// A model of any supported architecture.
 #[derive(Module, Debug)]
 #[allow(clippy::large_enum_variant, reason = "one model per training call; boxing buys nothing")]
@@ -155,6 +189,8 @@ pub enum Model {
     LeNet5(LeNet5),
     /// See [`CharGru`].
     CharGru(CharGru),
+    /// See [`FrlDense`].
+    FrlDense(FrlDense),
 }
 
 /// Number of pixels per image `arch` takes, and a human description of it.
@@ -167,6 +203,10 @@ pub fn input_size(arch: &ModelArch) -> (usize, String) {
             (c.saturating_mul(side).saturating_mul(side), format!("{c}x{side}x{side}"))
         }
         ModelArch::CharGru { seq, .. } => (*seq as usize, format!("1x{seq} character ids")),
+        ModelArch::FrlDense(net) => {
+            let (c, side) = net.input_shape();
+            (c.saturating_mul(side).saturating_mul(side), format!("{c}x{side}x{side}"))
+        }
     }
 }
 
@@ -176,7 +216,7 @@ pub fn check_image_size(arch: &ModelArch, rows: usize, cols: usize) -> Result<()
     let ok = match arch {
         ModelArch::Mlp { .. } => rows.checked_mul(cols) == Some(expected),
         ModelArch::LeNet5 { .. } => rows == LENET_SIDE && cols == LENET_SIDE,
-        ModelArch::Supermask(net) => {
+        ModelArch::Supermask(net) | ModelArch::FrlDense(net) => {
             let (c, side) = net.input_shape();
             c == 1 && rows == side && cols == side
         }
@@ -316,6 +356,22 @@ impl Model {
             ModelArch::Supermask(_) => {
                 return Err(ModelError::InvalidArch("a supermask network is trained by crate::supermask").into());
             }
+            ModelArch::FrlDense(net) => {
+                let (mut convs, mut linears) = (Vec::new(), Vec::new());
+                for layer in net.layers() {
+                    let shape = layer.shape();
+                    let w = r.take(layer.edges())?.to_vec();
+                    match layer.kind {
+                        tally_protocol::supermask::LayerKind::Conv3x3 => {
+                            convs.push(Param::from_tensor(tensor(w, [shape[0], shape[1], shape[2], shape[3]], device)));
+                        }
+                        tally_protocol::supermask::LayerKind::Linear => {
+                            linears.push(Param::from_tensor(tensor(w, [shape[0], shape[1]], device)));
+                        }
+                    }
+                }
+                Model::FrlDense(FrlDense { convs, linears, net: *net })
+            }
             ModelArch::CharGru { vocab, embed, hidden, .. } => {
                 let (v, e, h) = (*vocab as usize, *embed as usize, *hidden as usize);
                 let emb = r.take(v * e)?;
@@ -379,6 +435,24 @@ impl Model {
                 out.extend(read_tensor(m.b_hh.val())?);
                 write_linear(&mut out, &m.out)?;
             }
+            Model::FrlDense(m) => {
+                // Layer order interleaves convolutions and linears: walk the spec.
+                let (mut c, mut l) = (m.convs.iter(), m.linears.iter());
+                for layer in m.net.layers() {
+                    match layer.kind {
+                        tally_protocol::supermask::LayerKind::Conv3x3 => {
+                            if let Some(w) = c.next() {
+                                out.extend(read_tensor(w.val())?);
+                            }
+                        }
+                        tally_protocol::supermask::LayerKind::Linear => {
+                            if let Some(w) = l.next() {
+                                out.extend(read_tensor(w.val())?);
+                            }
+                        }
+                    }
+                }
+            }
         }
         Ok(out)
     }
@@ -389,6 +463,7 @@ impl Model {
             Model::Mlp(m) => m.forward(x),
             Model::LeNet5(m) => m.forward(x),
             Model::CharGru(m) => m.forward(x),
+            Model::FrlDense(m) => m.forward(x),
         }
     }
 }
@@ -406,6 +481,8 @@ mod tests {
             ModelArch::Mlp { input: 784, hidden: vec![100], classes: 10 },
             ModelArch::Mlp { input: 5, hidden: vec![4, 3, 7], classes: 2 },
             ModelArch::LeNet5 { classes: 10 },
+            ModelArch::FrlDense(tally_protocol::supermask::FrlArch::MNIST_LENET),
+            ModelArch::FrlDense(tally_protocol::supermask::FrlArch::Conv4 { channels: 1, side: 8, classes: 3 }),
         ] {
             let p = arch.init_params(11);
             let m = Model::from_flat(&arch, &p, &device).unwrap();

@@ -232,7 +232,7 @@ mod tests {
             run_id: tally_protocol::wire::RunId([0; 16]),
             arch: arch.clone(),
             rounds: 1,
-            train: tally_protocol::wire::TrainSpec { lr: 0.1, batch_size: 8, epochs: 1 },
+            train: tally_protocol::wire::TrainSpec::sgd(0.1, 8, 1),
             kind: tally_protocol::kind::KindSettings::Frl(frl),
         };
         let c = crate::update::evaluate_run(&run, &scores, &data, &device, 32).unwrap();

@@ -420,7 +420,7 @@ pub struct Supermask {
 }
 
 /// A layer's effective weight as a burn tensor.
-enum LayerTensor {
+pub(crate) enum LayerTensor {
     Conv(Tensor<4>),
     Linear(Tensor<2>),
 }
@@ -822,7 +822,12 @@ fn straight_through(s: f32, w: f32, g: f32) -> f32 {
 }
 
 /// The forward pass of a layer list (see the module docs).
-fn forward(layers: &[MaskedLayer], (c, side): (usize, usize), x: Tensor<2>, weights: &[LayerTensor]) -> Tensor<2> {
+pub(crate) fn forward(
+    layers: &[MaskedLayer],
+    (c, side): (usize, usize),
+    x: Tensor<2>,
+    weights: &[LayerTensor],
+) -> Tensor<2> {
     let [b, _] = x.dims();
     let last = layers.len().saturating_sub(1);
     let mut map: Tensor<4> = x.reshape([b, c, side, side]);

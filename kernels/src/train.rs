@@ -18,6 +18,8 @@
 //! kernels (AVX2, AVX-512, FMA) from the CPU at run time.
 
 use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand_chacha::ChaCha20Rng;
@@ -36,8 +38,8 @@ pub fn cpu_device() -> Device {
 /// Local training settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainConfig {
-    /// SGD step size (no momentum, no weight decay). Must be finite; negative
-    /// values are allowed (gradient ascent, for attack simulations).
+    /// SGD step size. Must be finite; negative values are allowed (gradient
+    /// ascent, for attack simulations).
     pub lr: f32,
     /// Samples per step; the last batch of an epoch may be smaller. Must be > 0.
     pub batch_size: usize,
@@ -45,6 +47,30 @@ pub struct TrainConfig {
     pub epochs: u32,
     /// Seeds the per-epoch shuffle.
     pub seed: u64,
+    /// SGD momentum as PyTorch's (no dampening, not Nesterov); the buffer
+    /// starts at zero every call. 0: plain SGD, exactly as before it existed.
+    pub momentum: f32,
+    /// L2 weight decay added to the gradient. 0: none.
+    pub weight_decay: f32,
+}
+
+impl TrainConfig {
+    /// Plain SGD.
+    pub fn sgd(lr: f32, batch_size: usize, epochs: u32, seed: u64) -> Self {
+        TrainConfig { lr, batch_size, epochs, seed, momentum: 0.0, weight_decay: 0.0 }
+    }
+
+    /// The run's training settings, with this round's shuffle seed.
+    pub fn from_spec(spec: &tally_protocol::wire::TrainSpec, seed: u64) -> Self {
+        TrainConfig {
+            lr: spec.lr,
+            batch_size: spec.batch_size as usize,
+            epochs: spec.epochs,
+            seed,
+            momentum: spec.momentum,
+            weight_decay: spec.weight_decay,
+        }
+    }
 }
 
 /// What a training call did.
@@ -177,7 +203,26 @@ pub fn train_local(
     if cfg.epochs == 0 {
         return Ok((params.to_vec(), TrainReport { mean_loss: 0.0, steps: 0, samples: 0 }));
     }
-    let mut optim = SgdConfig::new().init();
+    if !(cfg.momentum.is_finite() && (0.0..1.0).contains(&cfg.momentum)) {
+        return Err(KernelError::InvalidConfig(format!("momentum {} is not in [0, 1)", cfg.momentum)));
+    }
+    if !(cfg.weight_decay.is_finite() && cfg.weight_decay >= 0.0) {
+        return Err(KernelError::InvalidConfig(format!("weight decay {} is not finite and ≥ 0", cfg.weight_decay)));
+    }
+    // Zero momentum and decay configure nothing, so plain SGD runs the very
+    // same optimizer (and bits) as before these settings existed.
+    let mut sgd = SgdConfig::new();
+    if cfg.momentum > 0.0 {
+        sgd = sgd.with_momentum(Some(MomentumConfig {
+            momentum: f64::from(cfg.momentum),
+            dampening: 0.0,
+            nesterov: false,
+        }));
+    }
+    if cfg.weight_decay > 0.0 {
+        sgd = sgd.with_weight_decay(Some(WeightDecayConfig { penalty: cfg.weight_decay }));
+    }
+    let mut optim = sgd.init();
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let table = pixel_table();
     let mut rng = train_rng(cfg.seed);
@@ -300,7 +345,7 @@ mod tests {
     }
 
     fn cfg(seed: u64) -> TrainConfig {
-        TrainConfig { lr: 0.05, batch_size: 32, epochs: 1, seed }
+        TrainConfig::sgd(0.05, 32, 1, seed)
     }
 
     #[test]
@@ -351,7 +396,7 @@ mod tests {
         let arch = ModelArch::Mlp { input: 4, hidden: vec![], classes: 2 };
         let p = vec![0.1, -0.2, 0.3, 0.05, -0.1, 0.2, 0.0, 0.4, 0.01, -0.02];
         let data = Dataset::new(2, 2, vec![255, 0, 51, 102], vec![1], 2).unwrap();
-        let c = TrainConfig { lr: 0.5, batch_size: 4, epochs: 1, seed: 0 };
+        let c = TrainConfig::sgd(0.5, 4, 1, 0);
         let (got, report) = train_local(&arch, &p, &data, &c, &device).unwrap();
         let x = [1.0f64, 0.0, 0.2, 0.4];
         let z: Vec<f64> =
@@ -377,6 +422,8 @@ mod tests {
         let specs = arch.tensors();
         let dims: Vec<(usize, usize)> = specs.chunks(2).map(|s| (s[0].shape[0], s[0].shape[1])).collect();
         let mut w: Vec<f64> = p.iter().map(|&v| v as f64).collect();
+        let mut velocity = vec![0f64; w.len()];
+        let mut first = true;
         let mut rng = train_rng(c.seed);
         for _ in 0..c.epochs {
             let mut order: Vec<usize> = (0..data.len()).collect();
@@ -424,12 +471,71 @@ mod tests {
                         dz = dx.iter().zip(x).map(|(d, &a)| if a > 0.0 { *d } else { 0.0 }).collect();
                     }
                 }
-                for (wi, gi) in w.iter_mut().zip(&grad) {
-                    *wi -= c.lr as f64 * gi;
+                // PyTorch's SGD: g += wd·w; v = g on the first step, else
+                // μ·v + g; w -= lr·v.
+                for ((wi, gi), vi) in w.iter_mut().zip(&grad).zip(velocity.iter_mut()) {
+                    let g = gi + f64::from(c.weight_decay) * *wi;
+                    *vi = if first || c.momentum == 0.0 { g } else { f64::from(c.momentum) * *vi + g };
+                    *wi -= c.lr as f64 * *vi;
                 }
+                first = false;
             }
         }
         w
+    }
+
+    /// FRL's LeNet trained densely (FRL's FedAvg baseline): the generic
+    /// trainer runs it, with momentum, and it learns.
+    #[cfg(feature = "embedded-data")]
+    #[test]
+    fn frl_dense_lenet_trains_with_momentum() {
+        let device = cpu_device();
+        let arch = ModelArch::FrlDense(tally_protocol::supermask::FrlArch::MNIST_LENET);
+        let split = crate::data::embedded_mnist();
+        let data = split.train.subset(&(0..128).collect::<Vec<_>>()).unwrap();
+        let p0 = arch.init_params(2);
+        let before = evaluate(&arch, &p0, &data, &device, 64).unwrap();
+        let c = TrainConfig { momentum: 0.9, ..TrainConfig::sgd(0.01, 16, 3, 1) };
+        let (p1, r) = train_local(&arch, &p0, &data, &c, &device).unwrap();
+        assert_eq!(r.steps, 24);
+        let after = evaluate(&arch, &p1, &data, &device, 64).unwrap();
+        assert!(
+            after.loss_sum < 0.8 * before.loss_sum && after.correct > before.correct,
+            "loss {} -> {}, correct {} -> {}",
+            before.loss_sum,
+            after.loss_sum,
+            before.correct,
+            after.correct
+        );
+    }
+
+    #[cfg(feature = "embedded-data")]
+    #[test]
+    fn momentum_and_weight_decay_match_pytorch_sgd() {
+        let device = cpu_device();
+        let arch = ModelArch::Mlp { input: 784, hidden: vec![16], classes: 10 };
+        let split = crate::data::embedded_mnist();
+        let data = split.train.subset(&(0..64).collect::<Vec<_>>()).unwrap();
+        let p0 = arch.init_params(6);
+        let plain = TrainConfig::sgd(0.05, 16, 2, 4);
+        let heavy = TrainConfig { momentum: 0.9, weight_decay: 1e-2, ..plain.clone() };
+        let (got, _) = train_local(&arch, &p0, &data, &heavy, &device).unwrap();
+        let want = reference_mlp_sgd(&arch, &p0, &data, &heavy);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((*g as f64 - w).abs() < 5e-5, "param {i}: burn {g} vs reference {w}");
+        }
+        // The settings matter: plain SGD ends elsewhere.
+        let (base, _) = train_local(&arch, &p0, &data, &plain, &device).unwrap();
+        let apart = base.iter().zip(&got).map(|(a, b)| f64::from((a - b).abs())).fold(0.0, f64::max);
+        assert!(apart > 1e-3, "momentum and decay changed nothing ({apart})");
+        // Out-of-range settings are refused.
+        for bad in [
+            TrainConfig { momentum: 1.0, ..plain.clone() },
+            TrainConfig { momentum: f32::NAN, ..plain.clone() },
+            TrainConfig { weight_decay: -1.0, ..plain.clone() },
+        ] {
+            assert!(matches!(train_local(&arch, &p0, &data, &bad, &device), Err(KernelError::InvalidConfig(_))));
+        }
     }
 
     #[cfg(feature = "embedded-data")]
@@ -440,7 +546,7 @@ mod tests {
         let split = crate::data::embedded_mnist();
         let data = split.train.subset(&(0..96).collect::<Vec<_>>()).unwrap();
         let p0 = arch.init_params(5);
-        let c = TrainConfig { lr: 0.1, batch_size: 16, epochs: 2, seed: 4 };
+        let c = TrainConfig::sgd(0.1, 16, 2, 4);
         let (got, r) = train_local(&arch, &p0, &data, &c, &device).unwrap();
         assert_eq!(r.steps, 12);
         let want = reference_mlp_sgd(&arch, &p0, &data, &c);
@@ -494,7 +600,7 @@ mod tests {
         let device = cpu_device();
         let arch = ModelArch::Mlp { input: 784, hidden: vec![32], classes: 10 };
         let data = tiny_data(64, 2);
-        let c = TrainConfig { lr: 1e30, batch_size: 8, epochs: 3, seed: 0 };
+        let c = TrainConfig::sgd(1e30, 8, 3, 0);
         assert!(matches!(
             train_local(&arch, &arch.init_params(0), &data, &c, &device),
             Err(KernelError::Diverged { .. })
@@ -539,7 +645,7 @@ mod tests {
         // (training is bit-deterministic, so this is not flaky).
         let p0 = arch.init_params(0);
         let before = evaluate(&arch, &p0, &split.test, &device, 500).unwrap();
-        let c = TrainConfig { lr: 0.1, batch_size: 32, epochs: 1, seed: 0 };
+        let c = TrainConfig::sgd(0.1, 32, 1, 0);
         let t = std::time::Instant::now();
         let (p, report) = train_local(&arch, &p0, &split.train, &c, &device).unwrap();
         let secs = t.elapsed().as_secs_f64();
@@ -573,7 +679,7 @@ mod tests {
         let train = split.train.subset(&(0..2048).collect::<Vec<_>>()).unwrap();
         let held = split.test.subset(&(0..500).collect::<Vec<_>>()).unwrap();
         let before = evaluate(&arch, &p0, &held, &device, 250).unwrap();
-        let c = TrainConfig { lr: 0.1, batch_size: 16, epochs: 1, seed: 3 };
+        let c = TrainConfig::sgd(0.1, 16, 1, 3);
         let t = std::time::Instant::now();
         let (p, report) = train_local(&arch, &p0, &train, &c, &device).unwrap();
         let secs = t.elapsed().as_secs_f64();
@@ -602,7 +708,7 @@ mod tests {
         let arch = ModelArch::mnist_mlp();
         let p0 = arch.init_params(1);
         let data = split.train.subset(&(0..6000).collect::<Vec<_>>()).unwrap();
-        let c = TrainConfig { lr: 0.05, batch_size: 32, epochs: 1, seed: 1 };
+        let c = TrainConfig::sgd(0.05, 32, 1, 1);
         let _ = train_local(&arch, &p0, &data.subset(&(0..320).collect::<Vec<_>>()).unwrap(), &c, &device).unwrap();
         for _ in 0..3 {
             let t = std::time::Instant::now();
@@ -638,7 +744,7 @@ mod tests {
         let device = cpu_device();
         let p0 = arch.init_params(1);
         let before = evaluate(&arch, &p0, &data, &device, 256).unwrap();
-        let c = TrainConfig { lr: 1.0, batch_size: 16, epochs: 3, seed: 2 };
+        let c = TrainConfig::sgd(1.0, 16, 3, 2);
         let t = std::time::Instant::now();
         let (p1, report) = train_local(&arch, &p0, &data, &c, &device).unwrap();
         let secs = t.elapsed().as_secs_f64();

@@ -5,6 +5,8 @@
 //!
 //! `cargo bench -p tally-protocol --bench ferret`
 
+#![allow(clippy::expect_used, reason = "a benchmark's fixed inputs are valid; a failure should stop it loudly")]
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 use tally_protocol::ferret::{self, FerretSpec};

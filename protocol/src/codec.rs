@@ -258,7 +258,7 @@ mod tests {
             run_id,
             arch,
             rounds: 5,
-            train: TrainSpec { lr: 0.05, batch_size: 32, epochs: 2 },
+            train: TrainSpec::sgd(0.05, 32, 2),
             kind: crate::kind::KindSettings::FedAvg,
         };
         let spsa =

@@ -389,6 +389,38 @@ pub struct Coordinator {
     /// clients a round needs, so a client that is gone for good can't
     /// stall the run.
     opened_here: bool,
+    /// Clients no round may sample as half or more of its draw
+    /// ([`Coordinator::redraw_majority`]); `None`: plain sampling.
+    minority: Option<BTreeSet<ClientIndex>>,
+}
+
+/// The most draws [`sample_minority`] makes before it gives up.
+pub const MAX_REDRAWS: u32 = 100_000;
+
+/// FRL's sampling rule (its `FL_train.py`): `k` of `joined` drawn from `rng`
+/// as [`LocalRng::sample`] draws them, the draw repeated from the same
+/// generator while clients `flagged` are half or more of it. The first draw
+/// is the plain one, so when it already has a minority of flagged clients
+/// the result is what plain sampling gives. If no draw can have a flagged
+/// minority (too few unflagged clients), or none does in [`MAX_REDRAWS`]
+/// draws, the last draw stands: the rule is a best effort, never a stall.
+pub fn sample_minority(
+    rng: &mut LocalRng,
+    joined: &[ClientIndex],
+    k: usize,
+    flagged: &BTreeSet<ClientIndex>,
+) -> Vec<ClientIndex> {
+    let size = k.min(joined.len());
+    let unflagged = joined.iter().filter(|c| !flagged.contains(c)).count();
+    // Every draw has at least `size − unflagged` flagged clients.
+    let possible = 2 * size.saturating_sub(unflagged) < size;
+    let mut draw = rng.sample(joined, k);
+    let mut tries = 1;
+    while possible && tries < MAX_REDRAWS && 2 * draw.iter().filter(|c| flagged.contains(c)).count() >= size {
+        draw = rng.sample(joined, k);
+        tries += 1;
+    }
+    draw
 }
 
 #[derive(Debug)]
@@ -442,6 +474,7 @@ impl Coordinator {
             violations: BTreeMap::new(),
             completed_rounds: 0,
             opened_here: false,
+            minority: None,
             sent_since_close: 0,
             max_message,
             transmits: VecDeque::new(),
@@ -857,7 +890,23 @@ impl Coordinator {
             let want: BTreeSet<ClientIndex> = list.iter().copied().collect();
             return joined.into_iter().filter(|c| want.contains(c)).collect();
         }
-        self.round_rng(round, 0).sample(&joined, self.config.clients_per_round).into_iter().collect()
+        let mut rng = self.round_rng(round, 0);
+        match &self.minority {
+            Some(flagged) => sample_minority(&mut rng, &joined, self.config.clients_per_round, flagged),
+            None => rng.sample(&joined, self.config.clients_per_round),
+        }
+        .into_iter()
+        .collect()
+    }
+
+    /// FRL's rule for experiments with known attackers: from now on, a
+    /// round's random sample is redrawn while `flagged` clients are half or
+    /// more of it ([`sample_minority`]). Fixed schedules, top-ups after a
+    /// deadline and evaluation rounds are not redrawn. A simulation device
+    /// (a real server does not know its attackers); not persisted, so a
+    /// restored coordinator samples plainly until it is set again.
+    pub fn redraw_majority(&mut self, flagged: BTreeSet<ClientIndex>) {
+        self.minority = Some(flagged);
     }
 
     /// The generator of round `round`'s `k`-th draw (0 = sampling, then one
@@ -1243,4 +1292,42 @@ fn enrolled_hash(keys: &[PublicKeyBytes]) -> [u8; 32] {
         h.update(k.0);
     }
     h.finalize().into()
+}
+
+#[cfg(test)]
+mod minority_tests {
+    use super::*;
+
+    #[test]
+    fn redraws_until_flagged_clients_are_a_minority() {
+        let joined: Vec<ClientIndex> = (0..10).collect();
+        let flagged: BTreeSet<ClientIndex> = (0..5).collect();
+        let mut redrawn = 0;
+        for seed in 0..200u64 {
+            let plain = LocalRng::new(seed).sample(&joined, 5);
+            let got = sample_minority(&mut LocalRng::new(seed), &joined, 5, &flagged);
+            // Deterministic in the generator.
+            assert_eq!(got, sample_minority(&mut LocalRng::new(seed), &joined, 5, &flagged));
+            assert_eq!(got.len(), 5);
+            assert!(2 * got.iter().filter(|c| flagged.contains(c)).count() < 5, "{seed}: {got:?}");
+            if 2 * plain.iter().filter(|c| flagged.contains(c)).count() < 5 {
+                // A draw that already qualifies is the plain one.
+                assert_eq!(got, plain);
+            } else {
+                redrawn += 1;
+            }
+        }
+        // Half the draws of 5 from 5 + 5 have 3 or more flagged: some were redrawn.
+        assert!(redrawn > 50, "{redrawn}");
+    }
+
+    #[test]
+    fn nothing_flagged_or_impossible_gives_the_plain_draw() {
+        let joined: Vec<ClientIndex> = (0..6).collect();
+        let plain = LocalRng::new(3).sample(&joined, 4);
+        assert_eq!(sample_minority(&mut LocalRng::new(3), &joined, 4, &BTreeSet::new()), plain);
+        // 4 of 6 with 4 flagged: every draw has at least 2 of 4 flagged.
+        let flagged: BTreeSet<ClientIndex> = (0..4).collect();
+        assert_eq!(sample_minority(&mut LocalRng::new(3), &joined, 4, &flagged), plain);
+    }
 }

@@ -220,7 +220,7 @@ pub fn ferret_update(data: &[u8]) {
     let head = c.u8();
     let k = u32::from(head % 16) + 2;
     let clients = u32::from(head >> 4) % 4 + 1;
-    let momentum = if c.u8() % 2 == 0 { 0.0 } else { 0.5 };
+    let momentum = if c.u8().is_multiple_of(2) { 0.0 } else { 0.5 };
     let cfg = crate::ferret::FerretConfig {
         momentum,
         ..crate::ferret::FerretSpec { k, server_lr: 0.5, ..Default::default() }.resolve(5)
@@ -247,9 +247,12 @@ pub fn ferret_update(data: &[u8]) {
         match agg.finish(&mut global) {
             Ok(_) => {
                 assert!(global.iter().all(|v| v.is_finite()), "aggregation made the model non-finite");
-                let body = agg.take_log().expect("a replicated kind logs every round");
+                let body = agg.take_log();
+                assert!(body.is_some(), "a replicated kind logs every round");
+                let Some(body) = body else { return };
                 let log = RoundLog { round, body, model_hash: crate::identity::params_hash(&global) };
-                kind.apply_log(&mut replica, &log, &crate::prng::CpuApplier).expect("the server's own log applies");
+                let applied = kind.apply_log(&mut replica, &log, &crate::prng::CpuApplier);
+                assert!(applied.is_ok(), "the server's own log does not apply: {applied:?}");
                 let (a, b): (Vec<u32>, Vec<u32>) =
                     (global.iter().map(|v| v.to_bits()).collect(), replica.iter().map(|v| v.to_bits()).collect());
                 assert_eq!(a, b, "a replica applying the log left the server's model");
@@ -458,6 +461,13 @@ enum Kind {
     Momentum,
     Spsa,
     Frl,
+    /// Ferret: replicated, combined logs, server momentum (state a restore
+    /// must bring back).
+    Ferret,
+}
+
+fn ferret_config_fixture() -> crate::ferret::FerretConfig {
+    crate::ferret::FerretSpec { k: 4, server_lr: 0.5, momentum: 0.5, ..Default::default() }.resolve(9)
 }
 
 fn spsa_config() -> SpsaConfig {
@@ -470,6 +480,7 @@ fn kind_settings(kind: Kind) -> KindSettings {
         Kind::Momentum => KindSettings::FedAvgM(crate::fedavgm::FedAvgMConfig { momentum: 0.9, server_lr: 1.0 }),
         Kind::Spsa => KindSettings::Spsa(spsa_config()),
         Kind::Frl => KindSettings::Frl(FrlRun::new(5, frl_fixture().arch_sizes())),
+        Kind::Ferret => KindSettings::Ferret(ferret_config_fixture()),
     }
 }
 
@@ -552,11 +563,15 @@ fn good_payload(kind: Kind, dim: usize) -> UpdatePayload {
         Kind::Momentum => crate::fedavg::encode_delta(crate::fedavgm::ID, &vec![0.25; dim]),
         Kind::Spsa => crate::spsa::payload(vec![0x41; spsa_config().steps_per_client as usize]),
         Kind::Frl => UpdatePayload { kind: crate::frl::ID, data: frl_fixture().ranking.clone() },
+        Kind::Ferret => crate::ferret::payload(&[
+            crate::ferret::Coefficient { k: 0, g: 0, value: 0.25 },
+            crate::ferret::Coefficient { k: 3, g: 1, value: -0.5 },
+        ]),
     }
 }
 
 /// Operation sequences on a [`Coordinator`] with persistence on: the first
-/// byte picks the update kind (dense, SPSA or FRL), quorum, final evaluation
+/// byte picks the update kind (dense, momentum, SPSA, Ferret or FRL), quorum, final evaluation
 /// and whether four clients join up front; then each op is connect,
 /// disconnect, join (own key, another's, unenrolled, bad challenge), a
 /// validly signed report (round near the open one or arbitrary, payload good,
@@ -573,7 +588,8 @@ pub fn coordinator_ops(data: &[u8]) {
     let kind = match setup >> 5 {
         0..=2 => Kind::Dense,
         3 => Kind::Momentum,
-        4..=6 => Kind::Spsa,
+        4..=5 => Kind::Spsa,
+        6 => Kind::Ferret,
         _ => Kind::Frl,
     };
     let ids = identities();
@@ -590,7 +606,7 @@ pub fn coordinator_ops(data: &[u8]) {
         clients_per_round: 2,
         quorum: usize::from((setup >> 2) & 1) + 1,
         round_timeout: Duration::from_secs(10),
-        train: TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 },
+        train: TrainSpec::sgd(0.1, 2, 1),
         kind: kind_settings(kind),
         rule: RuleSpec::Mean,
         max_violations: 3,
@@ -790,14 +806,15 @@ pub fn participant_frames(data: &[u8]) {
     let now = Instant::now();
     // The first byte picks how many corpus frames to deliver first (its
     // value mod 5) and the run's kind (its top bits): FedAvg (the model in
-    // full), SPSA (replicated: Sync, RoundLog, replica hashes) or FRL (the
+    // full), SPSA and Ferret (replicated: Sync, RoundLog, replica hashes) or FRL (the
     // published global ranking), so that every message a client decodes is
     // fuzzed in the run where it is valid.
     let setup = c.u8();
-    let kind = match (setup >> 5) % 3 {
+    let kind = match (setup >> 5) % 4 {
         0 => Kind::Dense,
         1 => Kind::Spsa,
-        _ => Kind::Frl,
+        2 => Kind::Frl,
+        _ => Kind::Ferret,
     };
     let arch = match kind {
         Kind::Frl => frl_fixture().arch.clone(),
@@ -808,7 +825,7 @@ pub fn participant_frames(data: &[u8]) {
         run_id: RUN,
         arch: arch.clone(),
         rounds: 2,
-        train: TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 },
+        train: TrainSpec::sgd(0.1, 2, 1),
         kind: kind_settings(kind),
     };
     let (round1, round2) = match kind {
@@ -816,7 +833,7 @@ pub fn participant_frames(data: &[u8]) {
             let ranking = frl_fixture().ranking.clone();
             (ModelSync::Published(ranking.clone()), ModelSync::Published(ranking))
         }
-        Kind::Spsa => {
+        Kind::Spsa | Kind::Ferret => {
             let hash = crate::identity::params_hash(&arch.init_params(1));
             (ModelSync::Replica { model_hash: hash }, ModelSync::Replica { model_hash: hash })
         }
@@ -836,6 +853,22 @@ pub fn participant_frames(data: &[u8]) {
         let log = RoundLog {
             round: 1,
             body: crate::wire::LogBody::PerClient(entries),
+            model_hash: crate::identity::params_hash(&after),
+        };
+        corpus.push(Message::Sync(Sync { round: 0, params: initial, logs: Vec::new() }));
+        corpus.push(Message::RoundLog(log));
+    }
+    if kind == Kind::Ferret {
+        // A checkpoint, then a round's combined log that follows it.
+        let initial = arch.init_params(1);
+        let cfg = ferret_config_fixture();
+        let blocks = crate::ferret::blocks(&arch);
+        let entries = [crate::ferret::Coefficient { k: 1, g: 0, value: -0.01 }];
+        let mut after = initial.clone();
+        crate::ferret::apply_scaled(&cfg, &blocks, 1, &mut after, &entries, &crate::prng::CpuApplier);
+        let log = RoundLog {
+            round: 1,
+            body: crate::wire::LogBody::Combined(crate::ferret::encode_entries(&entries)),
             model_hash: crate::identity::params_hash(&after),
         };
         corpus.push(Message::Sync(Sync { round: 0, params: initial, logs: Vec::new() }));

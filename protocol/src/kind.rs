@@ -540,7 +540,7 @@ mod tests {
             clients_per_round: 1,
             quorum: 1,
             round_timeout: std::time::Duration::from_secs(1),
-            train: crate::wire::TrainSpec { lr: 0.1, batch_size: 1, epochs: 1 },
+            train: crate::wire::TrainSpec::sgd(0.1, 1, 1),
             kind: KindSettings::Spsa(crate::spsa::SpsaSpec::default().resolve(1)),
             rule: RuleSpec::Median,
             max_violations: 1,

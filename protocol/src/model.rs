@@ -73,6 +73,13 @@ pub enum ModelArch {
         /// Characters per input window.
         seq: u32,
     },
+    /// One of FRL's networks ([`crate::supermask::FrlArch`]) trained densely,
+    /// as FRL's baselines (FedAvg, trimmed mean, Multi-Krum) train it: the
+    /// same layers (3×3 convolutions with padding 1, pooling, linear layers,
+    /// ReLU between), no biases, PyTorch's default init. Parameters are the
+    /// weights, `layers.{l}.weight`, layer by layer.
+    /// `model = { kind = "frl-dense", net = "lenet", classes = 10 }`.
+    FrlDense(crate::supermask::FrlArch),
 }
 
 /// One named tensor of a model, in the flat order.
@@ -154,7 +161,7 @@ impl ModelArch {
                 }
             }
             // Its own check bounds every size before multiplying.
-            ModelArch::Supermask(net) => return net.validate(),
+            ModelArch::Supermask(net) | ModelArch::FrlDense(net) => return net.validate(),
             ModelArch::CharGru { vocab, embed, hidden, seq } => {
                 if *vocab == 0 || *embed == 0 || *hidden == 0 || *seq == 0 {
                     return Err(ModelError::InvalidArch("zero-sized char-gru dimension"));
@@ -192,7 +199,7 @@ impl ModelArch {
             }
             ModelArch::LeNet5 { classes } => vec![(25, 6), (150, 16), (400, 120), (120, 84), (84, *classes as u64)],
             // Validated separately (no biases); never reached from `validate`.
-            ModelArch::Supermask(_) => Vec::new(),
+            ModelArch::Supermask(_) | ModelArch::FrlDense(_) => Vec::new(),
             // The embedding has no bias; counting one per column only
             // over-estimates, which is safe for a size check.
             ModelArch::CharGru { vocab, embed, hidden, .. } => {
@@ -240,6 +247,12 @@ impl ModelArch {
                 .enumerate()
                 .map(|(l, layer)| t(format!("layers.{l}.scores"), layer.shape(), layer.fan_in()))
                 .collect(),
+            ModelArch::FrlDense(net) => net
+                .layers()
+                .iter()
+                .enumerate()
+                .map(|(l, layer)| t(format!("layers.{l}.weight"), layer.shape(), layer.fan_in()))
+                .collect(),
             // PyTorch names and layouts (`nn.Embedding`, `nn.GRU` with gates
             // stacked r, z, n along the first axis, `nn.Linear`). Fan-ins
             // give PyTorch's default init: U(±1/√hidden) for the GRU and the
@@ -271,7 +284,7 @@ impl ModelArch {
     pub fn classes(&self) -> usize {
         match self {
             ModelArch::Mlp { classes, .. } | ModelArch::LeNet5 { classes } => *classes as usize,
-            ModelArch::Supermask(net) => net.classes(),
+            ModelArch::Supermask(net) | ModelArch::FrlDense(net) => net.classes(),
             ModelArch::CharGru { vocab, .. } => *vocab as usize,
         }
     }

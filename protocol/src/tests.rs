@@ -53,7 +53,7 @@ fn config(n: usize, rounds: u32) -> CoordinatorConfig {
         clients_per_round: n,
         quorum: n,
         round_timeout: Duration::from_secs(10),
-        train: TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 },
+        train: TrainSpec::sgd(0.1, 2, 1),
         kind: crate::kind::KindSettings::FedAvg,
         rule: crate::kind::RuleSpec::Mean,
         max_violations: 5,
@@ -685,7 +685,7 @@ fn participant_refuses_a_hostile_welcome() {
     let t = Instant::now();
     let hello = codec::encode(&Message::Hello(Hello { run_id: RUN, challenge: [0; 32] }));
     let welcome = |config: RunConfig| codec::encode(&Message::Welcome(Welcome { client_id: 0, config }));
-    let train = TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 };
+    let train = TrainSpec::sgd(0.1, 2, 1);
     let good = RunConfig {
         run_id: RUN,
         arch: arch(),
@@ -703,7 +703,9 @@ fn participant_refuses_a_hostile_welcome() {
         ),
         (RunConfig { train: TrainSpec { epochs: u32::MAX, ..train.clone() }, ..good.clone() }, bad_train.clone()),
         (RunConfig { train: TrainSpec { lr: f32::NAN, ..train.clone() }, ..good.clone() }, bad_train.clone()),
-        (RunConfig { train: TrainSpec { batch_size: 0, ..train.clone() }, ..good.clone() }, bad_train),
+        (RunConfig { train: TrainSpec { batch_size: 0, ..train.clone() }, ..good.clone() }, bad_train.clone()),
+        (RunConfig { train: TrainSpec { momentum: 1.0, ..train.clone() }, ..good.clone() }, bad_train.clone()),
+        (RunConfig { train: TrainSpec { weight_decay: f32::INFINITY, ..train.clone() }, ..good.clone() }, bad_train),
         // Another run than the Hello named: our reports would be signed for it.
         (RunConfig { run_id: RunId([1; 16]), ..good.clone() }, Misbehaviour::WrongRun),
     ];

@@ -91,6 +91,9 @@ impl std::fmt::Display for PublicKeyBytes {
 pub struct SignatureBytes(pub [u8; 64]);
 
 /// Hyper-parameters of local training, chosen by the server for the run.
+/// In configuration files: `train = { lr = 0.05, batch_size = 32, epochs =
+/// 1, momentum = 0.9, weight_decay = 5e-4 }` (momentum and weight decay
+/// default to 0: plain SGD).
 #[derive(Clone, Debug, PartialEq, Encode, Decode, Serialize, Deserialize)]
 pub struct TrainSpec {
     /// SGD learning rate.
@@ -99,9 +102,22 @@ pub struct TrainSpec {
     pub batch_size: u32,
     /// Local epochs per round.
     pub epochs: u32,
+    /// SGD momentum (PyTorch's: no dampening, not Nesterov), in `[0, 1)`;
+    /// the buffer starts at zero every round. 0: plain SGD.
+    #[serde(default)]
+    pub momentum: f32,
+    /// L2 weight decay added to the gradient (PyTorch's `weight_decay`),
+    /// finite and `≥ 0`.
+    #[serde(default)]
+    pub weight_decay: f32,
 }
 
 impl TrainSpec {
+    /// Plain SGD (no momentum, no weight decay).
+    pub fn sgd(lr: f32, batch_size: u32, epochs: u32) -> Self {
+        TrainSpec { lr, batch_size, epochs, momentum: 0.0, weight_decay: 0.0 }
+    }
+
     /// Checks the values are usable: a finite positive learning rate, and a
     /// batch size and epoch count in `1..=`[`MAX_BATCH_SIZE`] and
     /// `1..=`[`MAX_LOCAL_EPOCHS`]. The server checks its configuration with
@@ -109,6 +125,12 @@ impl TrainSpec {
     pub fn validate(&self) -> Result<(), &'static str> {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err("learning rate must be finite and positive");
+        }
+        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
+            return Err("momentum must be in [0, 1)");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err("weight_decay must be finite and non-negative");
         }
         if self.batch_size == 0 || self.batch_size > MAX_BATCH_SIZE {
             return Err("batch_size must be in 1..=MAX_BATCH_SIZE");

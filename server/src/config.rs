@@ -303,7 +303,7 @@ impl RawConfig {
         let enrolled = read_keys(&keys_path)?;
         let arch = self.model.unwrap_or_else(ModelArch::mnist_mlp);
         arch.validate().map_err(|e| invalid(e.to_string()))?;
-        let train = self.train.unwrap_or(TrainSpec { lr: 0.05, batch_size: 32, epochs: 1 });
+        let train = self.train.unwrap_or(TrainSpec::sgd(0.05, 32, 1));
         // A supermask model is only ever trained by FRL: implied, as before.
         let algorithm = match (self.algorithm, &arch) {
             (Some(a), _) => a,

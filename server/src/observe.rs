@@ -944,7 +944,7 @@ mod tests {
             clients_per_round: 3,
             quorum: 3,
             round_timeout: Duration::from_secs(10),
-            train: TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 },
+            train: TrainSpec::sgd(0.1, 2, 1),
             kind: tally_protocol::KindSettings::FedAvg,
             rule: tally_protocol::RuleSpec::Mean,
             max_violations: 5,

@@ -26,7 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         run_id: RunId([0; 16]),
         arch: arch.clone(),
         rounds: 1000,
-        train: TrainSpec { lr: 0.4, batch_size: 8, epochs: 2 },
+        train: TrainSpec::sgd(0.4, 8, 2),
         kind: KindSettings::Frl(frl.clone()),
     };
     let mut vote = FrlVote::for_run(frl, &arch)?;

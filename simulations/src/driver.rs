@@ -150,7 +150,7 @@ impl<'a> Sim<'a> {
             schedule,
             final_evaluation: false,
         };
-        let coord = Coordinator::new(config, initial, s.seed)?;
+        let mut coord = Coordinator::new(config, initial, s.seed)?;
         let run_config = coord.run_config();
         // Every replica's directions go through one applier, which computes
         // each distinct application once (`crate::replicas`).
@@ -159,6 +159,10 @@ impl<'a> Sim<'a> {
             identities.into_iter().map(|id| Participant::new(id, None).with_applier(applier.clone())).collect();
         let attack = s.attack()?;
         let malicious = attack.as_ref().map_or(0, |a| a.malicious(s.clients));
+        if s.redraw_majority && malicious > 0 {
+            // FRL's rule: no round with malicious clients half or more of it.
+            coord.redraw_majority((0..malicious as u32).collect());
+        }
         let threads = match s.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -438,8 +442,11 @@ impl<'a> Sim<'a> {
             threads: self.threads,
             device: self.device,
             seed: self.s.seed,
+            per_round: self.s.clients_per_round,
+            rule: self.s.rule,
         };
-        let task = RoundTask { round: first.round, seed: first.seed, model: &first.model };
+        let malicious = self.malicious_sampled.get(&first.round).copied().unwrap_or(0).max(clients.len());
+        let task = RoundTask { round: first.round, seed: first.seed, model: &first.model, malicious };
         attack.craft(&env, &task, &clients)
     }
 

@@ -583,6 +583,23 @@ mod tests {
     }
 
     #[test]
+    fn a_targeted_label_flip_reports_the_error_on_its_source_class() {
+        let (mut s, split) = tiny();
+        s.rounds = 2;
+        s.attack = Some(AttackSpec::LabelFlip { fraction: 0.5, source: Some(7), target: Some(1) });
+        let r = run_on(&s, &split, &tally_kernels::cpu_device(), &mut |_| {}).unwrap();
+        for x in &r.records {
+            let per = x.test_class_accuracy.as_ref().expect("per-class accuracy in every evaluated row");
+            assert_eq!(per.len(), 10);
+            assert_eq!(x.attack_success, Some(Some(1.0 - per[7])), "{x:?}");
+        }
+        // An untargeted flip (every class) is measured as a drop instead.
+        s.attack = Some(AttackSpec::LabelFlip { fraction: 0.5, source: None, target: None });
+        let r = run_on(&s, &split, &tally_kernels::cpu_device(), &mut |_| {}).unwrap();
+        assert!(r.records.iter().all(|x| x.test_class_accuracy.is_none() && x.attack_success == Some(None)));
+    }
+
+    #[test]
     fn an_attacked_run_marks_attack_success_unknown_until_a_sweep_fills_it() {
         let (mut s, split) = tiny();
         s.rounds = 1;
@@ -599,7 +616,7 @@ mod tests {
         let (mut s, split) = tiny();
         s.model = tally_protocol::model::ModelArch::Supermask(tally_protocol::supermask::FrlArch::MNIST_LENET);
         s.algorithm = tally_protocol::AlgorithmSpec::Frl(tally_protocol::frl::FrlSpec::default());
-        s.train = tally_protocol::wire::TrainSpec { lr: 0.4, batch_size: 8, epochs: 1 };
+        s.train = tally_protocol::wire::TrainSpec::sgd(0.4, 8, 1);
         s.rounds = 2;
         (s, split)
     }
@@ -776,7 +793,7 @@ mod tests {
             rounds: 2,
             partition: PartitionSpec::Iid,
             model: arch.clone(),
-            train: tally_protocol::wire::TrainSpec { lr: 1.0, batch_size: 16, epochs: 1 },
+            train: tally_protocol::wire::TrainSpec::sgd(1.0, 16, 1),
             ..Scenario::default()
         };
         let dev = tally_kernels::cpu_device();
@@ -796,7 +813,7 @@ mod tests {
             rounds: 2,
             partition: PartitionSpec::Roles,
             initial_model: Some(file),
-            train: tally_protocol::wire::TrainSpec { lr: 0.5, batch_size: 16, epochs: 1 },
+            train: tally_protocol::wire::TrainSpec::sgd(0.5, 16, 1),
             ..pre.clone()
         };
         let fdata = load_scenario_data(&fine).unwrap();

@@ -248,6 +248,10 @@ pub struct Scenario {
     pub train_range: Option<[usize; 2]>,
     /// Poisoning: which clients are malicious and what they send. Default none.
     pub attack: Option<AttackSpec>,
+    /// FRL's sampling rule: a round's random sample is redrawn
+    /// (deterministically, from the round's own generator) while malicious
+    /// clients are half or more of it. Default false (plain sampling).
+    pub redraw_majority: bool,
     /// Worker threads for the clients' local training. Each client's
     /// training is single-threaded and its result does not depend on the
     /// thread, so the metrics are identical for any value. Default 0: one per
@@ -275,7 +279,7 @@ impl Default for Scenario {
             schedule: None,
             initial_model: None,
             model: ModelArch::mnist_mlp(),
-            train: TrainSpec { lr: 0.1, batch_size: 32, epochs: 2 },
+            train: TrainSpec::sgd(0.1, 32, 2),
             network: NetworkSpec::default(),
             eval_every: 1,
             out: PathBuf::from("runs/sim/metrics.jsonl"),
@@ -283,6 +287,7 @@ impl Default for Scenario {
             rule: RuleSpec::Mean,
             train_range: None,
             attack: None,
+            redraw_majority: false,
             threads: 0,
             device: tally_kernels::DeviceChoice::Cpu,
         }
@@ -303,6 +308,7 @@ impl Scenario {
         let Some(spec) = &self.attack else { return Ok(None) };
         let attack = spec.build()?;
         attack.check(&self.kind_settings()?)?;
+        attack.check_model(&self.model)?;
         Ok(Some(attack))
     }
 
@@ -397,7 +403,14 @@ impl Scenario {
         // The rule's parameters must hold for a round of quorum size.
         self.rule.check_round_size(self.quorum.unwrap_or(self.clients_per_round))?;
         if let Some(spec) = &self.attack {
-            spec.build()?.check(&settings)?;
+            let attack = spec.build()?;
+            attack.check(&settings)?;
+            attack.check_model(&self.model)?;
+            // Every draw has at least this many malicious clients.
+            let least = self.clients_per_round.saturating_sub(self.clients - attack.malicious(self.clients));
+            if self.redraw_majority && 2 * least >= self.clients_per_round {
+                return bad("redraw_majority: too few honest clients for a round with a malicious minority");
+            }
         }
         Ok(())
     }

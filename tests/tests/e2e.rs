@@ -1919,7 +1919,7 @@ fn client_facing_a_hostile_server_exits_with_a_typed_error() {
     use tally_protocol::wire::{Message, ModelSync, RoundStart, RunConfig, RunId, TrainSpec};
     let dir = tempfile::tempdir().unwrap();
     let (key, _) = keygen(dir.path(), "victim");
-    let train = TrainSpec { lr: 0.05, batch_size: 32, epochs: 1 };
+    let train = TrainSpec::sgd(0.05, 32, 1);
     let mlp = RunConfig {
         run_id: RunId([3; 16]),
         arch: ModelArch::mnist_mlp(),

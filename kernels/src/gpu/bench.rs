@@ -182,7 +182,7 @@ fn mlp_figure(device: &Device, name: &str, batch: usize, steps: u32) -> Result<T
     let p = arch.init_params(1);
     let one = cycled(&split.train, batch)?;
     let many = cycled(&split.train, batch * steps as usize)?;
-    let cfg = crate::TrainConfig { lr: 0.01, batch_size: batch, epochs: 1, seed: 1 };
+    let cfg = crate::TrainConfig::sgd(0.01, batch, 1, 1);
     let t = Instant::now();
     let (p, _) = crate::train_local(&arch, &p, &one, &cfg, device)?;
     let first = t.elapsed().as_secs_f64();

@@ -202,7 +202,7 @@ pub fn training_tracks_cpu(g: &Gpu) -> Result<String, String> {
     let mut detail = Vec::new();
     for arch in [ModelArch::Mlp { input: 784, hidden: vec![32], classes: 10 }, ModelArch::LeNet5 { classes: 10 }] {
         let p0 = arch.init_params(5);
-        let cfg = crate::TrainConfig { lr: 0.05, batch_size: 32, epochs: 1, seed: 3 };
+        let cfg = crate::TrainConfig::sgd(0.05, 32, 1, 3);
         let (pc, rc) = crate::train_local(&arch, &p0, &data, &cfg, &crate::cpu_device()).map_err(|x| x.to_string())?;
         let (pg, rg) = crate::train_local(&arch, &p0, &data, &cfg, &g.burn_device()).map_err(|x| x.to_string())?;
         let rel = (rc.mean_loss - rg.mean_loss).abs() / rc.mean_loss.abs();

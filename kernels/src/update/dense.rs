@@ -22,8 +22,7 @@ pub struct DenseLocal {
 impl LocalKind for DenseLocal {
     fn train(&self, r: &LocalRound<'_>) -> Result<ClientUpdate, KernelError> {
         let train = &r.run.train;
-        let cfg =
-            TrainConfig { lr: train.lr, batch_size: train.batch_size as usize, epochs: train.epochs, seed: r.seed };
+        let cfg = TrainConfig::from_spec(train, r.seed);
         dense_update(self.kind, &r.run.arch, r.model, r.data, &cfg, r.device)
     }
 }

@@ -17,8 +17,7 @@ pub struct FerretLocal<'a>(pub &'a FerretConfig);
 impl LocalKind for FerretLocal<'_> {
     fn train(&self, r: &LocalRound<'_>) -> Result<ClientUpdate, KernelError> {
         let train = &r.run.train;
-        let cfg =
-            TrainConfig { lr: train.lr, batch_size: train.batch_size as usize, epochs: train.epochs, seed: r.seed };
+        let cfg = TrainConfig::from_spec(train, r.seed);
         let (trained, report) = train_local(&r.run.arch, r.model, r.data, &cfg, r.device)?;
         // Descent sign, as the reference code: the server subtracts.
         let delta: Vec<f32> = r.model.iter().zip(&trained).map(|(m, t)| m - t).collect();

@@ -142,7 +142,7 @@ fn run_config(run_id: RunId, arch: ModelArch, train: TrainSpec) -> RunConfig {
 }
 
 fn train_spec() -> TrainSpec {
-    TrainSpec { lr: 0.1, batch_size: 2, epochs: 1 }
+    TrainSpec::sgd(0.1, 2, 1)
 }
 
 fn report(round: u32, update: Option<Vec<f32>>) -> Report {
@@ -194,8 +194,8 @@ fn corpus(challenge: [u8; 32], round: u32) -> Vec<Vec<u8>> {
         })),
         codec::encode(&Message::Finished(Finished { rounds: 2, model_hash: [3; 32] })),
         welcome(run_config(RUN, ModelArch::Mlp { input: u32::MAX, hidden: vec![u32::MAX], classes: 10 }, train_spec())),
-        welcome(run_config(RUN, arch(), TrainSpec { lr: f32::NAN, batch_size: 2, epochs: 1 })),
-        welcome(run_config(RUN, arch(), TrainSpec { lr: 0.1, batch_size: 2, epochs: u32::MAX })),
+        welcome(run_config(RUN, arch(), TrainSpec::sgd(f32::NAN, 2, 1))),
+        welcome(run_config(RUN, arch(), TrainSpec::sgd(0.1, 2, u32::MAX))),
         welcome(run_config(RunId([1; 16]), arch(), train_spec())),
         start(vec![0.5; dim + 1]),
         start(nan_model),

@@ -11,13 +11,36 @@
 //!
 //! - [`frl_reverse`]: FRL's attack, the reversed consensus ranking.
 //! - [`scale`]: FRL's FedAvg attack, the scaled global model as a delta.
+//! - [`sign_flip`]: each malicious client sends `−s ×` its own benign update.
+//! - [`gaussian`]: each malicious client sends `N(0, σ²)` noise.
+//! - [`label_flip`]: malicious clients train honestly on flipped labels.
+//! - [`lie`]: "A little is enough" (Baruch et al., NeurIPS 2019), `μ − zσ`.
+//! - [`min_max`]: min-max and min-sum (Shejwalkar & Houmansadr, NDSS 2021),
+//!   the aggregator-agnostic versions.
+//! - [`tailored`]: the attacks tailored to trimmed mean and Multi-Krum that
+//!   FRL's paper runs against those rules (§1.8 of the algorithms note).
+//!
+//! What each attack knows is stated in its module: whether its clients
+//! collude, whether it sees benign updates (here never those of honest
+//! clients: at most the benign updates its own clients would have sent, as
+//! FRL's code does), and whether it knows the aggregation rule.
 
+pub mod dense;
+#[cfg(test)]
+mod effect_tests;
 pub mod frl_reverse;
+pub mod gaussian;
+pub mod label_flip;
+pub mod lie;
+pub mod min_max;
 pub mod scale;
+pub mod sign_flip;
+pub mod tailored;
 
 use serde::{Deserialize, Serialize};
 use tally_kernels::{Dataset, Device};
-use tally_protocol::kind::KindSettings;
+use tally_protocol::kind::{KindSettings, RuleSpec};
+use tally_protocol::model::ModelArch;
 use tally_protocol::wire::{RunConfig, UpdatePayload};
 
 use crate::SimError;
@@ -62,6 +85,10 @@ pub struct AttackEnv<'a> {
     pub device: &'a Device,
     /// The scenario seed.
     pub seed: u64,
+    /// Clients sampled per round (`n` in LIE's formula).
+    pub per_round: usize,
+    /// The run's aggregation rule (known to the rule-tailored attacks only).
+    pub rule: RuleSpec,
 }
 
 /// The task a round's malicious clients received: the round, the task seed
@@ -74,6 +101,8 @@ pub struct RoundTask<'a> {
     pub seed: u64,
     /// The global model (for FRL, the global scores).
     pub model: &'a [f32],
+    /// Malicious clients sampled for the round (at least those crafting).
+    pub malicious: usize,
 }
 
 /// A poisoning attack (see the module docs).
@@ -84,6 +113,11 @@ pub trait Attack: Send + Sync + std::fmt::Debug {
     fn fraction(&self) -> f64;
     /// Refuses a run whose update kind the attack does not apply to.
     fn check(&self, kind: &KindSettings) -> Result<(), AttackError>;
+    /// Refuses a model the attack's settings do not fit (e.g. a label
+    /// outside its classes). Default: any model.
+    fn check_model(&self, _arch: &ModelArch) -> Result<(), AttackError> {
+        Ok(())
+    }
     /// Whether every round of a run with malicious clients is evaluated,
     /// not only every `eval_every`-th (so that a collapse shows in the
     /// round it happens).
@@ -135,6 +169,117 @@ pub enum AttackSpec {
         #[serde(default = "default_scale")]
         scale: f32,
     },
+    /// Every malicious client sends `−scale ×` its own benign update (no
+    /// collusion, no rule knowledge). Dense kinds and Ferret.
+    SignFlip {
+        /// Fraction of malicious clients, in `[0, 1)`.
+        fraction: f64,
+        /// The factor `s > 0` (default 1).
+        #[serde(default = "default_one")]
+        scale: f32,
+    },
+    /// Every malicious client sends independent `N(0, std²)` noise per
+    /// coordinate (no knowledge at all). Dense kinds and Ferret.
+    Gaussian {
+        /// Fraction of malicious clients, in `[0, 1)`.
+        fraction: f64,
+        /// The noise's standard deviation, positive (default 1).
+        #[serde(default = "default_one")]
+        std: f32,
+    },
+    /// Malicious clients train honestly on their shard with flipped labels:
+    /// `l → C−1−l` by default, or only `source → target` when both are
+    /// given. Every kind that trains.
+    LabelFlip {
+        /// Fraction of malicious clients, in `[0, 1)`.
+        fraction: f64,
+        /// Only this class is relabelled (with `target`). Default: all.
+        #[serde(default)]
+        source: Option<u8>,
+        /// The label `source` becomes.
+        #[serde(default)]
+        target: Option<u8>,
+    },
+    /// "A little is enough" (Baruch et al., 2019): every malicious client
+    /// sends `μ − z·σ` of the attackers' benign updates.
+    Lie {
+        /// Fraction of malicious clients, in `[0, 1)`.
+        fraction: f64,
+        /// `z`, non-negative; default: the paper's `Φ⁻¹((n − s)/n)` with
+        /// `s = ⌊n/2 + 1⌋ − f` for `n` clients per round and `f` malicious.
+        #[serde(default)]
+        z: Option<f64>,
+        /// Attackers whose benign updates give `μ` and `σ` (default 25).
+        #[serde(default = "default_pool")]
+        pool: usize,
+    },
+    /// Min-max (Shejwalkar & Houmansadr, NDSS 2021, AGR-agnostic): `μ − γ·p`
+    /// with the largest `γ` whose largest squared distance to the
+    /// attackers' benign updates stays within theirs to each other.
+    MinMax {
+        /// Fraction of malicious clients, in `[0, 1)`.
+        fraction: f64,
+        /// The perturbation `p`: `std` (default), `unit-vec` or `sign`.
+        #[serde(default)]
+        deviation: min_max::Deviation,
+        /// Where the halving search for `γ` starts (default 50, the authors' code).
+        #[serde(default = "default_gamma")]
+        gamma_init: f64,
+        /// Attackers whose benign updates are used (default 25).
+        #[serde(default = "default_pool")]
+        pool: usize,
+    },
+    /// Min-sum (same paper): as min-max with the sum of squared distances.
+    MinSum {
+        /// Fraction of malicious clients, in `[0, 1)`.
+        fraction: f64,
+        /// The perturbation `p`: `std` (default), `unit-vec` or `sign`.
+        #[serde(default)]
+        deviation: min_max::Deviation,
+        /// Where the halving search for `γ` starts (default 50).
+        #[serde(default = "default_gamma")]
+        gamma_init: f64,
+        /// Attackers whose benign updates are used (default 25).
+        #[serde(default = "default_pool")]
+        pool: usize,
+    },
+    /// FRL's attack on trimmed mean (§1.8): `μ − λσ` with `λ` (halving
+    /// search from `lambda_init`) maximising the trimmed mean's distance to `μ`.
+    TailoredTrimmedMean {
+        /// Fraction of malicious clients, in `[0, 1)`.
+        fraction: f64,
+        /// Where the search for `λ` starts (default 5, FRL's code).
+        #[serde(default = "default_lambda")]
+        lambda_init: f64,
+        /// Attackers whose benign updates are used (default 25).
+        #[serde(default = "default_pool")]
+        pool: usize,
+    },
+    /// FRL's attack on Multi-Krum (§1.8): `μ − λσ` with the largest `λ`
+    /// (halving search from `lambda_init`) for which Multi-Krum selects
+    /// every malicious copy.
+    TailoredMultiKrum {
+        /// Fraction of malicious clients, in `[0, 1)`.
+        fraction: f64,
+        /// Where the search for `λ` starts (default 5, FRL's code).
+        #[serde(default = "default_lambda")]
+        lambda_init: f64,
+        /// Attackers whose benign updates are used (default 25).
+        #[serde(default = "default_pool")]
+        pool: usize,
+    },
+}
+
+fn default_one() -> f32 {
+    1.0
+}
+
+fn default_gamma() -> f64 {
+    50.0
+}
+
+fn default_lambda() -> f64 {
+    5.0
 }
 
 fn default_pool() -> usize {
@@ -149,7 +294,16 @@ impl AttackSpec {
     /// The malicious fraction.
     pub fn fraction(&self) -> f64 {
         match self {
-            AttackSpec::FrlReverse { fraction, .. } | AttackSpec::Scale { fraction, .. } => *fraction,
+            AttackSpec::FrlReverse { fraction, .. }
+            | AttackSpec::Scale { fraction, .. }
+            | AttackSpec::SignFlip { fraction, .. }
+            | AttackSpec::Gaussian { fraction, .. }
+            | AttackSpec::LabelFlip { fraction, .. }
+            | AttackSpec::Lie { fraction, .. }
+            | AttackSpec::MinMax { fraction, .. }
+            | AttackSpec::MinSum { fraction, .. }
+            | AttackSpec::TailoredTrimmedMean { fraction, .. }
+            | AttackSpec::TailoredMultiKrum { fraction, .. } => *fraction,
         }
     }
 
@@ -162,17 +316,48 @@ impl AttackSpec {
     /// [`Attack::check`]).
     pub fn build(&self) -> Result<Box<dyn Attack>, AttackError> {
         let fraction = self.fraction();
-        let name = match self {
-            AttackSpec::FrlReverse { .. } => frl_reverse::NAME,
-            AttackSpec::Scale { .. } => scale::NAME,
-        };
+        let name = self.name();
         if !(fraction.is_finite() && (0.0..1.0).contains(&fraction)) {
             return Err(AttackError::Invalid { attack: name, reason: "fraction must be in [0, 1)" });
         }
         Ok(match *self {
             AttackSpec::FrlReverse { pool, .. } => Box::new(frl_reverse::FrlReverse::new(fraction, pool)?),
             AttackSpec::Scale { scale, .. } => Box::new(scale::Scale::new(fraction, scale)?),
+            AttackSpec::SignFlip { scale, .. } => Box::new(sign_flip::SignFlip::new(fraction, scale)?),
+            AttackSpec::Gaussian { std, .. } => Box::new(gaussian::Gaussian::new(fraction, std)?),
+            AttackSpec::LabelFlip { source, target, .. } => {
+                Box::new(label_flip::LabelFlip::new(fraction, source, target)?)
+            }
+            AttackSpec::Lie { z, pool, .. } => Box::new(lie::Lie::new(fraction, z, pool)?),
+            AttackSpec::MinMax { deviation, gamma_init, pool, .. } => {
+                Box::new(min_max::MinMax::new(min_max::Objective::Max, fraction, deviation, gamma_init, pool)?)
+            }
+            AttackSpec::MinSum { deviation, gamma_init, pool, .. } => {
+                Box::new(min_max::MinMax::new(min_max::Objective::Sum, fraction, deviation, gamma_init, pool)?)
+            }
+            AttackSpec::TailoredTrimmedMean { lambda_init, pool, .. } => {
+                Box::new(tailored::Tailored::new(tailored::Target::TrimmedMean, fraction, lambda_init, pool)?)
+            }
+            AttackSpec::TailoredMultiKrum { lambda_init, pool, .. } => {
+                Box::new(tailored::Tailored::new(tailored::Target::MultiKrum, fraction, lambda_init, pool)?)
+            }
         })
+    }
+
+    /// The attack's name in scenario files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AttackSpec::FrlReverse { .. } => frl_reverse::NAME,
+            AttackSpec::Scale { .. } => scale::NAME,
+            AttackSpec::SignFlip { .. } => sign_flip::NAME,
+            AttackSpec::Gaussian { .. } => gaussian::NAME,
+            AttackSpec::LabelFlip { .. } => label_flip::NAME,
+            AttackSpec::Lie { .. } => lie::NAME,
+            AttackSpec::MinMax { .. } => min_max::MIN_MAX,
+            AttackSpec::MinSum { .. } => min_max::MIN_SUM,
+            AttackSpec::TailoredTrimmedMean { .. } => tailored::TRIMMED_MEAN,
+            AttackSpec::TailoredMultiKrum { .. } => tailored::MULTI_KRUM,
+        }
     }
 }
 
@@ -203,6 +388,44 @@ mod tests {
         assert_eq!(applies(scale.as_ref()), [true, true, false, false]);
         let err = reverse.check(&KindSettings::FedAvg).unwrap_err();
         assert_eq!(err.to_string(), "attack frl-reverse needs the frl kind, not fedavg");
+    }
+
+    #[test]
+    fn the_catalogue_applies_to_its_kinds_only() {
+        let ferret = KindSettings::Ferret(tally_protocol::ferret::FerretSpec::default().resolve(1));
+        let all: Vec<KindSettings> = kinds().into_iter().chain([ferret]).collect();
+        // fedavg, fedavgm, spsa, frl, ferret
+        let dense_and_ferret = [true, true, false, false, true];
+        for (spec, expected) in [
+            (AttackSpec::SignFlip { fraction: 0.1, scale: 1.0 }, dense_and_ferret),
+            (AttackSpec::Gaussian { fraction: 0.1, std: 1.0 }, dense_and_ferret),
+            (AttackSpec::LabelFlip { fraction: 0.1, source: None, target: None }, [true; 5]),
+            (AttackSpec::Lie { fraction: 0.1, z: None, pool: 25 }, dense_and_ferret),
+            (
+                AttackSpec::MinMax { fraction: 0.1, deviation: min_max::Deviation::Std, gamma_init: 50.0, pool: 25 },
+                dense_and_ferret,
+            ),
+            (
+                AttackSpec::MinSum { fraction: 0.1, deviation: min_max::Deviation::Sign, gamma_init: 50.0, pool: 25 },
+                dense_and_ferret,
+            ),
+            (
+                AttackSpec::TailoredTrimmedMean { fraction: 0.1, lambda_init: 5.0, pool: 25 },
+                [true, true, false, false, false],
+            ),
+            (
+                AttackSpec::TailoredMultiKrum { fraction: 0.1, lambda_init: 5.0, pool: 25 },
+                [true, true, false, false, false],
+            ),
+        ] {
+            let a = spec.build().unwrap();
+            assert_eq!(a.name(), spec.name());
+            let applies: Vec<bool> = all.iter().map(|k| a.check(k).is_ok()).collect();
+            assert_eq!(applies, expected, "{}", a.name());
+            for k in all.iter().filter(|k| a.check(k).is_err()) {
+                assert!(matches!(a.check(k), Err(AttackError::WrongKind { .. })));
+            }
+        }
     }
 
     #[test]
