@@ -5,14 +5,18 @@
 //! files.
 
 /// Version of the metrics schema, written in each run's `summary.json`.
-/// Bumped when a field changes name or meaning (added fields don't bump it).
+/// Bumped when a field changes name or meaning, or the CSV columns change.
 /// 1: shared names (`bytes_up`, `bytes_down`, `failed`, `test_examples`)
 /// for server and simulator; before it the server wrote `bytes_received`.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: the simulator's `rejected_by_reason`, `attack_success` and
+/// `test_class_accuracy`, as CSV columns *after* every version-1 column, so
+/// a version-1 reader (by name or by position) reads a version-2 file.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Every per-round field, in CSV column order. A row has a subset: the
 /// server's have `elapsed_secs` (wall clock), the simulator's
-/// `virtual_secs` (its simulated clock) and `malicious`.
+/// `virtual_secs` (its simulated clock), `malicious` and the version-2
+/// columns, which come last.
 pub const COLUMNS: &[&str] = &[
     "round",
     "sampled",
@@ -30,13 +34,19 @@ pub const COLUMNS: &[&str] = &[
     "virtual_secs",
     "malicious",
     "model_hash",
+    // Version 2.
+    "rejected_by_reason",
+    "attack_success",
+    "test_class_accuracy",
 ];
 
 /// Renders rows (JSON objects, as in `metrics.jsonl`) as CSV: a header of
 /// the [`COLUMNS`] any row has, in schema order, then one line per row;
 /// a field a row lacks, or `null`, is empty. Fields outside the schema are
 /// left out (the JSON lines keep them). Values are numbers and hex
-/// strings, which need no quoting; anything else is quoted.
+/// strings, which need no quoting; an object is written `key=value` pairs
+/// joined by `;` (empty for `{}`), an array its values joined by `;`;
+/// anything else with other characters is quoted.
 pub fn to_csv(rows: &[serde_json::Map<String, serde_json::Value>]) -> String {
     let present: Vec<&str> = COLUMNS.iter().copied().filter(|c| rows.iter().any(|r| r.contains_key(*c))).collect();
     let mut out = present.join(",");
@@ -49,6 +59,10 @@ pub fn to_csv(rows: &[serde_json::Map<String, serde_json::Value>]) -> String {
                 Some(serde_json::Value::Number(n)) => n.to_string(),
                 Some(serde_json::Value::String(s)) if s.bytes().all(|b| b.is_ascii_alphanumeric()) => s.clone(),
                 Some(serde_json::Value::String(s)) => quote(s),
+                Some(serde_json::Value::Object(m)) => {
+                    plain(m.iter().map(|(k, v)| format!("{k}={}", scalar(v))).collect::<Vec<_>>().join(";"))
+                }
+                Some(serde_json::Value::Array(a)) => plain(a.iter().map(scalar).collect::<Vec<_>>().join(";")),
                 Some(other) => quote(&other.to_string()),
             })
             .collect();
@@ -56,6 +70,19 @@ pub fn to_csv(rows: &[serde_json::Map<String, serde_json::Value>]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A value inside an object or array cell: strings bare, others as JSON.
+fn scalar(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A cell as it is when it needs no quoting (no comma, quote or line break).
+fn plain(s: String) -> String {
+    if s.contains([',', '"', '\n', '\r']) { quote(&s) } else { s }
 }
 
 /// A CSV field in double quotes, its quotes doubled (RFC 4180).
@@ -83,6 +110,24 @@ mod tests {
         assert_eq!(
             to_csv(&rows),
             "round,accepted,train_loss,test_accuracy,test_examples,model_hash\n0,,,0.1,2000,\n1,3,1.5,,,ab12\n"
+        );
+    }
+
+    #[test]
+    fn version_2_columns_come_after_every_version_1_column() {
+        let v1 = COLUMNS.iter().position(|c| *c == "model_hash").unwrap_or(0);
+        for c in ["rejected_by_reason", "attack_success", "test_class_accuracy"] {
+            assert!(COLUMNS.iter().position(|x| *x == c).unwrap_or(0) > v1, "{c}");
+        }
+        let rows = [
+            row(json!({"round": 1, "model_hash": "ab", "rejected_by_reason": {"bad_signature": 2, "late": 1},
+                "attack_success": null, "test_class_accuracy": [0.5, 1.0]})),
+            row(json!({"round": 2, "model_hash": "cd", "rejected_by_reason": {}, "attack_success": 0.25})),
+        ];
+        assert_eq!(
+            to_csv(&rows),
+            "round,model_hash,rejected_by_reason,attack_success,test_class_accuracy\n\
+             1,ab,bad_signature=2;late=1,,0.5;1.0\n2,cd,,0.25,\n"
         );
     }
 

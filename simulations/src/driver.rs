@@ -76,6 +76,15 @@ pub(crate) struct Sim<'a> {
     extensions: u32,
     diverged_at: Option<u32>,
     malicious_sampled: BTreeMap<u32, usize>,
+    /// Whether a round is open (its refusals are counted by reason).
+    round_open: bool,
+    /// The open round's refusals by reason.
+    rejected_by_reason: BTreeMap<String, u32>,
+    /// How the attack's success is measured, if there is an attack.
+    success: Option<crate::AttackSuccessKind>,
+    /// The test set split by class, when the success measure needs
+    /// per-class accuracy.
+    test_by_class: Option<Vec<Dataset>>,
     bytes_up: u64,
     bytes_down: u64,
     records: Vec<RoundRecord>,
@@ -160,6 +169,21 @@ impl<'a> Sim<'a> {
         };
         let stragglers: Vec<bool> =
             (0..s.clients).map(|i| unit(s.seed, TAG_STRAGGLER, i as u64) < s.network.straggler_fraction).collect();
+        let success = crate::attack_success_kind(s.attack.as_ref());
+        let test_by_class = match success {
+            Some(crate::AttackSuccessKind::ClassError(c)) => {
+                let test = &split.test;
+                if c >= test.classes {
+                    return Err(scenario::ScenarioError::Invalid(format!(
+                        "attack: source class {c}, but the data has {} classes",
+                        test.classes
+                    ))
+                    .into());
+                }
+                Some(split_by_class(test)?)
+            }
+            _ => None,
+        };
         let mut net = VirtualNet::new(&s.network, s.clients);
         for i in 0..s.clients {
             net.push(Duration::ZERO, Delivery::Connect(i));
@@ -184,6 +208,10 @@ impl<'a> Sim<'a> {
             extensions: 0,
             diverged_at: None,
             malicious_sampled: BTreeMap::new(),
+            round_open: false,
+            rejected_by_reason: BTreeMap::new(),
+            success,
+            test_by_class,
             bytes_up: 0,
             bytes_down: 0,
             records: Vec::new(),
@@ -224,6 +252,24 @@ impl<'a> Sim<'a> {
         Ok((e.accuracy(), e.mean_loss()))
     }
 
+    /// Test accuracy per class (empty classes count as 0), when the run
+    /// needs it.
+    fn class_accuracy(&self) -> Result<Option<Vec<f64>>, SimError> {
+        let Some(by_class) = &self.test_by_class else { return Ok(None) };
+        Ok(Some(per_class_accuracy(&self.run_config, self.coord.model(), by_class, self.device)?))
+    }
+
+    /// The attack-success value of a row (see
+    /// [`RoundRecord::attack_success`]): the error on the flipped class
+    /// where evaluated; the drop against the clean run is filled in by a
+    /// sweep, so `null` here.
+    fn attack_success(&self, class_accuracy: Option<&[f64]>) -> Option<Option<f64>> {
+        match self.success? {
+            crate::AttackSuccessKind::ClassError(c) => Some(class_accuracy.and_then(|a| a.get(c)).map(|a| 1.0 - a)),
+            crate::AttackSuccessKind::AccuracyDrop => Some(None),
+        }
+    }
+
     /// Examples one central evaluation counts.
     fn test_examples(&self) -> u64 {
         self.split.test.len() as u64
@@ -237,6 +283,7 @@ impl<'a> Sim<'a> {
     /// Round 0: the initial model, evaluated.
     pub(crate) fn record_initial(&mut self, on_record: &mut dyn FnMut(&RoundRecord)) -> Result<(), SimError> {
         let (accuracy, loss) = self.evaluate()?;
+        let class_accuracy = self.class_accuracy()?;
         let rec = RoundRecord {
             round: 0,
             sampled: 0,
@@ -253,6 +300,9 @@ impl<'a> Sim<'a> {
             virtual_secs: 0.0,
             model_hash: hex::encode(tally_protocol::identity::params_hash(self.coord.model())),
             malicious: self.s.attack.as_ref().map(|_| 0),
+            rejected_by_reason: BTreeMap::new(),
+            attack_success: self.attack_success(class_accuracy.as_deref()),
+            test_class_accuracy: class_accuracy,
             seed: self.s.seed,
         };
         self.record(rec, on_record);
@@ -272,13 +322,14 @@ impl<'a> Sim<'a> {
         let evaluate = summary.round.is_multiple_of(self.s.eval_every)
             || summary.round == self.s.rounds
             || (self.malicious > 0 && self.attack.as_ref().is_some_and(|a| a.evaluate_every_round()));
-        let (accuracy, loss) = if evaluate {
+        let (accuracy, loss, class_accuracy) = if evaluate {
             let t = Instant::now();
             let (accuracy, loss) = self.evaluate()?;
+            let class_accuracy = self.class_accuracy()?;
             self.wall_eval.push(t.elapsed().as_secs_f64());
-            (Some(accuracy), Some(loss))
+            (Some(accuracy), Some(loss), class_accuracy)
         } else {
-            (None, None)
+            (None, None, None)
         };
         let rec = RoundRecord {
             round: summary.round,
@@ -296,6 +347,9 @@ impl<'a> Sim<'a> {
             virtual_secs: self.net.now.as_secs_f64(),
             model_hash: hex::encode(summary.model_hash),
             malicious: self.s.attack.as_ref().map(|_| self.malicious_sampled.remove(&summary.round).unwrap_or(0)),
+            rejected_by_reason: std::mem::take(&mut self.rejected_by_reason),
+            attack_success: self.attack_success(class_accuracy.as_deref()),
+            test_class_accuracy: class_accuracy,
             seed: self.s.seed,
         };
         self.bytes_up = 0;
@@ -505,6 +559,7 @@ impl<'a> Sim<'a> {
             match event {
                 Event::RoundCompleted(summary) => {
                     self.extensions = 0;
+                    self.round_open = false;
                     self.record_round(&summary, on_record)?;
                 }
                 Event::RoundExtended { round, .. } => {
@@ -515,7 +570,13 @@ impl<'a> Sim<'a> {
                         return Err(SimError::Stalled(round));
                     }
                 }
+                Event::Rejected { error, .. } if self.round_open => {
+                    let n = self.rejected_by_reason.entry(reject_reason(&error)).or_insert(0);
+                    *n = n.saturating_add(1);
+                }
                 Event::RoundOpened { round, sampled, .. } => {
+                    self.round_open = true;
+                    self.rejected_by_reason.clear();
                     let malicious = sampled.iter().filter(|&&c| (c as usize) < self.malicious).count();
                     self.malicious_sampled.insert(round, malicious);
                 }
@@ -534,4 +595,51 @@ fn work_units(kind: &KindSettings, examples: usize, epochs: u32) -> f64 {
         KindSettings::Spsa(z) => f64::from(z.steps_per_client) * f64::from(z.batch_size),
         _ => examples as f64 * f64::from(epochs),
     }
+}
+
+/// A refusal's reason as the metrics name it: the protocol's
+/// [`RejectCode`](tally_protocol::wire::RejectCode) in snake case
+/// (`bad_signature`, `late`, …), `misuse` for the host's own mistakes.
+pub(crate) fn reject_reason(error: &tally_protocol::Error) -> String {
+    let Some(code) = error.reject_code() else { return "misuse".into() };
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The test set's examples of each class, class by class.
+pub(crate) fn split_by_class(test: &Dataset) -> Result<Vec<Dataset>, SimError> {
+    (0..test.classes)
+        .map(|k| {
+            let idx: Vec<usize> = (0..test.len()).filter(|&i| usize::from(test.labels[i]) == k).collect();
+            Ok(test.subset(&idx)?)
+        })
+        .collect()
+}
+
+/// Accuracy of `model` on each class's examples (0 for a class without any).
+pub(crate) fn per_class_accuracy(
+    run: &RunConfig,
+    model: &[f32],
+    by_class: &[Dataset],
+    device: &Device,
+) -> Result<Vec<f64>, SimError> {
+    let mut out = Vec::with_capacity(by_class.len());
+    for d in by_class {
+        if d.is_empty() {
+            out.push(0.0);
+            continue;
+        }
+        out.push(tally_kernels::update::evaluate_run(run, model, d, device, EVAL_BATCH)?.accuracy());
+    }
+    Ok(out)
 }

@@ -21,8 +21,11 @@ pub mod attack;
 pub mod dpstream;
 mod driver;
 mod net;
+pub mod output;
 pub mod replicas;
+pub mod report;
 pub mod scenario;
+pub mod sweep;
 
 use serde::Serialize;
 use tally_kernels::data::{self, Split};
@@ -113,8 +116,59 @@ pub struct RoundRecord {
     /// Malicious clients among the sampled (attack scenarios only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub malicious: Option<usize>,
+    /// The messages of `rejected`, by reason (the protocol's
+    /// [`RejectCode`](tally_protocol::wire::RejectCode) in snake case;
+    /// `misuse` for a refusal that is the host's own fault). Only reasons
+    /// that occurred; empty when nothing was refused.
+    pub rejected_by_reason: std::collections::BTreeMap<String, u32>,
+    /// How well the attack works after this round (attack scenarios only,
+    /// where evaluated; see [`attack_success_kind`]): for a label flip with
+    /// a source class, the test error on that class; for other attacks, the
+    /// accuracy drop against the same-seed clean run, which a sweep fills in
+    /// when that run is part of it (`null` otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attack_success: Option<Option<f64>>,
+    /// Test accuracy per class (label order), where evaluated: only in runs
+    /// that need it (a label-flip attack with a source class).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_class_accuracy: Option<Vec<f64>>,
     /// The scenario seed.
     pub seed: u64,
+}
+
+/// How a scenario's attack success is measured (see
+/// [`RoundRecord::attack_success`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttackSuccessKind {
+    /// A targeted label flip: the test error on this (source) class.
+    ClassError(usize),
+    /// An untargeted attack: the accuracy drop against the same-seed clean
+    /// run (known to a sweep that has it).
+    AccuracyDrop,
+}
+
+/// The attack-success measure of a scenario's attack, `None` without one.
+/// Attacks are read through their serde form ([`AttackSpec`]), so new
+/// variants need nothing here: a `kind` that names a label flip
+/// (`label-flip`, `targeted-label-flip`, …) with a source class under
+/// `source`, `source_class`, `from` or `class` is measured by the error on
+/// that class; every other attack is untargeted.
+pub fn attack_success_kind(attack: Option<&AttackSpec>) -> Option<AttackSuccessKind> {
+    Some(attack_success_of(&serde_json::to_value(attack?).ok()?))
+}
+
+/// [`attack_success_kind`] of an attack's serde form.
+fn attack_success_of(spec: &serde_json::Value) -> AttackSuccessKind {
+    let kind = spec.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+    if kind.contains("label-flip") || kind.contains("label_flip") {
+        let source = ["source", "source_class", "from", "class"]
+            .iter()
+            .find_map(|k| spec.get(*k).and_then(serde_json::Value::as_u64));
+        if let Some(c) = source {
+            return AttackSuccessKind::ClassError(c as usize);
+        }
+    }
+    AttackSuccessKind::AccuracyDrop
 }
 
 /// Result of a simulation.
@@ -432,6 +486,130 @@ mod tests {
         let r = run_on(&s, &split, &tally_kernels::cpu_device(), &mut |_| {}).unwrap();
         assert_eq!(r.records.len(), 4);
         assert!(r.records[1..].iter().any(|x| x.accepted < 3), "some client should miss a deadline");
+        // Every refusal is counted under its reason.
+        for x in &r.records {
+            assert_eq!(x.rejected_by_reason.values().sum::<u32>(), x.rejected, "{x:?}");
+        }
+    }
+
+    #[test]
+    fn refusals_are_named_by_their_reject_code() {
+        use tally_protocol::error::Misbehaviour;
+        assert_eq!(driver::reject_reason(&tally_protocol::Error::Late { got: 2, open: Some(3) }), "late");
+        let bad = tally_protocol::Error::Misbehaving(Misbehaviour::BadSignature);
+        assert_eq!(driver::reject_reason(&bad), "bad_signature");
+        let rec = RoundRecord { rejected_by_reason: [("late".to_string(), 2)].into(), ..tiny_record() };
+        let v = serde_json::to_value(&rec).unwrap();
+        assert_eq!(v["rejected_by_reason"]["late"], 2);
+        // No attack: no attack_success or per-class fields at all.
+        assert!(v.get("attack_success").is_none() && v.get("test_class_accuracy").is_none());
+    }
+
+    fn tiny_record() -> RoundRecord {
+        RoundRecord {
+            round: 1,
+            sampled: 0,
+            accepted: 0,
+            failed: 0,
+            rejected: 0,
+            samples: 0,
+            train_loss: None,
+            test_accuracy: None,
+            test_loss: None,
+            test_examples: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            virtual_secs: 0.0,
+            model_hash: String::new(),
+            malicious: None,
+            rejected_by_reason: Default::default(),
+            attack_success: None,
+            test_class_accuracy: None,
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn attack_success_is_the_flipped_class_error_for_label_flips_else_a_drop() {
+        use serde_json::json;
+        assert_eq!(attack_success_kind(None), None);
+        let scale = AttackSpec::Scale { fraction: 0.1, scale: 10.0 };
+        assert_eq!(attack_success_kind(Some(&scale)), Some(AttackSuccessKind::AccuracyDrop));
+        let flip = json!({"kind": "label-flip", "fraction": 0.1, "source": 7, "target": 1});
+        assert_eq!(attack_success_of(&flip), AttackSuccessKind::ClassError(7));
+        let flip = json!({"kind": "targeted-label-flip", "fraction": 0.1, "from": 3});
+        assert_eq!(attack_success_of(&flip), AttackSuccessKind::ClassError(3));
+        // A flip of every class has no single flipped class: a drop.
+        let flip = json!({"kind": "label-flip", "fraction": 0.1});
+        assert_eq!(attack_success_of(&flip), AttackSuccessKind::AccuracyDrop);
+    }
+
+    #[test]
+    fn per_class_accuracies_add_up_to_the_overall_accuracy() {
+        let (s, split) = tiny();
+        let dev = tally_kernels::cpu_device();
+        let run = tally_protocol::Coordinator::new(
+            tally_protocol::CoordinatorConfig {
+                run_id: tally_protocol::wire::RunId([0; 16]),
+                arch: s.model.clone(),
+                rounds: 1,
+                enrolled: vec![sim_identity(1, 0).public_key()],
+                min_clients: 1,
+                clients_per_round: 1,
+                quorum: 1,
+                round_timeout: std::time::Duration::from_secs(1),
+                train: s.train.clone(),
+                kind: s.kind_settings().unwrap(),
+                rule: s.rule,
+                max_violations: 1,
+                max_update_abs: f32::MAX,
+                schedule: None,
+                final_evaluation: false,
+            },
+            s.model.init_params(3),
+            3,
+        )
+        .unwrap();
+        let (config, model) = (run.run_config(), run.model().to_vec());
+        let by_class = driver::split_by_class(&split.test).unwrap();
+        assert_eq!(by_class.len(), 10);
+        assert!(by_class.iter().enumerate().all(|(k, d)| d.labels.iter().all(|&l| usize::from(l) == k)));
+        let per = driver::per_class_accuracy(&config, &model, &by_class, &dev).unwrap();
+        let overall = tally_kernels::update::evaluate_run(&config, &model, &split.test, &dev, 1000).unwrap();
+        let correct: f64 = per.iter().zip(&by_class).map(|(a, d)| a * d.len() as f64).sum();
+        assert!((correct - overall.correct as f64).abs() < 0.5, "{per:?}: {correct} vs {}", overall.correct);
+        // An untrained model is not equally good at every class.
+        assert!(per.iter().any(|&a| a != per[0]), "{per:?}");
+    }
+
+    #[test]
+    fn a_targeted_label_flip_reports_the_error_on_its_source_class() {
+        let (mut s, split) = tiny();
+        s.rounds = 2;
+        s.attack = Some(AttackSpec::LabelFlip { fraction: 0.5, source: Some(7), target: Some(1) });
+        let r = run_on(&s, &split, &tally_kernels::cpu_device(), &mut |_| {}).unwrap();
+        for x in &r.records {
+            let per = x.test_class_accuracy.as_ref().expect("per-class accuracy in every evaluated row");
+            assert_eq!(per.len(), 10);
+            assert_eq!(x.attack_success, Some(Some(1.0 - per[7])), "{x:?}");
+        }
+        // An untargeted flip (every class) is measured as a drop instead.
+        s.attack = Some(AttackSpec::LabelFlip { fraction: 0.5, source: None, target: None });
+        let r = run_on(&s, &split, &tally_kernels::cpu_device(), &mut |_| {}).unwrap();
+        assert!(r.records.iter().all(|x| x.test_class_accuracy.is_none() && x.attack_success == Some(None)));
+    }
+
+    #[test]
+    fn an_attacked_run_marks_attack_success_unknown_until_a_sweep_fills_it() {
+        let (mut s, split) = tiny();
+        s.rounds = 1;
+        s.attack = Some(AttackSpec::Scale { fraction: 0.5, scale: 1e5 });
+        let mut r = run_on(&s, &split, &tally_kernels::cpu_device(), &mut |_| {}).unwrap();
+        assert!(r.records.iter().all(|x| x.attack_success == Some(None)), "{:?}", r.records);
+        let clean: std::collections::BTreeMap<u32, f64> = [(0, 0.1), (1, 0.9)].into();
+        sweep::fill_drop(&mut r.records, &clean);
+        let drop = r.records[1].attack_success.unwrap().unwrap();
+        assert!((drop - (0.9 - r.records[1].test_accuracy.unwrap())).abs() < 1e-12);
     }
 
     fn tiny_frl() -> (Scenario, Split) {

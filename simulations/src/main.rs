@@ -97,7 +97,57 @@ enum Command {
     /// Measure the DP continual-release mechanisms (tree counter, sparse
     /// vector MaxSum / SumSelect) against the theory: errors against T and d
     /// over many seeds, fitted slopes, SVG plots and a Markdown report.
-    DpStream(DpStreamArgs),
+    DpStream(Box<DpStreamArgs>),
+    /// Run every scenario of a sweep file (a scenario plus a `[sweep]` table
+    /// of lists: their cartesian product), in parallel; runs already
+    /// completed in the output directory are reused.
+    Sweep(SweepArgs),
+    /// Plots (SVG and PNG) and a Markdown page from a directory of runs: a
+    /// sweep's, or one holding NAME/metrics.jsonl or NAME.jsonl files.
+    Report(ReportArgs),
+}
+
+/// `tally-sim sweep` flags.
+#[derive(clap::Args, Debug)]
+struct SweepArgs {
+    /// The sweep file (TOML).
+    file: PathBuf,
+    /// Runs at a time (default: the available threads). Each run gets
+    /// threads/jobs training threads; results do not depend on either.
+    #[arg(long, short)]
+    jobs: Option<usize>,
+    /// The sweep's directory (default: runs/sweep/<file stem>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only list the runs (name per line), run nothing.
+    #[arg(long)]
+    list: bool,
+    /// Don't draw progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// `tally-sim report` flags.
+#[derive(clap::Args, Debug)]
+struct ReportArgs {
+    /// The directory of runs.
+    dir: PathBuf,
+    /// The Markdown page (default: DIR/report.md; with --column, stdout).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Where the plots go (default: beside the page, in <page stem>-plots/).
+    #[arg(long)]
+    plots: Option<PathBuf>,
+    /// Instead of the page, a table of accuracy per evaluated round: a
+    /// column of run RUN's test accuracy (%) titled TITLE. Repeat, in order.
+    #[arg(long, value_name = "TITLE=RUN")]
+    column: Vec<String>,
+    /// With --column: a column of CLEAN's accuracy minus ATTACKED's (points).
+    #[arg(long, value_name = "TITLE=CLEAN:ATTACKED")]
+    drop: Vec<String>,
+    /// With --column: a column of RUN's malicious clients per round.
+    #[arg(long, value_name = "TITLE=RUN")]
+    malicious: Vec<String>,
 }
 
 /// `tally-sim dp-stream` flags. Ranges of horizons and dimensions are given
@@ -272,8 +322,11 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    if let Some(Command::DpStream(args)) = &cli.command {
-        return dp_stream(args);
+    match &cli.command {
+        Some(Command::DpStream(args)) => return dp_stream(args),
+        Some(Command::Sweep(args)) => return sweep(args),
+        Some(Command::Report(args)) => return report(args),
+        None => {}
     }
     let mut s = match &cli.scenario {
         Some(p) => Scenario::from_file(p)?,
@@ -369,30 +422,18 @@ fn main() -> anyhow::Result<()> {
     }
     // The same rows as CSV, and what the run was, beside the JSON lines
     // (one schema with tally-server's: docs/metrics.md).
-    let rows: Vec<serde_json::Map<String, serde_json::Value>> = report
-        .records
-        .iter()
-        .filter_map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_object().cloned()))
-        .collect();
-    let csv_path = s.out.with_extension("csv");
-    std::fs::write(&csv_path, tally_protocol::metrics::to_csv(&rows))
-        .with_context(|| format!("writing {}", csv_path.display()))?;
-    let summary = serde_json::json!({
-        "metrics_schema": tally_protocol::metrics::SCHEMA_VERSION,
-        "tool": "tally-sim",
-        "version": env!("CARGO_PKG_VERSION"),
-        "rounds_completed": report.records.last().map_or(0, |r| r.round),
-        "diverged_at": report.diverged_at,
-        "final_model_hash": hex::encode(tally_protocol::identity::params_hash(&report.final_model)),
-        "final_accuracy": report.final_accuracy(),
-        "wall_secs": started.elapsed().as_secs_f64(),
-        "device": compute.description,
-        "scenario": serde_json::to_value(&s).unwrap_or_default(),
-        "files": { "metrics": s.out.file_name().map(|n| n.to_string_lossy().into_owned()), "metrics_csv": csv_path.file_name().map(|n| n.to_string_lossy().into_owned()) },
-    });
-    let summary_path = s.out.with_extension("summary.json");
-    std::fs::write(&summary_path, format!("{summary:#}\n"))
-        .with_context(|| format!("writing {}", summary_path.display()))?;
+    let files = tally_sim::output::RunFiles::new(&s.out);
+    std::fs::write(&files.csv, tally_sim::output::csv(&report.records))
+        .with_context(|| format!("writing {}", files.csv.display()))?;
+    let summary = tally_sim::output::summary(
+        &s,
+        &report,
+        &report.records,
+        &files,
+        started.elapsed().as_secs_f64(),
+        &compute.description,
+    );
+    tally_sim::output::write_atomically(&files.summary, &format!("{summary:#}\n"))?;
     let rounds = report.wall_secs_per_round.len().max(1) as f64;
     let mean_round = report.wall_secs_per_round.iter().sum::<f64>() / rounds;
     let mean_eval = report.wall_secs_eval.iter().sum::<f64>() / report.wall_secs_eval.len().max(1) as f64;
@@ -414,6 +455,89 @@ fn main() -> anyhow::Result<()> {
         up as f64 / 1e6,
         s.out.display()
     );
+    Ok(())
+}
+
+fn sweep(args: &SweepArgs) -> anyhow::Result<()> {
+    let sw = tally_sim::sweep::from_file(&args.file)?;
+    if args.list {
+        for r in &sw.runs {
+            println!("{}", r.name);
+        }
+        return Ok(());
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let jobs = args.jobs.unwrap_or(threads).max(1);
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs/sweep").join(args.file.file_stem().map_or_else(|| "sweep".into(), |s| s.to_owned()))
+    });
+    let opts = tally_sim::sweep::SweepOptions { jobs, threads, out: out.clone(), quiet: args.quiet };
+    eprintln!(
+        "tally-sim sweep: {} runs, {} at a time, {} training threads each, in {}",
+        sw.runs.len(),
+        jobs.min(sw.runs.len()),
+        opts.run_threads(),
+        out.display()
+    );
+    let started = std::time::Instant::now();
+    let entries = tally_sim::sweep::run(&sw, &opts)?;
+    let mut failed = 0;
+    for e in &entries {
+        let acc = e.final_accuracy.map_or("not evaluated".into(), |a| format!("{:.2}%", a * 100.0));
+        match &e.status {
+            tally_sim::sweep::RunStatus::Failed(why) => {
+                failed += 1;
+                println!("{}: FAILED: {why}", e.name);
+            }
+            tally_sim::sweep::RunStatus::Reused => println!("{}: {acc} (reused)", e.name),
+            tally_sim::sweep::RunStatus::Done => println!("{}: {acc}", e.name),
+        }
+    }
+    println!(
+        "{} runs ({} failed) in {:.1} s · index {}",
+        entries.len(),
+        failed,
+        started.elapsed().as_secs_f64(),
+        out.join("index.json").display()
+    );
+    anyhow::ensure!(failed == 0, "{failed} of {} runs failed", entries.len());
+    Ok(())
+}
+
+fn report(args: &ReportArgs) -> anyhow::Result<()> {
+    use tally_sim::report::{Column, parse_title_run};
+    if !args.column.is_empty() || !args.drop.is_empty() || !args.malicious.is_empty() {
+        let err = |e: String| anyhow::anyhow!(e);
+        let mut columns = Vec::new();
+        for c in &args.column {
+            let (title, run) = parse_title_run(c).map_err(err)?;
+            columns.push(Column::Accuracy { title, run });
+        }
+        for c in &args.drop {
+            let (title, pair) = parse_title_run(c).map_err(err)?;
+            let (clean, attacked) =
+                pair.split_once(':').with_context(|| format!("--drop {c:?}: want TITLE=CLEAN:ATTACKED"))?;
+            columns.push(Column::Drop { title, clean: clean.into(), attacked: attacked.into() });
+        }
+        for c in &args.malicious {
+            let (title, run) = parse_title_run(c).map_err(err)?;
+            columns.push(Column::Malicious { title, run });
+        }
+        let runs = tally_sim::report::load_runs(&args.dir)?;
+        let table = tally_sim::report::round_table(&runs, &columns)?;
+        match &args.out {
+            Some(p) => std::fs::write(p, table).with_context(|| format!("writing {}", p.display()))?,
+            None => print!("{table}"),
+        }
+        return Ok(());
+    }
+    let page = args.out.clone().unwrap_or_else(|| args.dir.join("report.md"));
+    let plots = args.plots.clone().unwrap_or_else(|| {
+        let stem = page.file_stem().map_or_else(|| "report".into(), |s| s.to_string_lossy().into_owned());
+        page.parent().unwrap_or(std::path::Path::new("")).join(format!("{stem}-plots"))
+    });
+    let files = tally_sim::report::report(&args.dir, &page, &plots)?;
+    println!("wrote {} files (page {})", files.len(), page.display());
     Ok(())
 }
 
@@ -474,6 +598,7 @@ mod tests {
         ])
         .unwrap();
         let Some(Command::DpStream(a)) = cli.command else { panic!("no subcommand") };
+        let a = *a;
         assert_eq!(a.rho, Some(Ratio::new(1, 2).unwrap()));
         assert_eq!(a.epsilon, Some(Ratio::new(1, 4).unwrap()));
         assert_eq!(a.count_t, Some(Pow2s(vec![64, 128, 256])));

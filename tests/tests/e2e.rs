@@ -51,7 +51,7 @@ fn fedavg_three_clients_three_rounds_over_quic_improves_accuracy() {
     }
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(server.out_dir.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(summary["metrics_schema"], 1);
+    assert_eq!(summary["metrics_schema"], 2);
     assert_eq!(summary["final_accuracy"], m[3]["test_accuracy"], "{summary}");
     assert_eq!(summary["final_model_hash"], m[3]["model_hash"]);
     let csv = std::fs::read_to_string(server.out_dir.join("metrics.csv")).unwrap();
@@ -526,7 +526,7 @@ fn simulator_writes_byte_identical_metrics_for_the_same_seed() {
         serde_json::from_slice(&std::fs::read(dir.path().join("a.summary.json")).unwrap()).unwrap();
     let rows: Vec<serde_json::Value> =
         String::from_utf8(a).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(summary["metrics_schema"], 1);
+    assert_eq!(summary["metrics_schema"], 2);
     assert_eq!(summary["final_model_hash"], rows[3]["model_hash"]);
     assert_eq!(summary["final_accuracy"], rows[3]["test_accuracy"]);
     assert_eq!(rows[3]["test_examples"], 2000, "central evaluation counts the test set once");
