@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
+mod sweep;
 
 use std::time::{Duration, Instant};
 

@@ -3,8 +3,6 @@
 //! metrics; completed runs are reused and half-written ones redone; the
 //! report renders from the sweep's directory.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -129,8 +127,8 @@ fn the_cli_sweeps_and_reports() {
     let file = dir.path().join("s.toml");
     std::fs::write(&file, SWEEP.replace("seed = [1, 2]", "seed = [3]")).unwrap();
     let out = dir.path().join("out");
-    let bin = env!("CARGO_BIN_EXE_tally-sim");
-    let status = std::process::Command::new(bin)
+    let bin = crate::support::bin("tally-sim");
+    let status = std::process::Command::new(&bin)
         .args(["sweep", "--quiet", "--jobs", "2", "--out"])
         .arg(&out)
         .arg(&file)
@@ -138,7 +136,7 @@ fn the_cli_sweeps_and_reports() {
         .unwrap();
     assert!(status.success());
     let page = dir.path().join("page.md");
-    let status = std::process::Command::new(bin).args(["report"]).arg(&out).arg("--out").arg(&page).status().unwrap();
+    let status = std::process::Command::new(&bin).args(["report"]).arg(&out).arg("--out").arg(&page).status().unwrap();
     assert!(status.success());
     let md = std::fs::read_to_string(&page).unwrap();
     assert!(md.contains("| attack.fraction=0.4,rule=median |"), "{md}");
@@ -149,7 +147,7 @@ fn the_cli_sweeps_and_reports() {
     assert_eq!(&png[1..4], b"PNG");
     // A bad sweep fails before running, naming the field.
     std::fs::write(&file, "[sweep]\nrounds = 3\n").unwrap();
-    let o = std::process::Command::new(bin).args(["sweep", "--quiet"]).arg(&file).output().unwrap();
+    let o = std::process::Command::new(&bin).args(["sweep", "--quiet"]).arg(&file).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("sweep.rounds: must be a list"));
 }
