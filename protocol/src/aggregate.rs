@@ -63,6 +63,26 @@ pub struct AggregatorState {
 }
 
 impl AggregatorState {
+    /// A vector of f32 (server momentum and the like), little endian.
+    pub fn from_f32s(name: &str, version: u32, values: &[f32]) -> Self {
+        AggregatorState { name: name.into(), version, bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+    }
+
+    /// Reads back [`AggregatorState::from_f32s`]: checks the writer and
+    /// version, that it holds exactly `len` values and that all are finite.
+    pub fn to_f32s(&self, name: &'static str, version: u32, len: usize) -> Result<Vec<f32>, StateError> {
+        self.expect(name, version)?;
+        if self.bytes.len() != len.saturating_mul(4) {
+            return Err(StateError::Invalid { name, reason: "state vector of another length than the run's" });
+        }
+        let values: Vec<f32> =
+            self.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(StateError::Invalid { name, reason: "non-finite value in the state vector" });
+        }
+        Ok(values)
+    }
+
     /// Checks the state was written by `name` in format `version`.
     pub fn expect(&self, name: &'static str, version: u32) -> Result<(), StateError> {
         if self.name != name {

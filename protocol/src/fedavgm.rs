@@ -167,24 +167,11 @@ impl Aggregator for FedAvgM {
     }
 
     fn state(&self) -> Option<AggregatorState> {
-        let mut bytes = Vec::with_capacity(self.velocity.len() * 4);
-        for v in &self.velocity {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        Some(AggregatorState { name: NAME.into(), version: STATE_VERSION, bytes })
+        Some(AggregatorState::from_f32s(NAME, STATE_VERSION, &self.velocity))
     }
 
     fn restore_state(&mut self, state: &AggregatorState) -> Result<(), StateError> {
-        state.expect(NAME, STATE_VERSION)?;
-        if state.bytes.len() != self.velocity.len() * 4 {
-            return Err(StateError::Invalid { name: NAME, reason: "velocity length differs from the model's" });
-        }
-        let velocity: Vec<f32> =
-            state.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        if velocity.iter().any(|v| !v.is_finite()) {
-            return Err(StateError::Invalid { name: NAME, reason: "non-finite velocity" });
-        }
-        self.velocity = velocity;
+        self.velocity = state.to_f32s(NAME, STATE_VERSION, self.velocity.len())?;
         Ok(())
     }
 }

@@ -686,11 +686,7 @@ impl Aggregator for Ferret {
 
     fn state(&self) -> Option<AggregatorState> {
         // Only momentum lives across rounds; without it A is rebuilt each round.
-        (self.cfg.momentum != 0.0).then(|| AggregatorState {
-            name: NAME.into(),
-            version: STATE_VERSION,
-            bytes: self.momentum.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        })
+        (self.cfg.momentum != 0.0).then(|| AggregatorState::from_f32s(NAME, STATE_VERSION, &self.momentum))
     }
 
     fn restore_state(&mut self, state: &AggregatorState) -> Result<(), StateError> {

@@ -426,6 +426,30 @@ pub enum RejectCode {
 }
 
 impl RejectCode {
+    /// The code's snake_case name, as metrics (the server's Prometheus
+    /// labels, the `rejected_by_reason` column) name refusals.
+    pub fn name(self) -> &'static str {
+        match self {
+            RejectCode::Malformed => "malformed",
+            RejectCode::Oversize => "oversize",
+            RejectCode::IncompatibleVersion => "incompatible_version",
+            RejectCode::UnknownClient => "unknown_client",
+            RejectCode::BadSignature => "bad_signature",
+            RejectCode::WrongRun => "wrong_run",
+            RejectCode::WrongRound => "wrong_round",
+            RejectCode::Duplicate => "duplicate",
+            RejectCode::NotSampled => "not_sampled",
+            RejectCode::WrongShape => "wrong_shape",
+            RejectCode::NonFinite => "non_finite",
+            RejectCode::Unexpected => "unexpected",
+            RejectCode::Superseded => "superseded",
+            RejectCode::TooManyViolations => "too_many_violations",
+            RejectCode::NotAPermutation => "not_a_permutation",
+            RejectCode::Late => "late",
+            RejectCode::OutOfBounds => "out_of_bounds",
+        }
+    }
+
     /// Whether a client told this should give up rather than retry: it is
     /// not enrolled, speaks another version, signs wrongly, was
     /// disconnected for violations or replaced by a newer connection. The

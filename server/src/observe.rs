@@ -111,27 +111,10 @@ pub fn reject_reason(error: &Error) -> &'static str {
     error.reject_code().map_or("misuse", code_name)
 }
 
-/// The snake_case name of a [`RejectCode`].
+/// The snake_case name of a [`RejectCode`] ([`RejectCode::name`], shared
+/// with the simulator's metrics).
 pub fn code_name(code: RejectCode) -> &'static str {
-    match code {
-        RejectCode::Malformed => "malformed",
-        RejectCode::Oversize => "oversize",
-        RejectCode::IncompatibleVersion => "incompatible_version",
-        RejectCode::UnknownClient => "unknown_client",
-        RejectCode::BadSignature => "bad_signature",
-        RejectCode::WrongRun => "wrong_run",
-        RejectCode::WrongRound => "wrong_round",
-        RejectCode::Duplicate => "duplicate",
-        RejectCode::NotSampled => "not_sampled",
-        RejectCode::WrongShape => "wrong_shape",
-        RejectCode::NonFinite => "non_finite",
-        RejectCode::Unexpected => "unexpected",
-        RejectCode::Superseded => "superseded",
-        RejectCode::TooManyViolations => "too_many_violations",
-        RejectCode::NotAPermutation => "not_a_permutation",
-        RejectCode::Late => "late",
-        RejectCode::OutOfBounds => "out_of_bounds",
-    }
+    code.name()
 }
 
 /// A histogram with fixed buckets.

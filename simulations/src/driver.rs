@@ -613,19 +613,7 @@ fn work_units(kind: &KindSettings, examples: usize, epochs: u32) -> f64 {
 /// [`RejectCode`](tally_protocol::wire::RejectCode) in snake case
 /// (`bad_signature`, `late`, …), `misuse` for the host's own mistakes.
 pub(crate) fn reject_reason(error: &tally_protocol::Error) -> String {
-    let Some(code) = error.reject_code() else { return "misuse".into() };
-    let mut out = String::new();
-    for (i, c) in format!("{code:?}").chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    error.reject_code().map_or("misuse", tally_protocol::wire::RejectCode::name).to_string()
 }
 
 /// The test set's examples of each class, class by class.
