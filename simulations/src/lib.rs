@@ -612,6 +612,33 @@ mod tests {
         assert!((drop - (0.9 - r.records[1].test_accuracy.unwrap())).abs() < 1e-12);
     }
 
+    #[test]
+    fn a_run_that_stopped_early_is_compared_with_the_clean_runs_final_accuracy() {
+        let row = |round, acc| RoundRecord {
+            round,
+            test_accuracy: acc,
+            attack_success: Some(None),
+            ..tiny_record()
+        };
+        // Clean run: evaluated at rounds 0, 10 and 30 (final).
+        let clean: std::collections::BTreeMap<u32, f64> = [(0, 0.1), (10, 0.8), (30, 0.95)].into();
+        // Attacked run ruined in round 1 and stopped there.
+        let mut stopped = vec![row(0, Some(0.1)), row(1, Some(0.1))];
+        sweep::fill_drop(&mut stopped, &clean);
+        assert_eq!(stopped[0].attack_success, Some(Some(0.0)));
+        assert!((stopped[1].attack_success.unwrap().unwrap() - 0.85).abs() < 1e-12, "{stopped:?}");
+        // A run that went the whole way: rounds the clean run did not
+        // evaluate stay unknown, its last row is compared round for round.
+        let mut full = vec![row(0, Some(0.1)), row(5, Some(0.5)), row(30, Some(0.9))];
+        sweep::fill_drop(&mut full, &clean);
+        assert_eq!(full[1].attack_success, Some(None));
+        assert!((full[2].attack_success.unwrap().unwrap() - 0.05).abs() < 1e-12);
+        // Rows of a run that was not evaluated stay unknown.
+        let mut unevaluated = vec![row(0, Some(0.1)), row(1, None)];
+        sweep::fill_drop(&mut unevaluated, &clean);
+        assert_eq!(unevaluated[1].attack_success, Some(None));
+    }
+
     fn tiny_frl() -> (Scenario, Split) {
         let (mut s, split) = tiny();
         s.model = tally_protocol::model::ModelArch::Supermask(tally_protocol::supermask::FrlArch::MNIST_LENET);

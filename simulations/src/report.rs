@@ -83,9 +83,15 @@ impl RunData {
         self.field(&["seed"]).and_then(|v| v.as_u64())
     }
 
-    /// Attack success of the evaluated rows that have one.
+    /// Attack success of the evaluated rows after round 0 that have one
+    /// (round 0 is the shared initial model, whose drop is 0 by
+    /// construction; counting it would pull every mean towards 0).
     pub fn attack_success(&self) -> Vec<f64> {
-        self.rows.iter().filter_map(|r| r.get("attack_success")?.as_f64()).collect()
+        self.rows
+            .iter()
+            .filter(|r| r.get("round").and_then(|x| x.as_u64()) != Some(0))
+            .filter_map(|r| r.get("attack_success")?.as_f64())
+            .collect()
     }
 }
 

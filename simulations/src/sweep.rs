@@ -549,10 +549,25 @@ pub fn run(sweep: &Sweep, opts: &SweepOptions) -> anyhow::Result<Vec<IndexEntry>
 
 /// Each evaluated row's attack success: the clean run's accuracy in the
 /// same round minus this run's (`null` where either was not evaluated).
+///
+/// One exception: the last row of a run that stopped before the clean run
+/// ended (a model the attack ruined ends the run, as FRL's code does) is
+/// compared with the clean run's **final** accuracy when the clean run did
+/// not evaluate that round. The attacked run's last model is its result, so
+/// what the attack cost is the clean run's result minus it; comparing with
+/// nothing (`null`) would hide the attacks that work best.
 pub fn fill_drop(records: &mut [RoundRecord], clean: &BTreeMap<u32, f64>) {
+    let clean_last = clean.last_key_value();
+    let last_round = records.last().map(|r| r.round);
     for rec in records {
         if rec.attack_success.is_some() {
-            rec.attack_success = Some(rec.test_accuracy.and_then(|a| clean.get(&rec.round).map(|c| c - a)));
+            let same_round = clean.get(&rec.round).copied();
+            let stopped_early = match (clean_last, last_round) {
+                (Some((&c, _)), Some(l)) => rec.round == l && l < c,
+                _ => false,
+            };
+            let reference = same_round.or_else(|| stopped_early.then(|| clean_last.map(|(_, &a)| a)).flatten());
+            rec.attack_success = Some(rec.test_accuracy.and_then(|a| reference.map(|c| c - a)));
         }
     }
 }
