@@ -209,6 +209,55 @@ mod tests {
         assert!(decode_report(&report).is_ok());
     }
 
+    /// `ModelSync` and `Sync` are encoded by hand (bulk floats); a type of
+    /// the same shape with bincode's derive must give the same bytes, for
+    /// vectors across several of the hand codec's blocks, and decode back.
+    #[test]
+    fn hand_encoded_models_match_bincodes_derived_layout() {
+        #[derive(bincode::Encode)]
+        enum DerivedSync {
+            Full(Vec<f32>),
+            #[allow(dead_code)]
+            Replica {
+                model_hash: [u8; 32],
+            },
+            Published(Vec<u8>),
+        }
+        #[derive(bincode::Encode)]
+        struct DerivedCheckpoint {
+            round: u32,
+            params: Vec<f32>,
+            logs: Vec<crate::wire::RoundLog>,
+        }
+        let c = config::standard();
+        for len in [0usize, 1, 4095, 4096, 4097, 10_000] {
+            let params: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 1e3 - 7.0).collect();
+            let ours = bincode::encode_to_vec(ModelSync::Full(params.clone()), c).unwrap();
+            assert_eq!(ours, bincode::encode_to_vec(DerivedSync::Full(params.clone()), c).unwrap(), "{len}");
+            let (back, used): (ModelSync, usize) = bincode::decode_from_slice(&ours, c).unwrap();
+            assert_eq!((back, used), (ModelSync::Full(params.clone()), ours.len()));
+            let sync = Sync { round: 7, params: params.clone(), logs: vec![] };
+            let ours = bincode::encode_to_vec(&sync, c).unwrap();
+            let derived = DerivedCheckpoint { round: 7, params, logs: vec![] };
+            assert_eq!(ours, bincode::encode_to_vec(derived, c).unwrap(), "{len}");
+            let (back, _): (Sync, usize) = bincode::decode_from_slice(&ours, c).unwrap();
+            assert_eq!(back, sync);
+        }
+        let published = bincode::encode_to_vec(ModelSync::Published(vec![1, 2, 3]), c).unwrap();
+        assert_eq!(published, bincode::encode_to_vec(DerivedSync::Published(vec![1, 2, 3]), c).unwrap());
+        // Truncated floats, an unknown variant, and a length past the decode
+        // limit are errors (the last before anything is allocated).
+        let full = bincode::encode_to_vec(ModelSync::Full(vec![1.0; 100]), c).unwrap();
+        assert!(bincode::decode_from_slice::<ModelSync, _>(&full[..full.len() - 1], c).is_err());
+        assert!(bincode::decode_from_slice::<ModelSync, _>(&[3], c).is_err());
+        let huge = [0u8, 253, 0, 0, 0, 0, 0, 0, 0, 1];
+        let limited = config::standard().with_limit::<1024>();
+        assert!(matches!(
+            bincode::decode_from_slice::<ModelSync, _>(&huge, limited),
+            Err(bincode::error::DecodeError::LimitExceeded)
+        ));
+    }
+
     #[test]
     fn golden_bytes() {
         // Checked-in encodings: a change of the wire format breaks these on purpose.

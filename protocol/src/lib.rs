@@ -51,7 +51,9 @@ pub mod wire;
 mod tests;
 
 pub use aggregate::{Aggregator, ClientIndex};
-pub use coordinator::{ConnectionHandle, Coordinator, CoordinatorConfig, Event, Phase, RoundSummary, Transmit};
+pub use coordinator::{
+    ConnectionHandle, Coordinator, CoordinatorConfig, Event, Phase, Prepared, Preparer, RoundSummary, Transmit,
+};
 pub use error::Error;
 pub use fedavg::FedAvg;
 pub use identity::Identity;

@@ -207,9 +207,12 @@ enum Inbound {
     /// A connection finished its handshake, with its read limit and its
     /// admission ticket (marked joined by the driver).
     Connected(ConnectionHandle, quinn::Connection, Arc<AtomicUsize>, Arc<Ticket>),
-    /// A message, with its share of [`MAX_INBOUND_BYTES_IN_FLIGHT`] (released
-    /// when dropped, after the coordinator has handled it).
-    Message(ConnectionHandle, Vec<u8>, tokio::sync::OwnedSemaphorePermit),
+    /// A message, prepared on its connection's task (decoded, a report's
+    /// digest taken: [`tally_protocol::Preparer`]) so that the driver's
+    /// single loop only verifies and aggregates, with its share of
+    /// [`MAX_INBOUND_BYTES_IN_FLIGHT`] (released when dropped, after the
+    /// coordinator has handled it).
+    Message(ConnectionHandle, Box<tally_protocol::Prepared>, tokio::sync::OwnedSemaphorePermit),
     Oversize(ConnectionHandle, usize),
     Closed(ConnectionHandle),
 }
@@ -378,7 +381,13 @@ impl Server {
             max_pending_per_source: config.max_pending_per_source,
         });
         observer.start(&coordinator, admission.clone()).map_err(io_err("serving metrics"))?;
-        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), tx, admission.clone(), config.handshake_timeout));
+        let acceptor = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            tx,
+            admission.clone(),
+            config.handshake_timeout,
+            coordinator.preparer(),
+        ));
         // Connections that have not joined yet, and when they must have.
         let mut pending_join: HashMap<ConnectionHandle, Instant> = HashMap::new();
         // Per-connection read limits: handshake-sized until the client has
@@ -435,12 +444,12 @@ impl Server {
                         }
                         coordinator.handle_connect(now(Instant::now()), conn, challenge);
                     }
-                    Some(Inbound::Message(conn, bytes, reservation)) => {
-                        observer.received(bytes.len());
-                        if let Err(e) = coordinator.handle_message(now(Instant::now()), conn, &bytes) {
+                    Some(Inbound::Message(conn, prepared, reservation)) => {
+                        observer.received(prepared.len());
+                        if let Err(e) = coordinator.handle_prepared(now(Instant::now()), conn, *prepared) {
                             debug!(conn = conn.0, error = %e, "message refused");
                         }
-                        drop((bytes, reservation));
+                        drop(reservation);
                         // Raise the limit before the Welcome goes out: the
                         // client's next stream follows it.
                         if coordinator.client_of(conn).is_some() {
@@ -805,6 +814,7 @@ async fn accept_loop(
     tx: mpsc::Sender<Inbound>,
     admission: Arc<Admission>,
     handshake_timeout: Duration,
+    preparer: tally_protocol::Preparer,
 ) {
     let mut next_id = 0u64;
     let budget = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_BYTES_IN_FLIGHT));
@@ -872,7 +882,7 @@ async fn accept_loop(
             if tx.send(Inbound::Connected(id, connection.clone(), limit.clone(), ticket.clone())).await.is_err() {
                 return;
             }
-            reader(id, connection, tx, limit, budget).await;
+            reader(id, connection, tx, limit, budget, preparer).await;
             // This task's share of the ticket (an early return drops it
             // too): the slot is free once the driver has let go as well.
             drop(ticket);
@@ -887,6 +897,7 @@ async fn reader(
     tx: mpsc::Sender<Inbound>,
     limit: Arc<AtomicUsize>,
     budget: Arc<tokio::sync::Semaphore>,
+    preparer: tally_protocol::Preparer,
 ) {
     loop {
         let mut recv = match connection.accept_uni().await {
@@ -906,7 +917,9 @@ async fn reader(
             return;
         };
         let inbound = match recv.read_to_end(limit).await {
-            Ok(bytes) => Inbound::Message(id, bytes, reservation),
+            // Decoding and digesting here runs on this connection's task,
+            // in parallel with other connections, off the driver's loop.
+            Ok(bytes) => Inbound::Message(id, Box::new(preparer.prepare(&bytes)), reservation),
             Err(quinn::ReadToEndError::TooLong) => {
                 // Tell the peer to stop sending; we won't buffer the rest.
                 let _ = recv.stop(1u32.into());

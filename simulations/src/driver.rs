@@ -398,9 +398,7 @@ impl<'a> Sim<'a> {
             }
             other => other?,
         };
-        for (job, update) in batch.iter().zip(updates) {
-            self.submit(job, update)?;
-        }
+        self.submit_all(&batch, updates)?;
         Ok(Flow::Continue)
     }
 
@@ -411,7 +409,14 @@ impl<'a> Sim<'a> {
     fn updates(&self, batch: &[Job]) -> Result<Vec<ClientUpdate>, SimError> {
         let (run, shards, device) = (&self.run_config, &self.shards, self.device);
         let honest: Vec<&Job> = batch.iter().filter(|j| j.slot >= self.malicious).collect();
-        let mut trained = par_map(self.threads, &honest, |job| {
+        // Largest shards first (longest-processing-time order): the round
+        // waits for its slowest worker, and a large shard started last
+        // would leave the other threads idle. Put back in job order below,
+        // so the order changes nothing but the wall-clock time.
+        let mut order: Vec<usize> = (0..honest.len()).collect();
+        order.sort_by_key(|&k| std::cmp::Reverse(shards[honest[k].slot].len()));
+        let by_size: Vec<&Job> = order.iter().map(|&k| honest[k]).collect();
+        let trained_by_size = par_map(self.threads, &by_size, |job| {
             tally_kernels::update::local_update(
                 run,
                 job.slot as u32,
@@ -421,8 +426,12 @@ impl<'a> Sim<'a> {
                 &shards[job.slot],
                 device,
             )
-        })?
-        .into_iter();
+        })?;
+        let mut slots: Vec<Option<_>> = (0..order.len()).map(|_| None).collect();
+        for (&k, r) in order.iter().zip(trained_by_size) {
+            slots[k] = Some(r);
+        }
+        let mut trained = slots.into_iter().flatten();
         let mut crafted: BTreeMap<u32, std::vec::IntoIter<tally_protocol::wire::UpdatePayload>> = BTreeMap::new();
         let mut out = Vec::with_capacity(batch.len());
         for job in batch {
@@ -462,18 +471,62 @@ impl<'a> Sim<'a> {
         attack.craft(&env, &task, &clients)
     }
 
-    /// Submits `job`'s update: the report leaves once the client's virtual
-    /// compute time has passed.
-    fn submit(&mut self, job: &Job, update: ClientUpdate) -> Result<(), SimError> {
-        let net = &self.s.network;
-        let slow = if self.stragglers[job.slot] { net.straggler_slowdown } else { 1.0 };
-        let work = work_units(&self.run_config.kind, self.shards[job.slot].len(), self.s.train.epochs);
-        let compute = VirtualNet::secs(work * net.compute_us_per_sample * 1e-6 * slow)?;
-        let client = &mut self.clients[job.slot];
-        client.submit(self.net.clock()?, None, Some(update))?;
-        while let Some(frame) = client.poll_transmit() {
-            let ready = VirtualNet::after(self.net.now, compute)?;
-            self.net.send_up(job.slot, ready, frame)?;
+    /// Submits each job's update: the report leaves once the client's
+    /// virtual compute time has passed.
+    ///
+    /// Signing a report and the server's stateless work on it (decoding, the
+    /// digest its signature covers: [`tally_protocol::Preparer`]) run on the
+    /// training threads, one client per job, instead of in the serial
+    /// delivery loop. Each participant touches only its own state, and the
+    /// frames go out in job order afterwards, so the results don't depend on
+    /// the thread count.
+    fn submit_all(&mut self, batch: &[Job], updates: Vec<ClientUpdate>) -> Result<(), SimError> {
+        let clock = self.net.clock()?;
+        let preparer = self.coord.preparer();
+        let distinct = batch.iter().map(|j| j.slot).collect::<std::collections::BTreeSet<_>>().len() == batch.len();
+        let frames: Vec<Vec<Outgoing>> = if distinct {
+            let mut participants: Vec<Option<&mut Participant>> = self.clients.iter_mut().map(Some).collect();
+            let mut cells = Vec::with_capacity(batch.len());
+            for (job, update) in batch.iter().zip(updates) {
+                // `distinct`: each slot is taken once.
+                let p = participants
+                    .get_mut(job.slot)
+                    .and_then(Option::take)
+                    .ok_or(SimError::UnknownConnection(job.slot as u64))?;
+                cells.push(std::sync::Mutex::new((p, Some(update))));
+            }
+            crate::par_map(self.threads, &cells, |cell| {
+                let mut guard = cell.lock().unwrap_or_else(|p| p.into_inner());
+                let (p, update) = &mut *guard;
+                p.submit(clock, None, update.take())?;
+                let mut out = Vec::new();
+                while let Some(frame) = p.poll_transmit() {
+                    let prepared = Box::new(preparer.prepare(&frame));
+                    out.push((frame, Some(prepared)));
+                }
+                Ok::<_, SimError>(out)
+            })?
+            .into_iter()
+            .collect::<Result<_, _>>()?
+        } else {
+            // A client with two tasks in one batch: in order, on this thread.
+            let mut all = Vec::with_capacity(batch.len());
+            for (job, update) in batch.iter().zip(updates) {
+                let p = self.clients.get_mut(job.slot).ok_or(SimError::UnknownConnection(job.slot as u64))?;
+                p.submit(clock, None, Some(update))?;
+                all.push(std::iter::from_fn(|| p.poll_transmit()).map(|f| (f, None)).collect());
+            }
+            all
+        };
+        for (job, frames) in batch.iter().zip(frames) {
+            let net = &self.s.network;
+            let slow = if self.stragglers[job.slot] { net.straggler_slowdown } else { 1.0 };
+            let work = work_units(&self.run_config.kind, self.shards[job.slot].len(), self.s.train.epochs);
+            let compute = VirtualNet::secs(work * net.compute_us_per_sample * 1e-6 * slow)?;
+            for (frame, prepared) in frames {
+                let ready = VirtualNet::after(self.net.now, compute)?;
+                self.net.send_up(job.slot, ready, frame, prepared)?;
+            }
         }
         Ok(())
     }
@@ -516,7 +569,7 @@ impl<'a> Sim<'a> {
                 }
                 self.coord.handle_connect(self.net.clock()?, ConnectionHandle(i as u64), challenge);
             }
-            Delivery::ToServer(i, _) | Delivery::ToClient(i, _) if self.net.cut(i, now) => {
+            Delivery::ToServer(i, ..) | Delivery::ToClient(i, _) if self.net.cut(i, now) => {
                 self.net.dropped = self.net.dropped.saturating_add(1);
                 // A handshake lost to the partition is not given up: a real
                 // client retries its connection and gets through once the
@@ -532,10 +585,14 @@ impl<'a> Sim<'a> {
                     }
                 }
             }
-            Delivery::ToServer(i, bytes) => {
+            Delivery::ToServer(i, bytes, prepared) => {
                 self.bytes_up += bytes.len() as u64;
+                let (clock, conn) = (self.net.clock()?, ConnectionHandle(i as u64));
                 // Refusals are counted in the round summary.
-                let _ = self.coord.handle_message(self.net.clock()?, ConnectionHandle(i as u64), &bytes);
+                let _ = match prepared {
+                    Some(p) => self.coord.handle_prepared(clock, conn, *p),
+                    None => self.coord.handle_message(clock, conn, &bytes),
+                };
             }
             Delivery::ToClient(i, bytes) => {
                 self.bytes_down += bytes.len() as u64;
@@ -548,7 +605,7 @@ impl<'a> Sim<'a> {
                     }
                 }
                 while let Some(frame) = p.poll_transmit() {
-                    self.net.send_up(i, now, frame)?;
+                    self.net.send_up(i, now, frame, None)?;
                 }
             }
         }
@@ -599,6 +656,10 @@ impl<'a> Sim<'a> {
         Ok(())
     }
 }
+
+/// A frame a client sends, with the server's stateless work on it done
+/// ahead where it was ([`tally_protocol::Preparer`]).
+type Outgoing = (Vec<u8>, Option<Box<tally_protocol::Prepared>>);
 
 /// Virtual compute of one client's task, in examples processed: an SPSA
 /// step is two forward passes, counted as one training example each.

@@ -614,12 +614,7 @@ mod tests {
 
     #[test]
     fn a_run_that_stopped_early_is_compared_with_the_clean_runs_final_accuracy() {
-        let row = |round, acc| RoundRecord {
-            round,
-            test_accuracy: acc,
-            attack_success: Some(None),
-            ..tiny_record()
-        };
+        let row = |round, acc| RoundRecord { round, test_accuracy: acc, attack_success: Some(None), ..tiny_record() };
         // Clean run: evaluated at rounds 0, 10 and 30 (final).
         let clean: std::collections::BTreeMap<u32, f64> = [(0, 0.1), (10, 0.8), (30, 0.95)].into();
         // Attacked run ruined in round 1 and stopped there.

@@ -25,8 +25,9 @@ use crate::scenario::NetworkSpec;
 pub(crate) enum Delivery {
     /// Client `i` connects.
     Connect(usize),
-    /// A frame from client `i` reaches the server.
-    ToServer(usize, Vec<u8>),
+    /// A frame from client `i` reaches the server, with its stateless work
+    /// done ahead where the sender did it ([`tally_protocol::Preparer`]).
+    ToServer(usize, Vec<u8>, Option<Box<tally_protocol::Prepared>>),
     /// A frame from the server reaches client `i`.
     ToClient(usize, Arc<[u8]>),
 }
@@ -142,10 +143,16 @@ impl<'a> VirtualNet<'a> {
     }
 
     /// Sends `frame` from client `slot` to the server once it is `ready`.
-    pub(crate) fn send_up(&mut self, slot: usize, ready: Duration, frame: Vec<u8>) -> Result<(), SimError> {
+    pub(crate) fn send_up(
+        &mut self,
+        slot: usize,
+        ready: Duration,
+        frame: Vec<u8>,
+        prepared: Option<Box<tally_protocol::Prepared>>,
+    ) -> Result<(), SimError> {
         let link = self.up_free.get_mut(slot).ok_or(SimError::UnknownConnection(slot as u64))?;
         let at = transfer(self.spec, self.latency, link, ready, frame.len())?;
-        self.push(at, Delivery::ToServer(slot, frame));
+        self.push(at, Delivery::ToServer(slot, frame, prepared));
         Ok(())
     }
 
