@@ -40,6 +40,7 @@ pub mod model;
 pub mod model_file;
 pub mod participant;
 pub mod prng;
+pub mod replica;
 pub mod rng;
 pub mod rule;
 pub mod spsa;

@@ -103,11 +103,13 @@ pub struct Participant {
     max_message: usize,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<ParticipantEvent>,
-    /// Replicated runs: our copy of the global model and the round it is the
-    /// result of.
-    replica: Option<(u32, Vec<f32>)>,
+    /// Replicated runs: our copy of the global model (with its hash) and the
+    /// round it is the result of.
+    replica: Option<(u32, Arc<crate::replica::Replica>)>,
     /// Where shared directions are applied to the replica (CPU by default).
     applier: Arc<dyn crate::prng::DirectionApplier>,
+    /// Where the replica is kept (a copy of our own by default).
+    store: Arc<dyn crate::replica::ReplicaStore>,
 }
 
 impl Participant {
@@ -128,6 +130,7 @@ impl Participant {
             events: VecDeque::new(),
             replica: None,
             applier: Arc::new(crate::prng::CpuApplier),
+            store: Arc::new(crate::replica::OwnReplica),
         }
     }
 
@@ -139,6 +142,14 @@ impl Participant {
         self
     }
 
+    /// Keeps the replica in `store` (shared by the participants of one
+    /// process whose replicas are provably identical, say) instead of a
+    /// copy of its own: [`crate::replica`].
+    pub fn with_replica_store(mut self, store: Arc<dyn crate::replica::ReplicaStore>) -> Self {
+        self.store = store;
+        self
+    }
+
     /// The run's update kind, once joined.
     pub fn kind(&self) -> Option<&dyn UpdateKind> {
         self.kind.as_deref()
@@ -146,7 +157,7 @@ impl Participant {
 
     /// Replicated runs: the round our replica is at and its parameters.
     pub fn replica(&self) -> Option<(u32, &[f32])> {
-        self.replica.as_ref().map(|(r, p)| (*r, p.as_slice()))
+        self.replica.as_ref().map(|(r, p)| (*r, p.params.as_slice()))
     }
 
     /// Applies `log` to the replica after checking it follows our round,
@@ -157,13 +168,25 @@ impl Participant {
             .clone()
             .filter(|k| k.replicated())
             .ok_or(Misbehaviour::Unexpected("RoundLog in a run that is not replicated"))?;
-        let (round, params) = self.replica.as_mut().ok_or(Misbehaviour::Unexpected("RoundLog before Sync"))?;
+        let (round, replica) = self.replica.take().ok_or(Misbehaviour::Unexpected("RoundLog before Sync"))?;
         if log.round != round.saturating_add(1) {
-            return Err(Misbehaviour::OutOfOrderLog { have: *round, got: log.round }.into());
+            self.replica = Some((round, replica));
+            return Err(Misbehaviour::OutOfOrderLog { have: round, got: log.round }.into());
         }
-        kind.apply_log(params, log, self.applier.as_ref())?;
-        *round = log.round;
-        if crate::identity::params_hash(params) != log.model_hash {
+        let applier = self.applier.clone();
+        let mut apply = |params: &mut Vec<f32>| kind.apply_log(params, log, applier.as_ref()).map_err(Error::from);
+        // A log that does not apply leaves the replica as it was: the store
+        // applies to a copy while we hold the original.
+        let replica = match self.store.advance(replica.clone(), log, &mut apply) {
+            Ok(next) => next,
+            Err(e) => {
+                self.replica = Some((round, replica));
+                return Err(e);
+            }
+        };
+        let matches = replica.hash == log.model_hash;
+        self.replica = Some((log.round, replica));
+        if !matches {
             // Our replica can no longer be trusted; the host reconnects and
             // gets a fresh checkpoint.
             self.replica = None;
@@ -250,7 +273,7 @@ impl Participant {
                     return Err(Misbehaviour::Unexpected("Sync in a run that is not replicated").into());
                 }
                 crate::aggregate::check_dense(&sync.params, run.arch.num_params())?;
-                self.replica = Some((sync.round, sync.params));
+                self.replica = Some((sync.round, self.store.adopt(sync.params)));
                 for log in &sync.logs {
                     self.apply_log(log)?;
                 }
@@ -274,14 +297,14 @@ impl Participant {
                         model
                     }
                     (Publication::Replica, wire::ModelSync::Replica { model_hash }) => {
-                        let (round, params) =
+                        let (round, replica) =
                             self.replica.as_ref().ok_or(Misbehaviour::Unexpected("RoundStart before Sync"))?;
-                        if crate::identity::params_hash(params) != model_hash {
+                        if replica.hash != model_hash {
                             let round = *round;
                             self.replica = None;
                             return Err(Misbehaviour::ReplicaMismatch { round }.into());
                         }
-                        params.clone()
+                        replica.params.clone()
                     }
                     _ => {
                         return Err(
@@ -308,8 +331,8 @@ impl Participant {
                 Ok(())
             }
             (State::Ready | State::Working { .. }, Message::Finished(f)) => {
-                if let Some((round, params)) = &self.replica
-                    && crate::identity::params_hash(params) != f.model_hash
+                if let Some((round, replica)) = &self.replica
+                    && replica.hash != f.model_hash
                 {
                     return Err(Misbehaviour::ReplicaMismatch { round: *round }.into());
                 }

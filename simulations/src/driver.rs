@@ -52,7 +52,7 @@ pub(crate) enum Flow {
 /// The simulated federation (see the module docs).
 pub(crate) struct Sim<'a> {
     /// Shared by every participant's replica (`crate::replicas`).
-    applier: std::sync::Arc<crate::replicas::SharedApplier>,
+    replicas: std::sync::Arc<tally_protocol::replica::SharedReplicas>,
     s: &'a Scenario,
     split: &'a Split,
     device: &'a Device,
@@ -152,11 +152,12 @@ impl<'a> Sim<'a> {
         };
         let mut coord = Coordinator::new(config, initial, s.seed)?;
         let run_config = coord.run_config();
-        // Every replica's directions go through one applier, which computes
-        // each distinct application once (`crate::replicas`).
-        let applier = std::sync::Arc::new(crate::replicas::SharedApplier::default());
+        // Replicated runs: clients whose replicas are provably identical
+        // share one copy, and each round's log is applied once for all of
+        // them (`tally_protocol::replica`), not once per client.
+        let replicas = std::sync::Arc::new(tally_protocol::replica::SharedReplicas::default());
         let clients: Vec<Participant> =
-            identities.into_iter().map(|id| Participant::new(id, None).with_applier(applier.clone())).collect();
+            identities.into_iter().map(|id| Participant::new(id, None).with_replica_store(replicas.clone())).collect();
         let attack = s.attack()?;
         let malicious = attack.as_ref().map_or(0, |a| a.malicious(s.clients));
         if s.redraw_majority && malicious > 0 {
@@ -189,7 +190,7 @@ impl<'a> Sim<'a> {
             net.push(Duration::ZERO, Delivery::Connect(i));
         }
         Ok(Sim {
-            applier,
+            replicas,
             s,
             split,
             device,
@@ -222,6 +223,14 @@ impl<'a> Sim<'a> {
     }
 
     /// Whether the coordinator has finished the run.
+    /// Distinct replica allocations among the clients that hold one, and
+    /// how many hold one.
+    #[cfg(test)]
+    pub(crate) fn replica_allocations(&self) -> (usize, usize) {
+        let ptrs: Vec<*const f32> = self.clients.iter().filter_map(|p| p.replica().map(|(_, r)| r.as_ptr())).collect();
+        (ptrs.iter().collect::<std::collections::BTreeSet<_>>().len(), ptrs.len())
+    }
+
     pub(crate) fn finished(&self) -> bool {
         self.finished
     }
@@ -580,7 +589,8 @@ impl<'a> Sim<'a> {
                     let p = self.clients.get_mut(i).ok_or(SimError::UnknownConnection(i as u64))?;
                     if p.run_config().is_none() && !self.reconnecting.contains(&i) {
                         self.reconnecting.insert(i);
-                        *p = Participant::new(sim_identity(self.s.seed, i), None).with_applier(self.applier.clone());
+                        *p = Participant::new(sim_identity(self.s.seed, i), None)
+                            .with_replica_store(self.replicas.clone());
                         self.net.push(end.max(now), Delivery::Connect(i));
                     }
                 }

@@ -22,7 +22,6 @@ pub mod dpstream;
 mod driver;
 mod net;
 pub mod output;
-pub mod replicas;
 pub mod report;
 pub mod scenario;
 pub mod sweep;
@@ -458,6 +457,43 @@ mod tests {
             ..Scenario::default()
         };
         (s, split)
+    }
+
+    /// Replicated runs: every simulated client's replica is one shared
+    /// allocation (the store's), for SPSA and Ferret. Each replica is still
+    /// checked against the server's model hash after every round, so a
+    /// wrongly shared replica would refuse its client's reports.
+    #[test]
+    fn identical_replicas_share_one_allocation() {
+        let (mut s, split) = tiny();
+        s.clients = 8;
+        s.clients_per_round = 4;
+        for algorithm in [
+            tally_protocol::AlgorithmSpec::Spsa(tally_protocol::spsa::SpsaSpec {
+                steps_per_client: 4,
+                batch_size: 16,
+                ..Default::default()
+            }),
+            tally_protocol::AlgorithmSpec::Ferret(Default::default()),
+        ] {
+            s.algorithm = algorithm;
+            let dev = tally_kernels::cpu_device();
+            let mut sim = driver::Sim::setup(&s, &split, None, &dev).unwrap();
+            sim.record_initial(&mut |_| {}).unwrap();
+            while !sim.finished() {
+                if sim.local_work_due() {
+                    sim.local_work().unwrap();
+                    continue;
+                }
+                sim.advance().unwrap();
+                sim.forward_server_messages().unwrap();
+                sim.handle_events(&mut |_| {}).unwrap();
+            }
+            assert_eq!(sim.replica_allocations(), (1, 8), "{:?}", s.algorithm);
+            let report = sim.into_report();
+            assert_eq!(report.records.len(), 4);
+            assert!(report.records.iter().all(|r| r.accepted == r.sampled), "{:?}", report.records);
+        }
     }
 
     #[test]
