@@ -429,6 +429,11 @@ struct Checkpoint {
     params: Vec<f32>,
     logs: Vec<RoundLog>,
     log_bytes: usize,
+    /// The `Sync` frame of this checkpoint and logs, encoded once for every
+    /// client that joins until they change: clients joining together (a
+    /// run's start: thousands in a simulation) share one frame, not a
+    /// model-sized copy each. `None` until a join needs it.
+    frame: Option<Arc<[u8]>>,
 }
 
 impl Coordinator {
@@ -450,8 +455,13 @@ impl Coordinator {
             max_update_abs: config.max_update_abs,
         };
         let mut aggregator = kind.aggregator(&shape, &config.rule, &initial)?;
-        let checkpoint =
-            kind.replicated().then(|| Checkpoint { round: 0, params: initial.clone(), logs: Vec::new(), log_bytes: 0 });
+        let checkpoint = kind.replicated().then(|| Checkpoint {
+            round: 0,
+            params: initial.clone(),
+            logs: Vec::new(),
+            log_bytes: 0,
+            frame: None,
+        });
         // A fresh run's initial model, or a restored one: the aggregator
         // derives its state (FRL's global ranking) from it.
         aggregator.restore_model(&initial).map_err(|e| Misuse::Config(format!("initial model: {e}")))?;
@@ -708,11 +718,17 @@ impl Coordinator {
             c.client = Some(client);
         }
         self.send(conn, &Message::Welcome(Welcome { client_id: client, config: self.run_config() }));
-        if let Some(cp) = &self.checkpoint {
+        if let Some(cp) = &mut self.checkpoint {
             // A replicated run: the client rebuilds the model from the
             // checkpoint and the logs since, then checks the hashes.
-            let sync = Message::Sync(Sync { round: cp.round, params: cp.params.clone(), logs: cp.logs.clone() });
-            self.send(conn, &sync);
+            let frame = cp
+                .frame
+                .get_or_insert_with(|| {
+                    let sync = Sync { round: cp.round, params: cp.params.clone(), logs: cp.logs.clone() };
+                    codec::encode(&Message::Sync(sync)).into()
+                })
+                .clone();
+            self.transmits.push_back(Transmit { to: conn, bytes: frame });
         }
         self.events.push_back(Event::ClientJoined { conn, client });
 
@@ -1213,7 +1229,7 @@ impl Coordinator {
         c.violations = snapshot.violations;
         if let (Some(cp), Some((round, params, logs))) = (c.checkpoint.as_mut(), snapshot.replica_checkpoint) {
             let log_bytes = logs.iter().map(|l| codec::encode(&Message::RoundLog(l.clone())).len()).sum();
-            *cp = Checkpoint { round, params, logs, log_bytes };
+            *cp = Checkpoint { round, params, logs, log_bytes, frame: None };
         }
         let finished = c.completed_rounds >= c.config.rounds && (c.evaluated || !c.config.final_evaluation);
         if finished {
@@ -1267,8 +1283,9 @@ impl Coordinator {
         let Some(cp) = self.checkpoint.as_mut() else { return };
         cp.log_bytes = cp.log_bytes.saturating_add(msg.len());
         cp.logs.push(log);
+        cp.frame = None;
         if cp.log_bytes > wire::SYNC_LOG_BUDGET_BYTES / 2 {
-            *cp = Checkpoint { round, params: self.model.clone(), logs: Vec::new(), log_bytes: 0 };
+            *cp = Checkpoint { round, params: self.model.clone(), logs: Vec::new(), log_bytes: 0, frame: None };
         }
     }
 

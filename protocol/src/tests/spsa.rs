@@ -189,3 +189,29 @@ fn malformed_spsa_reports_are_refused_and_the_round_completes() {
     assert_eq!(net.coord.completed_rounds(), 1);
     assert_eq!(net.assert_replicas_match(), 3);
 }
+
+/// Clients that join a replicated run together get one shared `Sync` frame
+/// (the checkpoint is encoded once, not a model-sized copy per client). That
+/// a later joiner's frame includes the logs since is the late-join tests'.
+#[test]
+fn clients_joining_together_share_one_sync_frame() {
+    let mut net = spsa_net(3, 3, 2);
+    let mut syncs: Vec<std::sync::Arc<[u8]>> = Vec::new();
+    for _ in 0..3 {
+        while let Some(t) = net.coord.poll_transmit() {
+            if matches!(crate::codec::decode(&t.bytes, crate::wire::MAX_MESSAGE_BYTES), Ok(Message::Sync(_))) {
+                syncs.push(t.bytes.clone());
+            }
+            let slot = t.to.0 as usize;
+            net.clients[slot].1.handle_message(net.now, &t.bytes).unwrap();
+        }
+        for slot in 0..3 {
+            let conn = net.clients[slot].0;
+            while let Some(b) = net.clients[slot].1.poll_transmit() {
+                net.coord.handle_message(net.now, conn, &b).unwrap();
+            }
+        }
+    }
+    assert_eq!(syncs.len(), 3);
+    assert!(syncs.iter().all(|s| std::sync::Arc::ptr_eq(s, &syncs[0])));
+}
