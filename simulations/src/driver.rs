@@ -90,6 +90,9 @@ pub(crate) struct Sim<'a> {
     records: Vec<RoundRecord>,
     wall_rounds: Vec<f64>,
     wall_eval: Vec<f64>,
+    /// Wall-clock seconds in the clients' local work (training, crafting,
+    /// signing, the server's stateless share: the parallel sections).
+    wall_local: f64,
     round_wall: Instant,
 }
 
@@ -218,6 +221,7 @@ impl<'a> Sim<'a> {
             records: Vec::new(),
             wall_rounds: Vec::new(),
             wall_eval: Vec::new(),
+            wall_local: 0.0,
             round_wall: Instant::now(),
         })
     }
@@ -242,6 +246,7 @@ impl<'a> Sim<'a> {
             records: self.records,
             wall_secs_per_round: self.wall_rounds,
             wall_secs_eval: self.wall_eval,
+            wall_secs_local_work: self.wall_local,
             diverged_at: self.diverged_at,
             dropped_messages: self.net.dropped,
         }
@@ -400,6 +405,7 @@ impl<'a> Sim<'a> {
             // Dropped clients silently leave this round.
             .filter(|job| unit(seed, TAG_DROPOUT, u64::from(job.round) << 32 | job.slot as u64) >= dropout)
             .collect();
+        let started = Instant::now();
         let updates = match self.updates(&batch) {
             Err(SimError::Kernel(tally_kernels::KernelError::Diverged { .. })) => {
                 self.diverged_at = batch.first().map(|j| j.round);
@@ -408,6 +414,7 @@ impl<'a> Sim<'a> {
             other => other?,
         };
         self.submit_all(&batch, updates)?;
+        self.wall_local += started.elapsed().as_secs_f64();
         Ok(Flow::Continue)
     }
 

@@ -181,6 +181,11 @@ pub struct SimReport {
     pub wall_secs_per_round: Vec<f64>,
     /// Wall-clock seconds of central evaluation per evaluated round.
     pub wall_secs_eval: Vec<f64>,
+    /// Wall-clock seconds, in all, of the clients' local work: training (or
+    /// crafting), signing and the server's stateless share of each report,
+    /// the parts that run on `threads` workers. The rest of a round (the
+    /// deliveries, verification, aggregation) is serial.
+    pub wall_secs_local_work: f64,
     /// Set when the run stopped early because honest local training
     /// diverged (the global model was ruined, e.g. by a scaling attack): the
     /// round whose training failed. FRL's reference code stops such runs too.

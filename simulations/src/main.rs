@@ -446,11 +446,20 @@ fn main() -> anyhow::Result<()> {
         "final test accuracy: {}",
         report.final_accuracy().map_or("not evaluated".into(), |a| format!("{:.2}%", a * 100.0))
     );
+    let local = report.wall_secs_local_work / rounds;
+    // `threads = 0` means one per core, as the driver resolves it.
+    let threads = match s.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     println!(
-        "rounds: {} · wall time {:.1} s · mean round {:.3} s without evaluation · central evaluation {:.3} s each · upload {:.1} MB · metrics {}",
+        "rounds: {} · wall time {:.1} s · mean round {:.3} s without evaluation ({:.3} s local work on {} threads, {:.3} s serial) · central evaluation {:.3} s each · upload {:.1} MB · metrics {}",
         last.map_or(0, |r| r.round),
         started.elapsed().as_secs_f64(),
         mean_round,
+        local,
+        threads,
+        (mean_round - local).max(0.0),
         mean_eval,
         up as f64 / 1e6,
         s.out.display()
