@@ -42,6 +42,7 @@ pub mod participant;
 pub mod prng;
 pub mod rng;
 pub mod rule;
+pub mod sequential;
 pub mod spsa;
 pub mod supermask;
 pub mod wire;

@@ -80,6 +80,20 @@ pub enum ModelArch {
     /// weights, `layers.{l}.weight`, layer by layer.
     /// `model = { kind = "frl-dense", net = "lenet", classes = 10 }`.
     FrlDense(crate::supermask::FrlArch),
+    /// A network described layer by layer ([`crate::sequential`]): any
+    /// sequence of linear, convolution, pooling, activation, dropout,
+    /// embedding and GRU layers whose shapes fit. The built-in networks
+    /// above are named presets of it ([`crate::sequential::presets`]).
+    /// `model = { kind = "sequential", input = [1, 28, 28], layers = [
+    /// { type = "conv2d", out = 8, kernel = 3 }, { type = "relu" }, … ] }`.
+    /// Appended last: the enum's bincode variant indices are wire format.
+    Sequential {
+        /// Per-sample input shape: `[features]`, `[channels, height,
+        /// width]`, or `[sequence]` of token ids before an embedding.
+        input: Vec<u32>,
+        /// The layers, input side first.
+        layers: Vec<crate::sequential::LayerSpec>,
+    },
 }
 
 /// One named tensor of a model, in the flat order.
@@ -130,6 +144,21 @@ pub enum ModelError {
     /// A safetensors file that can't be parsed or doesn't match the model.
     #[error("safetensors: {0}")]
     Safetensors(String),
+    /// A layer of a [`ModelArch::Sequential`] description that can't hold.
+    #[error("layer {index} ({layer}), field {field}: {reason}")]
+    Layer {
+        /// The layer's position, from 0.
+        index: usize,
+        /// Its type, as written in TOML.
+        layer: &'static str,
+        /// The field at fault (`type` when the layer doesn't fit its input).
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A [`ModelArch::Sequential`] description's input or layer list is unusable.
+    #[error("sequential model: {0}")]
+    Input(String),
     /// A NaN or infinity among the parameters.
     #[error("parameter {index} is not finite")]
     NonFinite {
@@ -162,6 +191,8 @@ impl ModelArch {
             }
             // Its own check bounds every size before multiplying.
             ModelArch::Supermask(net) | ModelArch::FrlDense(net) => return net.validate(),
+            // Shape inference checks everything, sizes included.
+            ModelArch::Sequential { input, layers } => return crate::sequential::infer(input, layers).map(|_| ()),
             ModelArch::CharGru { vocab, embed, hidden, seq } => {
                 if *vocab == 0 || *embed == 0 || *hidden == 0 || *seq == 0 {
                     return Err(ModelError::InvalidArch("zero-sized char-gru dimension"));
@@ -199,7 +230,7 @@ impl ModelArch {
             }
             ModelArch::LeNet5 { classes } => vec![(25, 6), (150, 16), (400, 120), (120, 84), (84, *classes as u64)],
             // Validated separately (no biases); never reached from `validate`.
-            ModelArch::Supermask(_) | ModelArch::FrlDense(_) => Vec::new(),
+            ModelArch::Supermask(_) | ModelArch::FrlDense(_) | ModelArch::Sequential { .. } => Vec::new(),
             // The embedding has no bias; counting one per column only
             // over-estimates, which is safe for a size check.
             ModelArch::CharGru { vocab, embed, hidden, .. } => {
@@ -270,6 +301,11 @@ impl ModelArch {
                     t("out.bias".into(), vec![v], h),
                 ]
             }
+            // An invalid description has no layout: empty, so its parameter
+            // count is 0 and every parameter vector is refused by length.
+            ModelArch::Sequential { input, layers } => {
+                crate::sequential::infer(input, layers).map(|inf| inf.tensors).unwrap_or_default()
+            }
         }
     }
 
@@ -286,6 +322,9 @@ impl ModelArch {
             ModelArch::Mlp { classes, .. } | ModelArch::LeNet5 { classes } => *classes as usize,
             ModelArch::Supermask(net) | ModelArch::FrlDense(net) => net.classes(),
             ModelArch::CharGru { vocab, .. } => *vocab as usize,
+            ModelArch::Sequential { input, layers } => {
+                crate::sequential::infer(input, layers).map_or(0, |inf| inf.classes)
+            }
         }
     }
 
