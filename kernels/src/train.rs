@@ -6,7 +6,8 @@
 //! parameters, data, config and device kind give bit-identical parameters on
 //! the same machine. The sample order comes from ChaCha20 keyed by the seed
 //! (see [`train_rng`]); burn itself draws no random numbers here (parameters
-//! are loaded, never initialised by burn, and there is no dropout).
+//! are loaded, never initialised by burn, and dropout masks come from
+//! [`crate::model::DropoutRng`], keyed by the same seed).
 //!
 //! The flex backend is deterministic as this workspace builds it: burn is used
 //! with `default-features = false`, which leaves burn-flex's `rayon` feature
@@ -226,6 +227,8 @@ pub fn train_local(
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let table = pixel_table();
     let mut rng = train_rng(cfg.seed);
+    // Only a sequential network with dropout layers draws from it.
+    let mut drop = crate::model::DropoutRng::new(cfg.seed);
     let mut order: Vec<usize> = Vec::with_capacity(data.len());
     let (mut steps, mut samples, mut loss_sum) = (0u64, 0u64, 0f64);
     let mut pending: Vec<(Tensor<1>, usize)> = Vec::with_capacity(LOSS_READBACK_EVERY);
@@ -235,7 +238,7 @@ pub fn train_local(
         crate::data::partition::shuffle(&mut rng, &mut order);
         for idx in order.chunks(cfg.batch_size) {
             let (x, y) = batch(data, idx, &table, &device);
-            let loss = loss_fn.forward(model.forward(x), y);
+            let loss = loss_fn.forward(model.forward_train(x, &mut drop), y);
             pending.push((loss.clone().detach(), idx.len()));
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(f64::from(cfg.lr), model, grads);
