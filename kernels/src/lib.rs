@@ -20,6 +20,7 @@
 //! config), bit-for-bit reproducible on a given machine (see [`train`]).
 
 pub mod compute;
+pub mod custom;
 pub mod data;
 #[cfg(feature = "gpu")]
 pub mod gpu;
@@ -88,6 +89,10 @@ pub enum KernelError {
     /// the network (FRL, see [`supermask`]).
     #[error("bad ranking: {0}")]
     BadRanking(String),
+    /// The run's model is a custom one this process has no implementation
+    /// of ([`custom::register`]).
+    #[error("custom model {0:?} is not registered in this client (see tally_kernels::custom)")]
+    UnknownModel(String),
     /// A GPU was asked for and none can be used.
     #[error("{0}")]
     NoGpu(String),

@@ -198,6 +198,7 @@ pub fn input_size(arch: &ModelArch) -> (usize, String) {
             let ids = if tally_protocol::sequential::takes_ids(layers).is_some() { " token ids" } else { "" };
             (tally_protocol::sequential::input_len(input), format!("{}{ids}", dims.join("x")))
         }
+        ModelArch::Custom(c) => (c.input as usize, c.input.to_string()),
     }
 }
 
@@ -219,6 +220,7 @@ pub fn check_image_size(arch: &ModelArch, rows: usize, cols: usize) -> Result<()
             [c, h, w] => rows == (c as usize).saturating_mul(h as usize) && cols == w as usize,
             _ => rows.checked_mul(cols) == Some(expected),
         },
+        ModelArch::Custom(_) => rows.checked_mul(cols) == Some(expected),
     };
     if ok { Ok(()) } else { Err(KernelError::ImageSize { arch_input, expected, rows, cols }) }
 }
@@ -372,6 +374,9 @@ impl Model {
             }
             ModelArch::Supermask(_) => {
                 return Err(ModelError::InvalidArch("a supermask network is trained by crate::supermask").into());
+            }
+            ModelArch::Custom(_) => {
+                return Err(ModelError::InvalidArch("a custom model is run by its registered implementation").into());
             }
             ModelArch::FrlDense(net) => {
                 let (mut convs, mut linears) = (Vec::new(), Vec::new());

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{MAX_PARAMETERS, ModelError, TensorSpec};
 
-/// Most layers a description may have: activations count, so LeNet-5 is 13.
+/// Most layers a description may have: activations count, so LeNet-5 is 12.
 /// Bounds the work of validating a hostile description and the depth of a
 /// forward pass; 64 is far beyond the edge-device networks this is for.
 pub const MAX_LAYERS: usize = 64;
@@ -452,7 +452,9 @@ pub mod presets {
             ModelArch::Mlp { input, hidden, classes } => Some(mlp(*input, hidden, *classes)),
             ModelArch::LeNet5 { classes } => Some(lenet5(*classes)),
             ModelArch::CharGru { vocab, embed, hidden, seq } => Some(char_gru(*vocab, *embed, *hidden, *seq)),
-            ModelArch::Supermask(_) | ModelArch::FrlDense(_) | ModelArch::Sequential { .. } => None,
+            ModelArch::Supermask(_) | ModelArch::FrlDense(_) | ModelArch::Sequential { .. } | ModelArch::Custom(_) => {
+                None
+            }
         }
     }
 
@@ -576,6 +578,38 @@ model = { kind = "sequential", input = [1, 28, 28], layers = [
         let bytes = bincode::encode_to_vec(&cfg.model, bincode::config::standard()).unwrap();
         let (back, _): (ModelArch, _) = bincode::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
         assert_eq!(back, cfg.model);
+    }
+
+    #[test]
+    fn custom_layouts_parse_and_are_bounded() {
+        use crate::model::{CustomArch, CustomTensor, MAX_CUSTOM_TENSORS};
+        #[derive(Deserialize)]
+        struct Cfg {
+            model: ModelArch,
+        }
+        let text = r#"model = { kind = "custom", name = "my-net", input = 4, classes = 2, tensors = [
+            { name = "w", shape = [4, 2], fan_in = 4 }, { name = "b", shape = [2], fan_in = 4 } ] }"#;
+        let cfg: Cfg = toml::from_str(text).unwrap();
+        cfg.model.validate().unwrap();
+        assert_eq!(cfg.model.num_params(), 10);
+        assert_eq!(cfg.model.classes(), 2);
+        let t = |name: &str, shape: Vec<u32>| CustomTensor { name: name.into(), shape, fan_in: 1 };
+        let arch = |name: &str, tensors: Vec<CustomTensor>| {
+            ModelArch::Custom(CustomArch { name: name.into(), input: 4, classes: 2, tensors })
+        };
+        for bad in [
+            arch("", vec![t("w", vec![2])]),
+            arch("bad name", vec![t("w", vec![2])]),
+            arch("n", vec![]),
+            arch("n", vec![t("w", vec![2]), t("w", vec![2])]),
+            arch("n", vec![t("w", vec![2, 2, 2, 2, 2])]),
+            arch("n", vec![t("w", vec![0])]),
+            arch("n", (0..=MAX_CUSTOM_TENSORS).map(|i| t(&format!("t{i}"), vec![1])).collect()),
+        ] {
+            assert!(matches!(bad.validate(), Err(ModelError::Input(_))), "{bad:?}");
+        }
+        let huge = arch("n", vec![t("w", vec![MAX_WIDTH, MAX_WIDTH])]);
+        assert!(matches!(huge.validate(), Err(ModelError::TooLarge(_))));
     }
 
     #[test]
