@@ -812,7 +812,7 @@ layers = [
   { type = "linear", out = 10 },
 ]
 "#;
-    std::fs::write(&config, format!("train = {{ lr = 0.05, batch_size = 32, epochs = 1 }}\n{model}")).unwrap();
+    std::fs::write(&config, format!("train = {{ lr = 0.15, batch_size = 16, epochs = 2 }}\n{model}")).unwrap();
     let cfg = config.to_str().unwrap().to_string();
     let mut server =
         start_server(dir.path(), &enrolled, &["--config", &cfg, "--rounds", "3", "--min-clients", "3", "--seed", "11"]);
