@@ -355,7 +355,7 @@ mod tests {
                 }
             }
         }
-        let mut pooled = vec![0f64; 8];
+        let mut pooled = [0f64; 8];
         for o in 0..2 {
             for r in 0..2 {
                 for c in 0..2 {
