@@ -1,6 +1,10 @@
 //! Tally's machine-learning kernels: datasets and client partitions
 //! ([`data`]), burn models matching `tally_protocol::model::ModelArch`
-//! ([`model`]), local SGD training and evaluation ([`train`]), FRL's
+//! ([`model`], including any sequential network described in a run's
+//! configuration), models written in Rust by the embedding program
+//! ([`custom`]: implement [`custom::BurnNet`] for a burn module, register
+//! it, and every update kind trains it), local SGD training and evaluation
+//! ([`train`]), FRL's
 //! supermask networks ([`supermask`]), SPSA's zeroth-order steps ([`zo`]),
 //! parameter files ([`params_file`]), each update kind's client side
 //! behind one trait and registry ([`update`]), the run-time choice of CPU or
