@@ -146,5 +146,14 @@ mod tests {
         let err = tally_kernels::evaluate(&arch, &arch.init_params(1), &split.test, &tally_kernels::cpu_device(), 100)
             .unwrap_err();
         assert!(matches!(err, tally_kernels::KernelError::UnknownModel(ref n) if n == "nobody-registered-this"));
+        // A registered name with another layout (a server that lies about
+        // the shapes) is refused too, before any tensor is built.
+        let ModelArch::Custom(mut other) = register().unwrap() else { unreachable!() };
+        other.tensors.swap(0, 1);
+        let other = ModelArch::Custom(other);
+        let err =
+            tally_kernels::evaluate(&other, &other.init_params(1), &split.test, &tally_kernels::cpu_device(), 100)
+                .unwrap_err();
+        assert!(matches!(err, tally_kernels::KernelError::InvalidConfig(ref m) if m.contains("differs")), "{err}");
     }
 }

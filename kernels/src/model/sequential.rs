@@ -428,6 +428,17 @@ mod tests {
     }
 
     #[test]
+    fn dropout_masks_drop_p_and_scale_the_rest() {
+        let m = DropoutRng::new(5).mask(10_000, 0.25);
+        let zeros = m.iter().filter(|&&v| v == 0.0).count();
+        // Binomial(10000, 0.25): mean 2500, sd 43.
+        assert!((2300..2700).contains(&zeros), "{zeros} zeros");
+        assert!(m.iter().all(|&v| v == 0.0 || v == 1.0 / 0.75));
+        assert_eq!(m, DropoutRng::new(5).mask(10_000, 0.25));
+        assert_ne!(m, DropoutRng::new(6).mask(10_000, 0.25));
+    }
+
+    #[test]
     fn dropout_is_off_outside_training() {
         let device = cpu_device();
         let arch = seq(&[8], vec![presets::dropout(0.5), LayerSpec::Linear { out: 3 }]);
