@@ -848,6 +848,70 @@ layers = [
     assert_clients_finished_with(&clients, &hash);
 }
 
+/// Models from Rust over QUIC: the example crate's `TwoPath` (a burn
+/// module the server has no code for) is registered in this process, the
+/// real server binary is configured with its `kind = "custom"` layout, and
+/// three clients built with `tally_client::run` (the library the
+/// `tally-client` binary wraps) train it; every client ends on the server's
+/// final model and accuracy rises.
+#[test]
+fn custom_rust_model_trains_over_quic_with_library_clients() {
+    let arch = tally_examples::register().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<_> = (0..3).map(|i| keygen(dir.path(), &format!("r{i}"))).collect();
+    let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
+    #[derive(serde::Serialize)]
+    struct Cfg<'a> {
+        model: &'a ModelArch,
+    }
+    let config = dir.path().join("server.toml");
+    let model = toml::to_string(&Cfg { model: &arch }).unwrap();
+    std::fs::write(&config, format!("train = {{ lr = 0.1, batch_size = 32, epochs = 1 }}\n{model}")).unwrap();
+    let cfg = config.to_str().unwrap().to_string();
+    let mut server =
+        start_server(dir.path(), &enrolled, &["--config", &cfg, "--rounds", "2", "--min-clients", "3", "--seed", "13"]);
+    let split = tally_kernels::data::embedded_mnist();
+    let addr: std::net::SocketAddr = server.addr.parse().unwrap();
+    let clients: Vec<_> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| {
+            let opts = tally_client::ClientOptions {
+                server: addr,
+                server_name: "localhost".into(),
+                trust: tally_client::ServerTrust::fingerprint(&server.fingerprint).unwrap(),
+                identity: tally_client::keys::load(key).unwrap(),
+                train: split.train.subset(&(i * 1000..(i + 1) * 1000).collect::<Vec<_>>()).unwrap(),
+                eval: Some(split.test.subset(&(0..1000).collect::<Vec<_>>()).unwrap()),
+                compute: tally_kernels::Compute::cpu(),
+                max_retries: 10,
+                initial_backoff: Duration::from_millis(200),
+                max_backoff: Duration::from_secs(2),
+                save_model: None,
+                connect_timeout: Duration::from_secs(5),
+            };
+            std::thread::spawn(move || tokio::runtime::Runtime::new().unwrap().block_on(tally_client::run(opts)))
+        })
+        .collect();
+    let outcomes: Vec<_> = clients.into_iter().map(|t| t.join().unwrap().unwrap()).collect();
+    assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
+    let m = metrics(&server.out_dir);
+    assert_eq!(m.len(), 3, "{m:?}");
+    for line in &m[1..=2] {
+        assert_eq!((line["accepted"].as_u64(), line["rejected"].as_u64()), (Some(3), Some(0)), "{line}");
+    }
+    let acc = |r: usize| m[r]["test_accuracy"].as_f64().unwrap();
+    assert!(acc(2) > 0.6 && acc(2) > acc(0) + 0.4, "should learn: {} -> {}", acc(0), acc(2));
+    // The server wrote the model from the shapes alone; every client ended on it.
+    let params =
+        arch.from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap()).unwrap();
+    let hash = tally_protocol::identity::params_hash(&params);
+    assert_eq!(m[2]["model_hash"], hex::encode(hash).as_str());
+    for o in &outcomes {
+        assert_eq!((o.rounds, o.model_hash, o.rounds_failed), (2, hash, 0), "{o:?}");
+    }
+}
+
 /// A Python interpreter with NumPy for scripts/check-exported-model.py:
 /// `$TALLY_PYTHON`, else `python3`, else `/usr/bin/python3` (where Debian's
 /// python3-numpy installs when `python3` is another interpreter, e.g. a
