@@ -612,6 +612,54 @@ model = { kind = "sequential", input = [1, 28, 28], layers = [
         assert!(matches!(huge.validate(), Err(ModelError::TooLarge(_))));
     }
 
+    fn any_u32() -> impl proptest::strategy::Strategy<Value = u32> {
+        use proptest::prelude::*;
+        prop_oneof![0u32..6, 0u32..40, Just(MAX_WIDTH), Just(MAX_WIDTH + 1), Just(u32::MAX)]
+    }
+
+    fn any_layer() -> impl proptest::strategy::Strategy<Value = LayerSpec> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any_u32().prop_map(|out| LayerSpec::Linear { out }),
+            (any_u32(), any_u32(), any_u32(), any_u32()).prop_map(|(out, kernel, stride, padding)| LayerSpec::Conv2d {
+                out,
+                kernel,
+                stride,
+                padding
+            }),
+            (any_u32(), proptest::option::of(any_u32()))
+                .prop_map(|(kernel, stride)| LayerSpec::MaxPool { kernel, stride }),
+            (any_u32(), proptest::option::of(any_u32()))
+                .prop_map(|(kernel, stride)| LayerSpec::AvgPool { kernel, stride }),
+            Just(LayerSpec::Flatten),
+            Just(LayerSpec::Relu),
+            Just(LayerSpec::Gelu),
+            prop_oneof![Just(0.5f32), Just(-1.0), Just(f32::NAN), Just(1.0)].prop_map(presets::dropout),
+            (any_u32(), any_u32()).prop_map(|(vocab, dim)| LayerSpec::Embedding { vocab, dim }),
+            any_u32().prop_map(|hidden| LayerSpec::Gru { hidden }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Any description, however hostile, is accepted or refused with a
+        /// typed error, never a panic or an overflow; an accepted one is
+        /// within every limit and its tensors add up to its count.
+        #[test]
+        fn arbitrary_descriptions_never_panic(
+            input in proptest::collection::vec(any_u32(), 0..5),
+            layers in proptest::collection::vec(any_layer(), 0..8),
+        ) {
+            if let Ok(inf) = infer(&input, &layers) {
+                proptest::prop_assert!(inf.params <= MAX_PARAMETERS);
+                let sum: usize = inf.tensors.iter().map(TensorSpec::numel).sum();
+                proptest::prop_assert_eq!(sum, inf.params);
+                proptest::prop_assert!(inf.shapes.iter().all(|s| s.iter().product::<usize>() as u64 <= MAX_ACTIVATION));
+                let arch = ModelArch::Sequential { input: input.clone(), layers: layers.clone() };
+                proptest::prop_assert_eq!(arch.num_params(), inf.params);
+            }
+        }
+    }
+
     #[test]
     fn presets_have_the_builtin_layout_and_init() {
         for builtin in [
