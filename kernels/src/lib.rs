@@ -1,6 +1,10 @@
 //! Tally's machine-learning kernels: datasets and client partitions
 //! ([`data`]), burn models matching `tally_protocol::model::ModelArch`
-//! ([`model`]), local SGD training and evaluation ([`train`]), FRL's
+//! ([`model`], including any sequential network described in a run's
+//! configuration), models written in Rust by the embedding program
+//! ([`custom`]: implement [`custom::BurnNet`] for a burn module, register
+//! it, and every update kind trains it), local SGD training and evaluation
+//! ([`train`]), FRL's
 //! supermask networks ([`supermask`]), SPSA's zeroth-order steps ([`zo`]),
 //! parameter files ([`params_file`]), each update kind's client side
 //! behind one trait and registry ([`update`]), the run-time choice of CPU or
@@ -20,6 +24,7 @@
 //! config), bit-for-bit reproducible on a given machine (see [`train`]).
 
 pub mod compute;
+pub mod custom;
 pub mod data;
 #[cfg(feature = "gpu")]
 pub mod gpu;
@@ -88,6 +93,10 @@ pub enum KernelError {
     /// the network (FRL, see [`supermask`]).
     #[error("bad ranking: {0}")]
     BadRanking(String),
+    /// The run's model is a custom one this process has no implementation
+    /// of ([`custom::register`]).
+    #[error("custom model {0:?} is not registered in this client (see tally_kernels::custom)")]
+    UnknownModel(String),
     /// A GPU was asked for and none can be used.
     #[error("{0}")]
     NoGpu(String),

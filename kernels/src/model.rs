@@ -23,11 +23,15 @@ use burn::module::{Module, Param};
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
 use burn::nn::{Embedding, Linear, PaddingConfig2d};
-use burn::tensor::activation::{relu, sigmoid};
+use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use tally_protocol::model::{ModelArch, ModelError};
+use tally_protocol::sequential::LayerSpec;
 
 use crate::KernelError;
+
+pub mod sequential;
+pub use sequential::{DropoutRng, GruLayer, Sequential};
 
 /// LeNet-5's input side (it is defined for 28×28 images only).
 pub const LENET_SIDE: usize = 28;
@@ -114,33 +118,13 @@ pub struct CharGru {
 impl CharGru {
     /// Logits `[batch, vocab]` for `x: [batch, seq]` holding `id / 255`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let [batch, seq] = x.dims();
         let [vocab, _] = self.embed.weight.dims();
-        let [_, h3] = self.w_hh.dims();
-        let hidden = h3 / 3;
         // Back to exact ids; clamped so that a hostile byte can never index
         // past the table (training and evaluation refuse such data first,
         // with a typed error: `check_inputs`).
         let ids: Tensor<2, Int> = x.mul_scalar(255.0).round().int().clamp(0, vocab.saturating_sub(1) as i64);
         let emb = self.embed.forward(ids); // [batch, seq, embed]
-        let [_, _, embed] = emb.dims();
-        let device = emb.device();
-        let w_ih = self.w_ih.val();
-        let w_hh = self.w_hh.val();
-        let b_ih = self.b_ih.val().unsqueeze_dim::<2>(0);
-        let b_hh = self.b_hh.val().unsqueeze_dim::<2>(0);
-        let mut h: Tensor<2> = Tensor::zeros([batch, hidden], &device);
-        for t in 0..seq {
-            let x_t = emb.clone().slice([0..batch, t..t + 1, 0..embed]).reshape([batch, embed]);
-            let gi = x_t.matmul(w_ih.clone()) + b_ih.clone();
-            let gh = h.clone().matmul(w_hh.clone()) + b_hh.clone();
-            let part = |g: &Tensor<2>, k: usize| g.clone().slice([0..batch, k * hidden..(k + 1) * hidden]);
-            let r = sigmoid(part(&gi, 0) + part(&gh, 0));
-            let z = sigmoid(part(&gi, 1) + part(&gh, 1));
-            let n = (part(&gi, 2) + r * part(&gh, 2)).tanh();
-            // h' = (1 − z) n + z h = n + z (h − n)
-            h = n.clone() + z * (h - n);
-        }
+        let h = sequential::gru_last(emb, self.w_ih.val(), self.w_hh.val(), self.b_ih.val(), self.b_hh.val());
         self.out.forward(h)
     }
 }
@@ -191,6 +175,8 @@ pub enum Model {
     CharGru(CharGru),
     /// See [`FrlDense`].
     FrlDense(FrlDense),
+    /// See [`Sequential`].
+    Sequential(Sequential),
 }
 
 /// Number of pixels per image `arch` takes, and a human description of it.
@@ -207,6 +193,12 @@ pub fn input_size(arch: &ModelArch) -> (usize, String) {
             let (c, side) = net.input_shape();
             (c.saturating_mul(side).saturating_mul(side), format!("{c}x{side}x{side}"))
         }
+        ModelArch::Sequential { input, layers } => {
+            let dims: Vec<String> = input.iter().map(u32::to_string).collect();
+            let ids = if tally_protocol::sequential::takes_ids(layers).is_some() { " token ids" } else { "" };
+            (tally_protocol::sequential::input_len(input), format!("{}{ids}", dims.join("x")))
+        }
+        ModelArch::Custom(c) => (c.input as usize, c.input.to_string()),
     }
 }
 
@@ -221,15 +213,29 @@ pub fn check_image_size(arch: &ModelArch, rows: usize, cols: usize) -> Result<()
             c == 1 && rows == side && cols == side
         }
         ModelArch::CharGru { seq, .. } => rows == 1 && cols == *seq as usize,
+        // Images: `[c, h, w]` takes `c·h` rows of `w` (one channel: the
+        // image as it is); anything else takes any `rows × cols` of the
+        // right count, read row-major.
+        ModelArch::Sequential { input, .. } => match input[..] {
+            [c, h, w] => rows == (c as usize).saturating_mul(h as usize) && cols == w as usize,
+            _ => rows.checked_mul(cols) == Some(expected),
+        },
+        ModelArch::Custom(_) => rows.checked_mul(cols) == Some(expected),
     };
     if ok { Ok(()) } else { Err(KernelError::ImageSize { arch_input, expected, rows, cols }) }
 }
 
-/// Checks the inputs' values fit `arch`: for [`ModelArch::CharGru`] every
-/// byte is a character id below the vocabulary (images take any byte).
+/// Checks the inputs' values fit `arch`: for [`ModelArch::CharGru`] and a
+/// sequential network that starts with an embedding every byte is a token
+/// id below the vocabulary (images take any byte).
 pub fn check_inputs(arch: &ModelArch, data: &crate::data::Dataset) -> Result<(), KernelError> {
-    if let ModelArch::CharGru { vocab, .. } = arch
-        && let Some(index) = data.pixels.iter().position(|&p| u32::from(p) >= *vocab)
+    let vocab = match arch {
+        ModelArch::CharGru { vocab, .. } => Some(*vocab),
+        ModelArch::Sequential { layers, .. } => tally_protocol::sequential::takes_ids(layers),
+        _ => None,
+    };
+    if let Some(vocab) = vocab
+        && let Some(index) = data.pixels.iter().position(|&p| u32::from(p) >= vocab)
     {
         return Err(KernelError::InvalidConfig(format!(
             "character id {} at byte {index} of the inputs is not below the model's vocabulary of {vocab}",
@@ -293,12 +299,25 @@ impl<'a> FlatReader<'a> {
         pad: usize,
         device: &Device,
     ) -> Result<Conv2d, KernelError> {
+        self.conv_strided(input, output, k, 1, pad, device)
+    }
+
+    /// [`FlatReader::conv`] with a stride.
+    fn conv_strided(
+        &mut self,
+        input: usize,
+        output: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        device: &Device,
+    ) -> Result<Conv2d, KernelError> {
         let w = self.take(output * input * k * k)?;
         let b = self.take(output)?;
         Ok(Conv2d {
             weight: Param::from_tensor(tensor(w.to_vec(), [output, input, k, k], device)),
             bias: Some(Param::from_tensor(tensor(b.to_vec(), [output], device))),
-            stride: [1, 1],
+            stride: [stride, stride],
             kernel_size: [k, k],
             dilation: [1, 1],
             groups: 1,
@@ -356,6 +375,9 @@ impl Model {
             ModelArch::Supermask(_) => {
                 return Err(ModelError::InvalidArch("a supermask network is trained by crate::supermask").into());
             }
+            ModelArch::Custom(_) => {
+                return Err(ModelError::InvalidArch("a custom model is run by its registered implementation").into());
+            }
             ModelArch::FrlDense(net) => {
                 let (mut convs, mut linears) = (Vec::new(), Vec::new());
                 for layer in net.layers() {
@@ -387,6 +409,61 @@ impl Model {
                     b_hh: Param::from_tensor(tensor(b_hh.to_vec(), [3 * h], device)),
                     out: r.linear(h, v, device)?,
                 })
+            }
+            ModelArch::Sequential { input, layers } => {
+                let shapes = tally_protocol::sequential::infer(input, layers)?.shapes;
+                let mut m = Sequential {
+                    linears: Vec::new(),
+                    convs: Vec::new(),
+                    embeds: Vec::new(),
+                    grus: Vec::new(),
+                    input: input.clone(),
+                    layers: layers.clone(),
+                };
+                let input_shape: Vec<usize> = input.iter().map(|&d| d as usize).collect();
+                for (i, layer) in layers.iter().enumerate() {
+                    // The shape this layer receives (validated above).
+                    let inp = if i == 0 { &input_shape } else { &shapes[i - 1] };
+                    let fan = inp.first().copied().unwrap_or(0);
+                    match *layer {
+                        LayerSpec::Linear { out } => m.linears.push(r.linear(fan, out as usize, device)?),
+                        LayerSpec::Conv2d { out, kernel, stride, padding } => m.convs.push(r.conv_strided(
+                            fan,
+                            out as usize,
+                            kernel as usize,
+                            stride as usize,
+                            padding as usize,
+                            device,
+                        )?),
+                        LayerSpec::Embedding { vocab, dim } => {
+                            let (v, e) = (vocab as usize, dim as usize);
+                            let w = r.take(v * e)?;
+                            m.embeds.push(Embedding { weight: Param::from_tensor(tensor(w.to_vec(), [v, e], device)) });
+                        }
+                        LayerSpec::Gru { hidden } => {
+                            let (h, e) = (hidden as usize, inp.get(1).copied().unwrap_or(0));
+                            let w_ih = r.take(3 * h * e)?;
+                            let w_hh = r.take(3 * h * h)?;
+                            let b_ih = r.take(3 * h)?;
+                            let b_hh = r.take(3 * h)?;
+                            m.grus.push(GruLayer {
+                                w_ih: Param::from_tensor(tensor(transpose(w_ih, 3 * h, e), [e, 3 * h], device)),
+                                w_hh: Param::from_tensor(tensor(transpose(w_hh, 3 * h, h), [h, 3 * h], device)),
+                                b_ih: Param::from_tensor(tensor(b_ih.to_vec(), [3 * h], device)),
+                                b_hh: Param::from_tensor(tensor(b_hh.to_vec(), [3 * h], device)),
+                            });
+                        }
+                        LayerSpec::MaxPool { .. }
+                        | LayerSpec::AvgPool { .. }
+                        | LayerSpec::Flatten
+                        | LayerSpec::Relu
+                        | LayerSpec::Tanh
+                        | LayerSpec::Sigmoid
+                        | LayerSpec::Gelu
+                        | LayerSpec::Dropout { .. } => {}
+                    }
+                }
+                Model::Sequential(m)
             }
             ModelArch::LeNet5 { classes } => Model::LeNet5(LeNet5 {
                 conv1: r.conv(1, 6, 5, 2, device)?,
@@ -453,17 +530,63 @@ impl Model {
                     }
                 }
             }
+            Model::Sequential(m) => {
+                let (mut linears, mut convs, mut embeds, mut grus) =
+                    (m.linears.iter(), m.convs.iter(), m.embeds.iter(), m.grus.iter());
+                for layer in &m.layers {
+                    match layer {
+                        LayerSpec::Linear { .. } => {
+                            if let Some(l) = linears.next() {
+                                write_linear(&mut out, l)?;
+                            }
+                        }
+                        LayerSpec::Conv2d { .. } => {
+                            if let Some(c) = convs.next() {
+                                write_conv(&mut out, c)?;
+                            }
+                        }
+                        LayerSpec::Embedding { .. } => {
+                            if let Some(e) = embeds.next() {
+                                out.extend(read_tensor(e.weight.val())?);
+                            }
+                        }
+                        LayerSpec::Gru { .. } => {
+                            if let Some(g) = grus.next() {
+                                let [e, h3] = g.w_ih.dims();
+                                out.extend(transpose(&read_tensor(g.w_ih.val())?, e, h3));
+                                let [h, _] = g.w_hh.dims();
+                                out.extend(transpose(&read_tensor(g.w_hh.val())?, h, h3));
+                                out.extend(read_tensor(g.b_ih.val())?);
+                                out.extend(read_tensor(g.b_hh.val())?);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
         }
         Ok(out)
     }
 
     /// Logits `[batch, classes]` for images `[batch, pixels]` scaled to `[0, 1]`.
+    /// Dropout layers are the identity here (evaluation, SPSA's losses).
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         match self {
             Model::Mlp(m) => m.forward(x),
             Model::LeNet5(m) => m.forward(x),
             Model::CharGru(m) => m.forward(x),
             Model::FrlDense(m) => m.forward(x),
+            Model::Sequential(m) => m.forward(x),
+        }
+    }
+
+    /// The training forward: [`Model::forward`] with dropout on (only a
+    /// sequential network has dropout layers; for every other model this is
+    /// exactly `forward`, and `drop` is not touched).
+    pub fn forward_train(&self, x: Tensor<2>, drop: &mut DropoutRng) -> Tensor<2> {
+        match self {
+            Model::Sequential(m) => m.forward_train(x, drop),
+            other => other.forward(x),
         }
     }
 }

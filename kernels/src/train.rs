@@ -6,7 +6,8 @@
 //! parameters, data, config and device kind give bit-identical parameters on
 //! the same machine. The sample order comes from ChaCha20 keyed by the seed
 //! (see [`train_rng`]); burn itself draws no random numbers here (parameters
-//! are loaded, never initialised by burn, and there is no dropout).
+//! are loaded, never initialised by burn, and dropout masks come from
+//! [`crate::model::DropoutRng`], keyed by the same seed).
 //!
 //! The flex backend is deterministic as this workspace builds it: burn is used
 //! with `default-features = false`, which leaves burn-flex's `rayon` feature
@@ -17,6 +18,7 @@
 //! test.) Bit-identity across *machines* is not promised: gemm picks SIMD
 //! kernels (AVX2, AVX-512, FMA) from the CPU at run time.
 
+use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
@@ -103,7 +105,7 @@ fn pixel_table() -> [f32; 256] {
 }
 
 /// Checks the dataset against the model before any tensor is built.
-fn check_data(arch: &ModelArch, data: &Dataset) -> Result<(), KernelError> {
+pub(crate) fn check_data(arch: &ModelArch, data: &Dataset) -> Result<(), KernelError> {
     if data.is_empty() {
         return Err(KernelError::EmptyDataset);
     }
@@ -191,6 +193,9 @@ pub fn train_local(
     cfg: &TrainConfig,
     device: &Device,
 ) -> Result<(Vec<f32>, TrainReport), KernelError> {
+    if let ModelArch::Custom(custom) = arch {
+        return crate::custom::lookup(custom)?.train(params, data, cfg, device);
+    }
     if cfg.batch_size == 0 {
         return Err(KernelError::InvalidConfig("batch_size must be > 0".into()));
     }
@@ -199,16 +204,64 @@ pub fn train_local(
     }
     check_data(arch, data)?;
     let device = device.clone().autodiff();
-    let mut model = Model::from_flat(arch, params, &device)?;
+    let model = Model::from_flat(arch, params, &device)?;
     if cfg.epochs == 0 {
         return Ok((params.to_vec(), TrainReport { mean_loss: 0.0, steps: 0, samples: 0 }));
     }
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let (model, report) =
+        sgd(model, data, cfg, &device, |m: &Model, x, y, drop| loss_fn.forward(m.forward_train(x, drop), y))?;
+    let out = model.to_flat()?;
+    check_finite(&out, report.steps)?;
+    Ok((out, report))
+}
+
+impl TrainConfig {
+    /// Checks every setting [`train_local`] checks (for training loops
+    /// outside it, such as [`crate::custom::BurnModel`]'s).
+    pub fn check(&self) -> Result<(), KernelError> {
+        if self.batch_size == 0 {
+            return Err(KernelError::InvalidConfig("batch_size must be > 0".into()));
+        }
+        if !self.lr.is_finite() {
+            return Err(KernelError::InvalidConfig(format!("learning rate {} is not finite", self.lr)));
+        }
+        check_optimizer(self)
+    }
+}
+
+fn check_optimizer(cfg: &TrainConfig) -> Result<(), KernelError> {
     if !(cfg.momentum.is_finite() && (0.0..1.0).contains(&cfg.momentum)) {
         return Err(KernelError::InvalidConfig(format!("momentum {} is not in [0, 1)", cfg.momentum)));
     }
     if !(cfg.weight_decay.is_finite() && cfg.weight_decay >= 0.0) {
         return Err(KernelError::InvalidConfig(format!("weight decay {} is not finite and ≥ 0", cfg.weight_decay)));
     }
+    Ok(())
+}
+
+/// A diverged result: a finite loss with non-finite weights is possible on
+/// the last step.
+pub(crate) fn check_finite(out: &[f32], steps: u64) -> Result<(), KernelError> {
+    if let Some(index) = out.iter().position(|v| !v.is_finite()) {
+        return Err(KernelError::Diverged { step: steps, loss: out.get(index).copied().unwrap_or(f32::NAN) });
+    }
+    Ok(())
+}
+
+/// The training loop every model shares: `cfg.epochs` passes of minibatch
+/// SGD (the run's momentum and weight decay) over `data` in the seeded
+/// order of [`train_rng`], each step minimising `step_loss(model, x, y,
+/// dropout)`. `model` lives on the autodiff `device`; the settings other
+/// than momentum and decay are the caller's to check.
+pub(crate) fn sgd<M: Module>(
+    mut model: M,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    device: &Device,
+    step_loss: impl Fn(&M, Tensor<2>, Tensor<1, Int>, &mut crate::model::DropoutRng) -> Tensor<1>,
+) -> Result<(M, TrainReport), KernelError> {
+    check_optimizer(cfg)?;
     // Zero momentum and decay configure nothing, so plain SGD runs the very
     // same optimizer (and bits) as before these settings existed.
     let mut sgd = SgdConfig::new();
@@ -223,9 +276,10 @@ pub fn train_local(
         sgd = sgd.with_weight_decay(Some(WeightDecayConfig { penalty: cfg.weight_decay }));
     }
     let mut optim = sgd.init();
-    let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let table = pixel_table();
     let mut rng = train_rng(cfg.seed);
+    // Only a sequential network with dropout layers draws from it.
+    let mut drop = crate::model::DropoutRng::new(cfg.seed);
     let mut order: Vec<usize> = Vec::with_capacity(data.len());
     let (mut steps, mut samples, mut loss_sum) = (0u64, 0u64, 0f64);
     let mut pending: Vec<(Tensor<1>, usize)> = Vec::with_capacity(LOSS_READBACK_EVERY);
@@ -234,8 +288,8 @@ pub fn train_local(
         order.extend(0..data.len());
         crate::data::partition::shuffle(&mut rng, &mut order);
         for idx in order.chunks(cfg.batch_size) {
-            let (x, y) = batch(data, idx, &table, &device);
-            let loss = loss_fn.forward(model.forward(x), y);
+            let (x, y) = batch(data, idx, &table, device);
+            let loss = step_loss(&model, x, y, &mut drop);
             pending.push((loss.clone().detach(), idx.len()));
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(f64::from(cfg.lr), model, grads);
@@ -245,13 +299,8 @@ pub fn train_local(
         }
     }
     read_losses(&mut pending, &mut steps, &mut samples, &mut loss_sum)?;
-    let out = model.to_flat()?;
-    if let Some(index) = out.iter().position(|v| !v.is_finite()) {
-        // A finite loss with non-finite weights is possible on the last step.
-        return Err(KernelError::Diverged { step: steps, loss: out.get(index).copied().unwrap_or(f32::NAN) });
-    }
     let mean_loss = (loss_sum / samples.max(1) as f64) as f32;
-    Ok((out, TrainReport { mean_loss, steps, samples }))
+    Ok((model, TrainReport { mean_loss, steps, samples }))
 }
 
 /// Mean cross-entropy of `params` on the examples `indices` of `data`
@@ -264,17 +313,29 @@ pub fn batch_loss(
     indices: &[usize],
     device: &Device,
 ) -> Result<f32, KernelError> {
+    if let ModelArch::Custom(custom) = arch {
+        return crate::custom::lookup(custom)?.batch_loss(params, data, indices, device);
+    }
+    let device = device.clone().without_autodiff();
+    let model = Model::from_flat(arch, params, &device)?;
+    loss_on(data, indices, &device, |x, y| CrossEntropyLossConfig::new().init(&device).forward(model.forward(x), y))
+}
+
+/// `loss(x, y)` of the examples `indices` of `data` as one batch, read back.
+pub(crate) fn loss_on(
+    data: &Dataset,
+    indices: &[usize],
+    device: &Device,
+    loss: impl FnOnce(Tensor<2>, Tensor<1, Int>) -> Tensor<1>,
+) -> Result<f32, KernelError> {
     if indices.is_empty() {
         return Err(KernelError::EmptyDataset);
     }
     if let Some(&i) = indices.iter().find(|&&i| i >= data.len()) {
         return Err(KernelError::InvalidConfig(format!("example index {i} out of range")));
     }
-    let device = device.clone().without_autodiff();
-    let model = Model::from_flat(arch, params, &device)?;
-    let (x, y) = batch(data, indices, &pixel_table(), &device);
-    let loss = CrossEntropyLossConfig::new().init(&device).forward(model.forward(x), y);
-    scalar(loss)
+    let (x, y) = batch(data, indices, &pixel_table(), device);
+    scalar(loss(x, y))
 }
 
 /// Cross-entropy and accuracy of `params` on `data`, in batches of
@@ -286,19 +347,36 @@ pub fn evaluate(
     device: &Device,
     batch_size: usize,
 ) -> Result<EvalReport, KernelError> {
+    if let ModelArch::Custom(custom) = arch {
+        return crate::custom::lookup(custom)?.evaluate(params, data, device, batch_size);
+    }
     if batch_size == 0 {
         return Err(KernelError::InvalidConfig("batch_size must be > 0".into()));
     }
     check_data(arch, data)?;
     let device = device.clone().without_autodiff();
     let model = Model::from_flat(arch, params, &device)?;
+    evaluate_with(data, &device, batch_size, arch.classes(), |x| model.forward(x))
+}
+
+/// Scores `forward`'s logits over all of `data` in batches of `batch_size`
+/// (the data already checked against the model).
+pub(crate) fn evaluate_with(
+    data: &Dataset,
+    device: &Device,
+    batch_size: usize,
+    classes: usize,
+    forward: impl Fn(Tensor<2>) -> Tensor<2>,
+) -> Result<EvalReport, KernelError> {
+    if batch_size == 0 {
+        return Err(KernelError::InvalidConfig("batch_size must be > 0".into()));
+    }
     let table = pixel_table();
-    let classes = arch.classes();
     let all: Vec<usize> = (0..data.len()).collect();
     let mut report = EvalReport::default();
     for idx in all.chunks(batch_size) {
-        let (x, _) = batch(data, idx, &table, &device);
-        let logits = crate::model::read_tensor(model.forward(x))?;
+        let (x, _) = batch(data, idx, &table, device);
+        let logits = crate::model::read_tensor(forward(x))?;
         score_logits(&mut report, &logits, classes, idx, data);
     }
     Ok(report)

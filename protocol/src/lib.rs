@@ -5,7 +5,8 @@
 //! the client's [`Participant`] state machines, aggregation ([`aggregate`]),
 //! update kinds as plug-ins ([`kind`]: one module each, [`fedavg`],
 //! [`fedavgm`], [`spsa`], [`frl`]) and aggregation rules over vectors
-//! ([`rule`]), model shapes shared by every party ([`model`], and FRL's
+//! ([`rule`]), model shapes shared by every party ([`model`]; networks
+//! described layer by layer and their shape inference, [`sequential`]; FRL's
 //! seed-derived networks in [`supermask`]; the files models leave the
 //! system in, [`model_file`]), and differential privacy under
 //! continual release ([`dp`]: exact samplers, the tree counter, sparse
@@ -43,6 +44,7 @@ pub mod prng;
 pub mod replica;
 pub mod rng;
 pub mod rule;
+pub mod sequential;
 pub mod spsa;
 pub mod supermask;
 pub mod wire;

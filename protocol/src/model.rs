@@ -80,6 +80,111 @@ pub enum ModelArch {
     /// weights, `layers.{l}.weight`, layer by layer.
     /// `model = { kind = "frl-dense", net = "lenet", classes = 10 }`.
     FrlDense(crate::supermask::FrlArch),
+    /// A network described layer by layer ([`crate::sequential`]): any
+    /// sequence of linear, convolution, pooling, activation, dropout,
+    /// embedding and GRU layers whose shapes fit. The built-in networks
+    /// above are named presets of it ([`crate::sequential::presets`]).
+    /// `model = { kind = "sequential", input = [1, 28, 28], layers = [
+    /// { type = "conv2d", out = 8, kernel = 3 }, { type = "relu" }, … ] }`.
+    /// Appended last: the enum's bincode variant indices are wire format.
+    Sequential {
+        /// Per-sample input shape: `[features]`, `[channels, height,
+        /// width]`, or `[sequence]` of token ids before an embedding.
+        input: Vec<u32>,
+        /// The layers, input side first.
+        layers: Vec<crate::sequential::LayerSpec>,
+    },
+    /// A model defined in Rust by the program that embeds the client (see
+    /// `tally_kernels::custom`): the protocol knows only its name and its
+    /// parameter tensors, which is all the server needs (validate updates,
+    /// initialise, write the model file). Every client must have an
+    /// implementation registered under `name`.
+    Custom(CustomArch),
+}
+
+/// Longest [`CustomArch`] name, and longest tensor name, in bytes: names
+/// are identifiers, and a hostile server must not make a client hold
+/// megabytes of them.
+pub const MAX_CUSTOM_NAME: usize = 128;
+
+/// Most tensors a [`CustomArch`] may declare: bounds the work of validating
+/// a hostile layout; far more than a hand-written edge model has.
+pub const MAX_CUSTOM_TENSORS: usize = 1024;
+
+/// Highest rank of a [`CustomTensor`] (a 2-D convolution's weight is rank 4).
+pub const MAX_CUSTOM_RANK: usize = 4;
+
+/// The layout of a [`ModelArch::Custom`] model.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomArch {
+    /// The implementation's name (what clients look it up by).
+    pub name: String,
+    /// Values per input sample (`rows × cols` of the data).
+    pub input: u32,
+    /// Output classes.
+    pub classes: u32,
+    /// The parameter tensors, in the flat order.
+    pub tensors: Vec<CustomTensor>,
+}
+
+/// One tensor of a [`CustomArch`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomTensor {
+    /// Its name in model files.
+    pub name: String,
+    /// Its shape, in the implementation's own layout.
+    pub shape: Vec<u32>,
+    /// Fan-in for the default initialisation `U(±1/√fan_in)`.
+    pub fan_in: u32,
+}
+
+impl CustomArch {
+    /// Checks names, ranks, sizes and the parameter total.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.len() <= MAX_CUSTOM_NAME
+                && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !name_ok(&self.name) {
+            return Err(ModelError::Input(format!(
+                "custom model name must be 1..={MAX_CUSTOM_NAME} bytes of [A-Za-z0-9-_.]"
+            )));
+        }
+        let max = crate::sequential::MAX_WIDTH;
+        if self.input == 0 || u64::from(self.input) > crate::sequential::MAX_ACTIVATION {
+            return Err(ModelError::Input("custom model input must be in 1..=MAX_ACTIVATION".into()));
+        }
+        if self.classes == 0 || self.classes > max {
+            return Err(ModelError::Input("custom model classes must be in 1..=MAX_WIDTH".into()));
+        }
+        if self.tensors.is_empty() || self.tensors.len() > MAX_CUSTOM_TENSORS {
+            return Err(ModelError::Input(format!("custom model needs 1..={MAX_CUSTOM_TENSORS} tensors")));
+        }
+        let mut total: u64 = 0;
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, t) in self.tensors.iter().enumerate() {
+            let bad = |reason: String| ModelError::Input(format!("custom tensor {i}: {reason}"));
+            if !name_ok(&t.name) || !seen.insert(t.name.as_str()) {
+                return Err(bad("names must be unique, 1..=MAX_CUSTOM_NAME bytes of [A-Za-z0-9-_.]".into()));
+            }
+            if t.shape.is_empty() || t.shape.len() > MAX_CUSTOM_RANK {
+                return Err(bad(format!("rank {} is not in 1..={MAX_CUSTOM_RANK}", t.shape.len())));
+            }
+            if t.shape.iter().any(|&d| d == 0 || d > max) || t.fan_in == 0 || t.fan_in > max {
+                return Err(bad("dimensions and fan-in must be in 1..=MAX_WIDTH".into()));
+            }
+            // Rank ≤ 4 of values ≤ 2^20 fits u128; saturate into u64.
+            let n: u128 = t.shape.iter().map(|&d| u128::from(d)).product();
+            total = total.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+            if total > MAX_PARAMETERS as u64 {
+                return Err(ModelError::TooLarge(usize::try_from(total).unwrap_or(usize::MAX)));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One named tensor of a model, in the flat order.
@@ -130,6 +235,21 @@ pub enum ModelError {
     /// A safetensors file that can't be parsed or doesn't match the model.
     #[error("safetensors: {0}")]
     Safetensors(String),
+    /// A layer of a [`ModelArch::Sequential`] description that can't hold.
+    #[error("layer {index} ({layer}), field {field}: {reason}")]
+    Layer {
+        /// The layer's position, from 0.
+        index: usize,
+        /// Its type, as written in TOML.
+        layer: &'static str,
+        /// The field at fault (`type` when the layer doesn't fit its input).
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A [`ModelArch::Sequential`] description's input or layer list is unusable.
+    #[error("sequential model: {0}")]
+    Input(String),
     /// A NaN or infinity among the parameters.
     #[error("parameter {index} is not finite")]
     NonFinite {
@@ -162,6 +282,9 @@ impl ModelArch {
             }
             // Its own check bounds every size before multiplying.
             ModelArch::Supermask(net) | ModelArch::FrlDense(net) => return net.validate(),
+            // Shape inference checks everything, sizes included.
+            ModelArch::Sequential { input, layers } => return crate::sequential::infer(input, layers).map(|_| ()),
+            ModelArch::Custom(custom) => return custom.validate(),
             ModelArch::CharGru { vocab, embed, hidden, seq } => {
                 if *vocab == 0 || *embed == 0 || *hidden == 0 || *seq == 0 {
                     return Err(ModelError::InvalidArch("zero-sized char-gru dimension"));
@@ -199,7 +322,9 @@ impl ModelArch {
             }
             ModelArch::LeNet5 { classes } => vec![(25, 6), (150, 16), (400, 120), (120, 84), (84, *classes as u64)],
             // Validated separately (no biases); never reached from `validate`.
-            ModelArch::Supermask(_) | ModelArch::FrlDense(_) => Vec::new(),
+            ModelArch::Supermask(_) | ModelArch::FrlDense(_) | ModelArch::Sequential { .. } | ModelArch::Custom(_) => {
+                Vec::new()
+            }
             // The embedding has no bias; counting one per column only
             // over-estimates, which is safe for a size check.
             ModelArch::CharGru { vocab, embed, hidden, .. } => {
@@ -270,6 +395,16 @@ impl ModelArch {
                     t("out.bias".into(), vec![v], h),
                 ]
             }
+            // An invalid description has no layout: empty, so its parameter
+            // count is 0 and every parameter vector is refused by length.
+            ModelArch::Sequential { input, layers } => {
+                crate::sequential::infer(input, layers).map(|inf| inf.tensors).unwrap_or_default()
+            }
+            ModelArch::Custom(c) => c
+                .tensors
+                .iter()
+                .map(|x| t(x.name.clone(), x.shape.iter().map(|&d| d as usize).collect(), x.fan_in as usize))
+                .collect(),
         }
     }
 
@@ -286,6 +421,10 @@ impl ModelArch {
             ModelArch::Mlp { classes, .. } | ModelArch::LeNet5 { classes } => *classes as usize,
             ModelArch::Supermask(net) | ModelArch::FrlDense(net) => net.classes(),
             ModelArch::CharGru { vocab, .. } => *vocab as usize,
+            ModelArch::Sequential { input, layers } => {
+                crate::sequential::infer(input, layers).map_or(0, |inf| inf.classes)
+            }
+            ModelArch::Custom(c) => c.classes as usize,
         }
     }
 

@@ -739,6 +739,31 @@ mod tests {
         let unknown = RawConfig::parse(Path::new("t.toml"), "algorithm = { kind = \"nope\" }").unwrap_err();
         assert!(unknown.to_string().contains("expected one of `fedavg`, `fedavgm`, `spsa`, `frl`"), "{unknown}");
     }
+
+    /// A sequential description is checked at start-up, without burn: a
+    /// good one gives its parameter count, a bad one a message naming the
+    /// layer and the field; FRL can't train one.
+    #[test]
+    fn sequential_models_are_checked_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, format!("{}\n", tally_protocol::Identity::from_secret([3; 32]).public_key())).unwrap();
+        let parse = |extra: &str| {
+            let text =
+                format!("enrolled_keys = {keys:?}\nmin_clients = 1\nseed = 9\n{extra}\n[tls]\nself_signed = true\n");
+            RawConfig::parse(Path::new("t.toml"), &text).unwrap().validate([0; 24])
+        };
+        let ok = "[model]\nkind = \"sequential\"\ninput = [1, 28, 28]\nlayers = [\n\
+                  { type = \"conv2d\", out = 4, kernel = 5 }, { type = \"relu\" },\n\
+                  { type = \"flatten\" }, { type = \"linear\", out = 10 } ]\n";
+        let cfg = parse(ok).unwrap();
+        assert_eq!(cfg.arch.num_params(), 4 * 25 + 4 + 10 * 4 * 24 * 24 + 10);
+        let err = parse(&ok.replace("kernel = 5", "kernel = 29")).unwrap_err().to_string();
+        assert!(err.contains("layer 0 (conv2d), field kernel"), "{err}");
+        let err = parse(&ok.replace("{ type = \"flatten\" }, ", "")).unwrap_err().to_string();
+        assert!(err.contains("layer 2 (linear)"), "{err}");
+        assert!(parse(&format!("algorithm = {{ kind = \"frl\" }}\n{ok}")).is_err());
+    }
 }
 
 /// Where a crash test makes the server abort (`TALLY_FAULT=<point>:<n>`),

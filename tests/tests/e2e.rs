@@ -782,6 +782,136 @@ fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
     assert_clients_finished_with(&clients, &hash);
 }
 
+/// A network described only in the server's TOML (a CNN that is no
+/// built-in model and no preset: strided convolution, max and average
+/// pooling, dropout, GELU) reaches the clients in the run config, trains
+/// over QUIC, and ends as the same model everywhere. (Two identical runs
+/// giving identical hashes is the simulator test
+/// `toml_described_network_trains_reproducibly_under_every_dense_kind`.)
+#[test]
+fn toml_described_network_trains_over_quic() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<_> = (0..3).map(|i| keygen(dir.path(), &format!("s{i}"))).collect();
+    let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
+    let config = dir.path().join("server.toml");
+    let model = r#"
+[model]
+kind = "sequential"
+input = [1, 28, 28]
+layers = [
+  { type = "conv2d", out = 8, kernel = 3, padding = 1 },
+  { type = "relu" },
+  { type = "max-pool", kernel = 2 },
+  { type = "conv2d", out = 16, kernel = 3, stride = 2, padding = 1 },
+  { type = "relu" },
+  { type = "avg-pool", kernel = 2 },
+  { type = "flatten" },
+  { type = "dropout", p = 0.1 },
+  { type = "linear", out = 64 },
+  { type = "gelu" },
+  { type = "linear", out = 10 },
+]
+"#;
+    std::fs::write(&config, format!("train = {{ lr = 0.15, batch_size = 16, epochs = 2 }}\n{model}")).unwrap();
+    let cfg = config.to_str().unwrap().to_string();
+    let mut server =
+        start_server(dir.path(), &enrolled, &["--config", &cfg, "--rounds", "3", "--min-clients", "3", "--seed", "11"]);
+    // A tenth of the embedded 10k images each keeps the test quick.
+    let mut clients: Vec<Proc> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| start_client(dir.path(), &format!("s{i}"), key, &server, &["--shard", &format!("{i}/10")]))
+        .collect();
+    wait_all_succeed(&mut clients);
+    assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
+    let m = metrics(&server.out_dir);
+    assert_eq!(m.len(), 4, "{m:?}");
+    for line in &m[1..=3] {
+        assert_eq!(line["accepted"], 3, "{line}");
+        assert_eq!(line["rejected"], 0, "{line}");
+    }
+    let acc = |r: usize| m[r]["test_accuracy"].as_f64().unwrap();
+    assert!(acc(0) < 0.2, "untrained: {}", acc(0));
+    assert!(acc(3) > 0.5 && acc(3) > acc(0) + 0.3, "should learn: {} -> {}", acc(0), acc(3));
+    // The saved model has the description's layout (11,178 parameters) and
+    // is the model every client finished with.
+    #[derive(serde::Deserialize)]
+    struct Cfg {
+        model: ModelArch,
+    }
+    let arch = toml::from_str::<Cfg>(model).unwrap().model;
+    assert_eq!(arch.num_params(), 11_178);
+    let params =
+        arch.from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap()).unwrap();
+    let hash = hex::encode(tally_protocol::identity::params_hash(&params));
+    assert_eq!(m[3]["model_hash"], hash.as_str());
+    assert_clients_finished_with(&clients, &hash);
+}
+
+/// Models from Rust over QUIC: the example crate's `TwoPath` (a burn
+/// module the server has no code for) is registered in this process, the
+/// real server binary is configured with its `kind = "custom"` layout, and
+/// three clients built with `tally_client::run` (the library the
+/// `tally-client` binary wraps) train it; every client ends on the server's
+/// final model and accuracy rises.
+#[test]
+fn custom_rust_model_trains_over_quic_with_library_clients() {
+    let arch = tally_examples::register().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<_> = (0..3).map(|i| keygen(dir.path(), &format!("r{i}"))).collect();
+    let enrolled: Vec<String> = keys.iter().map(|(_, pk)| pk.clone()).collect();
+    #[derive(serde::Serialize)]
+    struct Cfg<'a> {
+        model: &'a ModelArch,
+    }
+    let config = dir.path().join("server.toml");
+    let model = toml::to_string(&Cfg { model: &arch }).unwrap();
+    std::fs::write(&config, format!("train = {{ lr = 0.1, batch_size = 32, epochs = 1 }}\n{model}")).unwrap();
+    let cfg = config.to_str().unwrap().to_string();
+    let mut server =
+        start_server(dir.path(), &enrolled, &["--config", &cfg, "--rounds", "2", "--min-clients", "3", "--seed", "13"]);
+    let split = tally_kernels::data::embedded_mnist();
+    let addr: std::net::SocketAddr = server.addr.parse().unwrap();
+    let clients: Vec<_> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| {
+            let opts = tally_client::ClientOptions {
+                server: addr,
+                server_name: "localhost".into(),
+                trust: tally_client::ServerTrust::fingerprint(&server.fingerprint).unwrap(),
+                identity: tally_client::keys::load(key).unwrap(),
+                train: split.train.subset(&(i * 1000..(i + 1) * 1000).collect::<Vec<_>>()).unwrap(),
+                eval: Some(split.test.subset(&(0..1000).collect::<Vec<_>>()).unwrap()),
+                compute: tally_kernels::Compute::cpu(),
+                max_retries: 10,
+                initial_backoff: Duration::from_millis(200),
+                max_backoff: Duration::from_secs(2),
+                save_model: None,
+                connect_timeout: Duration::from_secs(5),
+            };
+            std::thread::spawn(move || tokio::runtime::Runtime::new().unwrap().block_on(tally_client::run(opts)))
+        })
+        .collect();
+    let outcomes: Vec<_> = clients.into_iter().map(|t| t.join().unwrap().unwrap()).collect();
+    assert!(server.proc.wait().success(), "server:\n{}", server.proc.stderr());
+    let m = metrics(&server.out_dir);
+    assert_eq!(m.len(), 3, "{m:?}");
+    for line in &m[1..=2] {
+        assert_eq!((line["accepted"].as_u64(), line["rejected"].as_u64()), (Some(3), Some(0)), "{line}");
+    }
+    let acc = |r: usize| m[r]["test_accuracy"].as_f64().unwrap();
+    assert!(acc(2) > 0.6 && acc(2) > acc(0) + 0.4, "should learn: {} -> {}", acc(0), acc(2));
+    // The server wrote the model from the shapes alone; every client ended on it.
+    let params =
+        arch.from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap()).unwrap();
+    let hash = tally_protocol::identity::params_hash(&params);
+    assert_eq!(m[2]["model_hash"], hex::encode(hash).as_str());
+    for o in &outcomes {
+        assert_eq!((o.rounds, o.model_hash, o.rounds_failed), (2, hash, 0), "{o:?}");
+    }
+}
+
 /// A Python interpreter with NumPy for scripts/check-exported-model.py:
 /// `$TALLY_PYTHON`, else `python3`, else `/usr/bin/python3` (where Debian's
 /// python3-numpy installs when `python3` is another interpreter, e.g. a

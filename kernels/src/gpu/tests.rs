@@ -142,3 +142,34 @@ fn ferret_log_applied_on_the_gpu_matches_the_cpu() {
         gpu_params.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
     );
 }
+
+/// A sequential description (convolution, pooling, dropout, GELU) trains
+/// and evaluates on the GPU device like on the CPU: the same generic burn
+/// module runs on both, and the results agree to f32 rounding.
+#[test]
+fn sequential_network_trains_on_the_gpu_like_on_the_cpu() {
+    use tally_protocol::sequential::{LayerSpec, presets};
+    let Some(g) = gpu() else { return };
+    let split = crate::data::embedded_mnist();
+    let data = split.train.subset(&(0..128).collect::<Vec<_>>()).unwrap();
+    let arch = ModelArch::Sequential {
+        input: vec![1, 28, 28],
+        layers: vec![
+            LayerSpec::Conv2d { out: 4, kernel: 3, stride: 2, padding: 1 },
+            LayerSpec::Gelu,
+            LayerSpec::MaxPool { kernel: 2, stride: None },
+            LayerSpec::Flatten,
+            presets::dropout(0.2),
+            LayerSpec::Linear { out: 10 },
+        ],
+    };
+    let p = arch.init_params(2);
+    let cfg = crate::TrainConfig::sgd(0.05, 32, 1, 4);
+    let (gpu_p, gpu_r) = crate::train_local(&arch, &p, &data, &cfg, &g.burn_device()).unwrap();
+    let (cpu_p, cpu_r) = crate::train_local(&arch, &p, &data, &cfg, &crate::cpu_device()).unwrap();
+    let worst = gpu_p.iter().zip(&cpu_p).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "largest parameter difference {worst}");
+    assert!((gpu_r.mean_loss - cpu_r.mean_loss).abs() < 1e-4, "{gpu_r:?} vs {cpu_r:?}");
+    let e = crate::evaluate(&arch, &gpu_p, &split.test, &g.burn_device(), 500).unwrap();
+    assert_eq!(e.total, split.test.len() as u64);
+}
