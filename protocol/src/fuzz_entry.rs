@@ -227,7 +227,8 @@ pub fn ferret_update(data: &[u8]) {
     };
     let arch = ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 };
     let Ok(kind) = crate::kind::KindSettings::Ferret(cfg).build(&arch) else { return };
-    let shape = crate::kind::RunShape { arch: &arch, clients_per_round: 4, rounds: 3, max_update_abs: 1e6 };
+    let shape =
+        crate::kind::RunShape { arch: &arch, clients_per_round: 4, rounds: 3, max_update_abs: 1e6, noise_seed: None };
     let mut global = arch.init_params(1);
     let Ok(mut agg) = kind.aggregator(&shape, &crate::kind::RuleSpec::Mean, &global) else { return };
     let mut replica = global.clone();
@@ -274,7 +275,13 @@ pub fn ferret_config(data: &[u8]) {
     let Ok((cfg, _)) = bincode::decode_from_slice::<crate::ferret::FerretConfig, _>(data, limit) else { return };
     for arch in [ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 }, ModelArch::LeNet5 { classes: 10 }] {
         let Ok(kind) = KindSettings::Ferret(cfg.clone()).build(&arch) else { continue };
-        let shape = crate::kind::RunShape { arch: &arch, clients_per_round: 4, rounds: 5, max_update_abs: 1e6 };
+        let shape = crate::kind::RunShape {
+            arch: &arch,
+            clients_per_round: 4,
+            rounds: 5,
+            max_update_abs: 1e6,
+            noise_seed: None,
+        };
         let init = arch.init_params(1);
         let _ = kind.aggregator(&shape, &RuleSpec::Mean, &init);
         // Small models only: LeNet's projection is a million basis draws per seed.
@@ -616,6 +623,7 @@ pub fn coordinator_ops(data: &[u8]) {
         // Replicated and FRL runs are set up without the evaluation round in
         // the tests; dense runs try both.
         final_evaluation: kind == Kind::Dense && setup & 8 != 0,
+        noise_seed: None,
     };
     let rounds = cfg.rounds;
     let dim = cfg.arch.num_params();

@@ -20,6 +20,7 @@ pub mod aggregate;
 pub mod codec;
 pub mod coordinator;
 pub mod dp;
+pub mod dpftrl;
 pub mod durable;
 pub mod error;
 pub mod fedavg;

@@ -85,6 +85,35 @@ pub enum RecordDomain {
         /// Squared L2 bound, at most [`MAX_RECORD_L1`]².
         l2_sq: u64,
     },
+    /// The sum of at most `count` contributions, each an integer vector of
+    /// `norm`-norm at most `bound` (DP-FTRL: a round's clipped,
+    /// fixed-point-scaled client updates, [`crate::dpftrl`]). Neighbouring
+    /// streams differ in **one contribution** of one record (replaced), so
+    /// `Δ₂² = 4·bound²`, and `Δ₁ = 2·bound` for the L1 norm or
+    /// `2·bound·⌈√d⌉` for the L2 norm (Cauchy–Schwarz). The tree sees only
+    /// the sum: the caller must check every contribution's norm (the
+    /// sensitivity rests on it); the tree refuses a record no sum of
+    /// `count` such contributions can be (triangle inequality), which
+    /// catches a caller that skipped the check by much, not by little.
+    ClippedSum {
+        /// The norm contributions are clipped in.
+        norm: ClipNorm,
+        /// Norm bound of one contribution, in integer units.
+        bound: u64,
+        /// Most contributions in a record; `count·bound` is at most
+        /// [`MAX_RECORD_L1`] (each coordinate of a record is then at most
+        /// that, the bound the overflow argument needs).
+        count: u64,
+    },
+}
+
+/// The norm a [`RecordDomain::ClippedSum`] contribution is bounded in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClipNorm {
+    /// `Σ|x_j|` (Laplace noise: its sensitivity is the L1 one).
+    L1,
+    /// `√Σx_j²` (Gaussian noise).
+    L2,
 }
 
 impl RecordDomain {
@@ -98,6 +127,18 @@ impl RecordDomain {
                 (s, s)
             }
             RecordDomain::Integer { l1, l2_sq } => (2 * u128::from(l1), 4 * u128::from(l2_sq)),
+            RecordDomain::ClippedSum { norm, bound, .. } => {
+                let b = u128::from(bound);
+                let l1 = match norm {
+                    ClipNorm::L1 => b,
+                    // ‖x‖₁ ≤ √d·‖x‖₂ ≤ ⌈√d⌉·bound.
+                    ClipNorm::L2 => {
+                        let r = d.isqrt();
+                        b * if r * r == d { r } else { r + 1 }
+                    }
+                };
+                (2 * l1, 4 * b * b)
+            }
         }
     }
 
@@ -123,6 +164,21 @@ impl RecordDomain {
                 let n2: u128 = x.iter().map(|v| u128::from(v.unsigned_abs()).pow(2)).sum();
                 if n2 > u128::from(l2_sq) {
                     return Err(DpError::RecordOutOfDomain { reason: "squared L2 norm above l2_sq" });
+                }
+            }
+            RecordDomain::ClippedSum { norm, bound, count } => {
+                // count·bound ≤ MAX_RECORD_L1 (checked by `TreeCounter::new`).
+                let most = u128::from(count) * u128::from(bound);
+                if x.iter().any(|v| u128::from(v.unsigned_abs()) > most) {
+                    return Err(DpError::RecordOutOfDomain { reason: "entry above count·bound" });
+                }
+                let within = match norm {
+                    ClipNorm::L1 => x.iter().map(|v| u128::from(v.unsigned_abs())).sum::<u128>() <= most,
+                    // Each square ≤ 2⁴⁸ and d < 2⁶⁴: the sum fits in u128.
+                    ClipNorm::L2 => x.iter().map(|v| u128::from(v.unsigned_abs()).pow(2)).sum::<u128>() <= most * most,
+                };
+                if !within {
+                    return Err(DpError::RecordOutOfDomain { reason: "norm above count·bound" });
                 }
             }
         }
@@ -241,6 +297,14 @@ impl TreeCounter {
             return Err(DpError::OutOfRange {
                 what: "record bound",
                 limit: "l1 in 1..=2^24 and l2_sq at most 2^48 (tree::MAX_RECORD_L1)",
+            });
+        }
+        if let RecordDomain::ClippedSum { bound, count, .. } = cfg.domain
+            && (bound == 0 || count == 0 || u128::from(bound) * u128::from(count) > u128::from(MAX_RECORD_L1))
+        {
+            return Err(DpError::OutOfRange {
+                what: "clipped-sum bound",
+                limit: "bound and count at least 1, count·bound at most 2^24 (tree::MAX_RECORD_L1)",
             });
         }
         let levels = levels_for(cfg.horizon);
