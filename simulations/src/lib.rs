@@ -132,6 +132,15 @@ pub struct RoundRecord {
     /// that need it (a label-flip attack with a source class).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_class_accuracy: Option<Vec<f64>>,
+    /// ρ (zCDP) spent by the run after this round (private kinds only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_rho_spent: Option<f64>,
+    /// The (ε, δ) guarantee after this round, at `dp_delta` (private kinds only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_epsilon_spent: Option<f64>,
+    /// The δ of `dp_epsilon_spent` (private kinds only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_delta: Option<f64>,
     /// The scenario seed.
     pub seed: u64,
 }
@@ -525,6 +534,9 @@ mod tests {
             rejected_by_reason: Default::default(),
             attack_success: None,
             test_class_accuracy: None,
+            dp_rho_spent: None,
+            dp_epsilon_spent: None,
+            dp_delta: None,
             seed: 1,
         }
     }
@@ -565,6 +577,7 @@ mod tests {
                 max_update_abs: f32::MAX,
                 schedule: None,
                 final_evaluation: false,
+                noise_seed: None,
             },
             s.model.init_params(3),
             3,
