@@ -63,7 +63,7 @@ pub enum AggregateError {
     /// the model is unchanged. After [`Aggregator::exhausted`] the
     /// coordinator ends the run instead of opening more training rounds.
     #[error("private release refused: {0}")]
-    Privacy(crate::dp::DpError),
+    Privacy(Box<crate::dp::DpError>),
     /// The combined update would make a parameter infinite (finite updates
     /// can still overflow f32 when added to large weights). The global model
     /// is left unchanged: a replica must never hold NaN or infinity.

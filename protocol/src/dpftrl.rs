@@ -507,7 +507,7 @@ impl Aggregator for DpFtrl {
         let loss: f64 = self.pending.iter().map(|(_, n, l, _)| *n as f64 * f64::from(*l)).sum();
         let updates = self.pending.len();
         self.pending.clear();
-        let TreeRelease { values, .. } = self.tree.step(&record).map_err(AggregateError::Privacy)?;
+        let TreeRelease { values, .. } = self.tree.step(&record).map_err(|e| AggregateError::Privacy(Box::new(e)))?;
         // The release is made: whatever follows, the tree and the last
         // release move on (a release is never redone with other data).
         let k = f64::from(self.cfg.clip_norm) / (self.units as f64 * self.normaliser as f64);
@@ -726,7 +726,10 @@ mod tests {
         assert!(live.exhausted());
         let before = g.clone();
         let err = round(&mut live, &mut g, 6).unwrap_err();
-        assert!(matches!(err, AggregateError::Privacy(crate::dp::DpError::HorizonExhausted { horizon: 5 })), "{err}");
+        assert!(
+            matches!(&err, AggregateError::Privacy(e) if **e == crate::dp::DpError::HorizonExhausted { horizon: 5 }),
+            "{err}"
+        );
         assert_eq!(g, before);
         // Damaged states are refused with typed errors.
         let mut bad = state.clone();

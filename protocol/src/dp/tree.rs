@@ -679,6 +679,30 @@ mod tests {
         assert_eq!(RecordDomain::Integer { l1: 10, l2_sq: 50 }.sensitivity(3), (20, 200));
     }
 
+    #[test]
+    fn dp_tree_clipped_sum_domain_sensitivity_and_bounds() {
+        // L2: Δ₂² = 4·bound², Δ₁ = 2·bound·⌈√d⌉ (d = 10 → 4); L1: Δ₁ = 2·bound.
+        let l2 = RecordDomain::ClippedSum { norm: ClipNorm::L2, bound: 3, count: 2 };
+        assert_eq!(l2.sensitivity(10), (24, 36));
+        assert_eq!(l2.sensitivity(9), (18, 36));
+        let l1 = RecordDomain::ClippedSum { norm: ClipNorm::L1, bound: 3, count: 2 };
+        assert_eq!(l1.sensitivity(10), (6, 36));
+        // Sums of two contributions of norm ≤ 3 pass; more can't be.
+        assert!(l2.check(&[3, 3, 0]).is_ok()); // (3,0,0) + (0,3,0)
+        assert!(l2.check(&[7, 0, 0]).is_err());
+        assert!(l2.check(&[5, 5, 0]).is_err()); // ‖·‖₂ = 7.07 > 6
+        assert!(l1.check(&[3, 3, 0]).is_ok());
+        assert!(l1.check(&[3, 3, 1]).is_err());
+        // count·bound above 2²⁴ is refused before any release.
+        let mut c = cfg(4, 3, TreeNoise::Gaussian { rho: r(1, 2) }, 1);
+        c.domain = RecordDomain::ClippedSum { norm: ClipNorm::L2, bound: 1 << 16, count: 257 };
+        assert!(matches!(TreeCounter::new(c.clone()), Err(DpError::OutOfRange { .. })));
+        c.domain = RecordDomain::ClippedSum { norm: ClipNorm::L2, bound: 1 << 16, count: 256 };
+        let mut t = TreeCounter::new(c).unwrap();
+        assert!(t.step(&[1 << 24, 0, 0]).is_ok());
+        assert!(matches!(t.step(&[(1 << 24) + 1, 0, 0]), Err(DpError::RecordOutOfDomain { .. })));
+    }
+
     /// Bit-level reference: every release equals the sum, over the set bits
     /// ℓ of t, of node (ℓ, ⌊t/2^ℓ⌋ − 1)'s exact sum plus the noise drawn
     /// afresh from that node's named stream.
