@@ -737,6 +737,34 @@ mod tests {
     }
 
     #[test]
+    fn dpftrl_runs_to_its_horizon_reports_privacy_and_is_deterministic() {
+        let (mut s, split) = tiny();
+        let dev = tally_kernels::cpu_device();
+        // rounds above the horizon: the run ends after T = 2 releases, and
+        // that last round is evaluated.
+        s.rounds = 4;
+        s.algorithm = tally_protocol::AlgorithmSpec::DpFtrl(tally_protocol::dpftrl::DpFtrlSpec {
+            epsilon: Some(8.0),
+            horizon: Some(2),
+            ..Default::default()
+        });
+        let a = run_on(&s, &split, &dev, &mut |_| {}).unwrap();
+        assert_eq!(a.records.len(), 3, "{:?}", a.records);
+        assert!(a.records[2].test_accuracy.is_some());
+        let eps: Vec<Option<f64>> = a.records.iter().map(|r| r.dp_epsilon_spent).collect();
+        assert!(eps[0].is_none() && eps[1].unwrap() < eps[2].unwrap() && eps[2].unwrap() <= 8.0, "{eps:?}");
+        assert_eq!(a.records[2].dp_delta, Some(1e-5));
+        let json = serde_json::to_value(&a.records[2]).unwrap();
+        assert!(json.get("dp_rho_spent").is_some());
+        // The noise comes from the scenario seed: a rerun is identical; another
+        // seed (which changes everything, the noise included) differs.
+        let b = run_on(&s, &split, &dev, &mut |_| {}).unwrap();
+        assert_eq!(a.records, b.records);
+        let c = run_on(&Scenario { seed: s.seed + 1, ..s.clone() }, &split, &dev, &mut |_| {}).unwrap();
+        assert_ne!(a.records.last().unwrap().model_hash, c.records.last().unwrap().model_hash);
+    }
+
+    #[test]
     fn scaling_attack_payloads_are_tagged_with_the_runs_dense_kind() {
         let (mut s, split) = tiny();
         s.rounds = 1;
