@@ -8,7 +8,9 @@
 //! FRL's global ranking) and how a replica applies it. Each kind is one
 //! module implementing [`UpdateKind`]: [`crate::fedavg`] (dense deltas),
 //! [`crate::fedavgm`] (dense deltas with server momentum), [`crate::spsa`]
-//! (one byte per zeroth-order step, replicated) and [`crate::frl`] (rankings).
+//! (one byte per zeroth-order step, replicated), [`crate::frl`] (rankings),
+//! [`crate::ferret`] (seeded projections) and [`crate::dpftrl`] (dense deltas
+//! through the private tree).
 //!
 //! An **aggregation rule** ([`RuleSpec`]) is a second, independent choice for
 //! kinds whose payload is a vector: how the round's vectors are combined
