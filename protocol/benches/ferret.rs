@@ -53,7 +53,7 @@ fn bench(c: &mut Criterion) {
 
     // The server's round: 10 clients' uploads combined, clipped and applied.
     let kind = KindSettings::Ferret(cfg.clone()).build(&arch).expect("valid settings");
-    let shape = RunShape { arch: &arch, clients_per_round: 10, rounds: 30, max_update_abs: f32::MAX };
+    let shape = RunShape { arch: &arch, clients_per_round: 10, rounds: 30, max_update_abs: f32::MAX, noise_seed: None };
     let init = arch.init_params(1);
     let uploads: Vec<ClientUpdate> = (0..10u64)
         .map(|s| ClientUpdate {

@@ -30,6 +30,26 @@ pub struct AggregateStats {
     pub samples: u64,
     /// Sample-weighted mean of the clients' training losses.
     pub train_loss: f64,
+    /// Privacy spent by the run so far, for kinds that release under
+    /// differential privacy ([`crate::dpftrl`]); `None` for the others.
+    pub privacy: Option<PrivacySpent>,
+}
+
+/// What a differentially private run has spent after a round, for logs and
+/// metrics (`dp_rho_spent`, `dp_epsilon_spent`, `dp_delta` in
+/// `docs/metrics.md`). Floats for reports; the budget decisions themselves
+/// are exact ([`crate::dp::Accountant`]).
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct PrivacySpent {
+    /// Noisy releases made (rounds aggregated under DP).
+    pub releases: u64,
+    /// ρ spent (zCDP).
+    pub rho: f64,
+    /// The (ε, δ)-DP guarantee at [`PrivacySpent::delta`]; for a pure-ε
+    /// ledger the smaller of its ε and the zCDP conversion.
+    pub epsilon: f64,
+    /// The δ that `epsilon` is stated for.
+    pub delta: f64,
 }
 
 /// Why a round could not be aggregated (a local condition, not a peer's fault).
@@ -38,6 +58,12 @@ pub enum AggregateError {
     /// `finish` without any absorbed update.
     #[error("no updates to aggregate")]
     Empty,
+    /// A differentially private release was refused (past the horizon or
+    /// the budget, or a record outside its domain): nothing was released and
+    /// the model is unchanged. After [`Aggregator::exhausted`] the
+    /// coordinator ends the run instead of opening more training rounds.
+    #[error("private release refused: {0}")]
+    Privacy(Box<crate::dp::DpError>),
     /// The combined update would make a parameter infinite (finite updates
     /// can still overflow f32 when added to large weights). The global model
     /// is left unchanged: a replica must never hold NaN or infinity.
@@ -174,6 +200,13 @@ pub trait Aggregator: Send + std::fmt::Debug {
     /// error means the restored model can't be this aggregator's.
     fn restore_model(&mut self, _global: &[f32]) -> Result<(), StateError> {
         Ok(())
+    }
+    /// Whether the aggregator can't take another round (a private run whose
+    /// horizon of releases is used up): the coordinator then opens no more
+    /// training rounds and ends the run (after the final evaluation, if
+    /// any), whatever `rounds` says.
+    fn exhausted(&self) -> bool {
+        false
     }
 }
 

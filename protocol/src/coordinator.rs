@@ -128,6 +128,13 @@ pub struct CoordinatorConfig {
     pub schedule: Option<Vec<Vec<ClientIndex>>>,
     /// Run an evaluation-only round on the final model.
     pub final_evaluation: bool,
+    /// The secret seed of differential-privacy noise ([`crate::dp::noise`]),
+    /// drawn by the host from its own entropy (simulations and tests:
+    /// [`crate::dp::NoiseSeed::insecure_from_u64`]). Kinds that add noise
+    /// ([`crate::dpftrl`]) refuse to run without one; others ignore it. It
+    /// never leaves the server: the aggregator keeps it in its durable state,
+    /// which wins over this one after a restart. `None` where no kind needs it.
+    pub noise_seed: Option<crate::dp::NoiseSeed>,
 }
 
 impl CoordinatorConfig {
@@ -453,6 +460,7 @@ impl Coordinator {
             clients_per_round: config.clients_per_round,
             rounds: config.rounds,
             max_update_abs: config.max_update_abs,
+            noise_seed: config.noise_seed.as_ref(),
         };
         let mut aggregator = kind.aggregator(&shape, &config.rule, &initial)?;
         let checkpoint = kind.replicated().then(|| Checkpoint {
@@ -1130,7 +1138,8 @@ impl Coordinator {
     fn open_next(&mut self, now: Instant) {
         // `completed_rounds <= rounds <= MAX_ROUNDS < u32::MAX`, so `+ 1` can't wrap.
         let next = self.completed_rounds.saturating_add(1);
-        let more = self.completed_rounds < self.config.rounds || (self.config.final_evaluation && !self.evaluated);
+        let training = self.training_left();
+        let more = training || (self.config.final_evaluation && !self.evaluated);
         // The first round of this instance waits for `min_clients` (at the
         // start of the run, and after a restart while the clients are still
         // reconnecting); later rounds for as many as can close one: the
@@ -1143,13 +1152,20 @@ impl Coordinator {
             self.phase = Phase::AwaitingJoins;
             return;
         }
-        if self.completed_rounds < self.config.rounds {
+        if training {
             self.open_round(now, next, Task::Train);
         } else if self.config.final_evaluation && !self.evaluated {
             self.open_round(now, next, Task::Evaluate);
         } else {
             self.finish();
         }
+    }
+
+    /// Whether training rounds remain: fewer than `rounds` completed, and
+    /// the aggregator can take another (a private run ends when its horizon
+    /// of releases is used up, [`Aggregator::exhausted`]).
+    fn training_left(&self) -> bool {
+        self.completed_rounds < self.config.rounds && !self.aggregator.exhausted()
     }
 
     /// The durable state between rounds.
@@ -1231,7 +1247,7 @@ impl Coordinator {
             let log_bytes = logs.iter().map(|l| codec::encode(&Message::RoundLog(l.clone())).len()).sum();
             *cp = Checkpoint { round, params, logs, log_bytes, frame: None };
         }
-        let finished = c.completed_rounds >= c.config.rounds && (c.evaluated || !c.config.final_evaluation);
+        let finished = !c.training_left() && (c.evaluated || !c.config.final_evaluation);
         if finished {
             c.phase = Phase::Finished;
         }

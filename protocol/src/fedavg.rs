@@ -147,7 +147,12 @@ impl DenseRound {
         self.combined.clear();
         self.combined.resize(self.dim, 0.0);
         self.rule.combine(&updates, &mut self.combined);
-        let stats = AggregateStats { updates: self.pending.len(), samples: total, train_loss: loss / total as f64 };
+        let stats = AggregateStats {
+            updates: self.pending.len(),
+            samples: total,
+            train_loss: loss / total as f64,
+            privacy: None,
+        };
         self.pending.clear();
         Ok(stats)
     }

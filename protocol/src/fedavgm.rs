@@ -190,7 +190,7 @@ mod tests {
         let arch = ModelArch::Mlp { input: 1, hidden: vec![], classes: 2 };
         let kind = FedAvgMKind::new(FedAvgMConfig { momentum, server_lr: 1.0 }, &arch).unwrap();
         kind.aggregator(
-            &RunShape { arch: &arch, clients_per_round: 1, rounds: 1, max_update_abs: f32::MAX },
+            &RunShape { arch: &arch, clients_per_round: 1, rounds: 1, max_update_abs: f32::MAX, noise_seed: None },
             &RuleSpec::Mean,
             &[0.0; 4],
         )
@@ -236,7 +236,7 @@ mod tests {
         let k = FedAvgMKind::new(FedAvgMConfig { momentum: 0.9, server_lr: 1.0 }, &arch).unwrap();
         assert!(
             k.aggregator(
-                &RunShape { arch: &arch, clients_per_round: 1, rounds: 1, max_update_abs: f32::MAX },
+                &RunShape { arch: &arch, clients_per_round: 1, rounds: 1, max_update_abs: f32::MAX, noise_seed: None },
                 &RuleSpec::Median,
                 &[]
             )

@@ -630,7 +630,12 @@ impl Aggregator for Ferret {
         self.pending.sort_by_key(|(c, ..)| *c);
         let total: u64 = self.pending.iter().fold(0u64, |t, (_, n, ..)| t.saturating_add(*n));
         let loss: f64 = self.pending.iter().map(|(_, n, l, _)| *n as f64 * f64::from(*l)).sum();
-        let stats = AggregateStats { updates: self.pending.len(), samples: total, train_loss: loss / total as f64 };
+        let stats = AggregateStats {
+            updates: self.pending.len(),
+            samples: total,
+            train_loss: loss / total as f64,
+            privacy: None,
+        };
         let mut combined = vec![0f64; self.momentum.len()];
         {
             let updates: Vec<Weighted<'_>> =
@@ -828,7 +833,8 @@ mod tests {
         let arch = ModelArch::Mlp { input: 8, hidden: vec![4], classes: 2 };
         let c = FerretConfig { clip: 0.05, server_lr: 1.0, ..cfg(4, false) };
         let kind = FerretKind::new(c.clone(), &arch).unwrap();
-        let shape = RunShape { arch: &arch, clients_per_round: 2, rounds: 1, max_update_abs: f32::MAX };
+        let shape =
+            RunShape { arch: &arch, clients_per_round: 2, rounds: 1, max_update_abs: f32::MAX, noise_seed: None };
         let init = arch.init_params(2);
         let mut agg = kind.aggregator(&shape, &RuleSpec::Mean, &init).unwrap();
         agg.begin_round(1, &init);
@@ -870,7 +876,8 @@ mod tests {
         let arch = ModelArch::Mlp { input: 8, hidden: vec![4], classes: 2 };
         let c = FerretConfig { momentum: 0.5, ..cfg(4, false) };
         let kind = FerretKind::new(c.clone(), &arch).unwrap();
-        let shape = RunShape { arch: &arch, clients_per_round: 2, rounds: 4, max_update_abs: f32::MAX };
+        let shape =
+            RunShape { arch: &arch, clients_per_round: 2, rounds: 4, max_update_abs: f32::MAX, noise_seed: None };
         let init = arch.init_params(2);
         let mut agg = kind.aggregator(&shape, &RuleSpec::Mean, &init).unwrap();
         agg.begin_round(1, &init);

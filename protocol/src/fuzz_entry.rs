@@ -227,7 +227,8 @@ pub fn ferret_update(data: &[u8]) {
     };
     let arch = ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 };
     let Ok(kind) = crate::kind::KindSettings::Ferret(cfg).build(&arch) else { return };
-    let shape = crate::kind::RunShape { arch: &arch, clients_per_round: 4, rounds: 3, max_update_abs: 1e6 };
+    let shape =
+        crate::kind::RunShape { arch: &arch, clients_per_round: 4, rounds: 3, max_update_abs: 1e6, noise_seed: None };
     let mut global = arch.init_params(1);
     let Ok(mut agg) = kind.aggregator(&shape, &crate::kind::RuleSpec::Mean, &global) else { return };
     let mut replica = global.clone();
@@ -274,7 +275,13 @@ pub fn ferret_config(data: &[u8]) {
     let Ok((cfg, _)) = bincode::decode_from_slice::<crate::ferret::FerretConfig, _>(data, limit) else { return };
     for arch in [ModelArch::Mlp { input: 4, hidden: vec![3], classes: 2 }, ModelArch::LeNet5 { classes: 10 }] {
         let Ok(kind) = KindSettings::Ferret(cfg.clone()).build(&arch) else { continue };
-        let shape = crate::kind::RunShape { arch: &arch, clients_per_round: 4, rounds: 5, max_update_abs: 1e6 };
+        let shape = crate::kind::RunShape {
+            arch: &arch,
+            clients_per_round: 4,
+            rounds: 5,
+            max_update_abs: 1e6,
+            noise_seed: None,
+        };
         let init = arch.init_params(1);
         let _ = kind.aggregator(&shape, &RuleSpec::Mean, &init);
         // Small models only: LeNet's projection is a million basis draws per seed.
@@ -464,6 +471,10 @@ enum Kind {
     /// Ferret: replicated, combined logs, server momentum (state a restore
     /// must bring back).
     Ferret,
+    /// DP-FTRL: dense deltas clipped and released through the private tree
+    /// (noise seed, tree and ledger are state a restore must bring back);
+    /// its horizon (2) is below the run's rounds (3), so the run ends early.
+    DpFtrl,
 }
 
 fn ferret_config_fixture() -> crate::ferret::FerretConfig {
@@ -481,6 +492,14 @@ fn kind_settings(kind: Kind) -> KindSettings {
         Kind::Spsa => KindSettings::Spsa(spsa_config()),
         Kind::Frl => KindSettings::Frl(FrlRun::new(5, frl_fixture().arch_sizes())),
         Kind::Ferret => KindSettings::Ferret(ferret_config_fixture()),
+        Kind::DpFtrl => KindSettings::DpFtrl(crate::dpftrl::DpFtrlConfig {
+            target: crate::dpftrl::PrivacyTarget::Zcdp { rho_units: 1 << 20 },
+            delta: 1e-5,
+            horizon: 2,
+            clip_norm: 1.0,
+            server_lr: 1.0,
+            momentum: 0.9,
+        }),
     }
 }
 
@@ -561,6 +580,7 @@ fn good_payload(kind: Kind, dim: usize) -> UpdatePayload {
     match kind {
         Kind::Dense => crate::fedavg::encode_delta(crate::fedavg::ID, &vec![0.25; dim]),
         Kind::Momentum => crate::fedavg::encode_delta(crate::fedavgm::ID, &vec![0.25; dim]),
+        Kind::DpFtrl => crate::fedavg::encode_delta(crate::dpftrl::ID, &vec![0.25; dim]),
         Kind::Spsa => crate::spsa::payload(vec![0x41; spsa_config().steps_per_client as usize]),
         Kind::Frl => UpdatePayload { kind: crate::frl::ID, data: frl_fixture().ranking.clone() },
         Kind::Ferret => crate::ferret::payload(&[
@@ -571,7 +591,7 @@ fn good_payload(kind: Kind, dim: usize) -> UpdatePayload {
 }
 
 /// Operation sequences on a [`Coordinator`] with persistence on: the first
-/// byte picks the update kind (dense, momentum, SPSA, Ferret or FRL), quorum, final evaluation
+/// byte picks the update kind (dense, momentum, DP-FTRL, SPSA, Ferret or FRL), quorum, final evaluation
 /// and whether four clients join up front; then each op is connect,
 /// disconnect, join (own key, another's, unenrolled, bad challenge), a
 /// validly signed report (round near the open one or arbitrary, payload good,
@@ -586,6 +606,8 @@ pub fn coordinator_ops(data: &[u8]) {
     // FRL inputs are rare on purpose: every FRL report signs, verifies and
     // votes a 120k-edge ranking, some hundred times the cost of a dense one.
     let kind = match setup >> 5 {
+        // Low bits 11 of a dense setup: DP-FTRL (bits 0–1 pick nothing else).
+        0..=2 if setup & 3 == 3 => Kind::DpFtrl,
         0..=2 => Kind::Dense,
         3 => Kind::Momentum,
         4..=5 => Kind::Spsa,
@@ -616,6 +638,7 @@ pub fn coordinator_ops(data: &[u8]) {
         // Replicated and FRL runs are set up without the evaluation round in
         // the tests; dense runs try both.
         final_evaluation: kind == Kind::Dense && setup & 8 != 0,
+        noise_seed: Some(crate::dp::NoiseSeed::insecure_from_u64(3)),
     };
     let rounds = cfg.rounds;
     let dim = cfg.arch.num_params();
@@ -1185,7 +1208,7 @@ mod seeds {
         // coordinator_ops: clients 0-3 join up front, then good reports from
         // every connection each round, a clock advance, a crash-and-restore,
         // garbage and an oversize read; one sequence per update kind.
-        for (kind, setup) in [("dense", 16u8 | 8), ("spsa", 4 << 5 | 16), ("frl", 7 << 5 | 16)] {
+        for (kind, setup) in [("dense", 16u8 | 8), ("dp-ftrl", 16 | 3), ("spsa", 4 << 5 | 16), ("frl", 7 << 5 | 16)] {
             let mut ops = vec![setup];
             for round in 0..3 {
                 for conn in 0..4u8 {

@@ -8,7 +8,9 @@
 //! FRL's global ranking) and how a replica applies it. Each kind is one
 //! module implementing [`UpdateKind`]: [`crate::fedavg`] (dense deltas),
 //! [`crate::fedavgm`] (dense deltas with server momentum), [`crate::spsa`]
-//! (one byte per zeroth-order step, replicated) and [`crate::frl`] (rankings).
+//! (one byte per zeroth-order step, replicated), [`crate::frl`] (rankings),
+//! [`crate::ferret`] (seeded projections) and [`crate::dpftrl`] (dense deltas
+//! through the private tree).
 //!
 //! An **aggregation rule** ([`RuleSpec`]) is a second, independent choice for
 //! kinds whose payload is a vector: how the round's vectors are combined
@@ -53,6 +55,9 @@ pub enum KindSettings {
     /// Ferret ([`crate::ferret`]): coefficients on shared random bases, a
     /// replicated run whose logs are the combined update.
     Ferret(crate::ferret::FerretConfig),
+    /// DP-FTRL ([`crate::dpftrl`]): clipped dense deltas summed through the
+    /// private binary tree.
+    DpFtrl(crate::dpftrl::DpFtrlConfig),
 }
 
 impl KindSettings {
@@ -66,6 +71,7 @@ impl KindSettings {
             KindSettings::Frl(run) => Arc::new(crate::frl::FrlKind::new(run.clone(), arch)?),
             KindSettings::FedAvgM(cfg) => Arc::new(crate::fedavgm::FedAvgMKind::new(cfg.clone(), arch)?),
             KindSettings::Ferret(cfg) => Arc::new(crate::ferret::FerretKind::new(cfg.clone(), arch)?),
+            KindSettings::DpFtrl(cfg) => Arc::new(crate::dpftrl::DpFtrlKind::new(cfg.clone(), arch)?),
         })
     }
 
@@ -77,6 +83,7 @@ impl KindSettings {
             KindSettings::Frl(_) => crate::frl::NAME,
             KindSettings::FedAvgM(_) => crate::fedavgm::NAME,
             KindSettings::Ferret(_) => crate::ferret::NAME,
+            KindSettings::DpFtrl(_) => crate::dpftrl::NAME,
         }
     }
 }
@@ -108,6 +115,11 @@ pub struct RunShape<'a> {
     /// whose payloads are bounded by construction (SPSA's bytes, FRL's
     /// rankings) have nothing to check against it.
     pub max_update_abs: f32,
+    /// The server's secret noise seed for differentially private kinds
+    /// ([`crate::dp::noise`]), drawn by the host; `None` where the host drew
+    /// none (kinds that need one refuse to run without it). Never part of
+    /// the settings clients receive.
+    pub noise_seed: Option<&'a crate::dp::NoiseSeed>,
 }
 
 /// One update kind (see the module docs). Implementations are immutable
@@ -375,6 +387,9 @@ pub enum AlgorithmSpec {
     Frl(crate::frl::FrlSpec),
     /// Ferret: coefficients on shared random bases.
     Ferret(crate::ferret::FerretSpec),
+    /// DP-FTRL: dense deltas clipped, summed and released through the
+    /// private binary tree.
+    DpFtrl(crate::dpftrl::DpFtrlSpec),
 }
 
 impl Default for AlgorithmSpec {
@@ -393,6 +408,7 @@ impl AlgorithmSpec {
             AlgorithmSpec::Spsa(s) => KindSettings::Spsa(s.resolve(seed)),
             AlgorithmSpec::Frl(s) => KindSettings::Frl(s.resolve(seed, arch)?),
             AlgorithmSpec::Ferret(s) => KindSettings::Ferret(s.resolve(seed)),
+            AlgorithmSpec::DpFtrl(s) => KindSettings::DpFtrl(s.resolve()?),
         };
         // Validates the settings against the model.
         settings.build(arch)?;
@@ -463,8 +479,11 @@ mod tests {
         rule: RuleSpec,
     }
 
+    static SEED: std::sync::LazyLock<crate::dp::NoiseSeed> =
+        std::sync::LazyLock::new(|| crate::dp::NoiseSeed::insecure_from_u64(1));
+
     fn shape(arch: &ModelArch) -> RunShape<'_> {
-        RunShape { arch, clients_per_round: 10, rounds: 10, max_update_abs: f32::MAX }
+        RunShape { arch, clients_per_round: 10, rounds: 10, max_update_abs: f32::MAX, noise_seed: Some(&*SEED) }
     }
 
     #[test]
@@ -478,6 +497,16 @@ mod tests {
             (AlgorithmSpec::Spsa(Default::default()), &mlp, "spsa", &["mean"]),
             (AlgorithmSpec::Frl(Default::default()), &net, "frl", &["mean"]),
             (AlgorithmSpec::Ferret(Default::default()), &mlp, "ferret", crate::fedavg::DENSE_RULES),
+            (
+                AlgorithmSpec::DpFtrl(crate::dpftrl::DpFtrlSpec {
+                    epsilon: Some(4.0),
+                    horizon: Some(10),
+                    ..Default::default()
+                }),
+                &mlp,
+                "dp-ftrl",
+                &["mean"],
+            ),
         ];
         for (spec, arch, name, rules) in cases {
             let settings = spec.resolve(3, arch).unwrap();
@@ -523,6 +552,7 @@ mod tests {
             "algorithm = { kind = \"spsa\", step_per_client = 3 }",
             "algorithm = { kind = \"frl\", kfraction = 0.3 }",
             "algorithm = { kind = \"ferret\", K = 8 }",
+            "algorithm = { kind = \"dp-ftrl\", epsilon = 1.0, horizon = 5, clip = 1.0 }",
         ] {
             assert!(parse(bad).is_err(), "{bad} was accepted");
         }
@@ -547,6 +577,7 @@ mod tests {
             max_update_abs: crate::coordinator::DEFAULT_MAX_UPDATE_ABS,
             schedule: None,
             final_evaluation: false,
+            noise_seed: None,
         };
         let err = crate::Coordinator::new(cfg.clone(), arch.init_params(1), 1).unwrap_err().to_string();
         assert!(err.contains("spsa does not support the aggregation rule median"), "{err}");

@@ -4,13 +4,14 @@
 //! identities and signatures ([`identity`]), the server's [`Coordinator`] and
 //! the client's [`Participant`] state machines, aggregation ([`aggregate`]),
 //! update kinds as plug-ins ([`kind`]: one module each, [`fedavg`],
-//! [`fedavgm`], [`spsa`], [`frl`]) and aggregation rules over vectors
+//! [`fedavgm`], [`spsa`], [`frl`], [`ferret`], [`dpftrl`]) and aggregation rules over vectors
 //! ([`rule`]), model shapes shared by every party ([`model`]; networks
 //! described layer by layer and their shape inference, [`sequential`]; FRL's
 //! seed-derived networks in [`supermask`]; the files models leave the
 //! system in, [`model_file`]), and differential privacy under
 //! continual release ([`dp`]: exact samplers, the tree counter, sparse
-//! vector, accounting; not wired into a kind yet).
+//! vector, accounting; the tree drives the [`dpftrl`] kind, whose secret
+//! noise seed the host draws).
 //!
 //! What it never does: open sockets, read the clock (every input carries the
 //! host's `now`), draw OS randomness (every generator is seeded by the host),
@@ -21,6 +22,7 @@ pub mod aggregate;
 pub mod codec;
 pub mod coordinator;
 pub mod dp;
+pub mod dpftrl;
 pub mod durable;
 pub mod error;
 pub mod fedavg;

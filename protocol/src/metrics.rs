@@ -11,7 +11,9 @@
 /// 2: the simulator's `rejected_by_reason`, `attack_success` and
 /// `test_class_accuracy`, as CSV columns *after* every version-1 column, so
 /// a version-1 reader (by name or by position) reads a version-2 file.
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: `dp_rho_spent`, `dp_epsilon_spent` and `dp_delta` (private kinds,
+/// server and simulator), as CSV columns after every version-2 column.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Every per-round field, in CSV column order. A row has a subset: the
 /// server's have `elapsed_secs` (wall clock), the simulator's
@@ -38,7 +40,20 @@ pub const COLUMNS: &[&str] = &[
     "rejected_by_reason",
     "attack_success",
     "test_class_accuracy",
+    // Version 3.
+    "dp_rho_spent",
+    "dp_epsilon_spent",
+    "dp_delta",
 ];
+
+/// Adds a private run's spent budget to a metrics row (`dp_rho_spent`,
+/// `dp_epsilon_spent`, `dp_delta`): one writer for the server and the
+/// simulator, so the names can't drift apart.
+pub fn insert_privacy(row: &mut serde_json::Map<String, serde_json::Value>, p: &crate::aggregate::PrivacySpent) {
+    row.insert("dp_rho_spent".into(), serde_json::json!(p.rho));
+    row.insert("dp_epsilon_spent".into(), serde_json::json!(p.epsilon));
+    row.insert("dp_delta".into(), serde_json::json!(p.delta));
+}
 
 /// Renders rows (JSON objects, as in `metrics.jsonl`) as CSV: a header of
 /// the [`COLUMNS`] any row has, in schema order, then one line per row;

@@ -355,7 +355,7 @@ impl Aggregator for Spsa {
         let samples: u64 = self.entries.values().map(|(n, ..)| *n).sum();
         let loss =
             self.entries.values().map(|(n, l, _)| *n as f64 * f64::from(*l)).sum::<f64>() / samples.max(1) as f64;
-        let stats = AggregateStats { updates: self.entries.len(), samples, train_loss: loss };
+        let stats = AggregateStats { updates: self.entries.len(), samples, train_loss: loss, privacy: None };
         self.last_log = log;
         self.entries.clear();
         Ok(stats)

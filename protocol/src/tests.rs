@@ -60,6 +60,7 @@ fn config(n: usize, rounds: u32) -> CoordinatorConfig {
         max_update_abs: crate::coordinator::DEFAULT_MAX_UPDATE_ABS,
         schedule: None,
         final_evaluation: true,
+        noise_seed: None,
     }
 }
 

@@ -228,6 +228,11 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// Fault injection for crash tests (`TALLY_FAULT`); never set in production.
     pub danger_fault: Option<FaultPoint>,
+    /// Crash tests only (`TALLY_INSECURE_NOISE_SEED`): a DP noise seed from
+    /// a u64 instead of the OS, so that a crashed run and an uncrashed one
+    /// can be compared bit for bit. Never set in production: 64 bits can be
+    /// searched, and the noise then protects nothing.
+    pub danger_insecure_noise_seed: Option<u64>,
     /// Resume a saved run although its configuration changed (the
     /// `--danger-accept-config-change` flag; never in the config file, so
     /// that it applies to one restart and is not left on by accident).
@@ -370,6 +375,7 @@ impl RawConfig {
                 .state_dir
                 .unwrap_or_else(|| self.out_dir.clone().unwrap_or_else(|| PathBuf::from("runs/server")).join("state")),
             danger_fault: None,
+            danger_insecure_noise_seed: None,
             danger_accept_config_change: false,
             out_dir: self.out_dir.unwrap_or_else(|| PathBuf::from("runs/server")),
             initial_model: self.initial_model,
@@ -736,6 +742,15 @@ mod tests {
             parse("model = { kind = \"supermask\", net = \"conv2\", channels = 1, side = 2, classes = 2 }").unwrap();
         assert!(matches!(cfg.kind_settings(9).unwrap(), KindSettings::Frl(r) if r.seed == 9));
         assert!(parse("algorithm = { kind = \"frl\" }").unwrap_err().to_string().contains("supermask"));
+        // DP-FTRL: the budget and horizon from the file; median refused; no
+        // horizon refused with the setting named.
+        let cfg = parse("[algorithm]\nkind = \"dp-ftrl\"\nepsilon = 2.0\nhorizon = 20\nclip_norm = 0.5").unwrap();
+        assert!(
+            matches!(cfg.kind_settings(9).unwrap(), KindSettings::DpFtrl(d) if d.horizon == 20 && d.clip_norm == 0.5)
+        );
+        let err = parse("algorithm = { kind = \"dp-ftrl\", epsilon = 2.0 }").unwrap_err().to_string();
+        assert!(err.contains("horizon"), "{err}");
+        assert!(parse("rule = \"median\"\nalgorithm = { kind = \"dp-ftrl\", rho = 0.1, horizon = 5 }").is_err());
         let unknown = RawConfig::parse(Path::new("t.toml"), "algorithm = { kind = \"nope\" }").unwrap_err();
         assert!(unknown.to_string().contains("expected one of `fedavg`, `fedavgm`, `spsa`, `frl`"), "{unknown}");
     }

@@ -188,6 +188,12 @@ mod seeds {
                  [tls]\nself_signed = true\n",
             ),
             (
+                "dp-ftrl",
+                "enrolled_keys = \"k\"\nmodel = { kind = \"mlp\", input = 784, hidden = [], classes = 10 }\n\
+                 algorithm = { kind = \"dp-ftrl\", epsilon = 4.0, delta = 1e-5, horizon = 50, clip_norm = 0.5 }\n\
+                 [tls]\nself_signed = true\n",
+            ),
+            (
                 "fedavgm-median",
                 "enrolled_keys = \"k\"\nalgorithm = { kind = \"fedavgm\", momentum = 0.5 }\nrule = \"median\"\n\
                  [tls]\nself_signed = true\n",

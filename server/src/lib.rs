@@ -161,6 +161,9 @@ pub enum ServerError {
     /// Metrics file.
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    /// The OS could not give the secret seed of a private run's noise.
+    #[error("OS randomness unavailable for the DP noise seed: {0}")]
+    Entropy(String),
     /// The run finished and its clients were told, but its outputs could
     /// not be written.
     #[error(
@@ -271,6 +274,25 @@ impl Server {
             // Saved before the first snapshot: a run on disk always has it.
             state.save_config(&RunRecord::of(&config).to_bytes())?;
         }
+        let kind = config.kind_settings(config.seed)?;
+        // A private kind's noise is keyed by a secret that only this process
+        // knows (clients know the run seed and could subtract noise derived
+        // from it). A resumed run's saved seed, in the aggregator's durable
+        // state, wins over the one drawn here.
+        let noise_seed = match kind {
+            tally_protocol::KindSettings::DpFtrl(_) => match config.danger_insecure_noise_seed {
+                Some(v) => {
+                    warn!("TALLY_INSECURE_NOISE_SEED is set: the DP noise seed is guessable and protects nothing");
+                    Some(tally_protocol::dp::NoiseSeed::insecure_from_u64(v))
+                }
+                None => {
+                    let mut bytes = [0u8; 32];
+                    getrandom::fill(&mut bytes).map_err(|e| ServerError::Entropy(e.to_string()))?;
+                    Some(tally_protocol::dp::NoiseSeed::from_bytes(bytes))
+                }
+            },
+            _ => None,
+        };
         let coordinator_config = CoordinatorConfig {
             run_id: config.run_id,
             arch: config.arch.clone(),
@@ -284,12 +306,13 @@ impl Server {
             // Resolved with the run's seed: a resumed run's saved seed wins
             // over a new default, so FRL's network and SPSA's directions are
             // the ones the run started with.
-            kind: config.kind_settings(config.seed)?,
+            kind,
             rule: config.rule,
             max_violations: config.max_violations,
             max_update_abs: config.max_update_abs,
             schedule: None,
             final_evaluation: config.final_evaluation,
+            noise_seed,
         };
         let mut coordinator = match recovered {
             Some(r) => {
@@ -592,6 +615,8 @@ impl Server {
                             failed = summary.failed,
                             rejected = summary.rejected,
                             train_loss = summary.stats.as_ref().map(|s| s.train_loss),
+                            dp_epsilon_spent = summary.stats.as_ref().and_then(|s| s.privacy).map(|p| p.epsilon),
+                            dp_rho_spent = summary.stats.as_ref().and_then(|s| s.privacy).map(|p| p.rho),
                             incoming_accuracy = summary.eval_of_incoming.map(|e| e.accuracy()),
                             "round completed{}",
                             observer.took(summary.round).map_or(String::new(), |t| format!(" in {t}"))

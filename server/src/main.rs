@@ -196,6 +196,11 @@ fn real_main() -> anyhow::Result<()> {
     if let Ok(fault) = std::env::var("TALLY_FAULT") {
         config.danger_fault = Some(fault.parse().map_err(anyhow::Error::msg)?);
     }
+    // Crash tests only: a guessable DP noise seed, so runs can be compared.
+    if let Ok(seed) = std::env::var("TALLY_INSECURE_NOISE_SEED") {
+        config.danger_insecure_noise_seed =
+            Some(seed.parse().map_err(|e| anyhow::anyhow!("TALLY_INSECURE_NOISE_SEED: {e}"))?);
+    }
 
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async move {

@@ -188,6 +188,9 @@ impl MetricsWriter {
             if let Some(st) = &s.stats {
                 line.insert("samples".into(), json!(st.samples));
                 line.insert("train_loss".into(), json!(st.train_loss));
+                if let Some(p) = st.privacy {
+                    tally_protocol::metrics::insert_privacy(&mut line, &p);
+                }
             }
             // The shared schema's names (tally_protocol::metrics).
             line.insert("bytes_up".into(), json!(s.bytes_received));

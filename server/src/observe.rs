@@ -934,6 +934,7 @@ mod tests {
             max_update_abs: 1000.0,
             schedule: None,
             final_evaluation: true,
+            noise_seed: None,
         };
         let init = cfg.arch.init_params(1);
         Coordinator::new(cfg, init, 7).unwrap()

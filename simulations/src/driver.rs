@@ -152,6 +152,10 @@ impl<'a> Sim<'a> {
             max_update_abs: f32::MAX,
             schedule,
             final_evaluation: false,
+            // Private kinds' noise: from the scenario seed, so reruns are
+            // identical. Insecure (64 bits can be searched), which a
+            // simulation can afford; the server draws 32 bytes from the OS.
+            noise_seed: Some(tally_protocol::dp::NoiseSeed::insecure_from_u64(s.seed)),
         };
         let mut coord = Coordinator::new(config, initial, s.seed)?;
         let run_config = coord.run_config();
@@ -329,6 +333,9 @@ impl<'a> Sim<'a> {
             rejected_by_reason: BTreeMap::new(),
             attack_success: self.attack_success(class_accuracy.as_deref()),
             test_class_accuracy: class_accuracy,
+            dp_rho_spent: None,
+            dp_epsilon_spent: None,
+            dp_delta: None,
             seed: self.s.seed,
         };
         self.record(rec, on_record);
@@ -347,6 +354,8 @@ impl<'a> Sim<'a> {
         // round it happens.
         let evaluate = summary.round.is_multiple_of(self.s.eval_every)
             || summary.round == self.s.rounds
+            // A private run ends early when its horizon is used up.
+            || self.coord.phase() == tally_protocol::Phase::Finished
             || (self.malicious > 0 && self.attack.as_ref().is_some_and(|a| a.evaluate_every_round()));
         let (accuracy, loss, class_accuracy) = if evaluate {
             let t = Instant::now();
@@ -357,6 +366,7 @@ impl<'a> Sim<'a> {
         } else {
             (None, None, None)
         };
+        let privacy = summary.stats.as_ref().and_then(|s| s.privacy);
         let rec = RoundRecord {
             round: summary.round,
             sampled: summary.sampled,
@@ -376,6 +386,9 @@ impl<'a> Sim<'a> {
             rejected_by_reason: std::mem::take(&mut self.rejected_by_reason),
             attack_success: self.attack_success(class_accuracy.as_deref()),
             test_class_accuracy: class_accuracy,
+            dp_rho_spent: privacy.map(|p| p.rho),
+            dp_epsilon_spent: privacy.map(|p| p.epsilon),
+            dp_delta: privacy.map(|p| p.delta),
             seed: self.s.seed,
         };
         self.bytes_up = 0;

@@ -131,6 +131,15 @@ pub struct RoundRecord {
     /// that need it (a label-flip attack with a source class).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_class_accuracy: Option<Vec<f64>>,
+    /// ρ (zCDP) spent by the run after this round (private kinds only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_rho_spent: Option<f64>,
+    /// The (ε, δ) guarantee after this round, at `dp_delta` (private kinds only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_epsilon_spent: Option<f64>,
+    /// The δ of `dp_epsilon_spent` (private kinds only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_delta: Option<f64>,
     /// The scenario seed.
     pub seed: u64,
 }
@@ -608,6 +617,9 @@ mod tests {
             rejected_by_reason: Default::default(),
             attack_success: None,
             test_class_accuracy: None,
+            dp_rho_spent: None,
+            dp_epsilon_spent: None,
+            dp_delta: None,
             seed: 1,
         }
     }
@@ -648,6 +660,7 @@ mod tests {
                 max_update_abs: f32::MAX,
                 schedule: None,
                 final_evaluation: false,
+                noise_seed: None,
             },
             s.model.init_params(3),
             3,
@@ -826,6 +839,34 @@ mod tests {
         let m = run_on(&fedavgm, &split, &dev, &mut |_| {}).unwrap();
         assert!(m.records[1..].iter().all(|r| r.accepted == 3 && r.rejected == 0), "{:?}", m.records);
         assert_ne!(mean.records.last().unwrap().model_hash, m.records.last().unwrap().model_hash);
+    }
+
+    #[test]
+    fn dpftrl_runs_to_its_horizon_reports_privacy_and_is_deterministic() {
+        let (mut s, split) = tiny();
+        let dev = tally_kernels::cpu_device();
+        // rounds above the horizon: the run ends after T = 2 releases, and
+        // that last round is evaluated.
+        s.rounds = 4;
+        s.algorithm = tally_protocol::AlgorithmSpec::DpFtrl(tally_protocol::dpftrl::DpFtrlSpec {
+            epsilon: Some(8.0),
+            horizon: Some(2),
+            ..Default::default()
+        });
+        let a = run_on(&s, &split, &dev, &mut |_| {}).unwrap();
+        assert_eq!(a.records.len(), 3, "{:?}", a.records);
+        assert!(a.records[2].test_accuracy.is_some());
+        let eps: Vec<Option<f64>> = a.records.iter().map(|r| r.dp_epsilon_spent).collect();
+        assert!(eps[0].is_none() && eps[1].unwrap() < eps[2].unwrap() && eps[2].unwrap() <= 8.0, "{eps:?}");
+        assert_eq!(a.records[2].dp_delta, Some(1e-5));
+        let json = serde_json::to_value(&a.records[2]).unwrap();
+        assert!(json.get("dp_rho_spent").is_some());
+        // The noise comes from the scenario seed: a rerun is identical; another
+        // seed (which changes everything, the noise included) differs.
+        let b = run_on(&s, &split, &dev, &mut |_| {}).unwrap();
+        assert_eq!(a.records, b.records);
+        let c = run_on(&Scenario { seed: s.seed + 1, ..s.clone() }, &split, &dev, &mut |_| {}).unwrap();
+        assert_ne!(a.records.last().unwrap().model_hash, c.records.last().unwrap().model_hash);
     }
 
     #[test]

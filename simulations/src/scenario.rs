@@ -526,6 +526,9 @@ mod tests {
         assert_eq!(s.kind_settings().unwrap(), KindSettings::FedAvgM(expected));
         let s: Scenario = toml::from_str("algorithm = { kind = \"fedavg\" }").unwrap();
         assert_eq!(s.kind_settings().unwrap(), KindSettings::FedAvg);
+        let s: Scenario = toml::from_str("algorithm = { kind = \"dp-ftrl\", rho = 0.5, horizon = 9 }").unwrap();
+        let KindSettings::DpFtrl(d) = s.kind_settings().unwrap() else { panic!("not dp-ftrl") };
+        assert_eq!((d.horizon, d.target), (9, tally_protocol::dpftrl::PrivacyTarget::Zcdp { rho_units: 1 << 19 }));
         let s: Scenario = toml::from_str(&format!("seed = 3\n{}algorithm = {{ kind = \"frl\" }}", lenet())).unwrap();
         s.validate().unwrap();
         let KindSettings::Frl(run) = s.kind_settings().unwrap() else { panic!("not frl") };

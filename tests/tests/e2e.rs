@@ -52,7 +52,7 @@ fn fedavg_three_clients_three_rounds_over_quic_improves_accuracy() {
     }
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(server.out_dir.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(summary["metrics_schema"], 2);
+    assert_eq!(summary["metrics_schema"], 3);
     assert_eq!(summary["final_accuracy"], m[3]["test_accuracy"], "{summary}");
     assert_eq!(summary["final_model_hash"], m[3]["model_hash"]);
     let csv = std::fs::read_to_string(server.out_dir.join("metrics.csv")).unwrap();
@@ -527,7 +527,7 @@ fn simulator_writes_byte_identical_metrics_for_the_same_seed() {
         serde_json::from_slice(&std::fs::read(dir.path().join("a.summary.json")).unwrap()).unwrap();
     let rows: Vec<serde_json::Value> =
         String::from_utf8(a).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(summary["metrics_schema"], 2);
+    assert_eq!(summary["metrics_schema"], 3);
     assert_eq!(summary["final_model_hash"], rows[3]["model_hash"]);
     assert_eq!(summary["final_accuracy"], rows[3]["test_accuracy"]);
     assert_eq!(rows[3]["test_examples"], 2000, "central evaluation counts the test set once");
@@ -1125,6 +1125,11 @@ fn federation_with_crashes<S: AsRef<str>>(
         if let Some(f) = fault {
             cmd.env("TALLY_FAULT", f);
         }
+        // DP-FTRL runs: every server start "draws" another noise seed (5 for
+        // the first, 6 for the next, ...), as a real restart draws a fresh
+        // one from the OS; the saved seed must win. Other kinds ignore it.
+        let start: u64 = name.trim_start_matches("server").parse().unwrap_or(0);
+        cmd.env("TALLY_INSECURE_NOISE_SEED", (5 + start).to_string());
         let tag = dir.file_name().and_then(|n| n.to_str()).unwrap_or("run");
         let p = Proc::spawn(&format!("{tag}-{name}"), &mut cmd, dir);
         p.expect_line("listening on ");
@@ -1204,6 +1209,36 @@ fn killed_server_restores_cross_round_aggregator_state_bit_identically() {
         let got = federation_with_crashes(&dir.path().join(format!("crash{i}")), 3, crashes, momentum);
         assert_eq!(got, reference, "crashes at {crashes:?} changed the final FedAvgM model");
     }
+}
+
+/// DP-FTRL keeps its secret noise seed, the tree, the last release, the
+/// velocity and the privacy ledger in the durable snapshot. A killed server
+/// restarts with another seed of its own, and must restore all of these, or
+/// the noise of the rounds after the crash, and so the final model, differs
+/// from the uncrashed run's. The budget is spent at the horizon (T = 4).
+#[test]
+fn killed_dpftrl_server_resumes_the_run_to_the_bit_identical_noisy_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let dp = Some("algorithm = { kind = \"dp-ftrl\", epsilon = 8.0, horizon = 4, clip_norm = 1.0 }\n");
+    let reference = federation_with_crashes::<&str>(&dir.path().join("reference"), 4, &[], dp);
+    let momentum = Some("algorithm = { kind = \"fedavgm\", momentum = 0.9 }\n");
+    let fedavgm = federation_with_crashes::<&str>(&dir.path().join("fedavgm"), 4, &[], momentum);
+    assert_ne!(reference, fedavgm, "the noise should change the model");
+    for (i, crashes) in [vec!["closed:2", "accepted:2"], vec!["kill-at:round opened round=3"]].iter().enumerate() {
+        let got = federation_with_crashes(&dir.path().join(format!("crash{i}")), 4, crashes, dp);
+        assert_eq!(got, reference, "crashes at {crashes:?} changed the final DP-FTRL model");
+    }
+    // Privacy spent is in every round's metrics and reaches ε = 8 at T = 4
+    // (the L = 3 levels are charged at t = 1, 2, 4; ρ rounded down, so ≤ 8).
+    let rows = std::fs::read_to_string(dir.path().join("crash0/out/metrics.jsonl")).unwrap();
+    let spent: Vec<f64> = rows
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["dp_epsilon_spent"].as_f64())
+        .collect();
+    assert_eq!(spent.len(), 4, "{rows}");
+    assert!(spent[0] < spent[1] && spent[1] == spent[2] && spent[2] < spent[3], "{spent:?}");
+    assert!(spent[3] <= 8.0 && spent[3] > 7.99, "{spent:?}");
 }
 
 /// Five crash points of a 10-round run drawn from `seed`: distinct rounds,

@@ -1,6 +1,7 @@
-//! FedAvg's and FedAvgM's client side: local SGD ([`crate::train`]),
-//! returning `trained − model` as a dense delta. The two kinds differ only on
-//! the server (momentum); the payload is tagged with the run's kind.
+//! FedAvg's, FedAvgM's and DP-FTRL's client side: local SGD
+//! ([`crate::train`]), returning `trained − model` as a dense delta. The
+//! kinds differ only on the server (momentum; DP-FTRL's clipping and noise);
+//! the payload is tagged with the run's kind.
 
 use tally_protocol::kind::KindId;
 use tally_protocol::model::ModelArch;
@@ -12,7 +13,8 @@ use crate::train::{TrainConfig, train_local};
 use crate::{Device, KernelError};
 
 /// Local SGD for a dense kind; payloads tagged `kind`
-/// (`tally_protocol::fedavg::ID` or `tally_protocol::fedavgm::ID`).
+/// (`tally_protocol::fedavg::ID`, `tally_protocol::fedavgm::ID` or
+/// `tally_protocol::dpftrl::ID`).
 #[derive(Clone, Copy, Debug)]
 pub struct DenseLocal {
     /// The run's kind.

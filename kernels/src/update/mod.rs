@@ -3,7 +3,7 @@
 //! ([`local_update`], [`evaluate_run`]).
 //!
 //! Each update kind's client side is one module implementing [`LocalKind`]:
-//! [`dense`] (FedAvg and FedAvgM: local SGD returning the dense delta),
+//! [`dense`] (FedAvg, FedAvgM and DP-FTRL: local SGD returning the dense delta),
 //! [`spsa`] (zeroth-order steps, one byte each), [`ferret`] (local SGD
 //! projected onto shared bases) and [`frl`] (supermask
 //! scores trained locally, returned as a ranking). [`local_kind`] is the
@@ -79,6 +79,9 @@ pub fn local_kind(settings: &KindSettings) -> Box<dyn LocalKind + '_> {
         KindSettings::Spsa(cfg) => Box::new(SpsaLocal(cfg)),
         KindSettings::Frl(run) => Box::new(FrlLocal(run)),
         KindSettings::Ferret(cfg) => Box::new(FerretLocal(cfg)),
+        // DP-FTRL clients train as FedAvg's do; clipping and noise are the
+        // server's (a client can't be trusted to clip).
+        KindSettings::DpFtrl(_) => Box::new(DenseLocal { kind: tally_protocol::dpftrl::ID }),
     }
 }
 

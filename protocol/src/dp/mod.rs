@@ -36,7 +36,7 @@ pub use noise::{NoiseSeed, NoiseSource};
 pub use ratio::Ratio;
 pub use sampler::{DiscreteGaussian, DiscreteLaplace};
 pub use svt::{SparseVector, SvtConfig, SvtState, Target};
-pub use tree::{RecordDomain, TreeConfig, TreeCounter, TreeNoise, TreeState};
+pub use tree::{ClipNorm, RecordDomain, TreeConfig, TreeCounter, TreeNoise, TreeState};
 
 /// Why a DP parameter, record or release was refused.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

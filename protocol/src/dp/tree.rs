@@ -85,6 +85,35 @@ pub enum RecordDomain {
         /// Squared L2 bound, at most [`MAX_RECORD_L1`]².
         l2_sq: u64,
     },
+    /// The sum of at most `count` contributions, each an integer vector of
+    /// `norm`-norm at most `bound` (DP-FTRL: a round's clipped,
+    /// fixed-point-scaled client updates, [`crate::dpftrl`]). Neighbouring
+    /// streams differ in **one contribution** of one record (replaced), so
+    /// `Δ₂² = 4·bound²`, and `Δ₁ = 2·bound` for the L1 norm or
+    /// `2·bound·⌈√d⌉` for the L2 norm (Cauchy–Schwarz). The tree sees only
+    /// the sum: the caller must check every contribution's norm (the
+    /// sensitivity rests on it); the tree refuses a record no sum of
+    /// `count` such contributions can be (triangle inequality), which
+    /// catches a caller that skipped the check by much, not by little.
+    ClippedSum {
+        /// The norm contributions are clipped in.
+        norm: ClipNorm,
+        /// Norm bound of one contribution, in integer units.
+        bound: u64,
+        /// Most contributions in a record; `count·bound` is at most
+        /// [`MAX_RECORD_L1`] (each coordinate of a record is then at most
+        /// that, the bound the overflow argument needs).
+        count: u64,
+    },
+}
+
+/// The norm a [`RecordDomain::ClippedSum`] contribution is bounded in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClipNorm {
+    /// `Σ|x_j|` (Laplace noise: its sensitivity is the L1 one).
+    L1,
+    /// `√Σx_j²` (Gaussian noise).
+    L2,
 }
 
 impl RecordDomain {
@@ -98,6 +127,18 @@ impl RecordDomain {
                 (s, s)
             }
             RecordDomain::Integer { l1, l2_sq } => (2 * u128::from(l1), 4 * u128::from(l2_sq)),
+            RecordDomain::ClippedSum { norm, bound, .. } => {
+                let b = u128::from(bound);
+                let l1 = match norm {
+                    ClipNorm::L1 => b,
+                    // ‖x‖₁ ≤ √d·‖x‖₂ ≤ ⌈√d⌉·bound.
+                    ClipNorm::L2 => {
+                        let r = d.isqrt();
+                        b * if r * r == d { r } else { r + 1 }
+                    }
+                };
+                (2 * l1, 4 * b * b)
+            }
         }
     }
 
@@ -123,6 +164,21 @@ impl RecordDomain {
                 let n2: u128 = x.iter().map(|v| u128::from(v.unsigned_abs()).pow(2)).sum();
                 if n2 > u128::from(l2_sq) {
                     return Err(DpError::RecordOutOfDomain { reason: "squared L2 norm above l2_sq" });
+                }
+            }
+            RecordDomain::ClippedSum { norm, bound, count } => {
+                // count·bound ≤ MAX_RECORD_L1 (checked by `TreeCounter::new`).
+                let most = u128::from(count) * u128::from(bound);
+                if x.iter().any(|v| u128::from(v.unsigned_abs()) > most) {
+                    return Err(DpError::RecordOutOfDomain { reason: "entry above count·bound" });
+                }
+                let within = match norm {
+                    ClipNorm::L1 => x.iter().map(|v| u128::from(v.unsigned_abs())).sum::<u128>() <= most,
+                    // Each square ≤ 2⁴⁸ and d < 2⁶⁴: the sum fits in u128.
+                    ClipNorm::L2 => x.iter().map(|v| u128::from(v.unsigned_abs()).pow(2)).sum::<u128>() <= most * most,
+                };
+                if !within {
+                    return Err(DpError::RecordOutOfDomain { reason: "norm above count·bound" });
                 }
             }
         }
@@ -241,6 +297,14 @@ impl TreeCounter {
             return Err(DpError::OutOfRange {
                 what: "record bound",
                 limit: "l1 in 1..=2^24 and l2_sq at most 2^48 (tree::MAX_RECORD_L1)",
+            });
+        }
+        if let RecordDomain::ClippedSum { bound, count, .. } = cfg.domain
+            && (bound == 0 || count == 0 || u128::from(bound) * u128::from(count) > u128::from(MAX_RECORD_L1))
+        {
+            return Err(DpError::OutOfRange {
+                what: "clipped-sum bound",
+                limit: "bound and count at least 1, count·bound at most 2^24 (tree::MAX_RECORD_L1)",
             });
         }
         let levels = levels_for(cfg.horizon);
@@ -613,6 +677,30 @@ mod tests {
         assert!(matches!(ic.step(&[8, 0, 0]), Err(DpError::RecordOutOfDomain { .. })));
         ic.step(&[-5, 4, 1]).unwrap();
         assert_eq!(RecordDomain::Integer { l1: 10, l2_sq: 50 }.sensitivity(3), (20, 200));
+    }
+
+    #[test]
+    fn dp_tree_clipped_sum_domain_sensitivity_and_bounds() {
+        // L2: Δ₂² = 4·bound², Δ₁ = 2·bound·⌈√d⌉ (d = 10 → 4); L1: Δ₁ = 2·bound.
+        let l2 = RecordDomain::ClippedSum { norm: ClipNorm::L2, bound: 3, count: 2 };
+        assert_eq!(l2.sensitivity(10), (24, 36));
+        assert_eq!(l2.sensitivity(9), (18, 36));
+        let l1 = RecordDomain::ClippedSum { norm: ClipNorm::L1, bound: 3, count: 2 };
+        assert_eq!(l1.sensitivity(10), (6, 36));
+        // Sums of two contributions of norm ≤ 3 pass; more can't be.
+        assert!(l2.check(&[3, 3, 0]).is_ok()); // (3,0,0) + (0,3,0)
+        assert!(l2.check(&[7, 0, 0]).is_err());
+        assert!(l2.check(&[5, 5, 0]).is_err()); // ‖·‖₂ = 7.07 > 6
+        assert!(l1.check(&[3, 3, 0]).is_ok());
+        assert!(l1.check(&[3, 3, 1]).is_err());
+        // count·bound above 2²⁴ is refused before any release.
+        let mut c = cfg(4, 3, TreeNoise::Gaussian { rho: r(1, 2) }, 1);
+        c.domain = RecordDomain::ClippedSum { norm: ClipNorm::L2, bound: 1 << 16, count: 257 };
+        assert!(matches!(TreeCounter::new(c.clone()), Err(DpError::OutOfRange { .. })));
+        c.domain = RecordDomain::ClippedSum { norm: ClipNorm::L2, bound: 1 << 16, count: 256 };
+        let mut t = TreeCounter::new(c).unwrap();
+        assert!(t.step(&[1 << 24, 0, 0]).is_ok());
+        assert!(matches!(t.step(&[(1 << 24) + 1, 0, 0]), Err(DpError::RecordOutOfDomain { .. })));
     }
 
     /// Bit-level reference: every release equals the sum, over the set bits

@@ -54,7 +54,7 @@ impl Aggregator for FrlVote {
         // Ascending client order: the float sums don't depend on arrival.
         let samples = self.votes.values().fold(0u64, |t, (n, _)| t.saturating_add(*n));
         let loss = self.votes.values().map(|(n, l)| *n as f64 * f64::from(*l)).sum::<f64>() / samples.max(1) as f64;
-        let stats = AggregateStats { updates: self.votes.len(), samples, train_loss: loss };
+        let stats = AggregateStats { updates: self.votes.len(), samples, train_loss: loss, privacy: None };
         self.votes.clear();
         self.clear_sums();
         Ok(stats)

@@ -96,23 +96,69 @@ fn connect_three(coord: Coordinator, now: Instant, first_conn: u64, salt: u8) ->
     net
 }
 
-/// The run of the durable tests: FedAvg, or FedAvgM, whose server momentum
-/// is state across rounds that a restore must bring back.
-fn durable_config(momentum: bool) -> CoordinatorConfig {
+/// Which kind the durable tests run: cross-round aggregator state or none.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Stateful {
+    /// FedAvg: the model is all the state.
+    None,
+    /// FedAvgM: server momentum.
+    Momentum,
+    /// DP-FTRL: the secret noise seed, the tree, the last release, the
+    /// momentum and the privacy ledger.
+    DpFtrl,
+}
+
+/// The DP-FTRL durable tests' noise seed: bytes that can't occur by chance.
+const DURABLE_SEED: &[u8; 32] = b"tally-durable-test-noise-seed-01";
+
+/// DP-FTRL settings of the durable tests: T = `horizon` releases, ρ = 1/8.
+pub(super) fn dpftrl_settings(horizon: u32) -> crate::kind::KindSettings {
+    crate::kind::KindSettings::DpFtrl(crate::dpftrl::DpFtrlConfig {
+        target: crate::dpftrl::PrivacyTarget::Zcdp { rho_units: 1 << 17 },
+        delta: 1e-5,
+        horizon,
+        clip_norm: 1.0,
+        server_lr: 1.0,
+        momentum: 0.9,
+    })
+}
+
+/// The run of the durable tests: FedAvg, FedAvgM (server momentum) or
+/// DP-FTRL, whose cross-round state a restore must bring back.
+fn durable_config(kind: Stateful) -> CoordinatorConfig {
     let mut cfg = config(3, 3);
     cfg.final_evaluation = false;
-    if momentum {
-        cfg.kind = crate::kind::KindSettings::FedAvgM(crate::fedavgm::FedAvgMConfig { momentum: 0.9, server_lr: 1.0 });
+    match kind {
+        Stateful::None => {}
+        Stateful::Momentum => {
+            cfg.kind =
+                crate::kind::KindSettings::FedAvgM(crate::fedavgm::FedAvgMConfig { momentum: 0.9, server_lr: 1.0 });
+        }
+        Stateful::DpFtrl => {
+            cfg.kind = dpftrl_settings(3);
+            cfg.noise_seed = Some(crate::dp::NoiseSeed::from_bytes(*DURABLE_SEED));
+        }
+    }
+    cfg
+}
+
+/// The configuration a restarted server has: the same, except that a
+/// DP-FTRL server draws a fresh noise seed at every start. The saved one
+/// must win (or the noise of the rounds after the crash would differ).
+fn restart_config(kind: Stateful) -> CoordinatorConfig {
+    let mut cfg = durable_config(kind);
+    if kind == Stateful::DpFtrl {
+        cfg.noise_seed = Some(crate::dp::NoiseSeed::insecure_from_u64(777));
     }
     cfg
 }
 
 fn durable_net() -> (Net, Disk) {
-    durable_net_with(false)
+    durable_net_with(Stateful::None)
 }
 
-fn durable_net_with(momentum: bool) -> (Net, Disk) {
-    let cfg = durable_config(momentum);
+fn durable_net_with(kind: Stateful) -> (Net, Disk) {
+    let cfg = durable_config(kind);
     let init = cfg.arch.init_params(1);
     let mut coord = Coordinator::new(cfg, init, 42).unwrap();
     coord.enable_persistence();
@@ -128,8 +174,8 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 /// The model of an uninterrupted run.
-fn reference(momentum: bool) -> Vec<u32> {
-    let (mut net, mut disk) = durable_net_with(momentum);
+fn reference(kind: Stateful) -> Vec<u32> {
+    let (mut net, mut disk) = durable_net_with(kind);
     for _ in 0..3 {
         net.answer_slots(&[0, 1, 2], &mut disk);
     }
@@ -139,34 +185,99 @@ fn reference(momentum: bool) -> Vec<u32> {
 
 #[test]
 fn crash_at_any_point_of_a_round_then_restore_gives_the_same_model() {
-    crash_and_restore_at_every_point(false);
+    crash_and_restore_at_every_point(Stateful::None);
 }
 
 #[test]
 fn cross_round_aggregator_state_survives_a_crash_bit_for_bit() {
     // Momentum changes the result: the test would not notice a lost
     // velocity if it didn't.
-    assert_ne!(reference(true), reference(false));
-    crash_and_restore_at_every_point(true);
+    assert_ne!(reference(Stateful::Momentum), reference(Stateful::None));
+    crash_and_restore_at_every_point(Stateful::Momentum);
     // A snapshot without the velocity is refused rather than silently
     // restarting momentum from zero.
-    let (mut net, mut disk) = durable_net_with(true);
+    let (mut net, mut disk) = durable_net_with(Stateful::Momentum);
     net.answer_slots(&[0, 1, 2], &mut disk);
     let (mut snapshot, records) = disk.load();
     assert!(snapshot.aggregator_state.is_some());
     snapshot.aggregator_state = None;
     assert!(matches!(
-        Coordinator::restore(durable_config(true), snapshot, &records, Instant::now()),
+        Coordinator::restore(durable_config(Stateful::Momentum), snapshot, &records, Instant::now()),
         Err(crate::durable::DurableError::State(_))
     ));
 }
 
-fn crash_and_restore_at_every_point(momentum: bool) {
-    let want = reference(momentum);
+#[test]
+fn dpftrl_crashed_and_resumed_ends_with_the_uncrashed_model() {
+    // The noise matters: a DP-FTRL run differs from FedAvg's, and from a
+    // DP-FTRL run with another noise seed, so a restore that lost or
+    // replaced the seed, the tree or the last release would be caught.
+    let want = reference(Stateful::DpFtrl);
+    assert_ne!(want, reference(Stateful::None));
+    let other_seed = {
+        let cfg = restart_config(Stateful::DpFtrl);
+        let init = cfg.arch.init_params(1);
+        let mut coord = Coordinator::new(cfg, init, 42).unwrap();
+        coord.enable_persistence();
+        let mut disk = Disk::default();
+        let mut net = connect_three(coord, Instant::now(), 0, 0);
+        for _ in 0..3 {
+            net.answer_slots(&[0, 1, 2], &mut disk);
+        }
+        bits(net.coord.model())
+    };
+    assert_ne!(want, other_seed);
+    crash_and_restore_at_every_point(Stateful::DpFtrl);
+    // The seed lives only in the server's state: not in the settings
+    // clients receive (the run configuration), which carry the kind's
+    // public parameters.
+    let (mut net, mut disk) = durable_net_with(Stateful::DpFtrl);
+    net.answer_slots(&[0, 1, 2], &mut disk);
+    let (snapshot, _) = disk.load();
+    let state = snapshot.aggregator_state.as_ref().expect("DP-FTRL keeps state");
+    assert!(state.bytes.windows(32).any(|w| w == DURABLE_SEED));
+    let run_config = bincode::encode_to_vec(net.coord.run_config(), bincode::config::standard()).unwrap();
+    assert!(!run_config.windows(32).any(|w| w == DURABLE_SEED));
+}
+
+#[test]
+fn dpftrl_run_ends_cleanly_when_its_horizon_is_used_up() {
+    // rounds = 3 but T = 2: the run finishes after two released rounds,
+    // the final evaluation still held, and nothing panics.
+    let mut cfg = durable_config(Stateful::DpFtrl);
+    cfg.kind = dpftrl_settings(2);
+    cfg.final_evaluation = true;
+    let init = cfg.arch.init_params(1);
+    let coord = Coordinator::new(cfg.clone(), init, 42).unwrap();
+    let mut disk = Disk::default();
+    let mut net = connect_three(coord, Instant::now(), 0, 0);
+    for _ in 0..4 {
+        net.answer_slots(&[0, 1, 2], &mut disk);
+    }
+    assert_eq!(net.coord.phase(), Phase::Finished);
+    assert_eq!(net.coord.completed_rounds(), 2);
+    let summaries: Vec<&crate::RoundSummary> = net
+        .coord_events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RoundCompleted(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let tasks: Vec<Task> = summaries.iter().map(|s| s.task).collect();
+    assert_eq!(tasks, vec![Task::Train, Task::Train, Task::Evaluate]);
+    // Privacy spent is reported per round, and reaches the budget (ρ = 1/8
+    // over L = 2 levels, both used by t = 2).
+    let spent: Vec<f64> = summaries[..2].iter().map(|s| s.stats.as_ref().unwrap().privacy.unwrap().rho).collect();
+    assert_eq!(spent, vec![1.0 / 16.0, 1.0 / 8.0]);
+}
+
+fn crash_and_restore_at_every_point(kind: Stateful) {
+    let want = reference(kind);
     // Crash in round 2 after 0, 1, 2 and 3 acknowledged reports (3 = the
     // round closed and round 3 opened), and once in round 1.
     for (round, acked) in [(2u32, 0usize), (2, 1), (2, 2), (2, 3), (1, 1)] {
-        let (mut net, mut disk) = durable_net_with(momentum);
+        let (mut net, mut disk) = durable_net_with(kind);
         for _ in 1..round {
             net.answer_slots(&[0, 1, 2], &mut disk);
         }
@@ -174,7 +285,7 @@ fn crash_and_restore_at_every_point(momentum: bool) {
         // Crash: everything not on the disk is gone, every connection drops.
         let (snapshot, records) = disk.load();
         let later = net.now + Duration::from_secs(5);
-        let coord = Coordinator::restore(durable_config(momentum), snapshot, &records, later).unwrap();
+        let coord = Coordinator::restore(restart_config(kind), snapshot, &records, later).unwrap();
         // The same clients reconnect on new connections.
         let mut net2 = connect_three(coord, later, 10, 0x55);
         disk.absorb(&mut net2.coord);
@@ -200,7 +311,7 @@ fn crash_and_restore_at_every_point(momentum: bool) {
 /// timeout, 600 s by default, after restarting.)
 #[test]
 fn a_restored_round_with_every_report_closes_when_clients_rejoin() {
-    let want = reference(false);
+    let want = reference(Stateful::None);
     let (mut net, mut disk) = durable_net();
     net.answer_slots(&[0, 1], &mut disk);
     disk.die_at_snapshot = true;
@@ -209,7 +320,7 @@ fn a_restored_round_with_every_report_closes_when_clients_rejoin() {
     assert_eq!((snapshot.completed_rounds, records.len()), (0, 4), "round 1 opened, 3 reports, no snapshot");
     disk.die_at_snapshot = false;
     let later = net.now + Duration::from_secs(5);
-    let coord = Coordinator::restore(durable_config(false), snapshot, &records, later).unwrap();
+    let coord = Coordinator::restore(durable_config(Stateful::None), snapshot, &records, later).unwrap();
     let mut net2 = connect_three(coord, later, 10, 0x55);
     disk.absorb(&mut net2.coord);
     // No timeout was handled: the rejoin closed round 1 and opened round 2.

@@ -219,7 +219,8 @@ fn hostile_coefficient_payloads_are_refused_with_typed_errors() {
     let cfg = ferret_cfg();
     let arch = ModelArch::Mlp { input: 64, hidden: vec![32], classes: 10 };
     let kind = crate::kind::KindSettings::Ferret(cfg.clone()).build(&arch).unwrap();
-    let shape = crate::kind::RunShape { arch: &arch, clients_per_round: 4, rounds: 3, max_update_abs: 1e6 };
+    let shape =
+        crate::kind::RunShape { arch: &arch, clients_per_round: 4, rounds: 3, max_update_abs: 1e6, noise_seed: None };
     let mut agg = kind.aggregator(&shape, &crate::kind::RuleSpec::Mean, &arch.init_params(1)).unwrap();
     agg.begin_round(1, &arch.init_params(1));
     let g = ferret::blocks(&arch).len();
