@@ -351,16 +351,40 @@ fn normalise(mut v: serde_json::Value) -> serde_json::Value {
 /// (`baseline`: a run made when the sweep had no clean run is redone once
 /// it has one).
 fn completed(files: &RunFiles, s: &Scenario, baseline: Option<&str>) -> Option<BTreeMap<u32, f64>> {
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.summary).ok()?).ok()?;
+    let mut summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.summary).ok()?).ok()?;
     let stored = normalise(summary.get("scenario")?.clone());
+    let schema = summary.get("metrics_schema")?.as_u64()?;
+    let current = u64::from(tally_protocol::metrics::SCHEMA_VERSION);
     if stored != reuse_key(s)
-        || summary.get("metrics_schema")? != tally_protocol::metrics::SCHEMA_VERSION
+        || (schema != current && !UPGRADABLE_SCHEMAS.contains(&schema))
         || summary.get("attack_baseline").and_then(|b| b.as_str()) != baseline
     {
         return None;
     }
-    accuracies(&std::fs::read_to_string(&files.jsonl).ok()?)
+    let jsonl = std::fs::read_to_string(&files.jsonl).ok()?;
+    let acc = accuracies(&jsonl)?;
+    if schema != current {
+        // Its rows are current rows; its CSV gains the new (empty) columns,
+        // so that it is byte for byte what a fresh run writes, and its
+        // summary (written last, as by a run) says the current version.
+        let rows: Vec<serde_json::Map<String, serde_json::Value>> = jsonl
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).ok())
+            .collect::<Option<_>>()?;
+        output::write_atomically(&files.csv, &tally_protocol::metrics::to_csv(&rows)).ok()?;
+        summary.as_object_mut()?.insert("metrics_schema".into(), current.into());
+        output::write_atomically(&files.summary, &format!("{summary:#}\n")).ok()?;
+    }
+    Some(acc)
 }
+
+/// Older metrics schemas whose completed runs a sweep still reuses:
+/// version 3 only added the columns of private kinds, which a version-2 run
+/// (never private) leaves empty, so its rows are valid version-3 rows.
+/// Reusing one rewrites its CSV with the current columns and relabels its
+/// summary.
+const UPGRADABLE_SCHEMAS: &[u64] = &[2];
 
 /// `round → test_accuracy` of the evaluated rows of a JSON-lines file.
 fn accuracies(jsonl: &str) -> Option<BTreeMap<u32, f64>> {
@@ -576,6 +600,38 @@ pub fn fill_drop(records: &mut [RoundRecord], clean: &BTreeMap<u32, f64>) {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    /// A completed run written under metrics schema 2 is reused, and
+    /// upgraded: its CSV is rewritten with the current columns (what a
+    /// fresh run writes from the same rows) and its summary relabelled. A
+    /// run of an unknown older schema is redone.
+    #[test]
+    fn runs_of_schema_2_are_reused_and_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = run_files(dir.path(), "a");
+        std::fs::create_dir_all(dir.path().join("a")).unwrap();
+        let s = Scenario::default();
+        let rows = [
+            r#"{"round":0,"sampled":0,"accepted":0,"test_accuracy":0.1,"model_hash":"ab","seed":1}"#,
+            r#"{"round":1,"sampled":3,"accepted":3,"test_accuracy":0.6,"model_hash":"cd","seed":1}"#,
+        ];
+        std::fs::write(&files.jsonl, rows.join("\n") + "\n").unwrap();
+        std::fs::write(&files.csv, "round,old\n").unwrap();
+        let summary = |schema: u64| {
+            serde_json::json!({ "scenario": serde_json::to_value(&s).unwrap(), "metrics_schema": schema }).to_string()
+        };
+        std::fs::write(&files.summary, summary(1)).unwrap();
+        assert_eq!(completed(&files, &s, None), None, "schema 1 is redone");
+        std::fs::write(&files.summary, summary(2)).unwrap();
+        let acc = completed(&files, &s, None).unwrap();
+        assert_eq!(acc, [(0, 0.1), (1, 0.6)].into());
+        let parsed: Vec<serde_json::Map<String, serde_json::Value>> =
+            rows.iter().map(|r| serde_json::from_str(r).unwrap()).collect();
+        assert_eq!(std::fs::read_to_string(&files.csv).unwrap(), tally_protocol::metrics::to_csv(&parsed));
+        let relabelled: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.summary).unwrap()).unwrap();
+        assert_eq!(relabelled["metrics_schema"], tally_protocol::metrics::SCHEMA_VERSION);
+        assert_eq!(completed(&files, &s, None).unwrap(), acc);
+    }
 
     #[test]
     fn lists_in_the_sweep_table_expand_into_named_runs() {
