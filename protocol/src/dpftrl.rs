@@ -324,10 +324,8 @@ impl UpdateKind for DpFtrlKind {
     fn settings(&self) -> KindSettings {
         KindSettings::DpFtrl(self.cfg.clone())
     }
-    fn rules(&self) -> &'static [&'static str] {
-        // The tree releases a sum; robust rules have no private counterpart here.
-        &["mean"]
-    }
+    // `rules`: the trait's default, the mean only. The tree releases a sum;
+    // robust rules have no private counterpart here.
     fn aggregator(
         &self,
         run: &RunShape<'_>,

@@ -561,10 +561,7 @@ fn spsa_run_over_quic_keeps_every_replica_bit_identical() {
         // 3 signed reports of 16 one-byte steps each, envelope included.
         assert!(line["bytes_up"].as_u64().unwrap() < 3 * 200, "{line}");
     }
-    let params = ModelArch::mnist_mlp()
-        .from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap())
-        .unwrap();
-    let hash = hex::encode(tally_protocol::identity::params_hash(&params));
+    let hash = saved_model_hash(&server.out_dir, &ModelArch::mnist_mlp());
     assert_eq!(m[3]["model_hash"], hash.as_str());
     // Each client checked its replica against the server's hash after every
     // round; the run finishing proves it, and the final hash agrees.
@@ -607,11 +604,8 @@ fn ferret_run_over_quic_uploads_coefficients_and_keeps_replicas_bit_identical() 
         assert!(up < 3 * (64 * 6 * 8 + 300), "{line}");
         assert!(up * 50 < 3 * dense, "{line}");
     }
-    let params = ModelArch::mnist_mlp()
-        .from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap())
-        .unwrap();
     assert_ne!(m[0]["model_hash"], m[3]["model_hash"], "the model moved");
-    let hash = hex::encode(tally_protocol::identity::params_hash(&params));
+    let hash = saved_model_hash(&server.out_dir, &ModelArch::mnist_mlp());
     assert_eq!(m[3]["model_hash"], hash.as_str());
     assert_clients_finished_with(&clients, &hash);
 }
@@ -775,9 +769,7 @@ fn frl_run_over_quic_ships_rankings_and_improves_the_supermask() {
     assert!(acc(2) > acc(0) + 0.3, "FRL should learn: {} -> {}", acc(0), acc(2));
     // The saved model is the global scores; its hash is the one every client saw.
     let arch = ModelArch::Supermask(tally_protocol::supermask::FrlArch::MNIST_LENET);
-    let scores =
-        arch.from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap()).unwrap();
-    let hash = hex::encode(tally_protocol::identity::params_hash(&scores));
+    let hash = saved_model_hash(&server.out_dir, &arch);
     assert_eq!(m[2]["model_hash"], hash.as_str());
     assert_clients_finished_with(&clients, &hash);
 }
@@ -841,9 +833,7 @@ layers = [
     }
     let arch = toml::from_str::<Cfg>(model).unwrap().model;
     assert_eq!(arch.num_params(), 11_178);
-    let params =
-        arch.from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap()).unwrap();
-    let hash = hex::encode(tally_protocol::identity::params_hash(&params));
+    let hash = saved_model_hash(&server.out_dir, &arch);
     assert_eq!(m[3]["model_hash"], hash.as_str());
     assert_clients_finished_with(&clients, &hash);
 }
@@ -1173,10 +1163,7 @@ fn federation_with_crashes<S: AsRef<str>>(
     }
     wait_all_succeed(&mut clients);
     assert!(srv.wait().success(), "final server:\n{}", srv.stderr());
-    let params = ModelArch::mnist_mlp()
-        .from_safetensors(&std::fs::read(dir.join("out/final_model.safetensors")).unwrap())
-        .unwrap();
-    hex::encode(tally_protocol::identity::params_hash(&params))
+    saved_model_hash(&dir.join("out"), &ModelArch::mnist_mlp())
 }
 
 #[test]
@@ -1572,10 +1559,7 @@ fn federation_under_flood(
         stats.server_retries += field(line, "retries");
         stats.server_refused_per_source += field(line, "refused_per_source");
     }
-    let params = ModelArch::mnist_mlp()
-        .from_safetensors(&std::fs::read(server.out_dir.join("final_model.safetensors")).unwrap())
-        .unwrap();
-    let hash = hex::encode(tally_protocol::identity::params_hash(&params));
+    let hash = saved_model_hash(&server.out_dir, &ModelArch::mnist_mlp());
     assert_clients_finished_with(&clients, &hash);
     (hash, stats)
 }

@@ -191,6 +191,14 @@ pub fn wait_all_succeed(procs: &mut [Proc]) {
     }
 }
 
+/// The hex hash of the final model a server wrote to `out_dir` (read as
+/// `arch`): the `model_hash` of its metrics and of its clients' summaries.
+pub fn saved_model_hash(out_dir: &Path, arch: &tally_protocol::model::ModelArch) -> String {
+    let bytes = std::fs::read(out_dir.join("final_model.safetensors")).expect("final model written");
+    let params = arch.from_safetensors(&bytes).expect("final model reads as its architecture");
+    hex::encode(tally_protocol::identity::params_hash(&params))
+}
+
 /// Every client printed its summary line naming the final model `hash`.
 pub fn assert_clients_finished_with(clients: &[Proc], hash: &str) {
     for c in clients {
