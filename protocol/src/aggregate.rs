@@ -173,6 +173,13 @@ pub trait Aggregator: Send + std::fmt::Debug {
     fn begin_round(&mut self, round: u32, global: &[f32]);
     /// Validates and takes one update. On error nothing is kept.
     fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour>;
+    /// A simulation device for experiments with known attackers: from now
+    /// on, a rule whose parameter is a number of attackers (trimmed mean,
+    /// Krum, Multi-Krum) uses the number of `flagged` clients among each
+    /// round's updates, as FRL's reference code does
+    /// ([`crate::rule::RoundRule::know_attackers`]). A real server cannot know
+    /// its attackers. Default: ignored (no such rule).
+    fn know_attackers(&mut self, _flagged: std::collections::BTreeSet<ClientIndex>) {}
     /// Closes the round, writing the new model into `global` (untouched on error).
     fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError>;
     /// What a `RoundStart` carries for the model `global`: the model in

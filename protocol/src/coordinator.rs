@@ -953,6 +953,17 @@ impl Coordinator {
         self.minority = Some(flagged);
     }
 
+    /// A simulation device for experiments with known attackers, as FRL's
+    /// reference code runs its baselines: from now on, the rule's attacker
+    /// parameter (trimmed mean's `trim`, Krum's `byzantine`) is the number of
+    /// `flagged` clients among each round's updates
+    /// ([`Aggregator::know_attackers`]). A real server does not know its
+    /// attackers; not persisted, so a restored coordinator uses the
+    /// configured parameter until it is set again.
+    pub fn rule_knows_attackers(&mut self, flagged: BTreeSet<ClientIndex>) {
+        self.aggregator.know_attackers(flagged);
+    }
+
     /// The generator of round `round`'s `k`-th draw (0 = sampling, then one
     /// per extension, `u32::MAX` = the round seed).
     fn round_rng(&self, round: u32, k: u32) -> LocalRng {

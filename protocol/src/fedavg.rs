@@ -15,11 +15,13 @@
 //!
 //! **Publishes:** the full model in every `RoundStart`.
 
+use std::collections::BTreeSet;
+
 use crate::aggregate::{AggregateError, AggregateStats, Aggregator, ClientIndex, check_common, check_dense};
 use crate::error::Misbehaviour;
 use crate::kind::{self, KindError, KindId, KindSettings, RuleSpec, RunShape, UpdateKind};
 use crate::model::ModelArch;
-use crate::rule::{VectorRule, Weighted, vector_rule};
+use crate::rule::{RoundRule, Weighted};
 use crate::wire::{ClientUpdate, ModelSync, UpdatePayload};
 
 /// The kind's name in configuration files.
@@ -101,7 +103,7 @@ pub(crate) struct DenseRound {
     /// The kind whose payloads this round takes.
     kind: KindId,
     name: &'static str,
-    rule: Box<dyn VectorRule>,
+    rule: RoundRule,
     dim: usize,
     /// Largest `|value|` accepted in a delta.
     bound: f32,
@@ -114,7 +116,12 @@ impl DenseRound {
     /// Rounds of `name`'s payloads (tag `kind`) combined by `rule`, refusing
     /// deltas with a value beyond `bound` in magnitude.
     pub(crate) fn new(kind: KindId, name: &'static str, rule: &RuleSpec, bound: f32) -> Self {
-        DenseRound { kind, name, rule: vector_rule(rule), dim: 0, bound, pending: Vec::new(), combined: Vec::new() }
+        DenseRound { kind, name, rule: RoundRule::new(rule), dim: 0, bound, pending: Vec::new(), combined: Vec::new() }
+    }
+
+    /// See [`Aggregator::know_attackers`].
+    pub(crate) fn know_attackers(&mut self, flagged: BTreeSet<ClientIndex>) {
+        self.rule.know_attackers(flagged);
     }
 
     pub(crate) fn begin(&mut self, dim: usize) {
@@ -219,6 +226,10 @@ impl Aggregator for FedAvg {
 
     fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour> {
         self.round.absorb(client, update)
+    }
+
+    fn know_attackers(&mut self, flagged: BTreeSet<ClientIndex>) {
+        self.round.know_attackers(flagged);
     }
 
     fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError> {

@@ -21,6 +21,8 @@
 use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeSet;
+
 use crate::aggregate::{AggregateError, AggregateStats, Aggregator, AggregatorState, ClientIndex, StateError};
 use crate::error::Misbehaviour;
 use crate::fedavg::{DENSE_RULES, DenseRound, commit_step, dense_model};
@@ -143,6 +145,10 @@ impl Aggregator for FedAvgM {
 
     fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour> {
         self.round.absorb(client, update)
+    }
+
+    fn know_attackers(&mut self, flagged: BTreeSet<ClientIndex>) {
+        self.round.know_attackers(flagged);
     }
 
     fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError> {

@@ -65,7 +65,7 @@ use crate::fedavg::{DENSE_RULES, dense_model};
 use crate::kind::{self, KindError, KindId, KindSettings, RuleSpec, RunShape, UpdateKind};
 use crate::model::ModelArch;
 use crate::prng::{DirectionApplier, Purpose, StreamId};
-use crate::rule::{VectorRule, Weighted, vector_rule};
+use crate::rule::{RoundRule, Weighted};
 use crate::wire::{ClientUpdate, LogBody, ModelSync, RoundLog, UpdatePayload};
 
 /// The kind's name in configuration files.
@@ -533,7 +533,7 @@ impl UpdateKind for FerretKind {
         Ok(Box::new(Ferret {
             cfg: self.cfg.clone(),
             blocks: self.blocks.clone(),
-            rule: vector_rule(rule),
+            rule: RoundRule::new(rule),
             rounds: run.rounds,
             bound: run.max_update_abs,
             round: 0,
@@ -565,7 +565,7 @@ impl UpdateKind for FerretKind {
 pub struct Ferret {
     cfg: FerretConfig,
     blocks: Vec<Range<usize>>,
-    rule: Box<dyn VectorRule>,
+    rule: RoundRule,
     /// Rounds of the run (the learning-rate schedule's length).
     rounds: u32,
     /// Largest `|coefficient|` accepted (the run's liveness bound).
@@ -606,6 +606,10 @@ impl Aggregator for Ferret {
     fn begin_round(&mut self, round: u32, _global: &[f32]) {
         self.round = round;
         self.pending.clear();
+    }
+
+    fn know_attackers(&mut self, flagged: std::collections::BTreeSet<ClientIndex>) {
+        self.rule.know_attackers(flagged);
     }
 
     fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour> {

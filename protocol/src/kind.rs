@@ -288,6 +288,20 @@ impl From<RuleSpec> for RuleRepr {
 }
 
 impl RuleSpec {
+    /// This rule with its attacker parameter set to `attackers` for a round
+    /// of `n` updates, capped at the most the round allows (`2·trim < n`;
+    /// `2f + 2 < n`, or 0). Rules without such a parameter are returned as
+    /// they are.
+    pub fn with_attackers(&self, attackers: usize, n: usize) -> RuleSpec {
+        let cap = |most: usize| attackers.min(most).try_into().unwrap_or(u32::MAX);
+        match *self {
+            RuleSpec::TrimmedMean { .. } => RuleSpec::TrimmedMean { trim: cap(n.saturating_sub(1) / 2) },
+            RuleSpec::Krum { .. } => RuleSpec::Krum { byzantine: cap(n.saturating_sub(3) / 2) },
+            RuleSpec::MultiKrum { .. } => RuleSpec::MultiKrum { byzantine: cap(n.saturating_sub(3) / 2) },
+            other => other,
+        }
+    }
+
     /// Name in configuration files and logs.
     pub fn name(&self) -> &'static str {
         match self {

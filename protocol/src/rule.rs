@@ -6,6 +6,8 @@
 //! it supports ([`crate::kind::UpdateKind::rules`]). Rules compute in f64 over
 //! a fixed order, so the result never depends on arrival order.
 
+use std::collections::BTreeSet;
+
 use crate::aggregate::ClientIndex;
 use crate::kind::RuleSpec;
 
@@ -38,6 +40,45 @@ pub fn vector_rule(spec: &RuleSpec) -> Box<dyn VectorRule> {
         RuleSpec::Krum { byzantine } => Box::new(MultiKrum { byzantine: byzantine as usize, multi: false }),
         RuleSpec::MultiKrum { byzantine } => Box::new(MultiKrum { byzantine: byzantine as usize, multi: true }),
         RuleSpec::NormClip { max_norm } => Box::new(NormClip { max_norm: f64::from(max_norm) }),
+    }
+}
+
+/// A run's rule as an aggregator holds it, with an optional simulation
+/// device: rules whose parameter is a number of attackers (trimmed mean's
+/// `trim`, Krum's `byzantine`) can be told each round's true count.
+#[derive(Debug)]
+pub struct RoundRule {
+    spec: RuleSpec,
+    rule: Box<dyn VectorRule>,
+    /// Known attackers ([`RoundRule::know_attackers`]).
+    attackers: Option<BTreeSet<ClientIndex>>,
+}
+
+impl RoundRule {
+    /// The rule `spec` names, with its configured parameter.
+    pub fn new(spec: &RuleSpec) -> Self {
+        RoundRule { spec: *spec, rule: vector_rule(spec), attackers: None }
+    }
+
+    /// From now on the rule's attacker parameter is the number of `flagged`
+    /// clients among each round's updates, as FRL's reference code runs its
+    /// trimmed mean and Multi-Krum (its server is told that count). A real
+    /// server cannot know it: this is for experiments that reproduce such
+    /// papers. Rules without an attacker parameter are unaffected.
+    pub fn know_attackers(&mut self, flagged: BTreeSet<ClientIndex>) {
+        self.attackers = Some(flagged);
+    }
+
+    /// The rule applied to a round of `updates`: the configured one, or with
+    /// known attackers the rule with their count among `updates`.
+    pub fn combine(&self, updates: &[Weighted<'_>], out: &mut [f64]) {
+        match &self.attackers {
+            None => self.rule.combine(updates, out),
+            Some(flagged) => {
+                let f = updates.iter().filter(|u| flagged.contains(&u.client)).count();
+                vector_rule(&self.spec.with_attackers(f, updates.len())).combine(updates, out);
+            }
+        }
     }
 }
 
@@ -258,6 +299,66 @@ mod tests {
 
     fn w(client: u32, weight: u64, values: &[f32]) -> Weighted<'_> {
         Weighted { client, weight, values }
+    }
+
+    #[test]
+    fn known_attackers_set_the_rules_parameter_to_their_count_in_the_round() {
+        // Clients 0..5 with 1-D values; 4 and 3 are the attackers.
+        let v = [[0.0f32], [1.0], [2.0], [30.0], [100.0]];
+        let ups: Vec<Weighted<'_>> = v.iter().enumerate().map(|(i, x)| w(i as u32, 1, x)).collect();
+        let mut out = [0f64];
+        let spec = RuleSpec::TrimmedMean { trim: 0 };
+        let mut rule = RoundRule::new(&spec);
+        rule.combine(&ups, &mut out);
+        assert_eq!(out, [26.6], "configured: trim 0, the plain mean");
+        rule.know_attackers([3, 4].into());
+        rule.combine(&ups, &mut out);
+        assert_eq!(out, [2.0], "two attackers in the round: trim 2 leaves the median");
+        rule.combine(&ups[..4], &mut out);
+        assert_eq!(out, [1.5], "one of them in a round of four: trim 1");
+        rule.combine(&ups[..3], &mut out);
+        assert_eq!(out, [1.0], "none: trim 0");
+
+        // Multi-Krum chooses n − 2f − 2 updates: 7 of 9 as configured
+        // (f = 0), 3 with the two attackers in the round (f = 2).
+        let mut krum = RoundRule::new(&RuleSpec::MultiKrum { byzantine: 0 });
+        let v: Vec<[f32; 1]> = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 9.0, 50.0].iter().map(|&x| [x]).collect();
+        let ups: Vec<Weighted<'_>> = v.iter().enumerate().map(|(i, x)| w(i as u32, 1, x)).collect();
+        let mean_of =
+            |chosen: Vec<usize>| chosen.iter().map(|&i| f64::from(v[i][0])).sum::<f64>() / chosen.len() as f64;
+        let configured = MultiKrum { byzantine: 0, multi: true }.choose(&ups);
+        assert_eq!(configured.len(), 7);
+        krum.combine(&ups, &mut out);
+        assert_eq!(out, [mean_of(configured)]);
+        krum.know_attackers([0, 8].into());
+        let known = MultiKrum { byzantine: 2, multi: true }.choose(&ups);
+        assert_eq!(known.len(), 3);
+        krum.combine(&ups, &mut out);
+        assert_eq!(out, [mean_of(known)]);
+        assert_ne!(
+            mean_of(MultiKrum { byzantine: 2, multi: true }.choose(&ups)),
+            mean_of(MultiKrum { byzantine: 0, multi: true }.choose(&ups))
+        );
+    }
+
+    #[test]
+    fn an_attacker_count_is_capped_at_what_the_round_allows() {
+        let tm = RuleSpec::TrimmedMean { trim: 1 };
+        assert_eq!(tm.with_attackers(3, 10), RuleSpec::TrimmedMean { trim: 3 });
+        assert_eq!(tm.with_attackers(10, 5), RuleSpec::TrimmedMean { trim: 2 });
+        assert_eq!(tm.with_attackers(10, 6), RuleSpec::TrimmedMean { trim: 2 });
+        let mk = RuleSpec::MultiKrum { byzantine: 1 };
+        assert_eq!(mk.with_attackers(10, 8), RuleSpec::MultiKrum { byzantine: 2 });
+        assert_eq!(mk.with_attackers(10, 2), RuleSpec::MultiKrum { byzantine: 0 });
+        assert_eq!(RuleSpec::Krum { byzantine: 1 }.with_attackers(0, 8), RuleSpec::Krum { byzantine: 0 });
+        assert_eq!(RuleSpec::Median.with_attackers(3, 10), RuleSpec::Median);
+        for n in 1..12 {
+            for f in 0..12 {
+                for spec in [tm, mk] {
+                    assert!(spec.with_attackers(f, n).check_round_size(n).is_ok() || n < 3, "{spec:?} {f} {n}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -171,6 +171,10 @@ impl<'a> Sim<'a> {
             // FRL's rule: no round with malicious clients half or more of it.
             coord.redraw_majority((0..malicious as u32).collect());
         }
+        if s.rule_knows_attackers {
+            // FRL's baselines: the rule is told each round's attacker count.
+            coord.rule_knows_attackers((0..malicious as u32).collect());
+        }
         let threads = match s.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -485,6 +489,13 @@ impl<'a> Sim<'a> {
         let attack = self.attack.as_ref().ok_or(SimError::Invariant("a malicious client without an attack"))?;
         let clients: Vec<usize> =
             batch.iter().filter(|j| j.slot < self.malicious && j.round == first.round).map(|j| j.slot).collect();
+        let malicious = self.malicious_sampled.get(&first.round).copied().unwrap_or(0).max(clients.len());
+        // With `rule_knows_attackers` the server's rule this round has the
+        // round's count as its parameter, and the tailored attacks know it.
+        let rule = match self.s.rule_knows_attackers {
+            true => self.s.rule.with_attackers(malicious, self.s.clients_per_round),
+            false => self.s.rule,
+        };
         let env = AttackEnv {
             run: &self.run_config,
             shards: &self.shards,
@@ -493,9 +504,8 @@ impl<'a> Sim<'a> {
             device: self.device,
             seed: self.s.seed,
             per_round: self.s.clients_per_round,
-            rule: self.s.rule,
+            rule,
         };
-        let malicious = self.malicious_sampled.get(&first.round).copied().unwrap_or(0).max(clients.len());
         let task = RoundTask { round: first.round, seed: first.seed, model: &first.model, malicious };
         attack.craft(&env, &task, &clients)
     }

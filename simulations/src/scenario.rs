@@ -252,6 +252,13 @@ pub struct Scenario {
     /// (deterministically, from the round's own generator) while malicious
     /// clients are half or more of it. Default false (plain sampling).
     pub redraw_majority: bool,
+    /// As FRL's code runs its baselines: the rule's attacker parameter
+    /// (trimmed mean's `trim`, Krum's and Multi-Krum's `byzantine`) is, each
+    /// round, the number of malicious clients among the round's updates
+    /// instead of the configured value (which then only sizes the quorum
+    /// check). A real server cannot know it; the rule-tailored attacks then
+    /// craft for the same count. Default false.
+    pub rule_knows_attackers: bool,
     /// Worker threads for the clients' local training. Each client's
     /// training is single-threaded and its result does not depend on the
     /// thread, so the metrics are identical for any value. Default 0: one per
@@ -288,6 +295,7 @@ impl Default for Scenario {
             train_range: None,
             attack: None,
             redraw_majority: false,
+            rule_knows_attackers: false,
             threads: 0,
             device: tally_kernels::DeviceChoice::Cpu,
         }
@@ -402,6 +410,15 @@ impl Scenario {
         tally_protocol::kind::check_rule(settings.build(&self.model)?.as_ref(), &self.rule)?;
         // The rule's parameters must hold for a round of quorum size.
         self.rule.check_round_size(self.quorum.unwrap_or(self.clients_per_round))?;
+        if self.rule_knows_attackers
+            && self.rule.with_attackers(0, self.clients_per_round)
+                == self.rule.with_attackers(1, self.clients_per_round)
+        {
+            return bad(&format!(
+                "rule_knows_attackers: rule {} has no attacker parameter (only trimmed-mean, krum and multi-krum do)",
+                self.rule
+            ));
+        }
         if let Some(spec) = &self.attack {
             let attack = spec.build()?;
             attack.check(&settings)?;

@@ -283,6 +283,8 @@ fn bad_attack_settings_are_refused_naming_the_field() {
         assert!(err.contains(needle), "{toml_text}: {err}");
     };
     refused("attack = { kind = \"sign-flop\", fraction = 0.1 }", "sign-flop");
+    refused("rule_knows_attackers = true", "rule_knows_attackers: rule mean has no attacker parameter");
+    refused("rule_knows_attackers = true\nrule = \"median\"", "rule_knows_attackers");
     refused("attack = { kind = \"gaussian\", fraction = 1.0 }", "fraction");
     refused("attack = { kind = \"lie\", fraction = -0.1 }", "fraction");
     refused("attack = { kind = \"sign-flip\", fraction = 0.1, scale = -1.0 }", "scale");
@@ -341,4 +343,40 @@ fn redraw_majority_keeps_malicious_clients_a_minority() {
     let plain = counts(&Scenario { redraw_majority: false, ..s.clone() });
     assert!(plain.iter().any(|&m| 2 * m >= 4), "{plain:?}");
     assert_eq!(counts(&s), redrawn);
+}
+
+/// FRL's baselines are told each round's attacker count
+/// (`rule_knows_attackers`): a round without attackers is combined with the
+/// parameter 0 whatever is configured, and a round with some trims exactly
+/// that many values at each end. That removes every ×100 sign-flipped value
+/// (always the most extreme), so the run learns, though more slowly than a
+/// clean one (honest values are trimmed from the other end only, which
+/// shrinks the step); the untold trimmed mean (trim 0, the plain mean) is
+/// ruined.
+#[test]
+fn a_rule_told_its_attackers_trims_exactly_that_many() {
+    let split = split();
+    let hash = |r: &SimReport| r.records.last().unwrap().model_hash.clone();
+    let short = Scenario { rounds: 2, ..scenario() };
+    let untold_clean = run(&Scenario { rule: RuleSpec::TrimmedMean { trim: 0 }, ..short.clone() }, &split);
+    let told_clean =
+        run(&Scenario { rule: RuleSpec::TrimmedMean { trim: 3 }, rule_knows_attackers: true, ..short.clone() }, &split);
+    assert_eq!(hash(&told_clean), hash(&untold_clean), "no attacker: trim 0");
+    let trim3 = run(&Scenario { rule: RuleSpec::TrimmedMean { trim: 3 }, ..short }, &split);
+    assert_ne!(hash(&trim3), hash(&untold_clean), "the configured trim matters when not told");
+
+    let attacked = |trim: u32, told: bool| Scenario {
+        rule: RuleSpec::TrimmedMean { trim },
+        rule_knows_attackers: told,
+        attack: Some(AttackSpec::SignFlip { fraction: 0.2, scale: 100.0 }),
+        ..scenario()
+    };
+    let clean = acc(&run(&Scenario { rule: RuleSpec::TrimmedMean { trim: 0 }, ..scenario() }, &split));
+    let told = run(&attacked(0, true), &split);
+    let untold = acc(&run(&attacked(0, false), &split));
+    assert!(told.records.iter().any(|r| r.malicious.unwrap_or(0) > 0));
+    let told = acc(&told);
+    // Measured: clean 0.61, told 0.29, untold 0.10 (chance).
+    assert!(untold < 0.15, "untold: {untold}");
+    assert!(told > untold + 0.15 && told < clean, "told: {told}, untold {untold}, clean {clean}");
 }
