@@ -6,7 +6,8 @@
 //! Counts are integers; a caller with fixed-point data scales to integers
 //! first and declares the domain (and so the sensitivity) in scaled units.
 //!
-//! **Tree.** `L = ⌈log₂T⌉ + 1` levels. Node `(ℓ, i)` covers records
+//! **Tree.** `L = ⌊log₂T⌋ + 1` levels (the bit length of `T`: the levels
+//! whose first node completes by `T`). Node `(ℓ, i)` covers records
 //! `i·2^ℓ + 1 ..= (i+1)·2^ℓ`; its noisy value is the exact sum of its records
 //! plus independent noise per coordinate, drawn when the node completes (at
 //! `t = (i+1)·2^ℓ`). The release at `t` sums the nodes of the dyadic
@@ -277,9 +278,14 @@ pub struct TreeCounter {
     noisy: Vec<Vec<i64>>,
 }
 
-/// `⌈log₂T⌉ + 1` for `T ≥ 1`.
+/// `⌊log₂T⌋ + 1` for `T ≥ 1` (1 for `T = 0`): every `t ≤ T` is below
+/// `2^L`, so its dyadic decomposition uses levels `0..L` only, and each of
+/// them completes a node by `T`, so the whole budget is spent by `T`. (Up
+/// to 2026-12-05 this was `⌈log₂T⌉ + 1`, one level more when `T` is not a
+/// power of two: a level that never completed, so such runs spent only
+/// part of their budget and drew more noise than needed.)
 pub fn levels_for(horizon: u64) -> usize {
-    if horizon <= 1 { 1 } else { (64 - (horizon - 1).leading_zeros()) as usize + 1 }
+    (64 - horizon.leading_zeros()).max(1) as usize
 }
 
 impl TreeCounter {
@@ -501,7 +507,7 @@ mod tests {
 
     #[test]
     fn dp_tree_levels() {
-        assert_eq!([1, 2, 3, 4, 5, 8, 9].map(levels_for), [1, 2, 3, 3, 4, 4, 5]);
+        assert_eq!([1, 2, 3, 4, 5, 7, 8, 9, 50, 64].map(levels_for), [1, 2, 2, 3, 3, 3, 4, 4, 6, 7]);
         assert_eq!(levels_for(MAX_HORIZON), 33);
     }
 
@@ -511,10 +517,11 @@ mod tests {
     /// against a node variance off by 2× (or against L nodes instead of
     /// popcount(t)) must reject.
     fn check_tree_variance(noise: TreeNoise, node_var: f64, node_m4: f64, seeds: u64, dim: usize) {
-        let horizon = 15; // L = 5; t = 1..15 covers popcounts 1 to 4
+        // A tree of T = 16 (L = 5); t = 1..15 covers popcounts 1 to 4.
+        let horizon = 15;
         let mut errors: Vec<Vec<i64>> = vec![Vec::new(); horizon as usize];
         for seed in 0..seeds {
-            let mut c = TreeCounter::new(cfg(horizon, dim, noise, 1000 + seed)).unwrap();
+            let mut c = TreeCounter::new(cfg(16, dim, noise, 1000 + seed)).unwrap();
             let mut truth = vec![0i64; dim];
             for t in 1..=horizon {
                 let x = record(t, dim);
@@ -554,7 +561,7 @@ mod tests {
     fn dp_tree_gaussian_error_variance_is_popcount_times_sigma2() {
         // d = 500, L = 5, ρ = 1/2: σ² = L·d/(2ρ) = 2500.
         let noise = TreeNoise::Gaussian { rho: r(1, 2) };
-        let c = TreeCounter::new(cfg(15, 500, noise, 0)).unwrap();
+        let c = TreeCounter::new(cfg(16, 500, noise, 0)).unwrap();
         assert_eq!(c.gaussian_variance(), Some(Ratio::integer(2500)));
         let b = 2500;
         let p = pmf(&gauss_weight(2500.0), b * 4);
@@ -567,7 +574,7 @@ mod tests {
     fn dp_tree_laplace_error_variance_is_popcount_times_laplace_variance() {
         // d = 20, L = 5, ε = 10: scale = L·d/ε = 10.
         let noise = TreeNoise::Laplace { epsilon: Ratio::integer(10) };
-        let c = TreeCounter::new(cfg(15, 20, noise, 0)).unwrap();
+        let c = TreeCounter::new(cfg(16, 20, noise, 0)).unwrap();
         assert_eq!(c.laplace_scale(), Some(Ratio::integer(10)));
         let b = 10_000;
         let p = pmf(&laplace_weight(10.0), b);
@@ -630,8 +637,9 @@ mod tests {
     #[test]
     fn dp_tree_horizon_domain_and_accounting() {
         let eps = r(2, 1);
+        // T = 12: L = ⌊log₂12⌋ + 1 = 4 levels, all completing by T.
         let mut c = TreeCounter::new(cfg(12, 4, TreeNoise::Laplace { epsilon: eps }, 3)).unwrap();
-        assert_eq!(c.levels(), 5);
+        assert_eq!(c.levels(), 4);
         let before = c.state();
         assert!(matches!(c.step(&[0, 1, 2, 0]), Err(DpError::RecordOutOfDomain { .. })));
         assert!(matches!(c.step(&[0, 1]), Err(DpError::WrongDimension { .. })));
@@ -645,15 +653,16 @@ mod tests {
             if let Some(cost) = rel.charged {
                 assert!(t.is_power_of_two());
                 assert_eq!(ledger.charge(cost).unwrap(), rel.spent);
-                // ε/L = 2/5 per level: the third level (t = 4) would make 6/5 > 1.
+                // ε/L = 2/4 per level: the third level (t = 4) would make 3/2 > 1.
                 assert_eq!(small.charge(cost).is_ok(), t < 4, "t={t}");
             }
             // (⌊log₂t⌋ + 1) levels of ε/L each.
             let levels_used = u128::from(t.ilog2() + 1);
-            assert_eq!(rel.spent.epsilon, Some(r(2 * levels_used, 5)), "t={t}");
+            assert_eq!(rel.spent.epsilon, Some(r(2 * levels_used, 4)), "t={t}");
             assert_eq!(rel.spent, c.spent());
         }
-        assert!(c.spent().epsilon.unwrap() <= eps);
+        // The whole budget is spent by T (since t = 8), none of it wasted.
+        assert_eq!(c.spent().epsilon, Some(eps));
         let before = c.state();
         assert_eq!(c.step(&[0; 4]), Err(DpError::HorizonExhausted { horizon: 12 }));
         assert_eq!(c.state(), before);

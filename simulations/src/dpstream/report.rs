@@ -1029,7 +1029,7 @@ fn summary_table(m: &mut String, fits: &[FitRow]) {
         };
         let Some(f) = f else { continue };
         let against = match f.against {
-            "L" => "L = ⌈log₂T⌉+1",
+            "L" => "L = ⌊log₂T⌋+1",
             "T" => "T",
             _ => "d",
         };
@@ -1058,7 +1058,7 @@ fn fit_table(m: &mut String, fits: &[FitRow], exp: &str) {
     );
     let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|");
     for f in fits.iter().filter(|f| f.experiment == exp) {
-        let against = if f.against == "L" { "L = ⌈log₂T⌉+1" } else { f.against };
+        let against = if f.against == "L" { "L = ⌊log₂T⌋+1" } else { f.against };
         let _ = writeln!(
             m,
             "| {} | {} | {} | {} | {}–{} | {} | {} ({}) | {} | {} |",
