@@ -16,7 +16,9 @@
 //!
 //! `f` is the rule's own parameter (`trim`, `byzantine`) when the run uses
 //! the targeted rule, otherwise the number of malicious clients in the
-//! round (FRL's code, whose server is told that count).
+//! round (FRL's code, whose server is told that count). With the scenario's
+//! `rule_knows_attackers` the run's rule is given that count each round,
+//! and the attack sees the rule with it.
 //!
 //! Knowledge: the malicious clients collude, see their own benign updates
 //! (never honest clients' ones) and know the aggregation rule and its
