@@ -123,7 +123,7 @@ impl Default for ShakespeareSpec {
 }
 
 /// Where a scenario's `data` points.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DataSource {
     /// MNIST-format IDX files: `embedded` (`None`) or a directory.
     Mnist(Option<PathBuf>),
