@@ -166,6 +166,27 @@ device = "cpu"
     }
 
     #[test]
+    fn a_data_table_resolves_its_paths_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("client.toml");
+        std::fs::write(
+            &file,
+            "data = { format = \"npy\", train = \"x.npy\", train_labels = \"/abs/y.npy\", test_fraction = 0.2 }\n",
+        )
+        .unwrap();
+        let c = ClientConfig::from_file(&file).unwrap();
+        let Some(DataSpec::Files(f)) = c.data else { panic!("{:?}", c.data) };
+        assert_eq!(f.train, dir.path().join("x.npy"));
+        assert_eq!(f.train_labels, Some(PathBuf::from("/abs/y.npy")));
+        assert_eq!(f.test_fraction, Some(0.2));
+        // A mistake inside the table names the field.
+        let e = ClientConfig::parse("data = { format = \"csv\", trian = \"x.csv\" }").unwrap_err();
+        assert!(e.contains("trian"), "{e}");
+        let e = ClientConfig::parse("data = { format = \"xlsx\", train = \"x\" }").unwrap_err();
+        assert!(e.contains("xlsx"), "{e}");
+    }
+
+    #[test]
     fn the_example_file_parses() {
         let c = ClientConfig::parse(include_str!("../../deploy/client.example.toml")).unwrap();
         assert_eq!(c.server.as_deref(), Some("fl.example.org:4433"));

@@ -699,6 +699,34 @@ mod tests {
     }
 
     #[test]
+    fn real_valued_features_subset_validate_and_reach_the_model_unscaled() {
+        let d = Dataset::from_features(2, vec![0.5, -1.0, 2.0, 3.0, 4.0, 5.0], vec![1, 0, 1], 2).unwrap();
+        assert!(d.is_real() && d.pixels.is_empty());
+        assert_eq!((d.rows, d.cols, d.len()), (1, 2, 3));
+        let s = d.subset(&[2, 0]).unwrap();
+        assert_eq!(s.features.as_deref(), Some(&[4.0, 5.0, 0.5, -1.0][..]));
+        assert_eq!(s.labels, vec![1, 1]);
+        assert!(matches!(d.subset(&[3]), Err(DataError::IndexOutOfRange { index: 3, len: 3 })));
+        let table = [0.0f32; 256];
+        let mut out = Vec::new();
+        assert!(d.push_sample(1, &table, &mut out) && !d.push_sample(3, &table, &mut out));
+        assert_eq!(out, vec![2.0, 3.0]);
+        // Images still go through the byte table.
+        let img = Dataset::new(1, 2, vec![0, 255], vec![0], 1).unwrap();
+        let mut out = Vec::new();
+        let table: [f32; 256] = std::array::from_fn(|p| p as f32 / 255.0);
+        assert!(img.push_sample(0, &table, &mut out));
+        assert_eq!(out, vec![0.0, 1.0]);
+        // Invariants: the count, no pixels beside features, finite values.
+        assert!(matches!(Dataset::from_features(2, vec![0.0; 5], vec![0; 3], 2), Err(DataError::PixelCount { .. })));
+        let e = Dataset::from_features(2, vec![0.0, 1.0, f32::NAN, 0.0], vec![0, 1], 2).unwrap_err();
+        assert!(matches!(e, DataError::NonFinite { sample: 1, index: 2 }), "{e}");
+        let mut both = d.clone();
+        both.pixels = vec![0; 6];
+        assert!(both.validate().is_err());
+    }
+
+    #[test]
     fn load_dir_reports_missing_and_bad_files_with_paths() {
         let dir = tempfile::tempdir().unwrap();
         let err = load_mnist_dir(dir.path()).unwrap_err();

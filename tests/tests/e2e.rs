@@ -938,7 +938,11 @@ layers = [
     let args = |i: usize, dir: &std::path::Path| {
         let parts: Vec<Vec<usize>> = (0..3).map(|c| (0..150).filter(|k| k % 3 == c).collect()).collect();
         let partition = dir.join("parts.json");
-        std::fs::write(&partition, serde_json::to_string(&parts).unwrap()).unwrap();
+        // Written once, before the first client starts: a client reads it
+        // while the next one is being set up.
+        if !partition.exists() {
+            std::fs::write(&partition, serde_json::to_string(&parts).unwrap()).unwrap();
+        }
         // The samples linked beside the configuration file, named relatively.
         let link = dir.join("images");
         if !link.exists() {
