@@ -49,8 +49,8 @@ enum Command {
         arch: Option<String>,
         /// `embedded`, a directory of MNIST-format IDX files, or a
         /// file-based dataset as an inline TOML table (docs/data.md).
-        #[arg(long, default_value = "embedded", value_parser = parse_data)]
-        data: DataSpec,
+        #[arg(long, default_value = "embedded")]
+        data: String,
         /// Also write the dense export of an FRL model here: frozen weights
         /// × mask as plain conv/linear weights (docs/model-files.md).
         #[arg(long)]
@@ -338,7 +338,7 @@ fn real_main() -> anyhow::Result<()> {
                 tally_kernels::params_file::save_frl_dense(out, meta, &file.values)?;
                 eprintln!("wrote the dense export {}", out.display());
             }
-            let split = load_data(&data)?;
+            let split = load_data(&DataSpec::parse_arg(&data)?)?;
             let compute = device.open()?;
             let r = tally_kernels::params_file::evaluate_model_file(&model, &file, &split.test, &compute.device, 1000)?;
             println!("accuracy={:.4} loss={:.4} examples={}", r.accuracy(), r.mean_loss(), r.total);

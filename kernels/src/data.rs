@@ -227,12 +227,7 @@ impl Dataset {
 
     /// A dataset of real-valued feature rows (`rows = 1`, `cols = width`)
     /// after checking its invariants.
-    pub fn from_features(
-        width: usize,
-        features: Vec<f32>,
-        labels: Vec<u8>,
-        classes: usize,
-    ) -> Result<Self, DataError> {
+    pub fn from_features(width: usize, features: Vec<f32>, labels: Vec<u8>, classes: usize) -> Result<Self, DataError> {
         let d = Dataset { rows: 1, cols: width, pixels: Vec::new(), features: Some(features), labels, classes };
         d.validate()?;
         Ok(d)
@@ -337,7 +332,14 @@ impl Dataset {
                 features.extend_from_slice(row);
                 labels.push(label);
             }
-            return Ok(Dataset { features: Some(features), labels, pixels: Vec::new(), rows: self.rows, cols: self.cols, classes: self.classes });
+            return Ok(Dataset {
+                features: Some(features),
+                labels,
+                pixels: Vec::new(),
+                rows: self.rows,
+                cols: self.cols,
+                classes: self.classes,
+            });
         }
         let mut pixels = Vec::with_capacity(indices.len().saturating_mul(size));
         let mut labels = Vec::with_capacity(indices.len());

@@ -598,7 +598,10 @@ mod tests {
             let b = run_on_data(&s, &data, &dev, &mut |_| {}).unwrap();
             assert_eq!(a.records, b.records, "{name}: two runs differ");
             let (first, last) = (a.records[0].test_accuracy.unwrap(), a.final_accuracy().unwrap());
-            eprintln!("{name}: test accuracy {first:.4} -> {last:.4}, final hash {}", a.records.last().unwrap().model_hash);
+            eprintln!(
+                "{name}: test accuracy {first:.4} -> {last:.4}, final hash {}",
+                a.records.last().unwrap().model_hash
+            );
             assert_eq!(a.records.last().unwrap().test_examples, Some(60));
             assert!(last > floor && last > first, "{name}: {first} -> {last}");
         }

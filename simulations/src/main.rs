@@ -567,6 +567,11 @@ fn parse_rule(name: &str) -> Result<RuleSpec, String> {
         .map_err(|e| e.to_string())
 }
 
+/// `--data`: a name or an inline TOML table ([`DataSpec::parse_arg`](tally_kernels::data::formats::DataSpec::parse_arg)).
+fn parse_data(arg: &str) -> Result<tally_kernels::data::formats::DataSpec, String> {
+    tally_kernels::data::formats::DataSpec::parse_arg(arg).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -619,9 +624,4 @@ mod tests {
         assert!(parse_ratio("0").is_err() && parse_ratio("1/0").is_err());
         assert!(parse_pow2_range("9..3").is_err());
     }
-}
-
-/// `--data`: a name or an inline TOML table ([`DataSpec::parse_arg`](tally_kernels::data::formats::DataSpec::parse_arg)).
-fn parse_data(arg: &str) -> Result<tally_kernels::data::formats::DataSpec, String> {
-    tally_kernels::data::formats::DataSpec::parse_arg(arg).map_err(|e| e.to_string())
 }

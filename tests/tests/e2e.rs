@@ -974,7 +974,8 @@ fn mismatched_or_malformed_file_data_is_refused_by_the_client() {
     std::fs::write(&config, format!("train = {{ lr = 0.1, batch_size = 8, epochs = 1 }}\n{model}")).unwrap();
     let cfg = config.to_str().unwrap().to_string();
     // The server is dropped (killed) at the end: its one client fails.
-    let server = start_server(dir.path(), &[pk], &["--config", &cfg, "--rounds", "1", "--min-clients", "1", "--seed", "3"]);
+    let server =
+        start_server(dir.path(), &[pk], &["--config", &cfg, "--rounds", "1", "--min-clients", "1", "--seed", "3"]);
     let data = format!("{{ format = \"csv\", train = \"{}\" }}", samples().join("digits-train.csv").display());
     let mut client = start_client(dir.path(), "m0", &key, &server, &["--data", &data]);
     assert!(!client.wait().success());

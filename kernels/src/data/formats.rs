@@ -333,8 +333,7 @@ impl DataSpec {
         struct One {
             data: FileData,
         }
-        let one: One =
-            toml::from_str(&format!("data = {t}")).map_err(|e| FormatError::Spec(format!("{arg}: {e}")))?;
+        let one: One = toml::from_str(&format!("data = {t}")).map_err(|e| FormatError::Spec(format!("{arg}: {e}")))?;
         Ok(DataSpec::Files(one.data))
     }
 
@@ -353,9 +352,7 @@ impl DataSpec {
             DataSpec::Named(_) => Vec::new(),
             DataSpec::Files(d) => {
                 let mut v = vec![&mut d.train];
-                v.extend(
-                    [&mut d.test, &mut d.train_labels, &mut d.test_labels].into_iter().flat_map(|p| p.as_mut()),
-                );
+                v.extend([&mut d.test, &mut d.train_labels, &mut d.test_labels].into_iter().flat_map(|p| p.as_mut()));
                 v
             }
         }
@@ -582,14 +579,7 @@ fn assemble(spec: &FileData, train: RawSet, test: Option<RawSet>) -> Result<Load
     let make = |set: RawSet| -> Result<Dataset, FormatError> {
         let labels = to_classes(&set)?;
         let (rows, cols) = rows_cols(&set.shape);
-        let d = Dataset {
-            rows,
-            cols,
-            pixels: Vec::new(),
-            features: None,
-            labels,
-            classes: classes.max(1),
-        };
+        let d = Dataset { rows, cols, pixels: Vec::new(), features: None, labels, classes: classes.max(1) };
         let d = match set.values {
             Values::Bytes(pixels) => Dataset { pixels, ..d },
             Values::Reals(f) => Dataset { features: Some(f), ..d },
@@ -770,12 +760,8 @@ fn csv_fields(line: &str) -> Result<Vec<String>, (usize, &'static str)> {
 }
 
 fn parse_csv(file: &Path, bytes: &[u8], label: &LabelColumn) -> Result<RawSet, FormatError> {
-    let csv_err = |row: usize, column: String, reason: String| FormatError::Csv {
-        file: file.to_path_buf(),
-        row,
-        column,
-        reason,
-    };
+    let csv_err =
+        |row: usize, column: String, reason: String| FormatError::Csv { file: file.to_path_buf(), row, column, reason };
     let text = std::str::from_utf8(bytes).map_err(|e| {
         let row = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
         csv_err(row, "-".into(), format!("not UTF-8 text (byte {})", e.valid_up_to()))
@@ -785,9 +771,10 @@ fn parse_csv(file: &Path, bytes: &[u8], label: &LabelColumn) -> Result<RawSet, F
     let (_, head) = lines.next().ok_or_else(|| csv_err(1, "-".into(), "empty file: no header row".into()))?;
     let header = csv_fields(head).map_err(|(c, r)| csv_err(1, format!("#{}", c + 1), r.into()))?;
     let label_at = match label {
-        LabelColumn::Name(n) => header.iter().position(|h| h == n).ok_or_else(|| {
-            csv_err(1, n.clone(), format!("no such column in the header ({})", header.join(", ")))
-        })?,
+        LabelColumn::Name(n) => header
+            .iter()
+            .position(|h| h == n)
+            .ok_or_else(|| csv_err(1, n.clone(), format!("no such column in the header ({})", header.join(", "))))?,
         LabelColumn::Index(i) if *i < header.len() => *i,
         LabelColumn::Index(i) => {
             return Err(csv_err(1, format!("#{i}"), format!("the header has only {} columns", header.len())));
@@ -1112,7 +1099,10 @@ fn load_image_folders(spec: &FileData) -> Result<(RawSet, Option<RawSet>), Forma
                 if !classes.contains(&c) {
                     return Err(FormatError::Image {
                         file: dir.join(&c),
-                        reason: format!("class folder {c:?} is not among the training classes ({})", classes.join(", ")),
+                        reason: format!(
+                            "class folder {c:?} is not among the training classes ({})",
+                            classes.join(", ")
+                        ),
                     });
                 }
             }
@@ -1144,7 +1134,10 @@ fn sorted_entries(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>, FormatErro
         let path = entry.path();
         v.push((name, path.clone(), path.is_dir()));
         if v.len() > MAX_IMAGES {
-            return Err(FormatError::Image { file: dir.to_path_buf(), reason: format!("more than {MAX_IMAGES} entries") });
+            return Err(FormatError::Image {
+                file: dir.to_path_buf(),
+                reason: format!("more than {MAX_IMAGES} entries"),
+            });
         }
     }
     v.sort();
@@ -1182,7 +1175,10 @@ fn image_set(dir: &Path, classes: &[String]) -> Result<RawSet, FormatError> {
                 continue;
             }
             if labels.len() >= MAX_IMAGES {
-                return Err(FormatError::Image { file: dir.to_path_buf(), reason: format!("more than {MAX_IMAGES} images") });
+                return Err(FormatError::Image {
+                    file: dir.to_path_buf(),
+                    reason: format!("more than {MAX_IMAGES} images"),
+                });
             }
             let (shape, planar) = decode_png(&path)?;
             if let Some((f, s)) = first.as_ref().filter(|(_, s)| *s != shape) {
@@ -1204,7 +1200,10 @@ fn image_set(dir: &Path, classes: &[String]) -> Result<RawSet, FormatError> {
         }
     }
     let Some((_, [c, h, w])) = first else {
-        return Err(FormatError::Image { file: dir.to_path_buf(), reason: "no .png images in the class folders".into() });
+        return Err(FormatError::Image {
+            file: dir.to_path_buf(),
+            reason: "no .png images in the class folders".into(),
+        });
     };
     // One channel is stored as `[h, w]`, as MNIST is.
     let shape = if c == 1 { vec![h, w] } else { vec![c, h, w] };
@@ -1234,8 +1233,8 @@ fn class_labels(labels: Vec<RawLabel>, classes: &[String]) -> Vec<RawLabel> {
 fn decode_png(path: &Path) -> Result<([usize; 3], Vec<u8>), FormatError> {
     let ierr = |reason: String| FormatError::Image { file: path.to_path_buf(), reason };
     let bytes = read_file(path)?;
-    let mut limits = png::Limits::default();
-    limits.bytes = 4 * (MAX_IMAGE_SIDE as usize) * (MAX_IMAGE_SIDE as usize);
+    // The decoder's own allocation cap: an RGBA image of the largest side.
+    let limits = png::Limits { bytes: 4 * (MAX_IMAGE_SIDE as usize) * (MAX_IMAGE_SIDE as usize) };
     let mut decoder = png::Decoder::new_with_limits(std::io::Cursor::new(bytes), limits);
     decoder.set_transformations(png::Transformations::normalize_to_color8());
     let mut reader = decoder.read_info().map_err(|e| ierr(format!("not a readable PNG: {e}")))?;
@@ -1352,7 +1351,8 @@ mod tests {
     #[test]
     fn csv_errors_name_file_row_and_column() {
         let dir = tempfile::tempdir().unwrap();
-        let case = |name: &str, text: &str| err_text(load(&spec(Format::Csv, write(dir.path(), name, text.as_bytes()))));
+        let case =
+            |name: &str, text: &str| err_text(load(&spec(Format::Csv, write(dir.path(), name, text.as_bytes()))));
         let e = case("ragged.csv", "a,b,label\n1,2,x\n3,4\n");
         assert!(e.contains("ragged.csv") && e.contains("row 3") && e.contains("2 fields"), "{e}");
         let e = case("text.csv", "a,b,label\n1,2,x\n3,four,y\n");
@@ -1547,8 +1547,8 @@ mod tests {
         }
         let named: S = toml::from_str("data = \"data/mnist\"").unwrap();
         assert_eq!(named.data, DataSpec::from("data/mnist"));
-        let t: S = toml::from_str("data = { format = \"csv\", train = \"a.csv\", label = 3, standardize = true }")
-            .unwrap();
+        let t: S =
+            toml::from_str("data = { format = \"csv\", train = \"a.csv\", label = 3, standardize = true }").unwrap();
         let DataSpec::Files(f) = &t.data else { panic!("{:?}", t.data) };
         assert_eq!((f.format, f.label.clone(), f.standardize), (Format::Csv, Some(LabelColumn::Index(3)), true));
         assert_eq!(t.data.to_string(), "csv:a.csv");
