@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use tally_kernels::DeviceChoice;
+use tally_kernels::data::formats::DataSpec;
 
 /// Largest configuration file read: a few dozen short keys fit in far less;
 /// a bigger file is a mistake (a data file passed as `--config`), refused
@@ -64,8 +65,10 @@ pub struct ClientConfig {
     pub server_name: Option<String>,
     /// The client's key file.
     pub key: Option<PathBuf>,
-    /// `embedded` or a directory of MNIST-format IDX files.
-    pub data: Option<String>,
+    /// `embedded`, a directory of MNIST-format IDX files, or a table
+    /// describing a CSV, NumPy, safetensors or image-folder dataset
+    /// (`docs/data.md`).
+    pub data: Option<DataSpec>,
     /// This client's IID shard, `INDEX/COUNT`.
     pub shard: Option<String>,
     /// Seed of the IID sharding.
@@ -105,11 +108,18 @@ impl ClientConfig {
                 *p = base.join(&*p);
             }
         }
-        if let Some(d) = &mut config.data
-            && d != "embedded"
-            && Path::new(d.as_str()).is_relative()
-        {
-            *d = base.join(d.as_str()).to_string_lossy().into_owned();
+        match &mut config.data {
+            Some(DataSpec::Named(d)) if d != "embedded" && Path::new(d.as_str()).is_relative() => {
+                *d = base.join(d.as_str()).to_string_lossy().into_owned();
+            }
+            Some(spec @ DataSpec::Files(_)) => {
+                for p in spec.paths_mut() {
+                    if p.is_relative() {
+                        *p = base.join(&*p);
+                    }
+                }
+            }
+            _ => {}
         }
         Ok(config)
     }
@@ -149,10 +159,31 @@ device = "cpu"
         let c = ClientConfig::from_file(&file).unwrap();
         assert_eq!(c.server.as_deref(), Some("fl.example.org:4433"));
         assert_eq!(c.key, Some(dir.path().join("keys/device.key")));
-        assert_eq!(c.data, Some(dir.path().join("data/mnist").to_string_lossy().into_owned()));
+        assert_eq!(c.data, Some(DataSpec::Named(dir.path().join("data/mnist").to_string_lossy().into_owned())));
         assert_eq!(c.save_model, Some(PathBuf::from("/var/lib/tally/final.safetensors")));
         assert_eq!((c.shard.as_deref(), c.shard_seed, c.eval), (Some("2/5"), Some(7), Some(false)));
         assert_eq!((c.max_retries, c.connect_timeout_secs, c.device), (Some(100), Some(20), Some(DeviceChoice::Cpu)));
+    }
+
+    #[test]
+    fn a_data_table_resolves_its_paths_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("client.toml");
+        std::fs::write(
+            &file,
+            "data = { format = \"npy\", train = \"x.npy\", train_labels = \"/abs/y.npy\", test_fraction = 0.2 }\n",
+        )
+        .unwrap();
+        let c = ClientConfig::from_file(&file).unwrap();
+        let Some(DataSpec::Files(f)) = c.data else { panic!("{:?}", c.data) };
+        assert_eq!(f.train, dir.path().join("x.npy"));
+        assert_eq!(f.train_labels, Some(PathBuf::from("/abs/y.npy")));
+        assert_eq!(f.test_fraction, Some(0.2));
+        // A mistake inside the table names the field.
+        let e = ClientConfig::parse("data = { format = \"csv\", trian = \"x.csv\" }").unwrap_err();
+        assert!(e.contains("trian"), "{e}");
+        let e = ClientConfig::parse("data = { format = \"xlsx\", train = \"x\" }").unwrap_err();
+        assert!(e.contains("xlsx"), "{e}");
     }
 
     #[test]
@@ -170,7 +201,7 @@ device = "cpu"
         assert!(wrong_type.contains("max_retries"), "{wrong_type}");
         let device = ClientConfig::parse("device = \"tpu\"").unwrap_err();
         assert!(device.contains("tpu") || device.contains("device"), "{device}");
-        assert_eq!(ClientConfig::parse("data = \"embedded\"").unwrap().data.as_deref(), Some("embedded"));
+        assert_eq!(ClientConfig::parse("data = \"embedded\"").unwrap().data, Some(DataSpec::from("embedded")));
 
         let dir = tempfile::tempdir().unwrap();
         let big = dir.path().join("big.toml");

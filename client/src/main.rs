@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use tally_client::{ClientOptions, ServerTrust, keys, parse_arch};
+use tally_kernels::data::formats::DataSpec;
 use tally_kernels::data::{self, Split};
 
 /// Tally federated-learning client.
@@ -46,7 +47,8 @@ enum Command {
         /// for the others it must be the file's.
         #[arg(long)]
         arch: Option<String>,
-        /// `embedded` or a directory of MNIST-format IDX files.
+        /// `embedded`, a directory of MNIST-format IDX files, or a
+        /// file-based dataset as an inline TOML table (docs/data.md).
         #[arg(long, default_value = "embedded")]
         data: String,
         /// Also write the dense export of an FRL model here: frozen weights
@@ -136,9 +138,12 @@ struct RunArgs {
     #[arg(long, env = "TALLY_KEY")]
     key: Option<PathBuf>,
     /// `embedded` (a 10k/2k MNIST subset compiled in, the default) or a
-    /// directory of MNIST-format IDX files (raw or .gz), e.g. data/mnist.
-    #[arg(long, env = "TALLY_DATA")]
-    data: Option<String>,
+    /// directory of MNIST-format IDX files (raw or .gz), e.g. data/mnist, or
+    /// a CSV, NumPy, safetensors or image-folder dataset as an inline TOML
+    /// table: `{ format = "csv", train = "train.csv", test = "test.csv" }`
+    /// (docs/data.md). A client with its own file needs no shard.
+    #[arg(long, env = "TALLY_DATA", value_parser = parse_data)]
+    data: Option<DataSpec>,
     /// This client's IID shard of the training set, as INDEX/COUNT (e.g. 0/3).
     #[arg(long, env = "TALLY_SHARD")]
     shard: Option<String>,
@@ -178,7 +183,7 @@ struct RunSettings {
     ca: Option<PathBuf>,
     server_name: Option<String>,
     key: PathBuf,
-    data: String,
+    data: DataSpec,
     shard: Option<String>,
     shard_seed: u64,
     partition: Option<PathBuf>,
@@ -227,11 +232,27 @@ impl RunArgs {
     }
 }
 
-fn load_data(spec: &str) -> anyhow::Result<Split> {
-    if spec == "embedded" {
-        return Ok(data::embedded_mnist());
+fn load_data(spec: &DataSpec) -> anyhow::Result<Split> {
+    match spec {
+        DataSpec::Named(name) if name == "embedded" => Ok(data::embedded_mnist()),
+        DataSpec::Named(dir) => Ok(data::load_mnist_dir(std::path::Path::new(dir))?),
+        DataSpec::Files(files) => {
+            let loaded = data::formats::load(files)?;
+            eprintln!(
+                "data {files}: {} training and {} test samples of {}, {} classes",
+                loaded.split.train.len(),
+                loaded.split.test.len(),
+                loaded.describe_shape(),
+                loaded.class_names.len()
+            );
+            Ok(loaded.split)
+        }
     }
-    Ok(data::load_mnist_dir(std::path::Path::new(spec))?)
+}
+
+/// `--data`: a name or an inline TOML table.
+fn parse_data(arg: &str) -> Result<DataSpec, String> {
+    DataSpec::parse_arg(arg).map_err(|e| e.to_string())
 }
 
 /// Exit codes (README, "Exit codes"): scripts and service managers tell a
@@ -317,7 +338,7 @@ fn real_main() -> anyhow::Result<()> {
                 tally_kernels::params_file::save_frl_dense(out, meta, &file.values)?;
                 eprintln!("wrote the dense export {}", out.display());
             }
-            let split = load_data(&data)?;
+            let split = load_data(&DataSpec::parse_arg(&data)?)?;
             let compute = device.open()?;
             let r = tally_kernels::params_file::evaluate_model_file(&model, &file, &split.test, &compute.device, 1000)?;
             println!("accuracy={:.4} loss={:.4} examples={}", r.accuracy(), r.mean_loss(), r.total);
@@ -394,6 +415,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     println!("public key {}", identity.public_key());
     let split = load_data(&args.data).with_context(|| format!("loading data {}", args.data))?;
+    // A file-based set without a test part: nothing to evaluate on.
+    let eval = args.eval && !split.test.is_empty();
     let train = match (&args.shard, &args.partition) {
         (Some(shard), _) => {
             let (i, n) = shard
@@ -413,7 +436,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         (None, None) => split.train.clone(),
     };
-    eprintln!("training on {} examples; evaluating on {}", train.len(), if args.eval { split.test.len() } else { 0 });
+    eprintln!("training on {} examples; evaluating on {}", train.len(), if eval { split.test.len() } else { 0 });
     let (server, server_name) = resolve_server(&args.server)?;
     let compute = DeviceArgs { device: args.device }.open()?;
     let device_name = compute.description.clone();
@@ -424,7 +447,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         trust,
         identity,
         train,
-        eval: args.eval.then_some(split.test),
+        eval: eval.then_some(split.test),
         compute,
         max_retries: args.max_retries,
         initial_backoff: Duration::from_millis(500),

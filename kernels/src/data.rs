@@ -2,12 +2,15 @@
 //! images, a bounded reader for MNIST's IDX format (raw or gzip), the MNIST
 //! subset compiled into the library, and client partitions ([`partition`]).
 //! Also the Shakespeare next-character federation ([`shakespeare`]), whose
-//! 80-character windows are stored as one-row images of character ids.
+//! 80-character windows are stored as one-row images of character ids, and
+//! datasets in general formats ([`formats`]: CSV, NumPy, safetensors, PNG
+//! image folders), whose real-valued features a [`Dataset`] holds as `f32`.
 //!
 //! Nothing here touches burn: the trainer converts pixels to tensors itself.
 //! Every input is treated as hostile (a file on disk may be truncated, padded
 //! or a gzip bomb): parsing returns a [`DataError`] and never panics.
 
+pub mod formats;
 pub mod partition;
 pub mod shakespeare;
 
@@ -157,6 +160,17 @@ pub enum DataError {
         /// What is wrong there.
         reason: &'static str,
     },
+    /// A real-valued sample is NaN or infinite.
+    #[error("value {index} (sample {sample}) is not finite")]
+    NonFinite {
+        /// The sample.
+        sample: usize,
+        /// Position of the value in the flat feature array.
+        index: usize,
+    },
+    /// A file in one of the general formats ([`formats`]) is malformed.
+    #[error(transparent)]
+    Format(#[from] formats::FormatError),
     /// A play file has no speech (no speaker line followed by spoken text).
     #[error("no speeches found (expected speaker lines such as `Ham.` after a blank line)")]
     NoSpeeches,
@@ -168,19 +182,35 @@ impl DataError {
     }
 }
 
-/// Labelled greyscale images, stored contiguously.
+/// Labelled samples, stored contiguously: 8-bit images (the model sees
+/// `pixel / 255`) or real-valued feature rows (the model sees them as they
+/// are).
+///
+/// Images are kept as bytes because the simulator shares one dataset among
+/// all its clients and a byte is a quarter of an `f32`; tabular features
+/// (CSV, NumPy, safetensors) need real values, so they have their own
+/// storage in [`Dataset::features`]. A multi-channel image of `c × h × w` is
+/// stored channel after channel, as `c·h` rows of `w` (what a sequential
+/// model with input `[c, h, w]` takes).
 ///
 /// Invariants (checked by [`Dataset::new`] and by the trainer, since the fields
 /// are public so hosts can, e.g., flip labels for an attack simulation):
-/// `pixels.len() == labels.len() * rows * cols` and every label `< classes`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// with `features == None`, `pixels.len() == labels.len() * rows * cols`;
+/// with `features == Some(f)`, `pixels` is empty and
+/// `f.len() == labels.len() * rows * cols`, every value finite; every label
+/// `< classes`.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Dataset {
-    /// Image height.
+    /// Image height (`1` for feature rows).
     pub rows: usize,
-    /// Image width.
+    /// Image width (the feature count for feature rows).
     pub cols: usize,
     /// `len() * rows * cols` bytes, image after image, row-major, 0 = background.
+    /// Empty when the samples are real-valued ([`Dataset::features`]).
     pub pixels: Vec<u8>,
+    /// Real-valued samples instead of `pixels`: `len() * rows * cols` values,
+    /// sample after sample, given to the model unscaled. `None` for images.
+    pub features: Option<Vec<f32>>,
     /// One label per image.
     pub labels: Vec<u8>,
     /// Number of classes; every label is below it.
@@ -190,9 +220,48 @@ pub struct Dataset {
 impl Dataset {
     /// A dataset after checking its invariants.
     pub fn new(rows: usize, cols: usize, pixels: Vec<u8>, labels: Vec<u8>, classes: usize) -> Result<Self, DataError> {
-        let d = Dataset { rows, cols, pixels, labels, classes };
+        let d = Dataset { rows, cols, pixels, features: None, labels, classes };
         d.validate()?;
         Ok(d)
+    }
+
+    /// A dataset of real-valued feature rows (`rows = 1`, `cols = width`)
+    /// after checking its invariants.
+    pub fn from_features(width: usize, features: Vec<f32>, labels: Vec<u8>, classes: usize) -> Result<Self, DataError> {
+        let d = Dataset { rows: 1, cols: width, pixels: Vec::new(), features: Some(features), labels, classes };
+        d.validate()?;
+        Ok(d)
+    }
+
+    /// Whether the samples are real-valued feature rows rather than bytes.
+    pub fn is_real(&self) -> bool {
+        self.features.is_some()
+    }
+
+    /// The values of sample `i` as the model sees them, appended to `out`
+    /// (`table` maps a byte to its scaled value); false past the end.
+    pub fn push_sample(&self, i: usize, table: &[f32; 256], out: &mut Vec<f32>) -> bool {
+        match &self.features {
+            Some(f) => {
+                let size = self.image_size();
+                let Some(row) = i
+                    .checked_mul(size)
+                    .and_then(|a| Some((a, i.checked_add(1)?.checked_mul(size)?)))
+                    .and_then(|(a, b)| f.get(a..b))
+                else {
+                    return false;
+                };
+                out.extend_from_slice(row);
+                true
+            }
+            None => match self.image(i) {
+                Some(img) => {
+                    out.extend(img.iter().map(|&p| table[usize::from(p)]));
+                    true
+                }
+                None => false,
+            },
+        }
     }
 
     /// Checks the invariants documented on [`Dataset`].
@@ -206,8 +275,19 @@ impl Dataset {
             .checked_mul(self.rows)
             .and_then(|v| v.checked_mul(self.cols))
             .ok_or(DataError::PixelCount { expected: usize::MAX, actual: self.pixels.len() })?;
-        if self.pixels.len() != expected {
-            return Err(DataError::PixelCount { expected, actual: self.pixels.len() });
+        match &self.features {
+            None if self.pixels.len() != expected => {
+                return Err(DataError::PixelCount { expected, actual: self.pixels.len() });
+            }
+            None => {}
+            Some(f) => {
+                if f.len() != expected || !self.pixels.is_empty() {
+                    return Err(DataError::PixelCount { expected, actual: f.len() + self.pixels.len() });
+                }
+                if let Some(index) = f.iter().position(|v| !v.is_finite()) {
+                    return Err(DataError::NonFinite { sample: index / self.image_size().max(1), index });
+                }
+            }
         }
         if let Some((index, &label)) = self.labels.iter().enumerate().find(|&(_, &l)| usize::from(l) >= self.classes) {
             return Err(DataError::LabelOutOfRange { index, label, classes: self.classes });
@@ -241,6 +321,26 @@ impl Dataset {
     /// (repeats allowed). An index past the end is an error.
     pub fn subset(&self, indices: &[usize]) -> Result<Dataset, DataError> {
         let size = self.image_size();
+        if let Some(f) = &self.features {
+            let mut features = Vec::with_capacity(indices.len().saturating_mul(size));
+            let mut labels = Vec::with_capacity(indices.len());
+            for &index in indices {
+                let row = index.checked_mul(size).and_then(|a| f.get(a..a.checked_add(size)?));
+                let (Some(row), Some(&label)) = (row, self.labels.get(index)) else {
+                    return Err(DataError::IndexOutOfRange { index, len: self.len() });
+                };
+                features.extend_from_slice(row);
+                labels.push(label);
+            }
+            return Ok(Dataset {
+                features: Some(features),
+                labels,
+                pixels: Vec::new(),
+                rows: self.rows,
+                cols: self.cols,
+                classes: self.classes,
+            });
+        }
         let mut pixels = Vec::with_capacity(indices.len().saturating_mul(size));
         let mut labels = Vec::with_capacity(indices.len());
         for &index in indices {
@@ -250,7 +350,7 @@ impl Dataset {
             pixels.extend_from_slice(img);
             labels.push(label);
         }
-        Ok(Dataset { rows: self.rows, cols: self.cols, pixels, labels, classes: self.classes })
+        Ok(Dataset { rows: self.rows, cols: self.cols, pixels, features: None, labels, classes: self.classes })
     }
 
     /// Count of samples per class (length `classes`; labels `>= classes`, which
@@ -267,7 +367,7 @@ impl Dataset {
 }
 
 /// A training set and a test set.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Split {
     /// Training samples (partitioned among clients).
     pub train: Dataset,
@@ -598,6 +698,34 @@ mod tests {
         assert!(d.subset(&[]).unwrap().is_empty());
         assert!(matches!(Dataset::new(1, 2, vec![0; 5], vec![0; 3], 3), Err(DataError::PixelCount { .. })));
         assert!(matches!(Dataset::new(1, 1, vec![0], vec![0], 0), Err(DataError::BadClassCount(0))));
+    }
+
+    #[test]
+    fn real_valued_features_subset_validate_and_reach_the_model_unscaled() {
+        let d = Dataset::from_features(2, vec![0.5, -1.0, 2.0, 3.0, 4.0, 5.0], vec![1, 0, 1], 2).unwrap();
+        assert!(d.is_real() && d.pixels.is_empty());
+        assert_eq!((d.rows, d.cols, d.len()), (1, 2, 3));
+        let s = d.subset(&[2, 0]).unwrap();
+        assert_eq!(s.features.as_deref(), Some(&[4.0, 5.0, 0.5, -1.0][..]));
+        assert_eq!(s.labels, vec![1, 1]);
+        assert!(matches!(d.subset(&[3]), Err(DataError::IndexOutOfRange { index: 3, len: 3 })));
+        let table = [0.0f32; 256];
+        let mut out = Vec::new();
+        assert!(d.push_sample(1, &table, &mut out) && !d.push_sample(3, &table, &mut out));
+        assert_eq!(out, vec![2.0, 3.0]);
+        // Images still go through the byte table.
+        let img = Dataset::new(1, 2, vec![0, 255], vec![0], 1).unwrap();
+        let mut out = Vec::new();
+        let table: [f32; 256] = std::array::from_fn(|p| p as f32 / 255.0);
+        assert!(img.push_sample(0, &table, &mut out));
+        assert_eq!(out, vec![0.0, 1.0]);
+        // Invariants: the count, no pixels beside features, finite values.
+        assert!(matches!(Dataset::from_features(2, vec![0.0; 5], vec![0; 3], 2), Err(DataError::PixelCount { .. })));
+        let e = Dataset::from_features(2, vec![0.0, 1.0, f32::NAN, 0.0], vec![0, 1], 2).unwrap_err();
+        assert!(matches!(e, DataError::NonFinite { sample: 1, index: 2 }), "{e}");
+        let mut both = d.clone();
+        both.pixels = vec![0; 6];
+        assert!(both.validate().is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Tally's machine-learning kernels: datasets and client partitions
-//! ([`data`]), burn models matching `tally_protocol::model::ModelArch`
+//! ([`data`]: MNIST IDX, Shakespeare, and CSV, NumPy, safetensors and PNG
+//! image folders through [`data::formats`]), burn models matching `tally_protocol::model::ModelArch`
 //! ([`model`], including any sequential network described in a run's
 //! configuration), models written in Rust by the embedding program
 //! ([`custom`]: implement [`custom::BurnNet`] for a burn module, register

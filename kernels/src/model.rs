@@ -234,6 +234,14 @@ pub fn check_inputs(arch: &ModelArch, data: &crate::data::Dataset) -> Result<(),
         ModelArch::Sequential { layers, .. } => tally_protocol::sequential::takes_ids(layers),
         _ => None,
     };
+    // Token ids and the supermask models' native path read bytes: real
+    // values (CSV, float arrays) have no meaning there.
+    let bytes_only = vocab.is_some() || matches!(arch, ModelArch::Supermask(_) | ModelArch::FrlDense(_));
+    if bytes_only && data.is_real() {
+        return Err(KernelError::InvalidConfig(
+            "this model takes 8-bit inputs (images or token ids); the dataset holds real-valued features".into(),
+        ));
+    }
     if let Some(vocab) = vocab
         && let Some(index) = data.pixels.iter().position(|&p| u32::from(p) >= vocab)
     {

@@ -571,6 +571,12 @@ impl Supermask {
             });
         }
         data.validate()?;
+        if data.is_real() {
+            // The native kernels read bytes (`Dataset::image`).
+            return Err(KernelError::InvalidConfig(
+                "supermask models take 8-bit images; the dataset holds real-valued features".into(),
+            ));
+        }
         let classes = self.config.arch.classes();
         if let Some((index, &label)) = data.labels.iter().enumerate().find(|&(_, &l)| usize::from(l) >= classes) {
             return Err(KernelError::LabelOutOfRange { index, label, classes });

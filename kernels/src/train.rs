@@ -136,6 +136,9 @@ pub(crate) fn batch(
         if let (Some(img), Some(&l)) = (data.image(i), data.labels.get(i)) {
             x.extend(img.iter().map(|&p| table[usize::from(p)]));
             y.push(i64::from(l));
+        } else if data.is_real() && data.push_sample(i, table, &mut x) {
+            // Real-valued features go to the model as they are.
+            y.push(data.labels.get(i).map_or(0, |&l| i64::from(l)));
         }
     }
     let b = y.len();

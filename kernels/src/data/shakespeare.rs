@@ -330,7 +330,7 @@ pub struct ClientSpan {
 }
 
 /// Clients' examples, client after client, with where each one's are.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Federation {
     /// The clients in the order given.
     pub clients: Vec<ClientSpan>,
@@ -355,7 +355,14 @@ pub fn federation(roles: &[&Role], window: usize) -> Result<Federation, DataErro
     if window == 0 || window > 1024 {
         return Err(DataError::InvalidParameter(format!("window {window} is outside 1..=1024")));
     }
-    let empty = || Dataset { rows: 1, cols: window, pixels: Vec::new(), labels: Vec::new(), classes: VOCAB_SIZE };
+    let empty = || Dataset {
+        rows: 1,
+        cols: window,
+        pixels: Vec::new(),
+        features: None,
+        labels: Vec::new(),
+        classes: VOCAB_SIZE,
+    };
     let (mut train, mut test) = (empty(), empty());
     let mut spans = Vec::with_capacity(roles.len());
     for role in roles {
