@@ -95,6 +95,8 @@
 //! * `vote.rs`: the vote ([`FrlVote`]); `aggregator.rs`: its
 //!   [`Aggregator`] implementation.
 //! * `error.rs`: [`FrlError`].
+//! * `dp.rs`: private FRL ([`dp`], kind `frl-dp`): approval bitsets and
+//!   the mask released through continual DP top-k.
 //! * `kind.rs`: FRL as an update kind ([`FrlKind`], [`FrlSpec`]): settings,
 //!   payload faults, the published global ranking.
 
@@ -103,6 +105,7 @@ use crate::aggregate::Aggregator;
 
 mod aggregator;
 mod cache;
+pub mod dp;
 mod config;
 mod error;
 mod kind;
