@@ -25,7 +25,7 @@ pub mod spsa;
 
 pub use dense::{DenseLocal, dense_update};
 pub use ferret::FerretLocal;
-pub use frl::{FrlLocal, frl_network, frl_train_config, frl_update};
+pub use frl::{FrlDpLocal, FrlLocal, frl_network, frl_train_config, frl_update};
 pub use spsa::SpsaLocal;
 
 /// One client's round of local work: what every kind's

@@ -62,7 +62,7 @@ fn approvals_for(client: usize, round: u32) -> ClientUpdate {
             let w = crate::frl::keep_count(n, 0.5);
             let mut order: Vec<usize> = (0..n).collect();
             order.sort_by_key(|&e| {
-                if e < n / 8 { 0 } else { 1 + (crate::rng::mix(client as u64, round, e as u64) >> 1) }
+                if e < n / 8 { 0 } else { 1 + (crate::rng::mix(client as u64, round, e as u32) >> 1) }
             });
             let mut m = vec![false; n];
             for &e in &order[..w] {
