@@ -1154,7 +1154,8 @@ mod seeds {
         write("ferret_config", "too-many", &cfg_bytes(&too_many.resolve(4)));
 
         // frl_approvals: layer sizes, kept-set sizes, then the bitsets.
-        for (sizes, keep) in [(vec![3usize, 5], vec![2usize, 3]), (vec![64], vec![32]), (vec![1, 9, 17], vec![1, 4, 9])] {
+        for (sizes, keep) in [(vec![3usize, 5], vec![2usize, 3]), (vec![64], vec![32]), (vec![1, 9, 17], vec![1, 4, 9])]
+        {
             let masks: Vec<Vec<bool>> =
                 sizes.iter().zip(&keep).map(|(&n, &w)| (0..n).map(|e| (e * 5 + 3) % n < w).collect()).collect();
             let mut bytes = vec![(sizes.len() - 1) as u8];

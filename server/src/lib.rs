@@ -282,15 +282,15 @@ impl Server {
         let noise_seed = match kind {
             tally_protocol::KindSettings::DpFtrl(_) | tally_protocol::KindSettings::FrlDp(_) => {
                 match config.danger_insecure_noise_seed {
-                Some(v) => {
-                    warn!("TALLY_INSECURE_NOISE_SEED is set: the DP noise seed is guessable and protects nothing");
-                    Some(tally_protocol::dp::NoiseSeed::insecure_from_u64(v))
-                }
-                None => {
-                    let mut bytes = [0u8; 32];
-                    getrandom::fill(&mut bytes).map_err(|e| ServerError::Entropy(e.to_string()))?;
-                    Some(tally_protocol::dp::NoiseSeed::from_bytes(bytes))
-                }
+                    Some(v) => {
+                        warn!("TALLY_INSECURE_NOISE_SEED is set: the DP noise seed is guessable and protects nothing");
+                        Some(tally_protocol::dp::NoiseSeed::insecure_from_u64(v))
+                    }
+                    None => {
+                        let mut bytes = [0u8; 32];
+                        getrandom::fill(&mut bytes).map_err(|e| ServerError::Entropy(e.to_string()))?;
+                        Some(tally_protocol::dp::NoiseSeed::from_bytes(bytes))
+                    }
                 }
             }
             _ => None,

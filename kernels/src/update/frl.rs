@@ -50,7 +50,11 @@ impl LocalKind for FrlDpLocal<'_> {
         let scores = split_layers(&net, r.model)?;
         let (scores, report) = net.train(scores, r.data, &cfg, r.device)?;
         let approvals = tally_protocol::frl::dp::Approvals::from_masks(&net.masks(&scores));
-        Ok(ClientUpdate { num_samples: r.data.len() as u64, train_loss: report.mean_loss, payload: approvals.payload() })
+        Ok(ClientUpdate {
+            num_samples: r.data.len() as u64,
+            train_loss: report.mean_loss,
+            payload: approvals.payload(),
+        })
     }
 
     fn evaluate(

@@ -64,9 +64,9 @@ use std::collections::BTreeMap;
 use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 
-use super::{FrlKind, FrlRun, FrlSpec, FrlVote, MAX_RANKED_EDGES, MAX_RANKED_LAYERS, Ranking, encode};
 #[cfg(doc)]
 use super::MaskRule;
+use super::{FrlKind, FrlRun, FrlSpec, FrlVote, MAX_RANKED_EDGES, MAX_RANKED_LAYERS, Ranking, encode};
 use crate::aggregate::{
     AggregateError, AggregateStats, Aggregator, AggregatorState, ClientIndex, PrivacySpent, StateError, check_common,
 };
@@ -217,7 +217,11 @@ pub fn decode_approvals(bytes: &[u8], layer_sizes: &[usize], keep: &[usize]) -> 
 }
 
 /// [`decode_approvals`] of a tagged payload: refuses another kind first.
-pub fn decode_payload(payload: &UpdatePayload, layer_sizes: &[usize], keep: &[usize]) -> Result<Approvals, ApprovalError> {
+pub fn decode_payload(
+    payload: &UpdatePayload,
+    layer_sizes: &[usize],
+    keep: &[usize],
+) -> Result<Approvals, ApprovalError> {
     if payload.kind != ID {
         return Err(ApprovalError::WrongKind { expected: ID.0, got: payload.kind.0 });
     }
@@ -229,7 +233,9 @@ pub fn bad_approvals(e: ApprovalError) -> Misbehaviour {
     let fault = match e {
         ApprovalError::WrongKind { got, .. } => return Misbehaviour::KindMismatch { run: NAME, got: KindId(got) },
         ApprovalError::WrongLength { expected, got } => PayloadFault::Length { part: None, expected, got },
-        ApprovalError::WrongPopcount { layer, expected, got } => PayloadFault::Length { part: Some(layer), expected, got },
+        ApprovalError::WrongPopcount { layer, expected, got } => {
+            PayloadFault::Length { part: Some(layer), expected, got }
+        }
         ApprovalError::TrailingBits { layer } => PayloadFault::NonCanonical { part: layer },
     };
     Misbehaviour::BadPayload { kind: NAME, fault }
@@ -310,7 +316,13 @@ impl FrlDpSpec {
         };
         let target = PrivacyTarget::Zcdp { rho_units: to_units("rho", rho)? };
         let horizon = self.horizon.ok_or_else(|| KindError::invalid(NAME, "horizon (in rounds) is required"))?;
-        Ok(FrlDpConfig { run: self.frl.resolve(seed, arch)?, target, delta: self.delta, horizon, threshold: self.threshold })
+        Ok(FrlDpConfig {
+            run: self.frl.resolve(seed, arch)?,
+            target,
+            delta: self.delta,
+            horizon,
+            threshold: self.threshold,
+        })
     }
 }
 
@@ -320,7 +332,7 @@ pub fn mechanism_parameters(cfg: &FrlDpConfig, clients_per_round: usize) -> Resu
     let bad = |m: String| KindError::invalid(NAME, m);
     let horizon = u64::from(cfg.horizon)
         .checked_mul(clients_per_round.max(1) as u64)
-        .filter(|&t| t >= 1 && t <= MAX_HORIZON)
+        .filter(|t| (1..=MAX_HORIZON).contains(t))
         .ok_or_else(|| bad("horizon × clients_per_round must be in 1..=2^32 records".into()))?;
     let tau = cfg.threshold.unwrap_or(horizon.div_ceil(DEFAULT_THRESHOLD_DIVISOR)).max(1);
     let k_max = (2 * horizon).div_ceil(tau) + 1;
@@ -692,8 +704,13 @@ mod tests {
     fn aggregator(cfg: &FrlDpConfig, per_round: usize, seed: u64) -> Box<dyn Aggregator> {
         let a = arch();
         let seed = NoiseSeed::insecure_from_u64(seed);
-        let shape =
-            RunShape { arch: &a, clients_per_round: per_round, rounds: 10, max_update_abs: f32::MAX, noise_seed: Some(&seed) };
+        let shape = RunShape {
+            arch: &a,
+            clients_per_round: per_round,
+            rounds: 10,
+            max_update_abs: f32::MAX,
+            noise_seed: Some(&seed),
+        };
         let kind = FrlDpKind::new(cfg.clone(), &a).unwrap();
         kind.aggregator(&shape, &RuleSpec::Mean, &vec![0.0; cfg.run.vote.num_edges()]).unwrap()
     }
@@ -725,11 +742,8 @@ mod tests {
     fn frl_dp_approvals_round_trip_and_every_fault_is_typed() {
         let sizes = [3usize, 8, 10];
         let keep = [2usize, 4, 5];
-        let masks: Vec<Vec<bool>> = sizes
-            .iter()
-            .zip(&keep)
-            .map(|(&n, &w)| (0..n).map(|e| (e * 7 + 1) % n < w).collect())
-            .collect();
+        let masks: Vec<Vec<bool>> =
+            sizes.iter().zip(&keep).map(|(&n, &w)| (0..n).map(|e| (e * 7 + 1) % n < w).collect()).collect();
         let a = Approvals::from_masks(&masks);
         assert_eq!(a.as_bytes().len(), approvals_len(&sizes));
         assert_eq!(approvals_len(&sizes), 1 + 1 + 2);
@@ -756,7 +770,7 @@ mod tests {
         extra[0] |= 0x08; // bit 3 of a 3-edge layer
         assert_eq!(decode_approvals(&extra, &sizes, &keep), Err(ApprovalError::TrailingBits { layer: 0 }));
         let mut more = bytes.clone();
-        more[1] ^= more[1] ^ 0xff; // all 8 edges of layer 1
+        more[1] = 0xff; // all 8 edges of layer 1
         assert_eq!(
             decode_approvals(&more, &sizes, &keep),
             Err(ApprovalError::WrongPopcount { layer: 1, expected: 4, got: 8 })
@@ -769,7 +783,10 @@ mod tests {
         ));
         let wrong = UpdatePayload { kind: crate::frl::ID, data: bytes.clone() };
         assert_eq!(decode_payload(&wrong, &sizes, &keep), Err(ApprovalError::WrongKind { expected: 6, got: 2 }));
-        assert!(matches!(bad_approvals(ApprovalError::WrongKind { expected: 6, got: 2 }), Misbehaviour::KindMismatch { .. }));
+        assert!(matches!(
+            bad_approvals(ApprovalError::WrongKind { expected: 6, got: 2 }),
+            Misbehaviour::KindMismatch { .. }
+        ));
         assert!(approvals_len(&[MAX_RANKED_EDGES]) <= MAX_APPROVAL_BYTES);
     }
 
@@ -905,7 +922,10 @@ mod tests {
         let good = approvals_of(&cfg, |_, w| (0..w).collect());
         agg.absorb(0 as ClientIndex, &update(&good)).unwrap();
         assert!(matches!(agg.absorb(0 as ClientIndex, &update(&good)), Err(Misbehaviour::Duplicate(1))));
-        let frl = ClientUpdate { payload: UpdatePayload { kind: crate::frl::ID, data: good.as_bytes().to_vec() }, ..update(&good) };
+        let frl = ClientUpdate {
+            payload: UpdatePayload { kind: crate::frl::ID, data: good.as_bytes().to_vec() },
+            ..update(&good)
+        };
         assert!(matches!(agg.absorb(1 as ClientIndex, &frl), Err(Misbehaviour::KindMismatch { .. })));
         let heavy = approvals_of(&cfg, |l, w| (0..(w + 1).min(cfg.run.vote.layer_sizes[l])).collect());
         assert!(matches!(agg.absorb(1 as ClientIndex, &update(&heavy)), Err(Misbehaviour::BadPayload { .. })));

@@ -105,8 +105,8 @@ use crate::aggregate::Aggregator;
 
 mod aggregator;
 mod cache;
-pub mod dp;
 mod config;
+pub mod dp;
 mod error;
 mod kind;
 mod packing;

@@ -55,22 +55,23 @@ fn update_for(kind: crate::kind::KindId, client: usize, round: u32, dim: usize) 
 /// each layer in every round, so the cumulative counts have a clear top
 /// part for the mechanism to find.
 fn approvals_for(client: usize, round: u32) -> ClientUpdate {
-    let masks: Vec<Vec<bool>> = FRL_DP_NET
-        .layer_sizes()
-        .iter()
-        .map(|&n| {
-            let w = crate::frl::keep_count(n, 0.5);
-            let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by_key(|&e| {
-                if e < n / 8 { 0 } else { 1 + (crate::rng::mix(client as u64, round, e as u32) >> 1) }
-            });
-            let mut m = vec![false; n];
-            for &e in &order[..w] {
-                m[e] = true;
-            }
-            m
-        })
-        .collect();
+    let masks: Vec<Vec<bool>> =
+        FRL_DP_NET
+            .layer_sizes()
+            .iter()
+            .map(|&n| {
+                let w = crate::frl::keep_count(n, 0.5);
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by_key(|&e| {
+                    if e < n / 8 { 0 } else { 1 + (crate::rng::mix(client as u64, round, e as u32) >> 1) }
+                });
+                let mut m = vec![false; n];
+                for &e in &order[..w] {
+                    m[e] = true;
+                }
+                m
+            })
+            .collect();
     let payload = crate::frl::dp::Approvals::from_masks(&masks).payload();
     ClientUpdate { num_samples: 10 + client as u64, train_loss: 0.5, payload }
 }

@@ -222,7 +222,17 @@ fn svt_config(
     if total > rho {
         return Err(DpStreamError::Privacy(format!("SVT budget {total} exceeds rho {rho}")));
     }
-    Ok(SvtConfig { horizon, dim, target, threshold: tau, eps_svt: eps, eps_sel: eps, seed: noise.clone(), instance, sampler: Sampler::Scan })
+    Ok(SvtConfig {
+        horizon,
+        dim,
+        target,
+        threshold: tau,
+        eps_svt: eps,
+        eps_sel: eps,
+        seed: noise.clone(),
+        instance,
+        sampler: Sampler::Scan,
+    })
 }
 
 /// Permute-and-flip (McKenna–Sheldon 2020) with budget ε on utilities
