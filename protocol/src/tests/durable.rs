@@ -349,8 +349,8 @@ fn frl_dp_crashed_and_resumed_ends_with_the_uncrashed_model() {
         bits(net.coord.model())
     };
     assert_ne!(want, other_seed);
-    // The votes matter too: the released masks follow the common approvals
-    // (the first eighth of every layer is approved by everyone).
+    // And the run moved the model at all (the released masks differ from
+    // the initial scores' mask).
     assert_ne!(want, bits(&initial_model(&durable_config(Stateful::FrlDp))));
     crash_and_restore_at_every_point(Stateful::FrlDp);
     // The seed is in the server's state, not in what clients receive.
