@@ -618,6 +618,8 @@ impl Aggregator for FrlDp {
 
     fn state(&self) -> Option<AggregatorState> {
         let saved = Saved {
+            // A run has at least one layer (FrlConfig::validate), and every
+            // layer's mechanism shares the run's seed.
             seed: *self.svt_cfgs[0].seed.as_bytes(),
             svts: self.svts.iter().map(|m| m.state().clone()).collect(),
             ranking: self.vote.global.order.clone(),
