@@ -48,6 +48,7 @@ pub const TARGETS: &[Target] = &[
     ("ferret_config", ferret_config),
     ("frl_ranking", frl_ranking),
     ("frl_vote", frl_vote),
+    ("frl_approvals", frl_approvals),
     ("durable_snapshot", durable_snapshot),
     ("durable_record", durable_record),
     ("model_load", model_load),
@@ -314,6 +315,28 @@ pub fn frl_ranking(data: &[u8]) {
             assert!(distinct.len() == layer.len() && layer.iter().all(|&i| (i as usize) < layer.len()));
         }
         assert_eq!(frl::encode(&r), bytes, "a decoded ranking has another encoding");
+    }
+}
+
+/// Private FRL approval bitsets through [`frl::dp::decode_approvals`] with
+/// small layer sizes and kept-set sizes from the input. What decodes has
+/// exactly `keep[l]` approved edges below `n_l` per layer and re-encodes to
+/// the same bytes.
+pub fn frl_approvals(data: &[u8]) {
+    let mut c = Cursor::new(data);
+    let sizes = small_layers(&mut c);
+    let keep: Vec<usize> = sizes.iter().map(|&n| usize::from(c.u8()) % (n + 1)).collect();
+    let bytes = c.rest();
+    if let Ok(a) = frl::dp::decode_approvals(bytes, &sizes, &keep) {
+        let mut masks = Vec::with_capacity(sizes.len());
+        for (l, (&n, &w)) in sizes.iter().zip(&keep).enumerate() {
+            let on = a.approved(l);
+            assert!(on.len() == w && on.iter().all(|&e| (e as usize) < n), "approvals break the layer's bound");
+            let record = a.record(l);
+            assert_eq!(record.iter().sum::<i64>() as usize, w);
+            masks.push(record.iter().map(|&v| v == 1).collect::<Vec<bool>>());
+        }
+        assert_eq!(frl::dp::Approvals::from_masks(&masks).as_bytes(), bytes, "decoded approvals re-encode differently");
     }
 }
 
@@ -1129,6 +1152,23 @@ mod seeds {
         write("ferret_config", "all", &cfg_bytes(&all.resolve(4)));
         let too_many = crate::ferret::FerretSpec { k: 16384, ..Default::default() };
         write("ferret_config", "too-many", &cfg_bytes(&too_many.resolve(4)));
+
+        // frl_approvals: layer sizes, kept-set sizes, then the bitsets.
+        for (sizes, keep) in [(vec![3usize, 5], vec![2usize, 3]), (vec![64], vec![32]), (vec![1, 9, 17], vec![1, 4, 9])]
+        {
+            let masks: Vec<Vec<bool>> =
+                sizes.iter().zip(&keep).map(|(&n, &w)| (0..n).map(|e| (e * 5 + 3) % n < w).collect()).collect();
+            let mut bytes = vec![(sizes.len() - 1) as u8];
+            bytes.extend(sizes.iter().map(|&s| (s - 1) as u8));
+            bytes.extend(keep.iter().map(|&w| w as u8));
+            bytes.extend(frl::dp::Approvals::from_masks(&masks).as_bytes());
+            let name = sizes.iter().map(ToString::to_string).collect::<Vec<_>>().join("-");
+            write("frl_approvals", &name, &bytes);
+            // The same with one approval too many in the last layer.
+            let last = bytes.len() - 1;
+            bytes[last] |= 1;
+            write("frl_approvals", &format!("{name}-extra"), &bytes);
+        }
 
         // frl_ranking: layer sizes, then a packed ranking.
         for sizes in [vec![3usize, 5], vec![64], vec![1, 2, 17, 40]] {

@@ -9,8 +9,9 @@
 //! module implementing [`UpdateKind`]: [`crate::fedavg`] (dense deltas),
 //! [`crate::fedavgm`] (dense deltas with server momentum), [`crate::spsa`]
 //! (one byte per zeroth-order step, replicated), [`crate::frl`] (rankings),
-//! [`crate::ferret`] (seeded projections) and [`crate::dpftrl`] (dense deltas
-//! through the private tree).
+//! [`crate::ferret`] (seeded projections), [`crate::dpftrl`] (dense deltas
+//! through the private tree) and [`crate::frl::dp`] (approval bitsets, the
+//! mask through private continual top-k).
 //!
 //! An **aggregation rule** ([`RuleSpec`]) is a second, independent choice for
 //! kinds whose payload is a vector: how the round's vectors are combined
@@ -58,6 +59,9 @@ pub enum KindSettings {
     /// DP-FTRL ([`crate::dpftrl`]): clipped dense deltas summed through the
     /// private binary tree.
     DpFtrl(crate::dpftrl::DpFtrlConfig),
+    /// Private FRL ([`crate::frl::dp`]): approval bitsets, the global mask
+    /// released through continual DP top-k.
+    FrlDp(crate::frl::dp::FrlDpConfig),
 }
 
 impl KindSettings {
@@ -72,6 +76,7 @@ impl KindSettings {
             KindSettings::FedAvgM(cfg) => Arc::new(crate::fedavgm::FedAvgMKind::new(cfg.clone(), arch)?),
             KindSettings::Ferret(cfg) => Arc::new(crate::ferret::FerretKind::new(cfg.clone(), arch)?),
             KindSettings::DpFtrl(cfg) => Arc::new(crate::dpftrl::DpFtrlKind::new(cfg.clone(), arch)?),
+            KindSettings::FrlDp(cfg) => Arc::new(crate::frl::dp::FrlDpKind::new(cfg.clone(), arch)?),
         })
     }
 
@@ -84,6 +89,7 @@ impl KindSettings {
             KindSettings::FedAvgM(_) => crate::fedavgm::NAME,
             KindSettings::Ferret(_) => crate::ferret::NAME,
             KindSettings::DpFtrl(_) => crate::dpftrl::NAME,
+            KindSettings::FrlDp(_) => crate::frl::dp::NAME,
         }
     }
 }
@@ -404,6 +410,10 @@ pub enum AlgorithmSpec {
     /// DP-FTRL: dense deltas clipped, summed and released through the
     /// private binary tree.
     DpFtrl(crate::dpftrl::DpFtrlSpec),
+    /// Private FRL: approval votes, the mask released each round through
+    /// continual DP top-k over the cumulative counts (needs a supermask
+    /// model).
+    FrlDp(crate::frl::dp::FrlDpSpec),
 }
 
 impl Default for AlgorithmSpec {
@@ -423,6 +433,7 @@ impl AlgorithmSpec {
             AlgorithmSpec::Frl(s) => KindSettings::Frl(s.resolve(seed, arch)?),
             AlgorithmSpec::Ferret(s) => KindSettings::Ferret(s.resolve(seed)),
             AlgorithmSpec::DpFtrl(s) => KindSettings::DpFtrl(s.resolve()?),
+            AlgorithmSpec::FrlDp(s) => KindSettings::FrlDp(s.resolve(seed, arch)?),
         };
         // Validates the settings against the model.
         settings.build(arch)?;

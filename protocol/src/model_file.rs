@@ -120,6 +120,7 @@ impl ModelMeta {
             rounds: Some(rounds),
             frl: match &run.kind {
                 KindSettings::Frl(frl) => Some(frl.clone()),
+                KindSettings::FrlDp(cfg) => Some(cfg.run.clone()),
                 _ => None,
             },
         }
@@ -130,6 +131,7 @@ impl ModelMeta {
     pub fn of_kind(arch: ModelArch, kind: &KindSettings, rounds: Option<u32>) -> ModelMeta {
         let frl = match kind {
             KindSettings::Frl(frl) => Some(frl.clone()),
+            KindSettings::FrlDp(cfg) => Some(cfg.run.clone()),
             _ => None,
         };
         ModelMeta { arch, algorithm: Some(kind.name().to_owned()), run_id: None, rounds, frl }

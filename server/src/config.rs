@@ -751,6 +751,19 @@ mod tests {
         let err = parse("algorithm = { kind = \"dp-ftrl\", epsilon = 2.0 }").unwrap_err().to_string();
         assert!(err.contains("horizon"), "{err}");
         assert!(parse("rule = \"median\"\nalgorithm = { kind = \"dp-ftrl\", rho = 0.1, horizon = 5 }").is_err());
+        // Private FRL: a supermask model, the budget, horizon, threshold and
+        // FRL's settings from the file; a dense model or no horizon refused.
+        let sm = "model = { kind = \"supermask\", net = \"conv2\", channels = 1, side = 2, classes = 2 }\n";
+        let cfg = parse(&format!(
+            "{sm}algorithm = {{ kind = \"frl-dp\", epsilon = 4.0, horizon = 7, threshold = 5, frl = {{ mask = \"one-sided-top-k\" }} }}"
+        ))
+        .unwrap();
+        assert!(matches!(cfg.kind_settings(9).unwrap(), KindSettings::FrlDp(d)
+            if d.horizon == 7 && d.threshold == Some(5) && d.run.seed == 9
+                && d.run.vote.mask == tally_protocol::frl::MaskRule::OneSidedTopK));
+        assert!(parse("algorithm = { kind = \"frl-dp\", epsilon = 4.0, horizon = 7 }").is_err());
+        let err = parse(&format!("{sm}algorithm = {{ kind = \"frl-dp\", epsilon = 4.0 }}")).unwrap_err().to_string();
+        assert!(err.contains("horizon"), "{err}");
         let unknown = RawConfig::parse(Path::new("t.toml"), "algorithm = { kind = \"nope\" }").unwrap_err();
         assert!(unknown.to_string().contains("expected one of `fedavg`, `fedavgm`, `spsa`, `frl`"), "{unknown}");
     }

@@ -280,17 +280,19 @@ impl Server {
         // from it). A resumed run's saved seed, in the aggregator's durable
         // state, wins over the one drawn here.
         let noise_seed = match kind {
-            tally_protocol::KindSettings::DpFtrl(_) => match config.danger_insecure_noise_seed {
-                Some(v) => {
-                    warn!("TALLY_INSECURE_NOISE_SEED is set: the DP noise seed is guessable and protects nothing");
-                    Some(tally_protocol::dp::NoiseSeed::insecure_from_u64(v))
+            tally_protocol::KindSettings::DpFtrl(_) | tally_protocol::KindSettings::FrlDp(_) => {
+                match config.danger_insecure_noise_seed {
+                    Some(v) => {
+                        warn!("TALLY_INSECURE_NOISE_SEED is set: the DP noise seed is guessable and protects nothing");
+                        Some(tally_protocol::dp::NoiseSeed::insecure_from_u64(v))
+                    }
+                    None => {
+                        let mut bytes = [0u8; 32];
+                        getrandom::fill(&mut bytes).map_err(|e| ServerError::Entropy(e.to_string()))?;
+                        Some(tally_protocol::dp::NoiseSeed::from_bytes(bytes))
+                    }
                 }
-                None => {
-                    let mut bytes = [0u8; 32];
-                    getrandom::fill(&mut bytes).map_err(|e| ServerError::Entropy(e.to_string()))?;
-                    Some(tally_protocol::dp::NoiseSeed::from_bytes(bytes))
-                }
-            },
+            }
             _ => None,
         };
         let coordinator_config = CoordinatorConfig {

@@ -36,6 +36,39 @@ impl LocalKind for FrlLocal<'_> {
     }
 }
 
+/// Private FRL's local round ([`tally_protocol::frl::dp`]) and evaluation:
+/// trained exactly as FRL's, but the update is the approval bitset of the
+/// client's kept set (its mask after training) instead of its ranking.
+#[derive(Clone, Copy, Debug)]
+pub struct FrlDpLocal<'a>(pub &'a FrlRun);
+
+impl LocalKind for FrlDpLocal<'_> {
+    fn train(&self, r: &LocalRound<'_>) -> Result<ClientUpdate, KernelError> {
+        let frl = self.0;
+        let net = frl_network(&r.run.arch, frl)?;
+        let cfg = frl_train_config(r.run, frl, r.round, r.seed);
+        let scores = split_layers(&net, r.model)?;
+        let (scores, report) = net.train(scores, r.data, &cfg, r.device)?;
+        let approvals = tally_protocol::frl::dp::Approvals::from_masks(&net.masks(&scores));
+        Ok(ClientUpdate {
+            num_samples: r.data.len() as u64,
+            train_loss: report.mean_loss,
+            payload: approvals.payload(),
+        })
+    }
+
+    fn evaluate(
+        &self,
+        run: &RunConfig,
+        model: &[f32],
+        data: &Dataset,
+        device: &Device,
+        batch_size: usize,
+    ) -> Result<EvalReport, KernelError> {
+        FrlLocal(self.0).evaluate(run, model, data, device, batch_size)
+    }
+}
+
 /// FRL's local round: the global scores `model` trained on `data` with the
 /// run's settings (round `r` at `lr · lr_decay^(r−1)`), returned as the
 /// client's packed ranking.

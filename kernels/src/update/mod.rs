@@ -25,7 +25,7 @@ pub mod spsa;
 
 pub use dense::{DenseLocal, dense_update};
 pub use ferret::FerretLocal;
-pub use frl::{FrlLocal, frl_network, frl_train_config, frl_update};
+pub use frl::{FrlDpLocal, FrlLocal, frl_network, frl_train_config, frl_update};
 pub use spsa::SpsaLocal;
 
 /// One client's round of local work: what every kind's
@@ -82,6 +82,8 @@ pub fn local_kind(settings: &KindSettings) -> Box<dyn LocalKind + '_> {
         // DP-FTRL clients train as FedAvg's do; clipping and noise are the
         // server's (a client can't be trusted to clip).
         KindSettings::DpFtrl(_) => Box::new(DenseLocal { kind: tally_protocol::dpftrl::ID }),
+        // Private FRL clients train as FRL's do and send their kept set.
+        KindSettings::FrlDp(cfg) => Box::new(FrlDpLocal(&cfg.run)),
     }
 }
 

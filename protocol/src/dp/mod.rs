@@ -35,7 +35,7 @@ pub use accountant::{Accountant, Budget, Cost, Spent};
 pub use noise::{NoiseSeed, NoiseSource};
 pub use ratio::Ratio;
 pub use sampler::{DiscreteGaussian, DiscreteLaplace};
-pub use svt::{SparseVector, SvtConfig, SvtState, Target};
+pub use svt::{Sampler, SparseVector, SvtConfig, SvtState, Target};
 pub use tree::{ClipNorm, RecordDomain, TreeConfig, TreeCounter, TreeNoise, TreeState};
 
 /// Why a DP parameter, record or release was refused.

@@ -101,6 +101,29 @@ pub struct SvtConfig {
     pub seed: NoiseSeed,
     /// Which mechanism of the run this is (the `round` of its streams).
     pub instance: u32,
+    /// How PF-top-k draws its selection.
+    pub sampler: Sampler,
+}
+
+/// How PF-top-k is run. Both draw from exactly the same distribution (the
+/// selection's law depends only on the utilities); they read the noise
+/// stream differently, so a run keeps the one it started with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Sampler {
+    /// Lazy Fisher–Yates over the candidates in canonical order, re-sorted
+    /// after each pick: `O(k·d·log d)` per refresh. Fine for the stream
+    /// experiments' small d; the original, whose outputs existing results
+    /// were made with.
+    #[default]
+    Scan,
+    /// Candidates grouped by their count ("buckets"): a uniformly random
+    /// unvisited candidate is a bucket drawn with probability proportional
+    /// to its unvisited members, and since members of a bucket are
+    /// exchangeable the accepted one is uniform among the bucket's
+    /// remaining members. `O(d + k·b)` per refresh for `b ≤ T + 1` distinct
+    /// counts when acceptance is likely (as it is when `ε_sel/k` is small),
+    /// so a layer of 1.6 M edges with `k = d/2` is feasible.
+    Buckets,
 }
 
 impl SvtConfig {
@@ -301,6 +324,9 @@ impl SparseVector {
 
     /// PF-top-k (module docs) over `counts`, from refresh stream `refresh`.
     fn select(&self, counts: &[u64], k: usize, refresh: u64) -> Result<Vec<u32>, DpError> {
+        if self.cfg.sampler == Sampler::Buckets {
+            return self.select_buckets(counts, k, refresh);
+        }
         let mut src = self.stream(SELECT_STREAM, refresh);
         let mut candidates: Vec<u32> = (0..counts.len() as u64).map(|j| j as u32).collect();
         let per_pick = self.cfg.eps_sel.checked_div(Ratio::integer(2 * k as u128))?;
@@ -324,6 +350,58 @@ impl SparseVector {
             picked.push(candidates.swap_remove(chosen));
             // Canonical candidate order for the next pick.
             candidates.sort_unstable();
+        }
+        picked.sort_unstable();
+        Ok(picked)
+    }
+
+    /// PF-top-k by buckets ([`Sampler::Buckets`]): the same distribution as
+    /// the scan.
+    fn select_buckets(&self, counts: &[u64], k: usize, refresh: u64) -> Result<Vec<u32>, DpError> {
+        let mut src = self.stream(SELECT_STREAM, refresh);
+        let per_pick = self.cfg.eps_sel.checked_div(Ratio::integer(2 * k as u128))?;
+        // Buckets by count, descending; members ascending (canonical).
+        let mut order: Vec<u32> = (0..counts.len() as u64).map(|j| j as u32).collect();
+        order.sort_by_key(|&j| std::cmp::Reverse(counts[j as usize]));
+        let mut buckets: Vec<(u64, Vec<u32>)> = Vec::new();
+        for j in order {
+            let c = counts[j as usize];
+            match buckets.last_mut() {
+                Some((bc, members)) if *bc == c => members.push(j),
+                _ => buckets.push((c, vec![j])),
+            }
+        }
+        let mut picked = Vec::with_capacity(k);
+        let mut unvisited: Vec<u64> = Vec::with_capacity(buckets.len());
+        for _ in 0..k {
+            buckets.retain(|(_, m)| !m.is_empty());
+            // k ≤ d, so a candidate remains; the first bucket holds the best.
+            let best = buckets.first().map(|b| b.0).unwrap_or(0);
+            unvisited.clear();
+            unvisited.extend(buckets.iter().map(|(_, m)| m.len() as u64));
+            let mut total: u64 = unvisited.iter().sum();
+            let chosen = loop {
+                // The next candidate of the random visiting order.
+                let mut r = src.below(u128::from(total)) as u64;
+                let mut b = 0;
+                while r >= unvisited[b] {
+                    r -= unvisited[b];
+                    b += 1;
+                }
+                let gap = best - buckets[b].0;
+                // The best bucket (gap 0) always accepts, so this ends
+                // before every candidate is visited.
+                if gap == 0 || bernoulli_exp(&mut src, per_pick.checked_mul(Ratio::integer(u128::from(gap)))?) {
+                    break b;
+                }
+                unvisited[b] -= 1;
+                total -= 1;
+            };
+            let members = &mut buckets[chosen].1;
+            let i = src.below(members.len() as u128) as usize;
+            // swap_remove keeps the order a function of the draws alone
+            // (deterministic) at O(1); a uniform draw needs no other order.
+            picked.push(members.swap_remove(i));
         }
         picked.sort_unstable();
         Ok(picked)
@@ -432,6 +510,7 @@ mod tests {
             eps_sel: eps,
             seed: NoiseSeed::insecure_from_u64(seed),
             instance: 0,
+            sampler: Sampler::Scan,
         }
     }
 
@@ -586,5 +665,74 @@ mod tests {
             SparseVector::new(SvtConfig { horizon: MAX_HORIZON, threshold: 1, ..c }),
             Err(DpError::OutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn dp_svt_bucket_sampler_draws_the_scan_samplers_distribution() {
+        // Selection frequencies of both samplers over many refresh streams,
+        // against each other and against permute-and-flip's exact law for
+        // k = 1 (utilities 6, 5, 5, 0 at ε = 1: acceptance exp(−gap/2)).
+        let counts = [6u64, 5, 5, 0, 2];
+        for k in [1usize, 2] {
+            let freq = |sampler: Sampler| {
+                let c = SvtConfig { sampler, ..cfg(100, 5, Target::TopK { k }, 10, r(1, 1), 3) };
+                let m = SparseVector::new(c).unwrap();
+                let mut f = std::collections::BTreeMap::<Vec<u32>, f64>::new();
+                let n = 20_000u64;
+                for refresh in 1..=n {
+                    *f.entry(m.select(&counts, k, refresh).unwrap()).or_default() += 1.0 / n as f64;
+                }
+                f
+            };
+            let (scan, buckets) = (freq(Sampler::Scan), freq(Sampler::Buckets));
+            for (set, p) in scan.iter().chain(buckets.iter()) {
+                let (a, b) = (scan.get(set).copied().unwrap_or(0.0), buckets.get(set).copied().unwrap_or(0.0));
+                assert!((a - b).abs() < 0.02, "k {k}, {set:?}: scan {a:.3}, buckets {b:.3} ({p})");
+            }
+            if k == 1 {
+                // Exact PF law for utilities q with ε/2 per gap unit.
+                let q: Vec<f64> = counts.iter().map(|&c| (-(6.0 - c as f64) / 2.0).exp()).collect();
+                let exact = pf_law(&q);
+                for (j, want) in exact.iter().enumerate() {
+                    let got = buckets.get(&vec![j as u32]).copied().unwrap_or(0.0);
+                    assert!((got - want).abs() < 0.02, "column {j}: {got:.3} vs exact {want:.3}");
+                }
+            }
+        }
+    }
+
+    /// Permute-and-flip's selection law for acceptance probabilities `p`
+    /// (exact, by enumerating visiting orders).
+    fn pf_law(p: &[f64]) -> Vec<f64> {
+        fn rec(p: &[f64], left: &mut Vec<usize>, mass: f64, out: &mut [f64]) {
+            let n = left.len();
+            for i in 0..n {
+                let j = left.remove(i);
+                out[j] += mass / n as f64 * p[j];
+                if p[j] < 1.0 {
+                    rec(p, left, mass / n as f64 * (1.0 - p[j]), out);
+                }
+                left.insert(i, j);
+            }
+        }
+        let mut out = vec![0.0; p.len()];
+        rec(p, &mut (0..p.len()).collect(), 1.0, &mut out);
+        out
+    }
+
+    #[test]
+    fn dp_svt_bucket_sampler_releases_a_clear_winner_and_restores() {
+        for seed in 0..3 {
+            let c = SvtConfig { sampler: Sampler::Buckets, ..cfg(400, 16, Target::TopK { k: 2 }, 30, r(1, 1), seed) };
+            let mut m = SparseVector::new(c.clone()).unwrap();
+            let mut sel = Vec::new();
+            for t in 1..=400 {
+                if t == 200 {
+                    m = SparseVector::restore(c.clone(), m.state()).unwrap();
+                }
+                sel = m.step(&clear_winner(t, 16, &[3, 11])).unwrap().selected;
+            }
+            assert_eq!(sel, vec![3, 11], "seed {seed}");
+        }
     }
 }

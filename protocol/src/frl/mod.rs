@@ -95,6 +95,8 @@
 //! * `vote.rs`: the vote ([`FrlVote`]); `aggregator.rs`: its
 //!   [`Aggregator`] implementation.
 //! * `error.rs`: [`FrlError`].
+//! * `dp.rs`: private FRL ([`dp`], kind `frl-dp`): approval bitsets and
+//!   the mask released through continual DP top-k.
 //! * `kind.rs`: FRL as an update kind ([`FrlKind`], [`FrlSpec`]): settings,
 //!   payload faults, the published global ranking.
 
@@ -104,6 +106,7 @@ use crate::aggregate::Aggregator;
 mod aggregator;
 mod cache;
 mod config;
+pub mod dp;
 mod error;
 mod kind;
 mod packing;

@@ -42,8 +42,38 @@ impl Disk {
 /// A client's deterministic update for a round: depends on both, so order
 /// and membership matter for the final model.
 fn update_for(kind: crate::kind::KindId, client: usize, round: u32, dim: usize) -> ClientUpdate {
+    if kind == crate::frl::dp::ID {
+        return approvals_for(client, round);
+    }
     let d: Vec<f32> = (0..dim).map(|i| ((i + 7 * client) as f32 * 0.01 + round as f32 * 0.1).sin()).collect();
     ClientUpdate { num_samples: 10 + client as u64, train_loss: 0.5, payload: crate::fedavg::encode_delta(kind, &d) }
+}
+
+/// A private FRL client's approvals for a round: in each layer of
+/// [`FRL_DP_NET`] the half of the edges with the smallest hash of (client,
+/// round, edge), except that every client approves the first eighth of
+/// each layer in every round, so the cumulative counts have a clear top
+/// part for the mechanism to find.
+fn approvals_for(client: usize, round: u32) -> ClientUpdate {
+    let masks: Vec<Vec<bool>> =
+        FRL_DP_NET
+            .layer_sizes()
+            .iter()
+            .map(|&n| {
+                let w = crate::frl::keep_count(n, 0.5);
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by_key(|&e| {
+                    if e < n / 8 { 0 } else { 1 + (crate::rng::mix(client as u64, round, e as u32) >> 1) }
+                });
+                let mut m = vec![false; n];
+                for &e in &order[..w] {
+                    m[e] = true;
+                }
+                m
+            })
+            .collect();
+    let payload = crate::frl::dp::Approvals::from_masks(&masks).payload();
+    ClientUpdate { num_samples: 10 + client as u64, train_loss: 0.5, payload }
 }
 
 impl Net {
@@ -106,6 +136,29 @@ enum Stateful {
     /// DP-FTRL: the secret noise seed, the tree, the last release, the
     /// momentum and the privacy ledger.
     DpFtrl,
+    /// Private FRL: the secret noise seed, every layer's SVT state (counts,
+    /// selection, threshold, switches) and the global ranking.
+    FrlDp,
+}
+
+/// The private FRL durable tests' network (119,872 edges in 5 layers).
+const FRL_DP_NET: crate::supermask::FrlArch = crate::supermask::FrlArch::Conv2 { channels: 1, side: 2, classes: 2 };
+
+/// Private FRL settings of the durable tests: run seed 5, ρ = 10⁴ (large,
+/// so the mechanism follows the votes and a lost count would show),
+/// `horizon` rounds.
+fn frl_dp_settings(horizon: u32) -> crate::kind::KindSettings {
+    let spec = crate::frl::dp::FrlDpSpec { rho: Some(1e4), horizon: Some(horizon), ..Default::default() };
+    crate::kind::KindSettings::FrlDp(spec.resolve(5, &ModelArch::Supermask(FRL_DP_NET)).unwrap())
+}
+
+/// The initial model of a durable test's run: FRL's initial scores come
+/// from the run seed.
+fn initial_model(cfg: &CoordinatorConfig) -> Vec<f32> {
+    match cfg.kind {
+        crate::kind::KindSettings::FrlDp(_) => cfg.arch.init_params(5),
+        _ => cfg.arch.init_params(1),
+    }
 }
 
 /// The DP-FTRL durable tests' noise seed: bytes that can't occur by chance.
@@ -138,6 +191,11 @@ fn durable_config(kind: Stateful) -> CoordinatorConfig {
             cfg.kind = dpftrl_settings(3);
             cfg.noise_seed = Some(crate::dp::NoiseSeed::from_bytes(*DURABLE_SEED));
         }
+        Stateful::FrlDp => {
+            cfg.arch = ModelArch::Supermask(FRL_DP_NET);
+            cfg.kind = frl_dp_settings(3);
+            cfg.noise_seed = Some(crate::dp::NoiseSeed::from_bytes(*DURABLE_SEED));
+        }
     }
     cfg
 }
@@ -147,7 +205,7 @@ fn durable_config(kind: Stateful) -> CoordinatorConfig {
 /// must win (or the noise of the rounds after the crash would differ).
 fn restart_config(kind: Stateful) -> CoordinatorConfig {
     let mut cfg = durable_config(kind);
-    if kind == Stateful::DpFtrl {
+    if matches!(kind, Stateful::DpFtrl | Stateful::FrlDp) {
         cfg.noise_seed = Some(crate::dp::NoiseSeed::insecure_from_u64(777));
     }
     cfg
@@ -159,7 +217,7 @@ fn durable_net() -> (Net, Disk) {
 
 fn durable_net_with(kind: Stateful) -> (Net, Disk) {
     let cfg = durable_config(kind);
-    let init = cfg.arch.init_params(1);
+    let init = initial_model(&cfg);
     let mut coord = Coordinator::new(cfg, init, 42).unwrap();
     coord.enable_persistence();
     let mut disk = Disk::default();
@@ -270,6 +328,65 @@ fn dpftrl_run_ends_cleanly_when_its_horizon_is_used_up() {
     // over L = 2 levels, both used by t = 2).
     let spent: Vec<f64> = summaries[..2].iter().map(|s| s.stats.as_ref().unwrap().privacy.unwrap().rho).collect();
     assert_eq!(spent, vec![1.0 / 16.0, 1.0 / 8.0]);
+}
+
+#[test]
+fn frl_dp_crashed_and_resumed_ends_with_the_uncrashed_model() {
+    // The mechanism matters: another noise seed gives another final mask,
+    // so a restore that lost or replaced the seed, the counts, the
+    // selection or the ranking would be caught.
+    let want = reference(Stateful::FrlDp);
+    let other_seed = {
+        let cfg = restart_config(Stateful::FrlDp);
+        let init = initial_model(&cfg);
+        let mut coord = Coordinator::new(cfg, init, 42).unwrap();
+        coord.enable_persistence();
+        let mut disk = Disk::default();
+        let mut net = connect_three(coord, Instant::now(), 0, 0);
+        for _ in 0..3 {
+            net.answer_slots(&[0, 1, 2], &mut disk);
+        }
+        bits(net.coord.model())
+    };
+    assert_ne!(want, other_seed);
+    // And the run moved the model at all (the released masks differ from
+    // the initial scores' mask).
+    assert_ne!(want, bits(&initial_model(&durable_config(Stateful::FrlDp))));
+    crash_and_restore_at_every_point(Stateful::FrlDp);
+    // The seed is in the server's state, not in what clients receive.
+    let (mut net, mut disk) = durable_net_with(Stateful::FrlDp);
+    net.answer_slots(&[0, 1, 2], &mut disk);
+    let (snapshot, _) = disk.load();
+    let state = snapshot.aggregator_state.as_ref().expect("private FRL keeps state");
+    assert!(state.bytes.windows(32).any(|w| w == DURABLE_SEED));
+    let run_config = bincode::encode_to_vec(net.coord.run_config(), bincode::config::standard()).unwrap();
+    assert!(!run_config.windows(32).any(|w| w == DURABLE_SEED));
+}
+
+#[test]
+fn frl_dp_run_ends_cleanly_when_its_horizon_is_used_up() {
+    // rounds = 3 but horizon = 2: two released rounds, privacy reported.
+    let mut cfg = durable_config(Stateful::FrlDp);
+    cfg.kind = frl_dp_settings(2);
+    let init = initial_model(&cfg);
+    let coord = Coordinator::new(cfg, init, 42).unwrap();
+    let mut disk = Disk::default();
+    let mut net = connect_three(coord, Instant::now(), 0, 0);
+    for _ in 0..4 {
+        net.answer_slots(&[0, 1, 2], &mut disk);
+    }
+    assert_eq!(net.coord.phase(), Phase::Finished);
+    assert_eq!(net.coord.completed_rounds(), 2);
+    let spent: Vec<f64> = net
+        .coord_events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RoundCompleted(s) => s.stats.as_ref().and_then(|st| st.privacy).map(|p| p.rho),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(spent.len(), 2);
+    assert!(spent[0] > 0.0 && spent[0] <= spent[1] && spent[1] <= 1e4, "{spent:?}");
 }
 
 fn crash_and_restore_at_every_point(kind: Stateful) {

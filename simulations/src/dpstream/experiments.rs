@@ -12,7 +12,7 @@
 //! for simulations.
 
 use tally_protocol::dp::sampler::bernoulli_exp;
-use tally_protocol::dp::svt::SvtRelease;
+use tally_protocol::dp::svt::{Sampler, SvtRelease};
 use tally_protocol::dp::tree::levels_for;
 use tally_protocol::dp::{
     DiscreteGaussian, DiscreteLaplace, NoiseSeed, NoiseSource, Ratio, RecordDomain, SparseVector, SvtConfig, Target,
@@ -222,7 +222,17 @@ fn svt_config(
     if total > rho {
         return Err(DpStreamError::Privacy(format!("SVT budget {total} exceeds rho {rho}")));
     }
-    Ok(SvtConfig { horizon, dim, target, threshold: tau, eps_svt: eps, eps_sel: eps, seed: noise.clone(), instance })
+    Ok(SvtConfig {
+        horizon,
+        dim,
+        target,
+        threshold: tau,
+        eps_svt: eps,
+        eps_sel: eps,
+        seed: noise.clone(),
+        instance,
+        sampler: Sampler::Scan,
+    })
 }
 
 /// Permute-and-flip (McKenna–Sheldon 2020) with budget ε on utilities
