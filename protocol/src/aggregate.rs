@@ -180,21 +180,6 @@ pub trait Aggregator: Send + std::fmt::Debug {
     /// ([`crate::rule::RoundRule::know_attackers`]). A real server cannot know
     /// its attackers. Default: ignored (no such rule).
     fn know_attackers(&mut self, _flagged: std::collections::BTreeSet<ClientIndex>) {}
-    /// [`Aggregator::absorb`] for an update whose dense payload a
-    /// [`crate::Preparer`] already decoded into `values` (with
-    /// [`crate::fedavg::decode_delta`], only for kinds whose
-    /// [`crate::kind::UpdateKind::dense_payload`] is true, and only when that
-    /// succeeded). The outcome must be `absorb`'s on the same update; the
-    /// default ignores `values`.
-    fn absorb_decoded(
-        &mut self,
-        client: ClientIndex,
-        update: &ClientUpdate,
-        values: Vec<f32>,
-    ) -> Result<(), Misbehaviour> {
-        let _ = values;
-        self.absorb(client, update)
-    }
     /// Closes the round, writing the new model into `global` (untouched on error).
     fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError>;
     /// What a `RoundStart` carries for the model `global`: the model in

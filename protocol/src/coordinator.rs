@@ -26,7 +26,7 @@ use crate::codec;
 use crate::durable::{DURABLE_VERSION, DurableError, Persist, Record, Snapshot};
 use crate::error::{Error, Malformed, Misbehaviour, Misuse};
 use crate::identity::{join_transcript, params_hash, report_transcript, verify};
-use crate::kind::{KindId, KindSettings, RuleSpec, RunShape, UpdateKind};
+use crate::kind::{KindSettings, RuleSpec, RunShape, UpdateKind};
 use crate::model::ModelArch;
 use crate::rng::LocalRng;
 use crate::wire::{
@@ -626,8 +626,7 @@ impl Coordinator {
     /// What [`Coordinator::prepare`]s frames for this coordinator: a small
     /// `Copy + Send` value a host hands to other threads.
     pub fn preparer(&self) -> Preparer {
-        let dense = self.kind.dense_payload().then(|| (self.kind.id(), self.model.len()));
-        Preparer { max_message: self.max_message, dense }
+        Preparer { max_message: self.max_message }
     }
 
     /// [`Coordinator::handle_message`] for a frame whose stateless work a
@@ -637,11 +636,11 @@ impl Coordinator {
         if !self.conns.contains_key(&conn) {
             return Err(Misuse::UnknownConnection.into());
         }
-        let Prepared { len, message, ahead } = prepared;
+        let Prepared { len, message, transcript } = prepared;
         let result = match message {
             Err(e) => Err((Error::from(e), None)),
             Ok(Message::Join(join)) => self.on_join(now, conn, join),
-            Ok(Message::Report(report)) => self.on_report(now, conn, report, ahead, len),
+            Ok(Message::Report(report)) => self.on_report(now, conn, report, transcript, len),
             Ok(other) => Err((Misbehaviour::Unexpected(other.name()).into(), None)),
         };
         match result {
@@ -776,14 +775,14 @@ impl Coordinator {
         now: Instant,
         conn: ConnectionHandle,
         signed: SignedReport,
-        ahead: Ahead,
+        transcript: Option<Vec<u8>>,
         frame_len: usize,
     ) -> Result<(), (Error, Option<u32>)> {
         let client =
             self.conns.get(&conn).and_then(|c| c.client).ok_or((Misbehaviour::NotJoined("Report").into(), None))?;
         let record =
             self.durable.then(|| Record::Accepted { client, body: signed.body.clone(), signature: signed.signature });
-        let (round, outcome) = self.accept_report(client, signed, ahead, frame_len)?;
+        let (round, outcome) = self.accept_report(client, signed, transcript, frame_len)?;
         // Durable before acknowledged: the host persists this record before
         // it sends the Ack queued below.
         if let Some(r) = record {
@@ -800,24 +799,22 @@ impl Coordinator {
 
     /// Verifies and takes a report from `client` into the open round
     /// (live and during recovery); returns its round and what it was.
-    /// `ahead` is what a [`Preparer`] computed from these same bytes (only
-    /// `prepare` builds one): the body's [`report_transcript`] and, for
-    /// dense kinds, the decoded delta.
+    /// `transcript` is the body's [`report_transcript`] when a [`Preparer`]
+    /// took it ahead (only `prepare` builds one, from these same bytes).
     fn accept_report(
         &mut self,
         client: ClientIndex,
         signed: SignedReport,
-        ahead: Ahead,
+        transcript: Option<Vec<u8>>,
         frame_len: usize,
     ) -> Result<(u32, Taken), (Error, Option<u32>)> {
-        let Ahead { transcript, report, decoded } = ahead;
         // Invariant: `client` came from `key_index`, built from `enrolled`, so
         // the lookup can't miss; a miss is refused like an unjoined peer
         // rather than indexed.
         let key = *self.config.enrolled.get(client as usize).ok_or((Misbehaviour::NotJoined("Report").into(), None))?;
         let transcript = transcript.unwrap_or_else(|| report_transcript(&signed.body));
         verify(&key, &transcript, &signed.signature).map_err(|e| (e.into(), None))?;
-        let report = report.unwrap_or_else(|| codec::decode_report(&signed.body)).map_err(|e| (e.into(), None))?;
+        let report = codec::decode_report(&signed.body).map_err(|e| (e.into(), None))?;
         let round = Some(report.round);
         if report.run_id != self.config.run_id {
             return Err((Misbehaviour::WrongRun.into(), round));
@@ -848,11 +845,7 @@ impl Coordinator {
         }
         let taken = match (open.task, &report.update) {
             (Task::Train, Some(update)) => {
-                match decoded {
-                    Some(values) => self.aggregator.absorb_decoded(client, update, values),
-                    None => self.aggregator.absorb(client, update),
-                }
-                .map_err(|e| (e.into(), round))?;
+                self.aggregator.absorb(client, update).map_err(|e| (e.into(), round))?;
                 Taken::Report
             }
             // A training round's report without an update: the client could
@@ -1290,7 +1283,7 @@ impl Coordinator {
                 Record::Accepted { client, body, signature } => {
                     let signed = SignedReport { body: body.clone(), signature: *signature };
                     let len = body.len().saturating_add(64);
-                    c.accept_report(*client, signed, Ahead::default(), len).map_err(|(e, _)| fail(e.to_string()))?;
+                    c.accept_report(*client, signed, None, len).map_err(|(e, _)| fail(e.to_string()))?;
                 }
                 Record::Violation { client, count } => {
                     c.violations.insert(*client, *count);
@@ -1375,52 +1368,18 @@ fn enrolled_hash(keys: &[PublicKeyBytes]) -> [u8; 32] {
 #[derive(Clone, Copy, Debug)]
 pub struct Preparer {
     max_message: usize,
-    /// For kinds with dense payloads ([`UpdateKind::dense_payload`]): their
-    /// tag and the model's length, to decode deltas ahead.
-    dense: Option<(KindId, usize)>,
 }
 
 impl Preparer {
     /// The frame's stateless work, for [`Coordinator::handle_prepared`].
     pub fn prepare(&self, bytes: &[u8]) -> Prepared {
         let message = codec::decode(bytes, self.max_message);
-        let ahead = match &message {
-            Ok(Message::Report(signed)) => {
-                // The body is decoded here too, but used only once the
-                // signature over it verified, as without a preparer.
-                let report = codec::decode_report(&signed.body);
-                // A delta that fails to decode is left to the aggregator,
-                // which refuses it with the same error as without a preparer.
-                let decoded = match (report.as_ref().ok().and_then(|r| r.update.as_ref()), self.dense) {
-                    (Some(update), Some((kind, dim))) if update.payload.kind == kind => {
-                        crate::fedavg::decode_delta(&update.payload.data, dim).ok()
-                    }
-                    _ => None,
-                };
-                Ahead { transcript: Some(report_transcript(&signed.body)), report: Some(report), decoded }
-            }
-            _ => Ahead::default(),
+        let transcript = match &message {
+            Ok(Message::Report(signed)) => Some(report_transcript(&signed.body)),
+            _ => None,
         };
-        Prepared { len: bytes.len(), message, ahead }
+        Prepared { len: bytes.len(), message, transcript }
     }
-
-    /// This preparer without the dense decoding (tests: the aggregator then
-    /// decodes, as it does for frames handled without a preparer's help).
-    #[cfg(test)]
-    pub(crate) fn without_dense(self) -> Self {
-        Preparer { dense: None, ..self }
-    }
-}
-
-/// What a [`Preparer`] computed ahead for a report, from its bytes.
-#[derive(Debug, Default)]
-struct Ahead {
-    /// The digest's input the signature covers.
-    transcript: Option<Vec<u8>>,
-    /// The decoded body (not yet authenticated).
-    report: Option<Result<wire::Report, Malformed>>,
-    /// The body's dense delta, decoded.
-    decoded: Option<Vec<f32>>,
 }
 
 impl Prepared {
@@ -1441,7 +1400,7 @@ impl Prepared {
 pub struct Prepared {
     len: usize,
     message: Result<Message, codec::DecodeError>,
-    ahead: Ahead,
+    transcript: Option<Vec<u8>>,
 }
 
 #[cfg(test)]

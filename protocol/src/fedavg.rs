@@ -62,9 +62,6 @@ impl UpdateKind for FedAvgKind {
     fn settings(&self) -> KindSettings {
         KindSettings::FedAvg
     }
-    fn dense_payload(&self) -> bool {
-        true
-    }
     fn rules(&self) -> &'static [&'static str] {
         DENSE_RULES
     }
@@ -133,23 +130,9 @@ impl DenseRound {
     }
 
     pub(crate) fn absorb(&mut self, client: ClientIndex, update: &ClientUpdate) -> Result<(), Misbehaviour> {
-        self.absorb_decoded(client, update, None)
-    }
-
-    /// `absorb`, with the payload already decoded by `decode_delta` when
-    /// `decoded` is given (used only if it has this round's length).
-    pub(crate) fn absorb_decoded(
-        &mut self,
-        client: ClientIndex,
-        update: &ClientUpdate,
-        decoded: Option<Vec<f32>>,
-    ) -> Result<(), Misbehaviour> {
         check_common(update)?;
         let data = kind::payload_of(update, self.kind, self.name)?;
-        let delta = match decoded {
-            Some(values) if values.len() == self.dim => values,
-            _ => decode_delta(data, self.dim)?,
-        };
+        let delta = decode_delta(data, self.dim)?;
         if let Some(index) = delta.iter().position(|v| v.abs() > self.bound) {
             return Err(Misbehaviour::OutOfBounds { index, limit: self.bound.to_string() });
         }
@@ -247,15 +230,6 @@ impl Aggregator for FedAvg {
 
     fn know_attackers(&mut self, flagged: BTreeSet<ClientIndex>) {
         self.round.know_attackers(flagged);
-    }
-
-    fn absorb_decoded(
-        &mut self,
-        client: ClientIndex,
-        update: &ClientUpdate,
-        values: Vec<f32>,
-    ) -> Result<(), Misbehaviour> {
-        self.round.absorb_decoded(client, update, Some(values))
     }
 
     fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError> {

@@ -101,9 +101,6 @@ impl UpdateKind for FedAvgMKind {
     fn settings(&self) -> KindSettings {
         KindSettings::FedAvgM(self.cfg.clone())
     }
-    fn dense_payload(&self) -> bool {
-        true
-    }
     fn rules(&self) -> &'static [&'static str] {
         DENSE_RULES
     }
@@ -152,15 +149,6 @@ impl Aggregator for FedAvgM {
 
     fn know_attackers(&mut self, flagged: BTreeSet<ClientIndex>) {
         self.round.know_attackers(flagged);
-    }
-
-    fn absorb_decoded(
-        &mut self,
-        client: ClientIndex,
-        update: &ClientUpdate,
-        values: Vec<f32>,
-    ) -> Result<(), Misbehaviour> {
-        self.round.absorb_decoded(client, update, Some(values))
     }
 
     fn finish(&mut self, global: &mut [f32]) -> Result<AggregateStats, AggregateError> {

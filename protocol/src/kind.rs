@@ -138,13 +138,6 @@ pub trait UpdateKind: Send + Sync + std::fmt::Debug {
     fn id(&self) -> KindId;
     /// The settings clients receive.
     fn settings(&self) -> KindSettings;
-    /// Whether this kind's payloads are dense deltas of the model's length
-    /// ([`crate::fedavg::decode_delta`]): then a [`crate::Preparer`] decodes
-    /// them ahead, off the coordinator's thread, and the aggregator takes
-    /// the values through [`crate::Aggregator::absorb_decoded`].
-    fn dense_payload(&self) -> bool {
-        false
-    }
     /// How rounds convey the model to clients.
     fn publication(&self) -> Publication {
         Publication::Full
