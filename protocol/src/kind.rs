@@ -294,11 +294,20 @@ impl From<RuleSpec> for RuleRepr {
 }
 
 impl RuleSpec {
+    /// Whether the rule's parameter is a number of attackers (trimmed mean,
+    /// Krum, Multi-Krum), which [`RuleSpec::with_attackers`] sets.
+    pub fn counts_attackers(&self) -> bool {
+        matches!(self, RuleSpec::TrimmedMean { .. } | RuleSpec::Krum { .. } | RuleSpec::MultiKrum { .. })
+    }
+
     /// This rule with its attacker parameter set to `attackers` for a round
     /// of `n` updates, capped at the most the round allows (`2·trim < n`;
     /// `2f + 2 < n`, or 0). Rules without such a parameter are returned as
     /// they are.
     pub fn with_attackers(&self, attackers: usize, n: usize) -> RuleSpec {
+        if !self.counts_attackers() {
+            return *self;
+        }
         let cap = |most: usize| attackers.min(most).try_into().unwrap_or(u32::MAX);
         match *self {
             RuleSpec::TrimmedMean { .. } => RuleSpec::TrimmedMean { trim: cap(n.saturating_sub(1) / 2) },

@@ -426,10 +426,7 @@ impl Scenario {
         tally_protocol::kind::check_rule(settings.build(&self.model)?.as_ref(), &self.rule)?;
         // The rule's parameters must hold for a round of quorum size.
         self.rule.check_round_size(self.quorum.unwrap_or(self.clients_per_round))?;
-        if self.rule_knows_attackers
-            && self.rule.with_attackers(0, self.clients_per_round)
-                == self.rule.with_attackers(1, self.clients_per_round)
-        {
+        if self.rule_knows_attackers && !self.rule.counts_attackers() {
             return bad(&format!(
                 "rule_knows_attackers: rule {} has no attacker parameter (only trimmed-mean, krum and multi-krum do)",
                 self.rule

@@ -10,7 +10,7 @@ use tally_protocol::wire::{ClientUpdate, EvalReport, RunConfig};
 
 use super::{LocalKind, LocalRound};
 use crate::data::Dataset;
-use crate::supermask::{FrlTrainConfig, InputNorm, Supermask, SupermaskConfig};
+use crate::supermask::{FrlTrainConfig, FrlTrainReport, InputNorm, Supermask, SupermaskConfig};
 use crate::{Device, KernelError};
 
 /// FRL's local round and evaluation with the run's settings.
@@ -44,11 +44,7 @@ pub struct FrlDpLocal<'a>(pub &'a FrlRun);
 
 impl LocalKind for FrlDpLocal<'_> {
     fn train(&self, r: &LocalRound<'_>) -> Result<ClientUpdate, KernelError> {
-        let frl = self.0;
-        let net = frl_network(&r.run.arch, frl)?;
-        let cfg = frl_train_config(r.run, frl, r.round, r.seed);
-        let scores = split_layers(&net, r.model)?;
-        let (scores, report) = net.train(scores, r.data, &cfg, r.device)?;
+        let (net, scores, report) = train_scores(r.run, self.0, r.round, r.seed, r.model, r.data, r.device)?;
         let approvals = tally_protocol::frl::dp::Approvals::from_masks(&net.masks(&scores));
         Ok(ClientUpdate {
             num_samples: r.data.len() as u64,
@@ -81,10 +77,7 @@ pub fn frl_update(
     data: &Dataset,
     device: &Device,
 ) -> Result<ClientUpdate, KernelError> {
-    let net = frl_network(&run.arch, frl)?;
-    let cfg = frl_train_config(run, frl, round, seed);
-    let scores = split_layers(&net, model)?;
-    let (scores, report) = net.train(scores, data, &cfg, device)?;
+    let (net, scores, report) = train_scores(run, frl, round, seed, model, data, device)?;
     let ranking = Ranking::new(net.rankings(&scores), &frl.vote.layer_sizes)
         .map_err(|e| KernelError::BadRanking(e.to_string()))?;
     Ok(ClientUpdate {
@@ -92,6 +85,24 @@ pub fn frl_update(
         train_loss: report.mean_loss,
         payload: tally_protocol::frl::payload(&ranking),
     })
+}
+
+/// FRL's local training, shared by FRL and private FRL (which differ only
+/// in what they upload): the network, its trained scores and the report.
+fn train_scores(
+    run: &RunConfig,
+    frl: &FrlRun,
+    round: u32,
+    seed: u64,
+    model: &[f32],
+    data: &Dataset,
+    device: &Device,
+) -> Result<(Arc<Supermask>, Vec<Vec<f32>>, FrlTrainReport), KernelError> {
+    let net = frl_network(&run.arch, frl)?;
+    let cfg = frl_train_config(run, frl, round, seed);
+    let scores = split_layers(&net, model)?;
+    let (scores, report) = net.train(scores, data, &cfg, device)?;
+    Ok((net, scores, report))
 }
 
 /// The local training settings of round `round` (from 1) of an FRL run.
