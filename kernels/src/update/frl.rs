@@ -87,6 +87,9 @@ pub fn frl_update(
     })
 }
 
+/// The network, its trained scores and the training report.
+type TrainedScores = (Arc<Supermask>, Vec<Vec<f32>>, FrlTrainReport);
+
 /// FRL's local training, shared by FRL and private FRL (which differ only
 /// in what they upload): the network, its trained scores and the report.
 fn train_scores(
@@ -97,7 +100,7 @@ fn train_scores(
     model: &[f32],
     data: &Dataset,
     device: &Device,
-) -> Result<(Arc<Supermask>, Vec<Vec<f32>>, FrlTrainReport), KernelError> {
+) -> Result<TrainedScores, KernelError> {
     let net = frl_network(&run.arch, frl)?;
     let cfg = frl_train_config(run, frl, round, seed);
     let scores = split_layers(&net, model)?;
